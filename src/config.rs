@@ -1,0 +1,294 @@
+//! Settings for every subcommand: flags with `DATABASE_URL` / `LOCUS_*`
+//! environment fallbacks. [`ServeConfig::validate`] runs before any port is
+//! bound, so a bad setting exits at once with one clear error.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("database URL must start with postgres:// or postgresql:// (got scheme {0:?}); locus never falls back to another database")]
+    DatabaseScheme(String),
+    #[error("{name} must be at least {min} (got {value})")]
+    TooSmall { name: &'static str, min: u64, value: u64 },
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// Where the tracking database is. Required: there is no default and no fallback.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL or TimescaleDB URL of the tracking database.
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
+    pub url: String,
+}
+
+impl DatabaseArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let scheme = self.url.split_once("://").map(|(s, _)| s).unwrap_or("");
+        if scheme != "postgres" && scheme != "postgresql" {
+            return Err(ConfigError::DatabaseScheme(scheme.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// Storage settings shared by `setup`, `serve` and validation.
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// Width of one partition or hypertable chunk.
+    #[arg(long, env = "LOCUS_CHUNK_INTERVAL", default_value = "1day", value_parser = humantime::parse_duration)]
+    pub chunk_interval: Duration,
+    /// How long raw points are kept. Older points are rejected at ingest (`time_too_old`).
+    #[arg(long, env = "LOCUS_RAW_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub raw_retention: Duration,
+    /// On plain PostgreSQL, how many partitions are made ahead of today.
+    #[arg(long, env = "LOCUS_PARTITIONS_AHEAD", default_value_t = 7)]
+    pub partitions_ahead: u32,
+}
+
+impl Default for StorageArgs {
+    fn default() -> Self {
+        Self {
+            chunk_interval: Duration::from_secs(86_400),
+            raw_retention: Duration::from_secs(30 * 86_400),
+            partitions_ahead: 7,
+        }
+    }
+}
+
+/// What a point must satisfy to be stored.
+#[derive(Debug, Clone, Args)]
+pub struct ValidationArgs {
+    /// How far in the future a point's time may be (device clock skew).
+    #[arg(long, env = "LOCUS_MAX_FUTURE_SKEW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_future_skew: Duration,
+    /// Highest plausible speed, km/h.
+    #[arg(long, env = "LOCUS_MAX_SPEED_KMH", default_value_t = 1_200.0)]
+    pub max_speed_kmh: f64,
+    /// Longest app_source, in bytes.
+    #[arg(long, env = "LOCUS_MAX_APP_SOURCE_LEN", default_value_t = 50)]
+    pub max_app_source_len: usize,
+    /// If set, the only app_source values accepted (comma-separated).
+    #[arg(long, env = "LOCUS_APP_SOURCES", value_delimiter = ',')]
+    pub app_sources: Vec<String>,
+    /// Largest metadata_json, in bytes.
+    #[arg(long, env = "LOCUS_MAX_METADATA_BYTES", default_value_t = 4096)]
+    pub max_metadata_bytes: usize,
+}
+
+impl Default for ValidationArgs {
+    fn default() -> Self {
+        Self {
+            max_future_skew: Duration::from_secs(300),
+            max_speed_kmh: 1_200.0,
+            max_app_source_len: 50,
+            app_sources: Vec::new(),
+            max_metadata_bytes: 4096,
+        }
+    }
+}
+
+/// Memory and concurrency bounds. Every one is enforced.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "LOCUS_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Most points in one client LocationBatch.
+    #[arg(long, env = "LOCUS_MAX_BATCH_POINTS", default_value_t = 10_000)]
+    pub max_batch_points: usize,
+    /// Most points buffered in memory and not yet acknowledged, over all clients.
+    #[arg(long, env = "LOCUS_BUFFER_POINTS", default_value_t = 500_000)]
+    pub buffer_points: usize,
+    /// Most encoded bytes buffered in memory and not yet acknowledged.
+    #[arg(long, env = "LOCUS_BUFFER_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub buffer_bytes: usize,
+    /// Most open StreamLocations streams.
+    #[arg(long, env = "LOCUS_MAX_STREAMS", default_value_t = 20_000)]
+    pub max_streams: usize,
+    /// Most batches of one stream awaiting their ack; past it the stream is not read.
+    #[arg(long, env = "LOCUS_STREAM_INFLIGHT", default_value_t = 16)]
+    pub stream_inflight: usize,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch_points: 10_000,
+            buffer_points: 500_000,
+            buffer_bytes: 128 * 1024 * 1024,
+            max_streams: 20_000,
+            stream_inflight: 16,
+        }
+    }
+}
+
+/// How buffered points become database writes.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineArgs {
+    /// Flush a batch once it holds this many points.
+    #[arg(long, env = "LOCUS_FLUSH_POINTS", default_value_t = 5_000)]
+    pub flush_points: usize,
+    /// Flush a batch once it holds this many encoded bytes.
+    #[arg(long, env = "LOCUS_FLUSH_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub flush_bytes: usize,
+    /// Flush a batch once its oldest point has waited this long.
+    #[arg(long, env = "LOCUS_LINGER", default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub linger: Duration,
+    /// Batches written in parallel, each on its own connection.
+    #[arg(long, env = "LOCUS_WRITERS", default_value_t = 4)]
+    pub writers: usize,
+    /// How long a batch is retried on transient errors before its clients get an error.
+    #[arg(long, env = "LOCUS_WRITE_RETRY_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub write_retry_deadline: Duration,
+    /// Server-side statement_timeout for each write.
+    #[arg(long, env = "LOCUS_STATEMENT_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub statement_timeout: Duration,
+}
+
+impl Default for PipelineArgs {
+    fn default() -> Self {
+        Self {
+            flush_points: 5_000,
+            flush_bytes: 4 * 1024 * 1024,
+            linger: Duration::from_millis(20),
+            writers: 4,
+            write_retry_deadline: Duration::from_secs(30),
+            statement_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `locus serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "LOCUS_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Prometheus /metrics listen address.
+    #[arg(long, env = "LOCUS_METRICS_ADDR", default_value = "0.0.0.0:9000")]
+    pub metrics_addr: SocketAddr,
+    /// Do not run `setup` at start (the schema is managed separately).
+    #[arg(long, env = "LOCUS_NO_SETUP")]
+    pub no_setup: bool,
+    /// Time allowed, after SIGTERM/SIGINT, to flush and acknowledge what is buffered.
+    #[arg(long, env = "LOCUS_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Database connections (writers, queries, maintenance).
+    #[arg(long, env = "LOCUS_DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub validation: ValidationArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+impl ServeConfig {
+    /// A configuration with every default, for tests and embedding.
+    pub fn with_database(url: impl Into<String>) -> Self {
+        Self {
+            database: DatabaseArgs { url: url.into() },
+            grpc_addr: ([127, 0, 0, 1], 0).into(),
+            metrics_addr: ([127, 0, 0, 1], 0).into(),
+            no_setup: false,
+            shutdown_grace: Duration::from_secs(20),
+            db_pool_size: 10,
+            storage: StorageArgs::default(),
+            validation: ValidationArgs::default(),
+            limits: LimitArgs::default(),
+            pipeline: PipelineArgs::default(),
+        }
+    }
+
+    /// Checks every setting and how they fit together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate()?;
+        let at_least = |name, min: u64, value: u64| {
+            if value < min { Err(ConfigError::TooSmall { name, min, value }) } else { Ok(()) }
+        };
+        let l = &self.limits;
+        let p = &self.pipeline;
+        at_least("--max-message-bytes", 1024, l.max_message_bytes as u64)?;
+        at_least("--max-batch-points", 1, l.max_batch_points as u64)?;
+        at_least("--buffer-points", 1, l.buffer_points as u64)?;
+        at_least("--max-streams", 1, l.max_streams as u64)?;
+        at_least("--stream-inflight", 1, l.stream_inflight as u64)?;
+        at_least("--flush-points", 1, p.flush_points as u64)?;
+        at_least("--flush-bytes", 1024, p.flush_bytes as u64)?;
+        at_least("--writers", 1, p.writers as u64)?;
+        at_least("--db-pool-size", p.writers as u64 + 1, self.db_pool_size as u64)?;
+        at_least("--max-app-source-len", 1, self.validation.max_app_source_len as u64)?;
+        if l.buffer_points < l.max_batch_points {
+            return Err(ConfigError::Inconsistent(format!(
+                "--buffer-points ({}) must hold at least one full batch (--max-batch-points {})",
+                l.buffer_points, l.max_batch_points
+            )));
+        }
+        if l.buffer_bytes < l.max_message_bytes {
+            return Err(ConfigError::Inconsistent(format!(
+                "--buffer-bytes ({}) must hold at least one message (--max-message-bytes {})",
+                l.buffer_bytes, l.max_message_bytes
+            )));
+        }
+        if u32::try_from(l.buffer_bytes).is_err() || u32::try_from(l.buffer_points).is_err() {
+            return Err(ConfigError::Inconsistent(
+                "--buffer-points and --buffer-bytes must be below 4 GiB".into(),
+            ));
+        }
+        if !(self.validation.max_speed_kmh > 0.0) {
+            return Err(ConfigError::Inconsistent("--max-speed-kmh must be positive".into()));
+        }
+        if self.storage.chunk_interval < Duration::from_secs(3600) {
+            return Err(ConfigError::Inconsistent("--chunk-interval must be at least 1h".into()));
+        }
+        if self.storage.raw_retention < self.storage.chunk_interval {
+            return Err(ConfigError::Inconsistent(
+                "--raw-retention must be at least one --chunk-interval".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        ServeConfig::with_database("postgres://localhost/locus").validate().unwrap();
+    }
+
+    #[test]
+    fn refuses_other_databases() {
+        let err = ServeConfig::with_database("sqlite:///caloria.db").validate().unwrap_err();
+        assert!(err.to_string().contains("never falls back"), "{err}");
+    }
+
+    #[test]
+    fn refuses_inconsistent_limits() {
+        let mut c = ServeConfig::with_database("postgres://x/y");
+        c.limits.buffer_points = 10;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("--buffer-points"), "{err}");
+        let mut c = ServeConfig::with_database("postgres://x/y");
+        c.db_pool_size = 2;
+        assert!(matches!(c.validate(), Err(ConfigError::TooSmall { name: "--db-pool-size", .. })));
+    }
+}

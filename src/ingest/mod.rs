@@ -1,0 +1,154 @@
+//! Receiving points: validation, the hand-off to the pipeline and the
+//! acknowledgement, shared by every transport; the gRPC service; and the
+//! mapping of errors to statuses.
+
+pub mod grpc;
+pub mod status;
+pub mod validate;
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+
+use crate::{
+    metrics as m,
+    pipeline::{Pipeline, Refused, SubmissionBuilder, WriteError, WriteOutcome},
+    proto,
+};
+use validate::Validator;
+
+/// Why a client batch was not acknowledged. Mapped to gRPC statuses in
+/// [`status`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    #[error("batch has {points} points; the limit is {limit} (--max-batch-points)")]
+    BatchTooLarge { points: usize, limit: usize },
+    #[error("the ingest buffer is full; retry later")]
+    BufferFull,
+    #[error("too many open streams (limit {0}); retry later")]
+    TooManyStreams(usize),
+    #[error("locus is shutting down; reconnect and send again what was not acknowledged")]
+    ShuttingDown,
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl From<Refused> for IngestError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::BufferFull => IngestError::BufferFull,
+            Refused::Closed => IngestError::ShuttingDown,
+        }
+    }
+}
+
+/// Whether a producer waits for room in the buffer (a stream, which then
+/// stops being read) or is refused at once (a unary call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    Wait,
+    Refuse,
+}
+
+/// Validates client batches and hands their good points to the pipeline.
+#[derive(Debug, Clone)]
+pub struct Ingestor {
+    validator: Validator,
+    pipeline: Pipeline,
+    max_batch_points: usize,
+}
+
+/// A client batch whose good points are in the pipeline; resolves to its ack.
+#[derive(Debug)]
+pub struct PendingAck {
+    batch_id: u64,
+    rejected: Vec<proto::Rejection>,
+    outcome: Option<oneshot::Receiver<Result<WriteOutcome, WriteError>>>,
+    received: Instant,
+    transport: &'static str,
+}
+
+impl Ingestor {
+    pub fn new(validator: Validator, pipeline: Pipeline, max_batch_points: usize) -> Self {
+        Self { validator, pipeline, max_batch_points }
+    }
+
+    /// Validates `batch` and queues its good points for writing.
+    pub async fn ingest(
+        &self,
+        batch: proto::LocationBatch,
+        when_full: WhenFull,
+        transport: &'static str,
+    ) -> Result<PendingAck, IngestError> {
+        let received = Instant::now();
+        let points = batch.locations.len();
+        metrics::counter!(m::POINTS_RECEIVED).increment(points as u64);
+        if points > self.max_batch_points {
+            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
+            return Err(IngestError::BatchTooLarge { points, limit: self.max_batch_points });
+        }
+        let now_us = unix_micros(SystemTime::now());
+        let mut rejected = Vec::new();
+        let mut rows = SubmissionBuilder::with_capacity(points);
+        for (index, loc) in batch.locations.into_iter().enumerate() {
+            match self.validator.validate(loc, now_us) {
+                Ok(valid) => rows.push(&valid),
+                Err(r) => {
+                    metrics::counter!(m::POINTS_REJECTED, "reason" => r.reason.code()).increment(1);
+                    rejected.push(proto::Rejection {
+                        index: index as u32,
+                        reason: r.reason.code().to_string(),
+                        message: r.message,
+                    });
+                }
+            }
+        }
+        let outcome = if rows.points() == 0 {
+            None
+        } else {
+            let reservation = match when_full {
+                WhenFull::Wait => self.pipeline.budget.reserve(rows.points(), rows.bytes()).await,
+                WhenFull::Refuse => self.pipeline.budget.try_reserve(rows.points(), rows.bytes()),
+            }
+            .inspect_err(|r| {
+                if *r == Refused::BufferFull {
+                    metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
+                }
+            })?;
+            let (sub, rx) = rows.finish(reservation);
+            self.pipeline.submit(sub).await?;
+            Some(rx)
+        };
+        Ok(PendingAck { batch_id: batch.batch_id, rejected, outcome, received, transport })
+    }
+}
+
+impl PendingAck {
+    /// Waits until the batch's points are committed (or have failed).
+    pub async fn resolve(self) -> Result<proto::BatchAck, IngestError> {
+        let outcome = match self.outcome {
+            None => WriteOutcome::default(),
+            // The writer always answers; a dropped reply means the pipeline
+            // was torn down before it could.
+            Some(rx) => rx.await.map_err(|_| IngestError::ShuttingDown)??,
+        };
+        metrics::counter!(m::POINTS_ACCEPTED).increment(u64::from(outcome.accepted));
+        metrics::counter!(m::POINTS_DUPLICATE).increment(u64::from(outcome.duplicates));
+        metrics::histogram!(m::ACK_LATENCY, "transport" => self.transport)
+            .record(self.received.elapsed().as_secs_f64());
+        Ok(proto::BatchAck {
+            batch_id: self.batch_id,
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+            rejected: self.rejected,
+        })
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn unix_micros(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}

@@ -1,0 +1,415 @@
+//! Checks one point at a time. A bad point is rejected alone, with a stable
+//! reason code; its good neighbours go on.
+
+use std::{collections::HashSet, time::Duration};
+
+use uuid::Uuid;
+
+use crate::{config::ValidationArgs, proto};
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// A point that passed validation, in the units the table stores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidLocation {
+    /// Microseconds since the Unix epoch.
+    pub time_us: i64,
+    pub device_id: Uuid,
+    pub user_id: Uuid,
+    pub app_source: String,
+    pub latitude: f64,
+    pub longitude: f64,
+    pub accuracy: Option<f32>,
+    pub altitude: Option<f32>,
+    pub speed: Option<f32>,
+    pub heading: Option<f32>,
+    /// The JSON object, as sent; `None` for no metadata.
+    pub metadata: Option<String>,
+}
+
+/// Why a point was rejected. [`Reason::code`] is stable: clients and
+/// dashboards match on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    TimeMissing,
+    TimeInvalid,
+    TimeInFuture,
+    TimeTooOld,
+    DeviceIdInvalid,
+    UserIdInvalid,
+    AppSourceEmpty,
+    AppSourceTooLong,
+    AppSourceInvalid,
+    AppSourceNotAllowed,
+    NotFinite,
+    LatitudeOutOfRange,
+    LongitudeOutOfRange,
+    NullIsland,
+    AccuracyNegative,
+    SpeedNegative,
+    SpeedTooHigh,
+    HeadingOutOfRange,
+    MetadataTooLarge,
+    MetadataInvalid,
+    MetadataNotObject,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 21] = [
+        Reason::TimeMissing,
+        Reason::TimeInvalid,
+        Reason::TimeInFuture,
+        Reason::TimeTooOld,
+        Reason::DeviceIdInvalid,
+        Reason::UserIdInvalid,
+        Reason::AppSourceEmpty,
+        Reason::AppSourceTooLong,
+        Reason::AppSourceInvalid,
+        Reason::AppSourceNotAllowed,
+        Reason::NotFinite,
+        Reason::LatitudeOutOfRange,
+        Reason::LongitudeOutOfRange,
+        Reason::NullIsland,
+        Reason::AccuracyNegative,
+        Reason::SpeedNegative,
+        Reason::SpeedTooHigh,
+        Reason::HeadingOutOfRange,
+        Reason::MetadataTooLarge,
+        Reason::MetadataInvalid,
+        Reason::MetadataNotObject,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::TimeMissing => "time_missing",
+            Reason::TimeInvalid => "time_invalid",
+            Reason::TimeInFuture => "time_in_future",
+            Reason::TimeTooOld => "time_too_old",
+            Reason::DeviceIdInvalid => "device_id_invalid",
+            Reason::UserIdInvalid => "user_id_invalid",
+            Reason::AppSourceEmpty => "app_source_empty",
+            Reason::AppSourceTooLong => "app_source_too_long",
+            Reason::AppSourceInvalid => "app_source_invalid",
+            Reason::AppSourceNotAllowed => "app_source_not_allowed",
+            Reason::NotFinite => "number_not_finite",
+            Reason::LatitudeOutOfRange => "latitude_out_of_range",
+            Reason::LongitudeOutOfRange => "longitude_out_of_range",
+            Reason::NullIsland => "null_island",
+            Reason::AccuracyNegative => "accuracy_negative",
+            Reason::SpeedNegative => "speed_negative",
+            Reason::SpeedTooHigh => "speed_too_high",
+            Reason::HeadingOutOfRange => "heading_out_of_range",
+            Reason::MetadataTooLarge => "metadata_too_large",
+            Reason::MetadataInvalid => "metadata_invalid",
+            Reason::MetadataNotObject => "metadata_not_object",
+        }
+    }
+}
+
+/// A rejected point: its reason and a message for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub message: String,
+}
+
+fn reject(reason: Reason, message: impl Into<String>) -> Rejection {
+    Rejection { reason, message: message.into() }
+}
+
+/// The rules, built once from the configuration.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    max_future_skew_us: i64,
+    max_age_us: i64,
+    max_speed_kmh: f64,
+    max_app_source_len: usize,
+    app_sources: Option<HashSet<String>>,
+    max_metadata_bytes: usize,
+}
+
+impl Validator {
+    pub fn new(rules: &ValidationArgs, raw_retention: Duration) -> Self {
+        let us = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self {
+            max_future_skew_us: us(rules.max_future_skew),
+            max_age_us: us(raw_retention),
+            max_speed_kmh: rules.max_speed_kmh,
+            max_app_source_len: rules.max_app_source_len,
+            app_sources: (!rules.app_sources.is_empty())
+                .then(|| rules.app_sources.iter().cloned().collect()),
+            max_metadata_bytes: rules.max_metadata_bytes,
+        }
+    }
+
+    /// Checks one point against the clock `now_us` (microseconds since the
+    /// Unix epoch). Takes the point by value to move its strings, not copy them.
+    pub fn validate(&self, loc: proto::Location, now_us: i64) -> Result<ValidLocation, Rejection> {
+        let time_us = self.time(loc.time.as_ref(), now_us)?;
+        let device_id = uuid(&loc.device_id, "device_id", Reason::DeviceIdInvalid)?;
+        let user_id = uuid(&loc.user_id, "user_id", Reason::UserIdInvalid)?;
+        self.app_source(&loc.app_source)?;
+        let (latitude, longitude) = position(loc.latitude, loc.longitude)?;
+        let accuracy = optional("accuracy", loc.accuracy)?;
+        if accuracy.is_some_and(|a| a < 0.0) {
+            return Err(reject(Reason::AccuracyNegative, "accuracy must not be negative"));
+        }
+        let altitude = optional("altitude", loc.altitude)?;
+        let speed = optional("speed", loc.speed)?;
+        if let Some(s) = speed {
+            if s < 0.0 {
+                return Err(reject(Reason::SpeedNegative, "speed must not be negative"));
+            }
+            if f64::from(s) > self.max_speed_kmh {
+                return Err(reject(
+                    Reason::SpeedTooHigh,
+                    format!("speed {s} km/h is over the limit of {} km/h", self.max_speed_kmh),
+                ));
+            }
+        }
+        let heading = optional("heading", loc.heading)?;
+        if heading.is_some_and(|h| !(0.0..360.0).contains(&h)) {
+            return Err(reject(Reason::HeadingOutOfRange, "heading must be in [0, 360)"));
+        }
+        let metadata = self.metadata(loc.metadata_json)?;
+        Ok(ValidLocation {
+            time_us,
+            device_id,
+            user_id,
+            app_source: loc.app_source,
+            latitude,
+            longitude,
+            accuracy,
+            altitude,
+            speed,
+            heading,
+            metadata,
+        })
+    }
+
+    fn time(&self, t: Option<&prost_types::Timestamp>, now_us: i64) -> Result<i64, Rejection> {
+        let t = t.ok_or_else(|| reject(Reason::TimeMissing, "time is required"))?;
+        if !(0..1_000_000_000).contains(&t.nanos) {
+            return Err(reject(Reason::TimeInvalid, "time.nanos must be in [0, 1e9)"));
+        }
+        let time_us = t
+            .seconds
+            .checked_mul(1_000_000)
+            .and_then(|s| s.checked_add(i64::from(t.nanos / 1_000)))
+            .ok_or_else(|| reject(Reason::TimeInvalid, "time is out of range"))?;
+        if time_us > now_us.saturating_add(self.max_future_skew_us) {
+            return Err(reject(
+                Reason::TimeInFuture,
+                format!(
+                    "time is {} s in the future; at most {} s of clock skew is allowed",
+                    (time_us - now_us) / 1_000_000,
+                    self.max_future_skew_us / 1_000_000
+                ),
+            ));
+        }
+        if time_us < now_us.saturating_sub(self.max_age_us) {
+            return Err(reject(
+                Reason::TimeTooOld,
+                format!(
+                    "time is older than the raw retention of {} days and would be dropped at once",
+                    self.max_age_us / 86_400_000_000
+                ),
+            ));
+        }
+        Ok(time_us)
+    }
+
+    fn app_source(&self, s: &str) -> Result<(), Rejection> {
+        if s.is_empty() {
+            return Err(reject(Reason::AppSourceEmpty, "app_source is required"));
+        }
+        if s.len() > self.max_app_source_len {
+            return Err(reject(
+                Reason::AppSourceTooLong,
+                format!("app_source is {} bytes; the limit is {}", s.len(), self.max_app_source_len),
+            ));
+        }
+        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+            return Err(reject(
+                Reason::AppSourceInvalid,
+                "app_source may hold only ASCII letters, digits, '_', '-' and '.'",
+            ));
+        }
+        if let Some(allowed) = &self.app_sources {
+            if !allowed.contains(s) {
+                return Err(reject(
+                    Reason::AppSourceNotAllowed,
+                    format!("app_source {s:?} is not one of the configured app sources"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn metadata(&self, json: String) -> Result<Option<String>, Rejection> {
+        if json.is_empty() {
+            return Ok(None);
+        }
+        if json.len() > self.max_metadata_bytes {
+            return Err(reject(
+                Reason::MetadataTooLarge,
+                format!("metadata_json is {} bytes; the limit is {}", json.len(), self.max_metadata_bytes),
+            ));
+        }
+        // serde_json refuses nesting deeper than 128 levels, so hostile
+        // input cannot exhaust the stack.
+        let value: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|e| reject(Reason::MetadataInvalid, format!("metadata_json is not valid JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(reject(Reason::MetadataNotObject, "metadata_json must be a JSON object"));
+        }
+        // PostgreSQL's jsonb cannot hold U+0000; catch it here so that one
+        // point cannot fail a whole batch in the database.
+        if contains_nul(&value) {
+            return Err(reject(Reason::MetadataInvalid, "metadata_json must not contain \\u0000"));
+        }
+        Ok(Some(json))
+    }
+}
+
+fn contains_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(contains_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+fn uuid(s: &str, field: &str, reason: Reason) -> Result<Uuid, Rejection> {
+    match Uuid::try_parse(s) {
+        Ok(u) if !u.is_nil() => Ok(u),
+        Ok(_) => Err(reject(reason, format!("{field} must not be the nil UUID"))),
+        Err(_) => Err(reject(reason, format!("{field} {s:?} is not a UUID"))),
+    }
+}
+
+fn position(lat: f64, lon: f64) -> Result<(f64, f64), Rejection> {
+    if !lat.is_finite() || !lon.is_finite() {
+        return Err(reject(Reason::NotFinite, "latitude and longitude must be finite numbers"));
+    }
+    if !(-90.0..=90.0).contains(&lat) {
+        return Err(reject(Reason::LatitudeOutOfRange, format!("latitude {lat} is outside [-90, 90]")));
+    }
+    if !(-180.0..=180.0).contains(&lon) {
+        return Err(reject(
+            Reason::LongitudeOutOfRange,
+            format!("longitude {lon} is outside [-180, 180]"),
+        ));
+    }
+    if lat == 0.0 && lon == 0.0 {
+        return Err(reject(Reason::NullIsland, "(0, 0) is the default of a GPS that has no fix"));
+    }
+    Ok((lat, lon))
+}
+
+/// An optional measurement, stored as `real`.
+fn optional(field: &str, v: Option<f64>) -> Result<Option<f32>, Rejection> {
+    match v {
+        None => Ok(None),
+        Some(x) if !x.is_finite() || !(x as f32).is_finite() => {
+            Err(reject(Reason::NotFinite, format!("{field} must be a finite number")))
+        }
+        Some(x) => Ok(Some(x as f32)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_780_000_000_000_000;
+
+    fn good() -> proto::Location {
+        proto::Location {
+            time: Some(prost_types::Timestamp { seconds: NOW / 1_000_000 - 10, nanos: 123_456_789 }),
+            device_id: "6f1c1c2e-5a3b-4c1d-9e8f-0a1b2c3d4e5f".into(),
+            user_id: "0b6e7c7a-1f2d-4e3c-8b9a-9c8d7e6f5a4b".into(),
+            app_source: "mextrack".into(),
+            latitude: 19.4326,
+            longitude: -99.1332,
+            accuracy: Some(4.5),
+            altitude: Some(2240.0),
+            speed: Some(42.0),
+            heading: Some(359.9),
+            metadata_json: r#"{"battery": 0.8}"#.into(),
+        }
+    }
+
+    fn check(f: impl FnOnce(&mut proto::Location)) -> Result<ValidLocation, Reason> {
+        let mut rules = ValidationArgs::default();
+        rules.app_sources = vec!["mextrack".into(), "pshop".into()];
+        let v = Validator::new(&rules, Duration::from_secs(30 * 86_400));
+        let mut loc = good();
+        f(&mut loc);
+        v.validate(loc, NOW).map_err(|r| r.reason)
+    }
+
+    #[test]
+    fn accepts_a_good_point_and_truncates_to_microseconds() {
+        let v = check(|_| {}).unwrap();
+        assert_eq!(v.time_us, NOW - 10_000_000 + 123_456);
+        assert_eq!(v.accuracy, Some(4.5));
+        assert_eq!(v.metadata.as_deref(), Some(r#"{"battery": 0.8}"#));
+    }
+
+    #[test]
+    fn accepts_edges() {
+        check(|l| l.latitude = 90.0).unwrap();
+        check(|l| l.longitude = -180.0).unwrap();
+        check(|l| l.heading = Some(0.0)).unwrap();
+        check(|l| l.latitude = 0.0).unwrap();
+        check(|l| l.metadata_json.clear()).unwrap();
+        check(|l| l.speed = Some(1200.0)).unwrap();
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_point() {
+        let cases: Vec<(Reason, Box<dyn FnOnce(&mut proto::Location)>)> = vec![
+            (Reason::TimeMissing, Box::new(|l| l.time = None)),
+            (Reason::TimeInvalid, Box::new(|l| l.time.as_mut().unwrap().nanos = -1)),
+            (Reason::TimeInvalid, Box::new(|l| l.time.as_mut().unwrap().seconds = i64::MAX)),
+            (Reason::TimeInFuture, Box::new(|l| l.time.as_mut().unwrap().seconds += 311)),
+            (Reason::TimeTooOld, Box::new(|l| l.time.as_mut().unwrap().seconds -= 31 * 86_400)),
+            (Reason::DeviceIdInvalid, Box::new(|l| l.device_id = "truck-7".into())),
+            (Reason::DeviceIdInvalid, Box::new(|l| l.device_id = Uuid::nil().to_string())),
+            (Reason::UserIdInvalid, Box::new(|l| l.user_id.clear())),
+            (Reason::AppSourceEmpty, Box::new(|l| l.app_source.clear())),
+            (Reason::AppSourceTooLong, Box::new(|l| l.app_source = "x".repeat(51))),
+            (Reason::AppSourceInvalid, Box::new(|l| l.app_source = "mex\0track".into())),
+            (Reason::AppSourceNotAllowed, Box::new(|l| l.app_source = "other".into())),
+            (Reason::NotFinite, Box::new(|l| l.latitude = f64::NAN)),
+            (Reason::NotFinite, Box::new(|l| l.longitude = f64::INFINITY)),
+            (Reason::NotFinite, Box::new(|l| l.altitude = Some(1e300))),
+            (Reason::NotFinite, Box::new(|l| l.speed = Some(f64::NAN))),
+            (Reason::LatitudeOutOfRange, Box::new(|l| l.latitude = 90.0001)),
+            (Reason::LongitudeOutOfRange, Box::new(|l| l.longitude = -180.5)),
+            (Reason::NullIsland, Box::new(|l| (l.latitude, l.longitude) = (0.0, 0.0))),
+            (Reason::AccuracyNegative, Box::new(|l| l.accuracy = Some(-1.0))),
+            (Reason::SpeedNegative, Box::new(|l| l.speed = Some(-0.1))),
+            (Reason::SpeedTooHigh, Box::new(|l| l.speed = Some(1200.5))),
+            (Reason::HeadingOutOfRange, Box::new(|l| l.heading = Some(360.0))),
+            (Reason::HeadingOutOfRange, Box::new(|l| l.heading = Some(-0.5))),
+            (Reason::MetadataTooLarge, Box::new(|l| l.metadata_json = format!("{{\"a\":\"{}\"}}", "x".repeat(5000)))),
+            (Reason::MetadataInvalid, Box::new(|l| l.metadata_json = "{not json".into())),
+            (Reason::MetadataInvalid, Box::new(|l| l.metadata_json = r#"{"a":"\u0000"}"#.into())),
+            (Reason::MetadataInvalid, Box::new(|l| l.metadata_json = "[".repeat(200) + &"]".repeat(200))),
+            (Reason::MetadataNotObject, Box::new(|l| l.metadata_json = "[1,2]".into())),
+        ];
+        for (want, f) in cases {
+            assert_eq!(check(f).unwrap_err(), want, "expected {}", want.code());
+        }
+    }
+
+    #[test]
+    fn codes_are_unique() {
+        let codes: HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
+        assert_eq!(codes.len(), Reason::ALL.len());
+    }
+}

@@ -1,0 +1,17 @@
+//! locus: GPS telemetry ingestion into PostgreSQL and TimescaleDB.
+//!
+//! A point travels: receive ([`ingest`]), validate ([`ingest::validate`]),
+//! batch ([`pipeline::batcher`]), encode for COPY ([`pipeline::copy_encoder`]),
+//! write ([`pipeline::writer`]) and acknowledge. The schema is owned by
+//! [`storage`].
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod pipeline;
+pub mod proto;
+pub mod server;
+pub mod shutdown;
+pub mod storage;

@@ -1,0 +1,74 @@
+//! Every metric locus exports, in one place. Names carry base units
+//! (`_total`, `_seconds`, `_bytes`); no metric is labelled by device or user,
+//! whose cardinality grows with the fleet.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const POINTS_RECEIVED: &str = "locus_points_received_total";
+pub const POINTS_ACCEPTED: &str = "locus_points_accepted_total";
+pub const POINTS_DUPLICATE: &str = "locus_points_duplicate_total";
+/// Labelled by `reason`, the stable rejection code.
+pub const POINTS_REJECTED: &str = "locus_points_rejected_total";
+/// Labelled by `path`: `copy` (the fast path) or `dedup` (staging and ON CONFLICT).
+pub const BATCHES_FLUSHED: &str = "locus_batches_flushed_total";
+pub const BATCH_ROWS: &str = "locus_batch_rows";
+pub const BATCH_BYTES: &str = "locus_batch_bytes";
+pub const FLUSH_DURATION: &str = "locus_flush_duration_seconds";
+pub const BUFFER_POINTS: &str = "locus_buffer_points";
+pub const BUFFER_BYTES: &str = "locus_buffer_bytes";
+/// Labelled by `kind` (connection, timeout, database, ...) and `retryable`.
+pub const WRITE_ERRORS: &str = "locus_write_errors_total";
+/// Labelled by `transport` (`grpc_stream`, `grpc_unary`).
+pub const ACK_LATENCY: &str = "locus_ack_latency_seconds";
+pub const OPEN_STREAMS: &str = "locus_open_streams";
+/// Labelled by `reason` (`buffer_full`, `too_many_streams`, `batch_too_large`).
+pub const REQUESTS_REFUSED: &str = "locus_requests_refused_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const ROWS_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 25000.0, 50000.0,
+];
+const BYTES_BUCKETS: &[f64] = &[
+    1024.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+/// Servers started later in the same process (tests) share it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), ROWS_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_BYTES.into()), BYTES_BUCKETS))
+                .expect("bucket lists are non-empty constants")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(POINTS_RECEIVED, "Points received from clients, before validation.");
+    describe_counter!(POINTS_ACCEPTED, "Points newly stored and acknowledged.");
+    describe_counter!(POINTS_DUPLICATE, "Points whose (device_id, time) was already stored.");
+    describe_counter!(POINTS_REJECTED, "Points rejected by validation, by reason.");
+    describe_counter!(BATCHES_FLUSHED, "Batches committed to the database, by write path.");
+    describe_histogram!(BATCH_ROWS, "Rows per flushed batch.");
+    describe_histogram!(BATCH_BYTES, "Encoded COPY bytes per flushed batch.");
+    describe_histogram!(FLUSH_DURATION, "Time to write and commit one batch, retries included.");
+    describe_gauge!(BUFFER_POINTS, "Points buffered in memory, not yet acknowledged.");
+    describe_gauge!(BUFFER_BYTES, "Encoded bytes buffered in memory, not yet acknowledged.");
+    describe_counter!(WRITE_ERRORS, "Failed write attempts, by kind and whether retried.");
+    describe_histogram!(ACK_LATENCY, "From receiving a batch to sending its acknowledgement.");
+    describe_gauge!(OPEN_STREAMS, "Open StreamLocations streams.");
+    describe_counter!(REQUESTS_REFUSED, "Requests or streams refused by a limit, by reason.");
+}

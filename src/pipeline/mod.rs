@@ -1,0 +1,209 @@
+//! From accepted points to committed rows: a bounded buffer, the batcher and
+//! the writers.
+//!
+//! Producers (the ingest handlers) first take a [`Reservation`] from the
+//! buffer budget, then hand a [`Submission`] to the batcher through a bounded
+//! channel. The reservation travels with the submission and is released only
+//! when its points are committed or have failed, so memory is bounded by
+//! `--buffer-points` and `--buffer-bytes`.
+
+pub mod batcher;
+pub mod copy_encoder;
+pub mod writer;
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::{config::PipelineArgs, ingest::validate::ValidLocation, metrics as m};
+pub use writer::WriteError;
+
+/// The identity of a stored point: duplicates share it.
+pub type PointKey = (Uuid, i64);
+
+/// What happened to the points of one submission, once committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Newly stored.
+    pub accepted: u32,
+    /// Already stored (or sent twice in flight); not stored again.
+    pub duplicates: u32,
+}
+
+/// Accepted points of one client batch, encoded and ready to COPY.
+#[derive(Debug)]
+pub struct Submission {
+    /// Rows in binary COPY format, without header or trailer.
+    pub rows: Bytes,
+    /// One key per row, in row order.
+    pub keys: Vec<PointKey>,
+    /// Byte range of each row within `rows`, to rebuild a batch without some rows.
+    pub row_ends: Vec<u32>,
+    pub reply: oneshot::Sender<Result<WriteOutcome, WriteError>>,
+    /// Released when the submission is dropped, that is after its reply.
+    pub reservation: Reservation,
+}
+
+/// Encodes accepted points into a [`Submission`]'s parts.
+#[derive(Debug, Default)]
+pub struct SubmissionBuilder {
+    rows: BytesMut,
+    keys: Vec<PointKey>,
+    row_ends: Vec<u32>,
+}
+
+impl SubmissionBuilder {
+    pub fn with_capacity(points: usize) -> Self {
+        Self {
+            rows: BytesMut::with_capacity(points * 120),
+            keys: Vec::with_capacity(points),
+            row_ends: Vec::with_capacity(points),
+        }
+    }
+
+    pub fn push(&mut self, loc: &ValidLocation) {
+        copy_encoder::encode_row(&mut self.rows, loc);
+        self.keys.push((loc.device_id, loc.time_us));
+        self.row_ends.push(u32::try_from(self.rows.len()).unwrap_or(u32::MAX));
+    }
+
+    pub fn points(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn finish(
+        self,
+        reservation: Reservation,
+    ) -> (Submission, oneshot::Receiver<Result<WriteOutcome, WriteError>>) {
+        let (reply, rx) = oneshot::channel();
+        let sub = Submission {
+            rows: self.rows.freeze(),
+            keys: self.keys,
+            row_ends: self.row_ends,
+            reply,
+            reservation,
+        };
+        (sub, rx)
+    }
+}
+
+/// A share of the buffer budget. Dropping it gives the share back.
+#[derive(Debug)]
+pub struct Reservation {
+    points: OwnedSemaphorePermit,
+    bytes: OwnedSemaphorePermit,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        metrics::gauge!(m::BUFFER_POINTS).decrement(self.points.num_permits() as f64);
+        metrics::gauge!(m::BUFFER_BYTES).decrement(self.bytes.num_permits() as f64);
+    }
+}
+
+/// Why a submission could not be taken now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the ingest buffer is full")]
+    BufferFull,
+    #[error("the pipeline is shutting down")]
+    Closed,
+}
+
+/// The buffer's budget of points and bytes.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    points: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    capacity: (usize, usize),
+}
+
+impl Budget {
+    pub fn new(points: usize, bytes: usize) -> Self {
+        Self {
+            points: Arc::new(Semaphore::new(points)),
+            bytes: Arc::new(Semaphore::new(bytes)),
+            capacity: (points, bytes),
+        }
+    }
+
+    /// Waits until the buffer has room for `points` and `bytes`. A request
+    /// larger than the whole budget takes all of it, so it waits for an empty
+    /// buffer instead of forever.
+    pub async fn reserve(&self, points: usize, bytes: usize) -> Result<Reservation, Refused> {
+        let (points, bytes) = self.clamp(points, bytes);
+        let p = Arc::clone(&self.points)
+            .acquire_many_owned(permits(points))
+            .await
+            .map_err(|_| Refused::Closed)?;
+        let b = Arc::clone(&self.bytes)
+            .acquire_many_owned(permits(bytes))
+            .await
+            .map_err(|_| Refused::Closed)?;
+        Ok(Self::reserved(p, b))
+    }
+
+    /// Takes room for `points` and `bytes` now, or refuses.
+    pub fn try_reserve(&self, points: usize, bytes: usize) -> Result<Reservation, Refused> {
+        let (points, bytes) = self.clamp(points, bytes);
+        let map = |e| match e {
+            TryAcquireError::NoPermits => Refused::BufferFull,
+            TryAcquireError::Closed => Refused::Closed,
+        };
+        let p = Arc::clone(&self.points).try_acquire_many_owned(permits(points)).map_err(map)?;
+        let b = Arc::clone(&self.bytes).try_acquire_many_owned(permits(bytes)).map_err(map)?;
+        Ok(Self::reserved(p, b))
+    }
+
+    fn clamp(&self, points: usize, bytes: usize) -> (usize, usize) {
+        (points.min(self.capacity.0), bytes.min(self.capacity.1))
+    }
+
+    fn reserved(points: OwnedSemaphorePermit, bytes: OwnedSemaphorePermit) -> Reservation {
+        metrics::gauge!(m::BUFFER_POINTS).increment(points.num_permits() as f64);
+        metrics::gauge!(m::BUFFER_BYTES).increment(bytes.num_permits() as f64);
+        Reservation { points, bytes }
+    }
+}
+
+/// The producers' handle on the pipeline. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    tx: mpsc::Sender<Submission>,
+    pub budget: Budget,
+}
+
+impl Pipeline {
+    /// Starts the batcher and its writers. The task ends once every clone of
+    /// the returned [`Pipeline`] is dropped and all it was given is written.
+    pub fn start<W: batcher::WriteBatch>(
+        writer: W,
+        settings: &PipelineArgs,
+        budget: Budget,
+    ) -> (Pipeline, JoinHandle<()>) {
+        // Each submission holds at least one point of the budget, so the
+        // channel can never hold more than that many submissions; the
+        // smaller bound keeps its own memory small.
+        let (tx, rx) = mpsc::channel(budget.capacity.0.clamp(1, 65_536));
+        let task = tokio::spawn(batcher::run(rx, batcher::Settings::from(settings), writer));
+        (Pipeline { tx, budget }, task)
+    }
+
+    /// Hands a submission to the batcher.
+    pub async fn submit(&self, sub: Submission) -> Result<(), Refused> {
+        self.tx.send(sub).await.map_err(|_| Refused::Closed)
+    }
+}
+
+/// Limits are checked at start to fit in u32 (see `ServeConfig::validate`),
+/// and a single request never exceeds them.
+fn permits(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,193 @@
+//! `locus serve`: wires the pool, setup, pipeline, gRPC services and metrics
+//! together, and shuts them down in order.
+
+use std::{net::SocketAddr, time::Duration};
+
+use axum::{Router, routing::get};
+use sqlx::{PgPool, postgres::{PgConnectOptions, PgPoolOptions}};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::{
+    config::{ConfigError, ServeConfig},
+    ingest::{Ingestor, grpc::IngestService, unix_micros, validate::Validator},
+    metrics,
+    pipeline::{Budget, Pipeline, writer::Writer},
+    proto::{self, ingest_server::IngestServer},
+    storage::setup::{self, SetupError, SetupOptions},
+};
+
+/// How often readiness checks the database.
+const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a pool waits for a connection before the attempt fails (and is retried).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The sockets `serve` listens on, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(grpc: SocketAddr, metrics: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self { grpc: TcpListener::bind(grpc).await?, metrics: TcpListener::bind(metrics).await? })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("setup failed: {0}")]
+    Setup(#[from] SetupError),
+    #[error("cannot open the database pool: {0}")]
+    Pool(#[source] sqlx::Error),
+    #[error("server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves until `shutdown` is cancelled, then stops taking streams, flushes
+/// and acknowledges what is buffered, and returns within the grace deadline.
+pub async fn run(config: ServeConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServeError> {
+    config.validate()?;
+    let prometheus = metrics::install();
+
+    if !config.no_setup {
+        let mut conn = setup::connect(&config.database.url).await?;
+        let opts = SetupOptions { storage: config.storage.clone(), require_tier: None };
+        let plan = setup::run(&mut conn, &opts, false, unix_micros(std::time::SystemTime::now())).await?;
+        tracing::info!(tier = %plan.tier, steps = plan.steps.len(), "schema ready");
+    }
+    let pool = pool(&config).map_err(ServeError::Pool)?;
+
+    let writer = Writer::new(pool.clone(), config.pipeline.write_retry_deadline);
+    let budget = Budget::new(config.limits.buffer_points, config.limits.buffer_bytes);
+    let (pipeline, pipeline_task) = Pipeline::start(writer, &config.pipeline, budget);
+    let validator = Validator::new(&config.validation, config.storage.raw_retention);
+    let ingestor = Ingestor::new(validator, pipeline, config.limits.max_batch_points);
+    let ingest = IngestService::new(
+        ingestor,
+        config.limits.max_streams,
+        config.limits.stream_inflight,
+        shutdown.clone(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let background = CancellationToken::new();
+    tokio::spawn(readiness(pool.clone(), health.clone(), shutdown.clone()));
+    if !config.no_setup {
+        tokio::spawn(maintenance(config.clone(), background.clone()));
+    }
+
+    let metrics_app = Router::new().route("/metrics", get(move || std::future::ready(prometheus.render())));
+    let metrics_server = axum::serve(listeners.metrics, metrics_app)
+        .with_graceful_shutdown(background.clone().cancelled_owned());
+    let metrics_task = tokio::spawn(async move { metrics_server.await });
+
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(IngestServer::new(ingest).max_decoding_message_size(config.limits.max_message_bytes))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), shutdown.clone().cancelled_owned());
+    let mut grpc = tokio::spawn(grpc);
+    tracing::info!(%grpc_addr, "locus serving");
+
+    let early = tokio::select! {
+        r = &mut grpc => Some(r),
+        _ = shutdown.cancelled() => None,
+    };
+    health.set_not_serving::<IngestServer<IngestService>>().await;
+    health.set_service_status("", ServingStatus::NotServing).await;
+    let started = std::time::Instant::now();
+    let drain = async {
+        let served = match early {
+            Some(r) => r,
+            None => grpc.await,
+        };
+        // The server and its streams are gone, so the last pipeline handle is
+        // dropped: the batcher flushes what is left and the task ends.
+        pipeline_task.await.ok();
+        served
+    };
+    let result = match tokio::time::timeout(config.shutdown_grace, drain).await {
+        Ok(Ok(served)) => served.map_err(ServeError::from),
+        Ok(Err(join)) => Err(ServeError::Io(std::io::Error::other(join))),
+        Err(_) => {
+            tracing::error!(grace = ?config.shutdown_grace, "shutdown deadline passed with batches unacknowledged");
+            Ok(())
+        }
+    };
+    background.cancel();
+    let _ = metrics_task.await;
+    pool.close().await;
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "locus stopped");
+    result
+}
+
+fn pool(config: &ServeConfig) -> Result<PgPool, sqlx::Error> {
+    let opts: PgConnectOptions = config.database.url.parse()?;
+    let timeout_ms = config.pipeline.statement_timeout.as_millis().to_string();
+    let opts = opts
+        .application_name("locus")
+        .options([("statement_timeout", timeout_ms.as_str()), ("TimeZone", "UTC")]);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.db_pool_size)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .connect_lazy_with(opts))
+}
+
+/// Keeps the gRPC health status in step with the database.
+async fn readiness(pool: PgPool, health: tonic_health::server::HealthReporter, stop: CancellationToken) {
+    let mut serving = None;
+    loop {
+        let ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();
+        if serving != Some(ok) {
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            if stop.is_cancelled() {
+                return;
+            }
+            health.set_service_status("", status).await;
+            health.set_service_status("locus.v1.Ingest", status).await;
+            if ok { tracing::info!("database reachable: serving") } else { tracing::warn!("database unreachable: not serving") }
+            serving = Some(ok);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(READINESS_INTERVAL) => {}
+        }
+    }
+}
+
+/// Re-runs setup on a schedule, so partitions are always made ahead.
+async fn maintenance(config: ServeConfig, stop: CancellationToken) {
+    let every = (config.storage.chunk_interval / 4).min(Duration::from_secs(3600));
+    let opts = SetupOptions { storage: config.storage.clone(), require_tier: None };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match maintain_once(&config.database.url, &opts).await {
+            Ok(plan) if !plan.steps.is_empty() => tracing::info!(steps = plan.steps.len(), "maintenance applied"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "maintenance failed; will retry"),
+        }
+    }
+}
+
+async fn maintain_once(url: &str, opts: &SetupOptions) -> Result<setup::Plan, SetupError> {
+    let mut conn = setup::connect(url).await?;
+    setup::run(&mut conn, opts, false, unix_micros(std::time::SystemTime::now())).await
+}
