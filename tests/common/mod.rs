@@ -1,0 +1,179 @@
+//! Shared by the integration tests: a fresh database each, the real server on
+//! port 0, and a client.
+
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use locus::{
+    config::ServeConfig,
+    proto::{Location, LocationBatch, ingest_client::IngestClient},
+    server::{self, Listeners},
+};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use uuid::Uuid;
+
+/// The server tests talk to: `DATABASE_URL`, or the local PostgreSQL.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database made for one test, dropped by [`TestDb::drop_db`].
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        Self::on(&admin_url()).await
+    }
+
+    /// A fresh database on the server `admin` points at.
+    pub async fn on(admin: &str) -> TestDb {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let mut conn = PgConnection::connect(admin).await.unwrap_or_else(|e| {
+            panic!(
+                "the integration tests need PostgreSQL: cannot connect to {admin} ({e}). \
+                 Start it, or point DATABASE_URL at one (trust or password in the URL)."
+            )
+        });
+        let name = format!(
+            "locus_test_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            Uuid::new_v4().simple().to_string().get(..6).unwrap_or_default()
+        );
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("DATABASE_URL {admin} names no database"),
+        };
+        TestDb { name, url, admin: admin.to_string() }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPool::connect(&self.url).await.expect("connect to the test database")
+    }
+
+    pub async fn drop_db(self) {
+        if let Ok(mut conn) = PgConnection::connect(&self.admin).await {
+            let _ = sqlx::Executor::execute(
+                &mut conn,
+                format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str(),
+            )
+            .await;
+        }
+    }
+}
+
+/// `locus serve`, in this process, on port 0.
+pub struct TestServer {
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), server::ServeError>>,
+}
+
+impl TestServer {
+    pub async fn start(config: ServeConfig) -> TestServer {
+        let listeners = Listeners::bind(([127, 0, 0, 1], 0).into(), ([127, 0, 0, 1], 0).into())
+            .await
+            .expect("bind port 0");
+        let grpc = listeners.grpc.local_addr().expect("local addr");
+        let metrics = listeners.metrics.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::run(config, listeners, shutdown.clone()));
+        let server = TestServer { grpc, metrics, shutdown, task };
+        server.wait_ready().await;
+        server
+    }
+
+    /// Waits until the gRPC health service says SERVING (after setup, and
+    /// once the database answered).
+    async fn wait_ready(&self) {
+        for _ in 0..400 {
+            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.grpc)).expect("uri").connect().await {
+                let status = HealthClient::new(channel)
+                    .check(HealthCheckRequest { service: "locus.v1.Ingest".into() })
+                    .await
+                    .map(|r| r.into_inner().status);
+                if status.ok() == Some(ServingStatus::Serving as i32) {
+                    return;
+                }
+            }
+            assert!(!self.task.is_finished(), "the server stopped during start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the server did not become ready");
+    }
+
+    pub async fn client(&self) -> IngestClient<Channel> {
+        IngestClient::connect(format!("http://{}", self.grpc)).await.expect("connect to locus")
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("server task").expect("server ran cleanly");
+    }
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs() as i64
+}
+
+/// A device moving north-east, one fix per second ending near now.
+pub struct Device {
+    pub device_id: Uuid,
+    pub user_id: Uuid,
+    pub start: i64,
+}
+
+impl Device {
+    pub fn new(start: i64) -> Self {
+        Device { device_id: Uuid::new_v4(), user_id: Uuid::new_v4(), start }
+    }
+
+    pub fn point(&self, i: i64) -> Location {
+        Location {
+            time: Some(prost_types::Timestamp { seconds: self.start + i, nanos: 250_000_000 }),
+            device_id: self.device_id.to_string(),
+            user_id: self.user_id.to_string(),
+            app_source: "mextrack".into(),
+            latitude: 19.4 + i as f64 * 1e-5,
+            longitude: -99.1 + i as f64 * 1e-5,
+            accuracy: Some(5.0),
+            altitude: None,
+            speed: Some(36.0),
+            heading: Some(45.0),
+            metadata_json: if i % 10 == 0 { r#"{"battery": 0.9}"#.into() } else { String::new() },
+        }
+    }
+
+    pub fn batch(&self, batch_id: u64, from: i64, n: i64) -> LocationBatch {
+        LocationBatch { batch_id, locations: (from..from + n).map(|i| self.point(i)).collect() }
+    }
+}
+
+pub async fn count_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM location_events").fetch_one(pool).await.expect("count")
+}
+
+/// A config for `db` with every default but a short linger.
+pub fn config(db: &TestDb) -> ServeConfig {
+    let mut c = ServeConfig::with_database(db.url.clone());
+    c.pipeline.linger = Duration::from_millis(10);
+    c.shutdown_grace = Duration::from_secs(15);
+    c
+}

@@ -1,0 +1,245 @@
+//! The ingest path end to end: real server on port 0, real PostgreSQL, a
+//! gRPC client.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
+use locus::proto::{BatchAck, Location, LocationBatch};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+/// Streams `batches` over one stream; returns the acks received, in order,
+/// and the status that ended the stream, if it ended with an error.
+async fn stream_all(
+    server: &TestServer,
+    batches: Vec<LocationBatch>,
+) -> (Vec<BatchAck>, Option<tonic::Status>) {
+    let mut client = server.client().await;
+    let (tx, rx) = mpsc::channel(4);
+    let sender = tokio::spawn(async move {
+        for b in batches {
+            if tx.send(b).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut acks = Vec::new();
+    let mut status = None;
+    match client.stream_locations(ReceiverStream::new(rx)).await {
+        Ok(resp) => {
+            let mut inbound = resp.into_inner();
+            loop {
+                match inbound.message().await {
+                    Ok(Some(ack)) => acks.push(ack),
+                    Ok(None) => break,
+                    Err(s) => {
+                        status = Some(s);
+                        break;
+                    }
+                }
+            }
+        }
+        Err(s) => status = Some(s),
+    }
+    sender.abort();
+    (acks, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplicates() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let start = now_secs() - 2_000;
+    let devices: Vec<Device> = (0..100).map(|_| Device::new(start)).collect();
+    let batches_of = |d: &Device| (0..10).map(|b| d.batch(b, b as i64 * 100, 100)).collect::<Vec<_>>();
+
+    let mut runs = Vec::new();
+    for d in &devices {
+        let batches = batches_of(d);
+        let s = &server;
+        runs.push(async move { stream_all(s, batches).await });
+    }
+    let results = futures::future::join_all(runs).await;
+    let mut accepted = 0;
+    for (acks, status) in &results {
+        assert!(status.is_none(), "stream ended with {status:?}");
+        assert_eq!(acks.iter().map(|a| a.batch_id).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>(), "acks in order");
+        for a in acks {
+            assert!(a.rejected.is_empty(), "{:?}", a.rejected);
+            assert_eq!(a.accepted + a.duplicates, 100);
+            accepted += a.accepted;
+        }
+    }
+    assert_eq!(accepted, 100_000);
+    let pool = db.pool().await;
+    assert_eq!(count_rows(&pool).await, 100_000);
+    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT (device_id, time)) FROM location_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(distinct, 100_000);
+    // What was sent is what is stored: a sample point, field by field.
+    let d = &devices[7];
+    let p = d.point(530);
+    let (lat, lon, speed, meta): (f64, f64, Option<f32>, Option<serde_json::Value>) = sqlx::query_as(
+        "SELECT latitude, longitude, speed, metadata FROM location_events WHERE device_id = $1 AND time = to_timestamp($2)",
+    )
+    .bind(d.device_id)
+    .bind((start + 530) as f64 + 0.25)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((lat, lon, speed), (p.latitude, p.longitude, Some(36.0)));
+    assert_eq!(meta, Some(serde_json::json!({"battery": 0.9})));
+
+    // The same batches again, on fresh streams: all duplicates.
+    let mut runs = Vec::new();
+    for d in devices.iter().take(20) {
+        let batches = batches_of(d);
+        let s = &server;
+        runs.push(async move { stream_all(s, batches).await });
+    }
+    for (acks, status) in futures::future::join_all(runs).await {
+        assert!(status.is_none(), "{status:?}");
+        assert_eq!(acks.len(), 10);
+        assert!(acks.iter().all(|a| a.accepted == 0 && a.duplicates == 100), "{acks:?}");
+    }
+    assert_eq!(count_rows(&pool).await, 100_000);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_points_are_rejected_alone_with_their_reason() {
+    let db = TestDb::new().await;
+    let mut cfg = config(&db);
+    cfg.validation.app_sources = vec!["mextrack".into(), "pshop".into()];
+    let server = TestServer::start(cfg).await;
+    let d = Device::new(now_secs() - 100);
+    type Spoil = fn(&mut Location);
+    let spoilers: Vec<(&str, Spoil)> = vec![
+        ("latitude_out_of_range", |l| l.latitude = 91.0),
+        ("longitude_out_of_range", |l| l.longitude = -181.0),
+        ("number_not_finite", |l| l.latitude = f64::NAN),
+        ("number_not_finite", |l| l.speed = Some(f64::INFINITY)),
+        ("null_island", |l| (l.latitude, l.longitude) = (0.0, 0.0)),
+        ("device_id_invalid", |l| l.device_id = "truck-12".into()),
+        ("user_id_invalid", |l| l.user_id = "42".into()),
+        ("app_source_empty", |l| l.app_source.clear()),
+        ("app_source_too_long", |l| l.app_source = "m".repeat(51)),
+        ("app_source_not_allowed", |l| l.app_source = "other".into()),
+        ("accuracy_negative", |l| l.accuracy = Some(-3.0)),
+        ("speed_negative", |l| l.speed = Some(-1.0)),
+        ("speed_too_high", |l| l.speed = Some(5_000.0)),
+        ("heading_out_of_range", |l| l.heading = Some(360.0)),
+        ("time_missing", |l| l.time = None),
+        ("time_in_future", |l| l.time.as_mut().unwrap().seconds = now_secs() + 3_600),
+        ("time_too_old", |l| l.time.as_mut().unwrap().seconds = now_secs() - 31 * 86_400),
+        ("metadata_not_object", |l| l.metadata_json = "[1]".into()),
+        ("metadata_invalid", |l| l.metadata_json = "{".into()),
+        ("metadata_invalid", |l| l.metadata_json = r#"{"k":"\u0000"}"#.into()),
+        ("metadata_too_large", |l| l.metadata_json = format!(r#"{{"k":"{}"}}"#, "x".repeat(5_000))),
+    ];
+    // Good and bad interleaved: even indexes good, odd bad.
+    let mut locations = Vec::new();
+    let mut want = HashMap::new();
+    for (i, (reason, spoil)) in spoilers.iter().enumerate() {
+        locations.push(d.point(2 * i as i64));
+        let mut bad = d.point(2 * i as i64 + 1);
+        spoil(&mut bad);
+        want.insert(locations.len() as u32, *reason);
+        locations.push(bad);
+    }
+    let total = locations.len();
+    let ack = server.client().await.write_locations(LocationBatch { batch_id: 9, locations }).await.unwrap().into_inner();
+    assert_eq!(ack.batch_id, 9);
+    assert_eq!(ack.accepted as usize, spoilers.len());
+    assert_eq!(ack.accepted as usize + ack.duplicates as usize + ack.rejected.len(), total);
+    let got: HashMap<u32, &str> = ack.rejected.iter().map(|r| (r.index, r.reason.as_str())).collect();
+    assert_eq!(got, want);
+    assert!(ack.rejected.iter().all(|r| !r.message.is_empty()));
+    assert_eq!(count_rows(&db.pool().await).await, spoilers.len() as i64);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_give_clear_statuses() {
+    let db = TestDb::new().await;
+    let mut cfg = config(&db);
+    cfg.limits.max_message_bytes = 128 * 1024;
+    cfg.limits.max_batch_points = 500;
+    cfg.limits.max_streams = 2;
+    let server = TestServer::start(cfg).await;
+    let d = Device::new(now_secs() - 5_000);
+    let mut client = server.client().await;
+
+    // Over the message size: 1,000 points with metadata are > 128 KiB.
+    let mut big = d.batch(1, 0, 1_000);
+    big.locations.iter_mut().for_each(|l| l.metadata_json = r#"{"pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#.into());
+    let err = client.write_locations(big.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    let (acks, status) = stream_all(&server, vec![d.batch(0, 2_000, 10), big]).await;
+    assert_eq!(acks.len(), 1, "the batch before the oversized one is acknowledged");
+    assert_eq!(status.expect("stream ends with an error").code(), Code::OutOfRange);
+
+    // Over the points per batch.
+    let err = client.write_locations(d.batch(2, 3_000, 501)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("limit is 500"), "{}", err.message());
+
+    // Over the number of streams: two held open, the third refused.
+    let (_tx1, rx1) = mpsc::channel::<LocationBatch>(1);
+    let (_tx2, rx2) = mpsc::channel::<LocationBatch>(1);
+    let _s1 = client.stream_locations(ReceiverStream::new(rx1)).await.unwrap();
+    let _s2 = client.stream_locations(ReceiverStream::new(rx2)).await.unwrap();
+    let (_tx3, rx3) = mpsc::channel::<LocationBatch>(1);
+    let err = client.stream_locations(ReceiverStream::new(rx3)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+    drop((_s1, _s2, _tx1, _tx2, _tx3));
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room() {
+    let db = TestDb::new().await;
+    let mut cfg = config(&db);
+    cfg.limits.buffer_points = 20;
+    cfg.limits.max_batch_points = 20;
+    let server = TestServer::start(cfg).await;
+    let d = Device::new(now_secs() - 5_000);
+
+    // Block writes: COPY waits for this lock.
+    let pool = db.pool().await;
+    let mut locker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE").execute(&mut *locker).await.unwrap();
+
+    let s = &server;
+    let streaming = async { stream_all(s, (0..5).map(|b| d.batch(b, b as i64 * 20, 20)).collect()).await };
+    let refusal = async {
+        // Let the stream fill the buffer (20 points), then call.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut client = s.client().await;
+        let err = client.write_locations(d.batch(100, 1_000, 5)).await.unwrap_err();
+        let unlock = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            locker.rollback().await.unwrap();
+        };
+        unlock.await;
+        err
+    };
+    let ((acks, status), err) = tokio::join!(streaming, refusal);
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("buffer is full"));
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(acks.iter().map(|a| a.accepted).sum::<u32>(), 100, "the stream waited, then all went in");
+    assert_eq!(count_rows(&pool).await, 100);
+    server.stop().await;
+    db.drop_db().await;
+}
