@@ -53,7 +53,8 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    /// Transient: worth retrying the same batch. Connection loss, and the
+    /// Transient: worth retrying the same batch. Connection loss or failure
+    /// to connect for any reason, and the
     /// SQLSTATEs that mean "not now" rather than "never": class 08
     /// (connection exception), 40001 and 40P01 (serialization failure,
     /// deadlock), class 53 (insufficient resources), 55P03 (lock not
@@ -183,7 +184,10 @@ impl Writer {
     }
 
     async fn attempt(&self, subs: &[Submission]) -> Result<(Vec<WriteOutcome>, Path), WriteError> {
-        let mut conn = self.inner.pool.acquire().await?;
+        // Whatever stops us from getting a connection (refused, auth, "not
+        // accepting connections", too many clients) says nothing against
+        // the batch: it is retried like a lost connection.
+        let mut conn = self.inner.pool.acquire().await.map_err(|e| WriteError::Unavailable(e.to_string()))?;
         let result = async {
             if !has_duplicate_keys(subs) {
                 match copy_rows(&mut conn, &self.inner.copy_sql, subs).await {
