@@ -9,10 +9,16 @@ use clap::{Args, ValueEnum};
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("database URL must start with postgres:// or postgresql:// (got scheme {0:?}); locus never falls back to another database")]
+    #[error(
+        "database URL must start with postgres:// or postgresql:// (got scheme {0:?}); locus never falls back to another database"
+    )]
     DatabaseScheme(String),
     #[error("{name} must be at least {min} (got {value})")]
-    TooSmall { name: &'static str, min: u64, value: u64 },
+    TooSmall {
+        name: &'static str,
+        min: u64,
+        value: u64,
+    },
     #[error("{0}")]
     Inconsistent(String),
 }
@@ -220,7 +226,11 @@ impl ServeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         let at_least = |name, min: u64, value: u64| {
-            if value < min { Err(ConfigError::TooSmall { name, min, value }) } else { Ok(()) }
+            if value < min {
+                Err(ConfigError::TooSmall { name, min, value })
+            } else {
+                Ok(())
+            }
         };
         let l = &self.limits;
         let p = &self.pipeline;
@@ -232,8 +242,16 @@ impl ServeConfig {
         at_least("--flush-points", 1, p.flush_points as u64)?;
         at_least("--flush-bytes", 1024, p.flush_bytes as u64)?;
         at_least("--writers", 1, p.writers as u64)?;
-        at_least("--db-pool-size", p.writers as u64 + 1, self.db_pool_size as u64)?;
-        at_least("--max-app-source-len", 1, self.validation.max_app_source_len as u64)?;
+        at_least(
+            "--db-pool-size",
+            p.writers as u64 + 1,
+            self.db_pool_size as u64,
+        )?;
+        at_least(
+            "--max-app-source-len",
+            1,
+            self.validation.max_app_source_len as u64,
+        )?;
         if l.buffer_points < l.max_batch_points {
             return Err(ConfigError::Inconsistent(format!(
                 "--buffer-points ({}) must hold at least one full batch (--max-batch-points {})",
@@ -251,11 +269,15 @@ impl ServeConfig {
                 "--buffer-points and --buffer-bytes must be below 4 GiB".into(),
             ));
         }
-        if !(self.validation.max_speed_kmh > 0.0) {
-            return Err(ConfigError::Inconsistent("--max-speed-kmh must be positive".into()));
+        if self.validation.max_speed_kmh.is_nan() || self.validation.max_speed_kmh <= 0.0 {
+            return Err(ConfigError::Inconsistent(
+                "--max-speed-kmh must be positive".into(),
+            ));
         }
         if self.storage.chunk_interval < Duration::from_secs(3600) {
-            return Err(ConfigError::Inconsistent("--chunk-interval must be at least 1h".into()));
+            return Err(ConfigError::Inconsistent(
+                "--chunk-interval must be at least 1h".into(),
+            ));
         }
         if self.storage.raw_retention < self.storage.chunk_interval {
             return Err(ConfigError::Inconsistent(
@@ -272,12 +294,16 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        ServeConfig::with_database("postgres://localhost/locus").validate().unwrap();
+        ServeConfig::with_database("postgres://localhost/locus")
+            .validate()
+            .unwrap();
     }
 
     #[test]
     fn refuses_other_databases() {
-        let err = ServeConfig::with_database("sqlite:///caloria.db").validate().unwrap_err();
+        let err = ServeConfig::with_database("sqlite:///caloria.db")
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("never falls back"), "{err}");
     }
 
@@ -289,6 +315,12 @@ mod tests {
         assert!(err.to_string().contains("--buffer-points"), "{err}");
         let mut c = ServeConfig::with_database("postgres://x/y");
         c.db_pool_size = 2;
-        assert!(matches!(c.validate(), Err(ConfigError::TooSmall { name: "--db-pool-size", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooSmall {
+                name: "--db-pool-size",
+                ..
+            })
+        ));
     }
 }

@@ -13,10 +13,20 @@ use locus::{
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "locus", version, about = "GPS telemetry ingestion into PostgreSQL and TimescaleDB")]
+#[command(
+    name = "locus",
+    version,
+    about = "GPS telemetry ingestion into PostgreSQL and TimescaleDB"
+)]
 struct Cli {
     /// Log format; the level comes from RUST_LOG (default info).
-    #[arg(long, env = "LOCUS_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "LOCUS_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -79,8 +89,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Setup(args) => {
             args.database.validate()?;
             let mut conn = setup::connect(&args.database.url).await?;
-            let opts = SetupOptions { storage: args.storage, require_tier: args.require_tier };
-            let plan = setup::run(&mut conn, &opts, args.dry_run, unix_micros(std::time::SystemTime::now())).await?;
+            let opts = SetupOptions {
+                storage: args.storage,
+                require_tier: args.require_tier,
+            };
+            let plan = setup::run(
+                &mut conn,
+                &opts,
+                args.dry_run,
+                unix_micros(std::time::SystemTime::now()),
+            )
+            .await?;
             print!("{plan}");
             if !args.dry_run && !plan.steps.is_empty() {
                 println!("-- applied {} steps", plan.steps.len());
@@ -93,7 +112,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -45,8 +45,12 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), ROWS_BUCKETS))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_BYTES.into()), BYTES_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), ROWS_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_BYTES.into()), BYTES_BUCKETS)
+                })
                 .expect("bucket lists are non-empty constants")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
@@ -57,18 +61,45 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(POINTS_RECEIVED, "Points received from clients, before validation.");
+    describe_counter!(
+        POINTS_RECEIVED,
+        "Points received from clients, before validation."
+    );
     describe_counter!(POINTS_ACCEPTED, "Points newly stored and acknowledged.");
-    describe_counter!(POINTS_DUPLICATE, "Points whose (device_id, time) was already stored.");
+    describe_counter!(
+        POINTS_DUPLICATE,
+        "Points whose (device_id, time) was already stored."
+    );
     describe_counter!(POINTS_REJECTED, "Points rejected by validation, by reason.");
-    describe_counter!(BATCHES_FLUSHED, "Batches committed to the database, by write path.");
+    describe_counter!(
+        BATCHES_FLUSHED,
+        "Batches committed to the database, by write path."
+    );
     describe_histogram!(BATCH_ROWS, "Rows per flushed batch.");
     describe_histogram!(BATCH_BYTES, "Encoded COPY bytes per flushed batch.");
-    describe_histogram!(FLUSH_DURATION, "Time to write and commit one batch, retries included.");
-    describe_gauge!(BUFFER_POINTS, "Points buffered in memory, not yet acknowledged.");
-    describe_gauge!(BUFFER_BYTES, "Encoded bytes buffered in memory, not yet acknowledged.");
-    describe_counter!(WRITE_ERRORS, "Failed write attempts, by kind and whether retried.");
-    describe_histogram!(ACK_LATENCY, "From receiving a batch to sending its acknowledgement.");
+    describe_histogram!(
+        FLUSH_DURATION,
+        "Time to write and commit one batch, retries included."
+    );
+    describe_gauge!(
+        BUFFER_POINTS,
+        "Points buffered in memory, not yet acknowledged."
+    );
+    describe_gauge!(
+        BUFFER_BYTES,
+        "Encoded bytes buffered in memory, not yet acknowledged."
+    );
+    describe_counter!(
+        WRITE_ERRORS,
+        "Failed write attempts, by kind and whether retried."
+    );
+    describe_histogram!(
+        ACK_LATENCY,
+        "From receiving a batch to sending its acknowledgement."
+    );
     describe_gauge!(OPEN_STREAMS, "Open StreamLocations streams.");
-    describe_counter!(REQUESTS_REFUSED, "Requests or streams refused by a limit, by reason.");
+    describe_counter!(
+        REQUESTS_REFUSED,
+        "Requests or streams refused by a limit, by reason."
+    );
 }

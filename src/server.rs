@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{Router, routing::get};
-use sqlx::{PgPool, postgres::{PgConnectOptions, PgPoolOptions}};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +36,10 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(grpc: SocketAddr, metrics: SocketAddr) -> std::io::Result<Self> {
-        Ok(Self { grpc: TcpListener::bind(grpc).await?, metrics: TcpListener::bind(metrics).await? })
+        Ok(Self {
+            grpc: TcpListener::bind(grpc).await?,
+            metrics: TcpListener::bind(metrics).await?,
+        })
     }
 }
 
@@ -53,14 +59,27 @@ pub enum ServeError {
 
 /// Serves until `shutdown` is cancelled, then stops taking streams, flushes
 /// and acknowledges what is buffered, and returns within the grace deadline.
-pub async fn run(config: ServeConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn run(
+    config: ServeConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     config.validate()?;
     let prometheus = metrics::install();
 
     if !config.no_setup {
         let mut conn = setup::connect(&config.database.url).await?;
-        let opts = SetupOptions { storage: config.storage.clone(), require_tier: None };
-        let plan = setup::run(&mut conn, &opts, false, unix_micros(std::time::SystemTime::now())).await?;
+        let opts = SetupOptions {
+            storage: config.storage.clone(),
+            require_tier: None,
+        };
+        let plan = setup::run(
+            &mut conn,
+            &opts,
+            false,
+            unix_micros(std::time::SystemTime::now()),
+        )
+        .await?;
         tracing::info!(tier = %plan.tier, steps = plan.steps.len(), "schema ready");
     }
     let pool = pool(&config).map_err(ServeError::Pool)?;
@@ -89,7 +108,10 @@ pub async fn run(config: ServeConfig, listeners: Listeners, shutdown: Cancellati
         tokio::spawn(maintenance(config.clone(), background.clone()));
     }
 
-    let metrics_app = Router::new().route("/metrics", get(move || std::future::ready(prometheus.render())));
+    let metrics_app = Router::new().route(
+        "/metrics",
+        get(move || std::future::ready(prometheus.render())),
+    );
     let metrics_server = axum::serve(listeners.metrics, metrics_app)
         .with_graceful_shutdown(background.clone().cancelled_owned());
     let metrics_task = tokio::spawn(async move { metrics_server.await });
@@ -98,8 +120,13 @@ pub async fn run(config: ServeConfig, listeners: Listeners, shutdown: Cancellati
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(IngestServer::new(ingest).max_decoding_message_size(config.limits.max_message_bytes))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), shutdown.clone().cancelled_owned());
+        .add_service(
+            IngestServer::new(ingest).max_decoding_message_size(config.limits.max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        );
     let mut grpc = tokio::spawn(grpc);
     tracing::info!(%grpc_addr, "locus serving");
 
@@ -107,8 +134,12 @@ pub async fn run(config: ServeConfig, listeners: Listeners, shutdown: Cancellati
         r = &mut grpc => Some(r),
         _ = shutdown.cancelled() => None,
     };
-    health.set_not_serving::<IngestServer<IngestService>>().await;
-    health.set_service_status("", ServingStatus::NotServing).await;
+    health
+        .set_not_serving::<IngestServer<IngestService>>()
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     let started = std::time::Instant::now();
     let drain = async {
         let served = match early {
@@ -131,16 +162,20 @@ pub async fn run(config: ServeConfig, listeners: Listeners, shutdown: Cancellati
     background.cancel();
     let _ = metrics_task.await;
     pool.close().await;
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "locus stopped");
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "locus stopped"
+    );
     result
 }
 
 fn pool(config: &ServeConfig) -> Result<PgPool, sqlx::Error> {
     let opts: PgConnectOptions = config.database.url.parse()?;
     let timeout_ms = config.pipeline.statement_timeout.as_millis().to_string();
-    let opts = opts
-        .application_name("locus")
-        .options([("statement_timeout", timeout_ms.as_str()), ("TimeZone", "UTC")]);
+    let opts = opts.application_name("locus").options([
+        ("statement_timeout", timeout_ms.as_str()),
+        ("TimeZone", "UTC"),
+    ]);
     Ok(PgPoolOptions::new()
         .max_connections(config.db_pool_size)
         .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -149,18 +184,30 @@ fn pool(config: &ServeConfig) -> Result<PgPool, sqlx::Error> {
 }
 
 /// Keeps the gRPC health status in step with the database.
-async fn readiness(pool: PgPool, health: tonic_health::server::HealthReporter, stop: CancellationToken) {
+async fn readiness(
+    pool: PgPool,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
     let mut serving = None;
     loop {
         let ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();
         if serving != Some(ok) {
-            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             if stop.is_cancelled() {
                 return;
             }
             health.set_service_status("", status).await;
             health.set_service_status("locus.v1.Ingest", status).await;
-            if ok { tracing::info!("database reachable: serving") } else { tracing::warn!("database unreachable: not serving") }
+            if ok {
+                tracing::info!("database reachable: serving")
+            } else {
+                tracing::warn!("database unreachable: not serving")
+            }
             serving = Some(ok);
         }
         tokio::select! {
@@ -173,14 +220,19 @@ async fn readiness(pool: PgPool, health: tonic_health::server::HealthReporter, s
 /// Re-runs setup on a schedule, so partitions are always made ahead.
 async fn maintenance(config: ServeConfig, stop: CancellationToken) {
     let every = (config.storage.chunk_interval / 4).min(Duration::from_secs(3600));
-    let opts = SetupOptions { storage: config.storage.clone(), require_tier: None };
+    let opts = SetupOptions {
+        storage: config.storage.clone(),
+        require_tier: None,
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
         match maintain_once(&config.database.url, &opts).await {
-            Ok(plan) if !plan.steps.is_empty() => tracing::info!(steps = plan.steps.len(), "maintenance applied"),
+            Ok(plan) if !plan.steps.is_empty() => {
+                tracing::info!(steps = plan.steps.len(), "maintenance applied")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "maintenance failed; will retry"),
         }
@@ -189,5 +241,11 @@ async fn maintenance(config: ServeConfig, stop: CancellationToken) {
 
 async fn maintain_once(url: &str, opts: &SetupOptions) -> Result<setup::Plan, SetupError> {
     let mut conn = setup::connect(url).await?;
-    setup::run(&mut conn, opts, false, unix_micros(std::time::SystemTime::now())).await
+    setup::run(
+        &mut conn,
+        opts,
+        false,
+        unix_micros(std::time::SystemTime::now()),
+    )
+    .await
 }

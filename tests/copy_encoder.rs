@@ -17,8 +17,8 @@ fn rows() -> Vec<ValidLocation> {
     vec![
         ValidLocation {
             time_us: 1_780_000_000_123_456,
-            device_id: Uuid::parse_str("6f1c1c2e-5a3b-4c1d-9e8f-0a1b2c3d4e5f").unwrap(),
-            user_id: Uuid::parse_str("0b6e7c7a-1f2d-4e3c-8b9a-9c8d7e6f5a4b").unwrap(),
+            device_id: uuid::uuid!("6f1c1c2e-5a3b-4c1d-9e8f-0a1b2c3d4e5f"),
+            user_id: uuid::uuid!("0b6e7c7a-1f2d-4e3c-8b9a-9c8d7e6f5a4b"),
             app_source: "mextrack".into(),
             latitude: 19.432_608_123,
             longitude: -99.133_208_456,
@@ -59,7 +59,9 @@ fn sql_literal(r: &ValidLocation) -> String {
         opt(r.altitude),
         opt(r.speed),
         opt(r.heading),
-        r.metadata.as_ref().map_or("NULL::jsonb".into(), |m| format!("'{m}'::jsonb")),
+        r.metadata
+            .as_ref()
+            .map_or("NULL::jsonb".into(), |m| format!("'{m}'::jsonb")),
     )
 }
 
@@ -67,7 +69,11 @@ fn sql_literal(r: &ValidLocation) -> String {
 async fn encoder_matches_postgres_byte_for_byte() {
     let db = TestDb::new().await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    let select = rows().iter().map(sql_literal).collect::<Vec<_>>().join(" UNION ALL ");
+    let select = rows()
+        .iter()
+        .map(sql_literal)
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
     let from_pg: Vec<u8> = conn
         .copy_out_raw(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
         .await
@@ -106,12 +112,26 @@ async fn encoded_rows_load_and_read_back_unchanged() {
     }
     encode_trailer(&mut buf);
     let mut copy = conn
-        .copy_in_raw(&format!("COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)"))
+        .copy_in_raw(&format!(
+            "COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
         .await
         .unwrap();
     copy.send(buf.as_ref()).await.unwrap();
     assert_eq!(copy.finish().await.unwrap(), 2);
-    type Row = (i64, Uuid, Uuid, String, f64, f64, Option<f32>, Option<f32>, Option<f32>, Option<f32>, Option<String>);
+    type Row = (
+        i64,
+        Uuid,
+        Uuid,
+        String,
+        f64,
+        f64,
+        Option<f32>,
+        Option<f32>,
+        Option<f32>,
+        Option<f32>,
+        Option<String>,
+    );
     let back: Vec<Row> = sqlx::query_as(
         "SELECT ((extract(epoch FROM time) * 1000000)::numeric)::int8, device_id, user_id, app_source, latitude, longitude,
                 accuracy, altitude, speed, heading, metadata::text
@@ -122,9 +142,15 @@ async fn encoded_rows_load_and_read_back_unchanged() {
     .unwrap();
     for (got, want) in back.iter().zip(rows()) {
         assert_eq!(got.0, want.time_us);
-        assert_eq!((got.1, got.2, got.3.as_str()), (want.device_id, want.user_id, want.app_source.as_str()));
+        assert_eq!(
+            (got.1, got.2, got.3.as_str()),
+            (want.device_id, want.user_id, want.app_source.as_str())
+        );
         assert_eq!((got.4, got.5), (want.latitude, want.longitude));
-        assert_eq!((got.6, got.7, got.8, got.9), (want.accuracy, want.altitude, want.speed, want.heading));
+        assert_eq!(
+            (got.6, got.7, got.8, got.9),
+            (want.accuracy, want.altitude, want.speed, want.heading)
+        );
         assert_eq!(got.10, want.metadata);
     }
     drop(conn);

@@ -16,7 +16,13 @@ async fn a_point_sent_twice_in_one_batch_is_stored_once() {
     let mut batch = d.batch(1, 0, 10);
     batch.locations.push(d.point(3));
     batch.locations.push(d.point(3));
-    let ack = server.client().await.write_locations(batch).await.unwrap().into_inner();
+    let ack = server
+        .client()
+        .await
+        .write_locations(batch)
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((ack.accepted, ack.duplicates), (10, 2));
     assert_eq!(count_rows(&db.pool().await).await, 10);
     server.stop().await;
@@ -33,7 +39,9 @@ async fn the_same_points_from_many_clients_at_once_are_stored_once() {
     for c in 0..8i64 {
         let mut client = server.client().await;
         let batch = d.batch(c as u64, c * 50, 400);
-        calls.push(tokio::spawn(async move { client.write_locations(batch).await.map(|r| r.into_inner()) }));
+        calls.push(tokio::spawn(async move {
+            client.write_locations(batch).await.map(|r| r.into_inner())
+        }));
     }
     let mut accepted = 0;
     let mut duplicates = 0;
@@ -55,11 +63,23 @@ async fn duplicates_are_recognised_across_a_restart() {
     let db = TestDb::new().await;
     let d = Device::new(now_secs() - 500);
     let server = TestServer::start(config(&db)).await;
-    let ack = server.client().await.write_locations(d.batch(1, 0, 50)).await.unwrap().into_inner();
+    let ack = server
+        .client()
+        .await
+        .write_locations(d.batch(1, 0, 50))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(ack.accepted, 50);
     server.stop().await;
     let server = TestServer::start(config(&db)).await;
-    let ack = server.client().await.write_locations(d.batch(1, 25, 50)).await.unwrap().into_inner();
+    let ack = server
+        .client()
+        .await
+        .write_locations(d.batch(1, 25, 50))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((ack.accepted, ack.duplicates), (25, 25));
     assert_eq!(count_rows(&db.pool().await).await, 75);
     server.stop().await;
@@ -76,19 +96,26 @@ async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
     let server = TestServer::start(cfg).await;
     // A rule the validator does not know: the database refuses pshop rows.
     let pool = db.pool().await;
-    sqlx::query("ALTER TABLE location_events ADD CONSTRAINT no_pshop CHECK (app_source <> 'pshop')")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "ALTER TABLE location_events ADD CONSTRAINT no_pshop CHECK (app_source <> 'pshop')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let mut calls = Vec::new();
     for c in 0..4u64 {
         let d = Device::new(now_secs() - 500);
         let mut batch: LocationBatch = d.batch(c, 0, 20);
         if c == 2 {
-            batch.locations.iter_mut().for_each(|l| l.app_source = "pshop".into());
+            batch
+                .locations
+                .iter_mut()
+                .for_each(|l| l.app_source = "pshop".into());
         }
         let mut client = server.client().await;
-        calls.push(tokio::spawn(async move { client.write_locations(batch).await }));
+        calls.push(tokio::spawn(
+            async move { client.write_locations(batch).await },
+        ));
     }
     let mut stored = 0;
     for (c, call) in calls.into_iter().enumerate() {
@@ -100,7 +127,10 @@ async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
             Err(status) => {
                 assert_eq!(c, 2, "{status:?}");
                 assert_eq!(status.code(), tonic::Code::Internal);
-                assert!(!status.message().contains("no_pshop"), "database details stay in the log");
+                assert!(
+                    !status.message().contains("no_pshop"),
+                    "database details stay in the log"
+                );
             }
         }
     }

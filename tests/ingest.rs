@@ -54,7 +54,11 @@ async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplic
     let server = TestServer::start(config(&db)).await;
     let start = now_secs() - 2_000;
     let devices: Vec<Device> = (0..100).map(|_| Device::new(start)).collect();
-    let batches_of = |d: &Device| (0..10).map(|b| d.batch(b, b as i64 * 100, 100)).collect::<Vec<_>>();
+    let batches_of = |d: &Device| {
+        (0..10)
+            .map(|b| d.batch(b, b as i64 * 100, 100))
+            .collect::<Vec<_>>()
+    };
 
     let mut runs = Vec::new();
     for d in &devices {
@@ -66,7 +70,11 @@ async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplic
     let mut accepted = 0;
     for (acks, status) in &results {
         assert!(status.is_none(), "stream ended with {status:?}");
-        assert_eq!(acks.iter().map(|a| a.batch_id).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>(), "acks in order");
+        assert_eq!(
+            acks.iter().map(|a| a.batch_id).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>(),
+            "acks in order"
+        );
         for a in acks {
             assert!(a.rejected.is_empty(), "{:?}", a.rejected);
             assert_eq!(a.accepted + a.duplicates, 100);
@@ -76,10 +84,11 @@ async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplic
     assert_eq!(accepted, 100_000);
     let pool = db.pool().await;
     assert_eq!(count_rows(&pool).await, 100_000);
-    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT (device_id, time)) FROM location_events")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let distinct: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT (device_id, time)) FROM location_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(distinct, 100_000);
     // What was sent is what is stored: a sample point, field by field.
     let d = &devices[7];
@@ -105,7 +114,10 @@ async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplic
     for (acks, status) in futures::future::join_all(runs).await {
         assert!(status.is_none(), "{status:?}");
         assert_eq!(acks.len(), 10);
-        assert!(acks.iter().all(|a| a.accepted == 0 && a.duplicates == 100), "{acks:?}");
+        assert!(
+            acks.iter().all(|a| a.accepted == 0 && a.duplicates == 100),
+            "{acks:?}"
+        );
     }
     assert_eq!(count_rows(&pool).await, 100_000);
     server.stop().await;
@@ -136,12 +148,20 @@ async fn bad_points_are_rejected_alone_with_their_reason() {
         ("speed_too_high", |l| l.speed = Some(5_000.0)),
         ("heading_out_of_range", |l| l.heading = Some(360.0)),
         ("time_missing", |l| l.time = None),
-        ("time_in_future", |l| l.time.as_mut().unwrap().seconds = now_secs() + 3_600),
-        ("time_too_old", |l| l.time.as_mut().unwrap().seconds = now_secs() - 31 * 86_400),
+        ("time_in_future", |l| {
+            l.time.as_mut().unwrap().seconds = now_secs() + 3_600
+        }),
+        ("time_too_old", |l| {
+            l.time.as_mut().unwrap().seconds = now_secs() - 31 * 86_400
+        }),
         ("metadata_not_object", |l| l.metadata_json = "[1]".into()),
         ("metadata_invalid", |l| l.metadata_json = "{".into()),
-        ("metadata_invalid", |l| l.metadata_json = r#"{"k":"\u0000"}"#.into()),
-        ("metadata_too_large", |l| l.metadata_json = format!(r#"{{"k":"{}"}}"#, "x".repeat(5_000))),
+        ("metadata_invalid", |l| {
+            l.metadata_json = r#"{"k":"\u0000"}"#.into()
+        }),
+        ("metadata_too_large", |l| {
+            l.metadata_json = format!(r#"{{"k":"{}"}}"#, "x".repeat(5_000))
+        }),
     ];
     // Good and bad interleaved: even indexes good, odd bad.
     let mut locations = Vec::new();
@@ -154,11 +174,27 @@ async fn bad_points_are_rejected_alone_with_their_reason() {
         locations.push(bad);
     }
     let total = locations.len();
-    let ack = server.client().await.write_locations(LocationBatch { batch_id: 9, locations }).await.unwrap().into_inner();
+    let ack = server
+        .client()
+        .await
+        .write_locations(LocationBatch {
+            batch_id: 9,
+            locations,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(ack.batch_id, 9);
     assert_eq!(ack.accepted as usize, spoilers.len());
-    assert_eq!(ack.accepted as usize + ack.duplicates as usize + ack.rejected.len(), total);
-    let got: HashMap<u32, &str> = ack.rejected.iter().map(|r| (r.index, r.reason.as_str())).collect();
+    assert_eq!(
+        ack.accepted as usize + ack.duplicates as usize + ack.rejected.len(),
+        total
+    );
+    let got: HashMap<u32, &str> = ack
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.reason.as_str()))
+        .collect();
     assert_eq!(got, want);
     assert!(ack.rejected.iter().all(|r| !r.message.is_empty()));
     assert_eq!(count_rows(&db.pool().await).await, spoilers.len() as i64);
@@ -179,26 +215,47 @@ async fn limits_give_clear_statuses() {
 
     // Over the message size: 1,000 points with metadata are > 128 KiB.
     let mut big = d.batch(1, 0, 1_000);
-    big.locations.iter_mut().for_each(|l| l.metadata_json = r#"{"pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#.into());
+    big.locations.iter_mut().for_each(|l| {
+        l.metadata_json = r#"{"pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#.into()
+    });
     let err = client.write_locations(big.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(err.message().contains("too large"), "{}", err.message());
     let (acks, status) = stream_all(&server, vec![d.batch(0, 2_000, 10), big]).await;
-    assert_eq!(acks.len(), 1, "the batch before the oversized one is acknowledged");
-    assert_eq!(status.expect("stream ends with an error").code(), Code::OutOfRange);
+    assert_eq!(
+        acks.len(),
+        1,
+        "the batch before the oversized one is acknowledged"
+    );
+    assert_eq!(
+        status.expect("stream ends with an error").code(),
+        Code::OutOfRange
+    );
 
     // Over the points per batch.
-    let err = client.write_locations(d.batch(2, 3_000, 501)).await.unwrap_err();
+    let err = client
+        .write_locations(d.batch(2, 3_000, 501))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("limit is 500"), "{}", err.message());
 
     // Over the number of streams: two held open, the third refused.
     let (_tx1, rx1) = mpsc::channel::<LocationBatch>(1);
     let (_tx2, rx2) = mpsc::channel::<LocationBatch>(1);
-    let _s1 = client.stream_locations(ReceiverStream::new(rx1)).await.unwrap();
-    let _s2 = client.stream_locations(ReceiverStream::new(rx2)).await.unwrap();
+    let _s1 = client
+        .stream_locations(ReceiverStream::new(rx1))
+        .await
+        .unwrap();
+    let _s2 = client
+        .stream_locations(ReceiverStream::new(rx2))
+        .await
+        .unwrap();
     let (_tx3, rx3) = mpsc::channel::<LocationBatch>(1);
-    let err = client.stream_locations(ReceiverStream::new(rx3)).await.unwrap_err();
+    let err = client
+        .stream_locations(ReceiverStream::new(rx3))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
     drop((_s1, _s2, _tx1, _tx2, _tx3));
@@ -218,15 +275,22 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
     // Block writes: COPY waits for this lock.
     let pool = db.pool().await;
     let mut locker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE").execute(&mut *locker).await.unwrap();
+    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
 
     let s = &server;
-    let streaming = async { stream_all(s, (0..5).map(|b| d.batch(b, b as i64 * 20, 20)).collect()).await };
+    let streaming =
+        async { stream_all(s, (0..5).map(|b| d.batch(b, b as i64 * 20, 20)).collect()).await };
     let refusal = async {
         // Let the stream fill the buffer (20 points), then call.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut client = s.client().await;
-        let err = client.write_locations(d.batch(100, 1_000, 5)).await.unwrap_err();
+        let err = client
+            .write_locations(d.batch(100, 1_000, 5))
+            .await
+            .unwrap_err();
         let unlock = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             locker.rollback().await.unwrap();
@@ -238,7 +302,11 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("buffer is full"));
     assert!(status.is_none(), "{status:?}");
-    assert_eq!(acks.iter().map(|a| a.accepted).sum::<u32>(), 100, "the stream waited, then all went in");
+    assert_eq!(
+        acks.iter().map(|a| a.accepted).sum::<u32>(),
+        100,
+        "the stream waited, then all went in"
+    );
     assert_eq!(count_rows(&pool).await, 100);
     server.stop().await;
     db.drop_db().await;

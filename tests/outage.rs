@@ -19,7 +19,10 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// A client as the docs tell clients to be: it streams, and after an error
 /// reconnects and sends again every batch not acknowledged.
-async fn resilient_stream(grpc: std::net::SocketAddr, batches: Vec<LocationBatch>) -> (u32, u32, u32) {
+async fn resilient_stream(
+    grpc: std::net::SocketAddr,
+    batches: Vec<LocationBatch>,
+) -> (u32, u32, u32) {
     let (mut accepted, mut duplicates, mut errors) = (0, 0, 0);
     let mut next = 0;
     while next < batches.len() {
@@ -54,7 +57,10 @@ async fn resilient_stream(grpc: std::net::SocketAddr, batches: Vec<LocationBatch
                         Ok(None) => break,
                         Err(status) => {
                             assert!(
-                                matches!(status.code(), Code::Unavailable | Code::ResourceExhausted),
+                                matches!(
+                                    status.code(),
+                                    Code::Unavailable | Code::ResourceExhausted
+                                ),
                                 "a transient failure is retryable: {status:?}"
                             );
                             errors += 1;
@@ -74,9 +80,15 @@ async fn resilient_stream(grpc: std::net::SocketAddr, batches: Vec<LocationBatch
 }
 
 async fn health(grpc: std::net::SocketAddr) -> Option<i32> {
-    let channel = Channel::from_shared(format!("http://{grpc}")).ok()?.connect().await.ok()?;
+    let channel = Channel::from_shared(format!("http://{grpc}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
     HealthClient::new(channel)
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .ok()
         .map(|r| r.into_inner().status)
@@ -100,7 +112,9 @@ async fn database_outage_mid_stream_loses_nothing_and_recovers() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
     let set_allow = |allow: bool| format!("ALTER DATABASE {} ALLOW_CONNECTIONS {allow}", db.name);
-    sqlx::Executor::execute(&mut admin, set_allow(false).as_str()).await.unwrap();
+    sqlx::Executor::execute(&mut admin, set_allow(false).as_str())
+        .await
+        .unwrap();
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
     )
@@ -115,8 +129,13 @@ async fn database_outage_mid_stream_loses_nothing_and_recovers() {
         saw_not_serving |= health(server.grpc).await == Some(2); // NOT_SERVING
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    sqlx::Executor::execute(&mut admin, set_allow(true).as_str()).await.unwrap();
-    assert!(saw_not_serving, "health turned NOT_SERVING while the database was away");
+    sqlx::Executor::execute(&mut admin, set_allow(true).as_str())
+        .await
+        .unwrap();
+    assert!(
+        saw_not_serving,
+        "health turned NOT_SERVING while the database was away"
+    );
 
     let (mut accepted, mut duplicates, mut errors) = (0, 0, 0);
     for c in clients {
@@ -125,7 +144,10 @@ async fn database_outage_mid_stream_loses_nothing_and_recovers() {
         duplicates += d;
         errors += e;
     }
-    assert!(errors > 0, "the outage reached some clients as a retryable error");
+    assert!(
+        errors > 0,
+        "the outage reached some clients as a retryable error"
+    );
     let pool = db.pool().await;
     // Every batch was acknowledged exactly once, and every point is stored
     // exactly once. A point acknowledged as a duplicate was written by an
@@ -142,7 +164,10 @@ async fn database_outage_mid_stream_loses_nothing_and_recovers() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// The real binary, a real SIGTERM: what is buffered is written and
@@ -152,7 +177,15 @@ async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
     let db = TestDb::new().await;
     let (grpc_port, metrics_port) = (free_port(), free_port());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
-        .args(["serve", "--linger", "5s", "--flush-points", "100000", "--shutdown-grace", "10s"])
+        .args([
+            "serve",
+            "--linger",
+            "5s",
+            "--flush-points",
+            "100000",
+            "--shutdown-grace",
+            "10s",
+        ])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .env("DATABASE_URL", &db.url)
@@ -172,13 +205,21 @@ async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
     let mut senders = Vec::new();
     for s in 0..3 {
         let d = Device::new(now_secs() - 1_000);
-        let mut client = IngestClient::connect(format!("http://{grpc}")).await.unwrap();
+        let mut client = IngestClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
         let (tx, rx) = mpsc::channel(8);
         for b in 0..5u64 {
             tx.send(d.batch(b, b as i64 * 40 + s, 40)).await.unwrap();
         }
         senders.push(tx); // the stream stays open
-        streams.push(client.stream_locations(ReceiverStream::new(rx)).await.unwrap().into_inner());
+        streams.push(
+            client
+                .stream_locations(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
     }
     // The points are buffered: the linger is 5 s.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -205,9 +246,15 @@ async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
         }
     }
     assert_eq!(acked.len(), 15, "every buffered batch is acknowledged");
-    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits in time").unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
-    assert!(sent_at.elapsed() < Duration::from_secs(5), "did not wait for the linger");
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(5),
+        "did not wait for the linger"
+    );
     assert_eq!(count_rows(&db.pool().await).await, 15 * 40);
     drop(senders);
     db.drop_db().await;

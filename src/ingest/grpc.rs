@@ -67,7 +67,12 @@ impl Ingest for IngestService {
         let inbound = request.into_inner();
         let (pending_tx, pending_rx) = mpsc::channel(self.stream_inflight);
         let (ack_tx, ack_rx) = mpsc::channel(self.stream_inflight);
-        tokio::spawn(read(inbound, self.ingestor.clone(), pending_tx, self.shutdown.clone()));
+        tokio::spawn(read(
+            inbound,
+            self.ingestor.clone(),
+            pending_tx,
+            self.shutdown.clone(),
+        ));
         tokio::spawn(async move {
             metrics::gauge!(m::OPEN_STREAMS).increment(1.0);
             acknowledge(pending_rx, ack_tx).await;
@@ -77,8 +82,14 @@ impl Ingest for IngestService {
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
     }
 
-    async fn write_locations(&self, request: Request<LocationBatch>) -> Result<Response<BatchAck>, Status> {
-        let pending = self.ingestor.ingest(request.into_inner(), WhenFull::Refuse, "grpc_unary").await?;
+    async fn write_locations(
+        &self,
+        request: Request<LocationBatch>,
+    ) -> Result<Response<BatchAck>, Status> {
+        let pending = self
+            .ingestor
+            .ingest(request.into_inner(), WhenFull::Refuse, "grpc_unary")
+            .await?;
         Ok(Response::new(pending.resolve().await?))
     }
 }
@@ -119,7 +130,10 @@ async fn read(
 
 /// Sends each ack once its batch is committed, in order. Stops at the first
 /// error, which ends the stream with that status.
-async fn acknowledge(mut pending: mpsc::Receiver<Pending>, acks: mpsc::Sender<Result<BatchAck, Status>>) {
+async fn acknowledge(
+    mut pending: mpsc::Receiver<Pending>,
+    acks: mpsc::Sender<Result<BatchAck, Status>>,
+) {
     while let Some(item) = pending.recv().await {
         let ack = match item {
             Ok(p) => p.resolve().await.map_err(Status::from),

@@ -70,7 +70,11 @@ pub struct PendingAck {
 
 impl Ingestor {
     pub fn new(validator: Validator, pipeline: Pipeline, max_batch_points: usize) -> Self {
-        Self { validator, pipeline, max_batch_points }
+        Self {
+            validator,
+            pipeline,
+            max_batch_points,
+        }
     }
 
     /// Validates `batch` and queues its good points for writing.
@@ -85,7 +89,10 @@ impl Ingestor {
         metrics::counter!(m::POINTS_RECEIVED).increment(points as u64);
         if points > self.max_batch_points {
             metrics::counter!(m::REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
-            return Err(IngestError::BatchTooLarge { points, limit: self.max_batch_points });
+            return Err(IngestError::BatchTooLarge {
+                points,
+                limit: self.max_batch_points,
+            });
         }
         let now_us = unix_micros(SystemTime::now());
         let mut rejected = Vec::new();
@@ -107,8 +114,16 @@ impl Ingestor {
             None
         } else {
             let reservation = match when_full {
-                WhenFull::Wait => self.pipeline.budget.reserve(rows.points(), rows.bytes()).await,
-                WhenFull::Refuse => self.pipeline.budget.try_reserve(rows.points(), rows.bytes()),
+                WhenFull::Wait => {
+                    self.pipeline
+                        .budget
+                        .reserve(rows.points(), rows.bytes())
+                        .await
+                }
+                WhenFull::Refuse => self
+                    .pipeline
+                    .budget
+                    .try_reserve(rows.points(), rows.bytes()),
             }
             .inspect_err(|r| {
                 if *r == Refused::BufferFull {
@@ -119,7 +134,13 @@ impl Ingestor {
             self.pipeline.submit(sub).await?;
             Some(rx)
         };
-        Ok(PendingAck { batch_id: batch.batch_id, rejected, outcome, received, transport })
+        Ok(PendingAck {
+            batch_id: batch.batch_id,
+            rejected,
+            outcome,
+            received,
+            transport,
+        })
     }
 }
 

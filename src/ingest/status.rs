@@ -14,12 +14,19 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 impl From<IngestError> for Status {
     fn from(e: IngestError) -> Self {
         let retry = |code: Code, msg: String| {
-            let mut status =
-                Status::with_error_details(code, msg, ErrorDetails::with_retry_info(Some(RETRY_AFTER)));
+            let mut status = Status::with_error_details(
+                code,
+                msg,
+                ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
+            );
             // The gRPC retry pushback header, for clients that honour it.
             status.metadata_mut().insert(
                 "grpc-retry-pushback-ms",
-                RETRY_AFTER.as_millis().to_string().parse().expect("digits are valid metadata"),
+                RETRY_AFTER
+                    .as_millis()
+                    .to_string()
+                    .parse()
+                    .expect("digits are valid metadata"),
             );
             status
         };
@@ -33,7 +40,9 @@ impl From<IngestError> for Status {
                 Code::Unavailable,
                 "the database is unavailable; the batch was not stored, send it again".into(),
             ),
-            IngestError::Write(_) => Status::internal("the batch could not be stored; it was not acknowledged"),
+            IngestError::Write(_) => {
+                Status::internal("the batch could not be stored; it was not acknowledged")
+            }
         }
     }
 }

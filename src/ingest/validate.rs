@@ -115,7 +115,10 @@ pub struct Rejection {
 }
 
 fn reject(reason: Reason, message: impl Into<String>) -> Rejection {
-    Rejection { reason, message: message.into() }
+    Rejection {
+        reason,
+        message: message.into(),
+    }
 }
 
 /// The rules, built once from the configuration.
@@ -153,7 +156,10 @@ impl Validator {
         let (latitude, longitude) = position(loc.latitude, loc.longitude)?;
         let accuracy = optional("accuracy", loc.accuracy)?;
         if accuracy.is_some_and(|a| a < 0.0) {
-            return Err(reject(Reason::AccuracyNegative, "accuracy must not be negative"));
+            return Err(reject(
+                Reason::AccuracyNegative,
+                "accuracy must not be negative",
+            ));
         }
         let altitude = optional("altitude", loc.altitude)?;
         let speed = optional("speed", loc.speed)?;
@@ -164,13 +170,19 @@ impl Validator {
             if f64::from(s) > self.max_speed_kmh {
                 return Err(reject(
                     Reason::SpeedTooHigh,
-                    format!("speed {s} km/h is over the limit of {} km/h", self.max_speed_kmh),
+                    format!(
+                        "speed {s} km/h is over the limit of {} km/h",
+                        self.max_speed_kmh
+                    ),
                 ));
             }
         }
         let heading = optional("heading", loc.heading)?;
         if heading.is_some_and(|h| !(0.0..360.0).contains(&h)) {
-            return Err(reject(Reason::HeadingOutOfRange, "heading must be in [0, 360)"));
+            return Err(reject(
+                Reason::HeadingOutOfRange,
+                "heading must be in [0, 360)",
+            ));
         }
         let metadata = self.metadata(loc.metadata_json)?;
         Ok(ValidLocation {
@@ -191,7 +203,10 @@ impl Validator {
     fn time(&self, t: Option<&prost_types::Timestamp>, now_us: i64) -> Result<i64, Rejection> {
         let t = t.ok_or_else(|| reject(Reason::TimeMissing, "time is required"))?;
         if !(0..1_000_000_000).contains(&t.nanos) {
-            return Err(reject(Reason::TimeInvalid, "time.nanos must be in [0, 1e9)"));
+            return Err(reject(
+                Reason::TimeInvalid,
+                "time.nanos must be in [0, 1e9)",
+            ));
         }
         let time_us = t
             .seconds
@@ -227,22 +242,29 @@ impl Validator {
         if s.len() > self.max_app_source_len {
             return Err(reject(
                 Reason::AppSourceTooLong,
-                format!("app_source is {} bytes; the limit is {}", s.len(), self.max_app_source_len),
+                format!(
+                    "app_source is {} bytes; the limit is {}",
+                    s.len(),
+                    self.max_app_source_len
+                ),
             ));
         }
-        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
             return Err(reject(
                 Reason::AppSourceInvalid,
                 "app_source may hold only ASCII letters, digits, '_', '-' and '.'",
             ));
         }
-        if let Some(allowed) = &self.app_sources {
-            if !allowed.contains(s) {
-                return Err(reject(
-                    Reason::AppSourceNotAllowed,
-                    format!("app_source {s:?} is not one of the configured app sources"),
-                ));
-            }
+        if let Some(allowed) = &self.app_sources
+            && !allowed.contains(s)
+        {
+            return Err(reject(
+                Reason::AppSourceNotAllowed,
+                format!("app_source {s:?} is not one of the configured app sources"),
+            ));
         }
         Ok(())
     }
@@ -254,20 +276,34 @@ impl Validator {
         if json.len() > self.max_metadata_bytes {
             return Err(reject(
                 Reason::MetadataTooLarge,
-                format!("metadata_json is {} bytes; the limit is {}", json.len(), self.max_metadata_bytes),
+                format!(
+                    "metadata_json is {} bytes; the limit is {}",
+                    json.len(),
+                    self.max_metadata_bytes
+                ),
             ));
         }
         // serde_json refuses nesting deeper than 128 levels, so hostile
         // input cannot exhaust the stack.
-        let value: serde_json::Value = serde_json::from_str(&json)
-            .map_err(|e| reject(Reason::MetadataInvalid, format!("metadata_json is not valid JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
+            reject(
+                Reason::MetadataInvalid,
+                format!("metadata_json is not valid JSON: {e}"),
+            )
+        })?;
         if !value.is_object() {
-            return Err(reject(Reason::MetadataNotObject, "metadata_json must be a JSON object"));
+            return Err(reject(
+                Reason::MetadataNotObject,
+                "metadata_json must be a JSON object",
+            ));
         }
         // PostgreSQL's jsonb cannot hold U+0000; catch it here so that one
         // point cannot fail a whole batch in the database.
         if contains_nul(&value) {
-            return Err(reject(Reason::MetadataInvalid, "metadata_json must not contain \\u0000"));
+            return Err(reject(
+                Reason::MetadataInvalid,
+                "metadata_json must not contain \\u0000",
+            ));
         }
         Ok(Some(json))
     }
@@ -292,10 +328,16 @@ fn uuid(s: &str, field: &str, reason: Reason) -> Result<Uuid, Rejection> {
 
 fn position(lat: f64, lon: f64) -> Result<(f64, f64), Rejection> {
     if !lat.is_finite() || !lon.is_finite() {
-        return Err(reject(Reason::NotFinite, "latitude and longitude must be finite numbers"));
+        return Err(reject(
+            Reason::NotFinite,
+            "latitude and longitude must be finite numbers",
+        ));
     }
     if !(-90.0..=90.0).contains(&lat) {
-        return Err(reject(Reason::LatitudeOutOfRange, format!("latitude {lat} is outside [-90, 90]")));
+        return Err(reject(
+            Reason::LatitudeOutOfRange,
+            format!("latitude {lat} is outside [-90, 90]"),
+        ));
     }
     if !(-180.0..=180.0).contains(&lon) {
         return Err(reject(
@@ -304,7 +346,10 @@ fn position(lat: f64, lon: f64) -> Result<(f64, f64), Rejection> {
         ));
     }
     if lat == 0.0 && lon == 0.0 {
-        return Err(reject(Reason::NullIsland, "(0, 0) is the default of a GPS that has no fix"));
+        return Err(reject(
+            Reason::NullIsland,
+            "(0, 0) is the default of a GPS that has no fix",
+        ));
     }
     Ok((lat, lon))
 }
@@ -313,9 +358,10 @@ fn position(lat: f64, lon: f64) -> Result<(f64, f64), Rejection> {
 fn optional(field: &str, v: Option<f64>) -> Result<Option<f32>, Rejection> {
     match v {
         None => Ok(None),
-        Some(x) if !x.is_finite() || !(x as f32).is_finite() => {
-            Err(reject(Reason::NotFinite, format!("{field} must be a finite number")))
-        }
+        Some(x) if !x.is_finite() || !(x as f32).is_finite() => Err(reject(
+            Reason::NotFinite,
+            format!("{field} must be a finite number"),
+        )),
         Some(x) => Ok(Some(x as f32)),
     }
 }
@@ -328,7 +374,10 @@ mod tests {
 
     fn good() -> proto::Location {
         proto::Location {
-            time: Some(prost_types::Timestamp { seconds: NOW / 1_000_000 - 10, nanos: 123_456_789 }),
+            time: Some(prost_types::Timestamp {
+                seconds: NOW / 1_000_000 - 10,
+                nanos: 123_456_789,
+            }),
             device_id: "6f1c1c2e-5a3b-4c1d-9e8f-0a1b2c3d4e5f".into(),
             user_id: "0b6e7c7a-1f2d-4e3c-8b9a-9c8d7e6f5a4b".into(),
             app_source: "mextrack".into(),
@@ -343,8 +392,10 @@ mod tests {
     }
 
     fn check(f: impl FnOnce(&mut proto::Location)) -> Result<ValidLocation, Reason> {
-        let mut rules = ValidationArgs::default();
-        rules.app_sources = vec!["mextrack".into(), "pshop".into()];
+        let rules = ValidationArgs {
+            app_sources: vec!["mextrack".into(), "pshop".into()],
+            ..Default::default()
+        };
         let v = Validator::new(&rules, Duration::from_secs(30 * 86_400));
         let mut loc = good();
         f(&mut loc);
@@ -371,36 +422,97 @@ mod tests {
 
     #[test]
     fn rejects_each_kind_of_bad_point() {
-        let cases: Vec<(Reason, Box<dyn FnOnce(&mut proto::Location)>)> = vec![
+        type Spoil = Box<dyn FnOnce(&mut proto::Location)>;
+        let cases: Vec<(Reason, Spoil)> = vec![
             (Reason::TimeMissing, Box::new(|l| l.time = None)),
-            (Reason::TimeInvalid, Box::new(|l| l.time.as_mut().unwrap().nanos = -1)),
-            (Reason::TimeInvalid, Box::new(|l| l.time.as_mut().unwrap().seconds = i64::MAX)),
-            (Reason::TimeInFuture, Box::new(|l| l.time.as_mut().unwrap().seconds += 311)),
-            (Reason::TimeTooOld, Box::new(|l| l.time.as_mut().unwrap().seconds -= 31 * 86_400)),
-            (Reason::DeviceIdInvalid, Box::new(|l| l.device_id = "truck-7".into())),
-            (Reason::DeviceIdInvalid, Box::new(|l| l.device_id = Uuid::nil().to_string())),
+            (
+                Reason::TimeInvalid,
+                Box::new(|l| l.time.as_mut().unwrap().nanos = -1),
+            ),
+            (
+                Reason::TimeInvalid,
+                Box::new(|l| l.time.as_mut().unwrap().seconds = i64::MAX),
+            ),
+            (
+                Reason::TimeInFuture,
+                Box::new(|l| l.time.as_mut().unwrap().seconds += 311),
+            ),
+            (
+                Reason::TimeTooOld,
+                Box::new(|l| l.time.as_mut().unwrap().seconds -= 31 * 86_400),
+            ),
+            (
+                Reason::DeviceIdInvalid,
+                Box::new(|l| l.device_id = "truck-7".into()),
+            ),
+            (
+                Reason::DeviceIdInvalid,
+                Box::new(|l| l.device_id = Uuid::nil().to_string()),
+            ),
             (Reason::UserIdInvalid, Box::new(|l| l.user_id.clear())),
             (Reason::AppSourceEmpty, Box::new(|l| l.app_source.clear())),
-            (Reason::AppSourceTooLong, Box::new(|l| l.app_source = "x".repeat(51))),
-            (Reason::AppSourceInvalid, Box::new(|l| l.app_source = "mex\0track".into())),
-            (Reason::AppSourceNotAllowed, Box::new(|l| l.app_source = "other".into())),
+            (
+                Reason::AppSourceTooLong,
+                Box::new(|l| l.app_source = "x".repeat(51)),
+            ),
+            (
+                Reason::AppSourceInvalid,
+                Box::new(|l| l.app_source = "mex\0track".into()),
+            ),
+            (
+                Reason::AppSourceNotAllowed,
+                Box::new(|l| l.app_source = "other".into()),
+            ),
             (Reason::NotFinite, Box::new(|l| l.latitude = f64::NAN)),
             (Reason::NotFinite, Box::new(|l| l.longitude = f64::INFINITY)),
             (Reason::NotFinite, Box::new(|l| l.altitude = Some(1e300))),
             (Reason::NotFinite, Box::new(|l| l.speed = Some(f64::NAN))),
-            (Reason::LatitudeOutOfRange, Box::new(|l| l.latitude = 90.0001)),
-            (Reason::LongitudeOutOfRange, Box::new(|l| l.longitude = -180.5)),
-            (Reason::NullIsland, Box::new(|l| (l.latitude, l.longitude) = (0.0, 0.0))),
-            (Reason::AccuracyNegative, Box::new(|l| l.accuracy = Some(-1.0))),
+            (
+                Reason::LatitudeOutOfRange,
+                Box::new(|l| l.latitude = 90.0001),
+            ),
+            (
+                Reason::LongitudeOutOfRange,
+                Box::new(|l| l.longitude = -180.5),
+            ),
+            (
+                Reason::NullIsland,
+                Box::new(|l| (l.latitude, l.longitude) = (0.0, 0.0)),
+            ),
+            (
+                Reason::AccuracyNegative,
+                Box::new(|l| l.accuracy = Some(-1.0)),
+            ),
             (Reason::SpeedNegative, Box::new(|l| l.speed = Some(-0.1))),
             (Reason::SpeedTooHigh, Box::new(|l| l.speed = Some(1200.5))),
-            (Reason::HeadingOutOfRange, Box::new(|l| l.heading = Some(360.0))),
-            (Reason::HeadingOutOfRange, Box::new(|l| l.heading = Some(-0.5))),
-            (Reason::MetadataTooLarge, Box::new(|l| l.metadata_json = format!("{{\"a\":\"{}\"}}", "x".repeat(5000)))),
-            (Reason::MetadataInvalid, Box::new(|l| l.metadata_json = "{not json".into())),
-            (Reason::MetadataInvalid, Box::new(|l| l.metadata_json = r#"{"a":"\u0000"}"#.into())),
-            (Reason::MetadataInvalid, Box::new(|l| l.metadata_json = "[".repeat(200) + &"]".repeat(200))),
-            (Reason::MetadataNotObject, Box::new(|l| l.metadata_json = "[1,2]".into())),
+            (
+                Reason::HeadingOutOfRange,
+                Box::new(|l| l.heading = Some(360.0)),
+            ),
+            (
+                Reason::HeadingOutOfRange,
+                Box::new(|l| l.heading = Some(-0.5)),
+            ),
+            (
+                Reason::MetadataTooLarge,
+                Box::new(|l| l.metadata_json = format!("{{\"a\":\"{}\"}}", "x".repeat(5000))),
+            ),
+            (
+                Reason::MetadataInvalid,
+                Box::new(|l| l.metadata_json = "{not json".into()),
+            ),
+            (
+                Reason::MetadataInvalid,
+                Box::new(|l| l.metadata_json = r#"{"a":"\u0000"}"#.into()),
+            ),
+            (
+                Reason::MetadataInvalid,
+                Box::new(|l| l.metadata_json = "[".repeat(200) + &"]".repeat(200)),
+            ),
+            (
+                Reason::MetadataNotObject,
+                Box::new(|l| l.metadata_json = "[1,2]".into()),
+            ),
         ];
         for (want, f) in cases {
             assert_eq!(check(f).unwrap_err(), want, "expected {}", want.code());

@@ -73,7 +73,8 @@ pub async fn run<W: WriteBatch>(mut rx: mpsc::Receiver<Submission>, s: Settings,
     let mut input_open = true;
 
     loop {
-        let full = batch.points >= s.flush_points || batch.bytes >= s.flush_bytes || carry.is_some();
+        let full =
+            batch.points >= s.flush_points || batch.bytes >= s.flush_bytes || carry.is_some();
         let lingered = deadline.is_some_and(|d| Instant::now() >= d);
         let ready = !batch.is_empty() && (full || lingered || !input_open);
         if !input_open && batch.is_empty() {
@@ -139,17 +140,28 @@ mod tests {
 
     impl WriteBatch for Recorder {
         async fn write(&self, batch: Batch) {
-            self.flushed.lock().unwrap().push((self.start.elapsed(), batch.points));
+            self.flushed
+                .lock()
+                .unwrap()
+                .push((self.start.elapsed(), batch.points));
             tokio::time::sleep(self.hold).await;
             for sub in batch.submissions {
                 let n = sub.keys.len() as u32;
-                let _ = sub.reply.send(Ok(WriteOutcome { accepted: n, duplicates: 0 }));
+                let _ = sub.reply.send(Ok(WriteOutcome {
+                    accepted: n,
+                    duplicates: 0,
+                }));
             }
         }
     }
 
     fn settings(writers: usize) -> Settings {
-        Settings { flush_points: 10, flush_bytes: 1 << 20, linger: Duration::from_millis(50), writers }
+        Settings {
+            flush_points: 10,
+            flush_bytes: 1 << 20,
+            linger: Duration::from_millis(50),
+            writers,
+        }
     }
 
     struct Harness {
@@ -161,15 +173,27 @@ mod tests {
 
     fn harness(s: Settings, hold: Duration) -> Harness {
         let flushed = Arc::new(Mutex::new(Vec::new()));
-        let rec = Recorder { flushed: Arc::clone(&flushed), start: Instant::now(), hold };
+        let rec = Recorder {
+            flushed: Arc::clone(&flushed),
+            start: Instant::now(),
+            hold,
+        };
         let (tx, rx) = mpsc::channel(1024);
         let task = tokio::spawn(run(rx, s, rec));
         let budget = Budget::new(1 << 20, 1 << 30);
-        Harness { tx, flushed, task, budget }
+        Harness {
+            tx,
+            flushed,
+            task,
+            budget,
+        }
     }
 
     impl Harness {
-        async fn send(&self, points: usize) -> oneshot::Receiver<Result<WriteOutcome, super::super::WriteError>> {
+        async fn send(
+            &self,
+            points: usize,
+        ) -> oneshot::Receiver<Result<WriteOutcome, super::super::WriteError>> {
             let (reply, rx) = oneshot::channel();
             let reservation = self.budget.try_reserve(points, points).unwrap();
             let sub = Submission {
@@ -193,8 +217,11 @@ mod tests {
         let h = harness(settings(2), Duration::ZERO);
         let ack = h.send(3).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let _ = h.send(2).await;
-        assert!(h.flushed().is_empty(), "nothing is flushed before the linger");
+        let _ack = h.send(2).await;
+        assert!(
+            h.flushed().is_empty(),
+            "nothing is flushed before the linger"
+        );
         assert_eq!(ack.await.unwrap().unwrap().accepted, 3);
         assert_eq!(h.flushed(), vec![(Duration::from_millis(50), 5)]);
     }
@@ -215,20 +242,25 @@ mod tests {
         let _a = h.send(10).await; // full: flushed at once, holds the only writer 200 ms
         tokio::time::sleep(Duration::from_millis(1)).await;
         for _ in 0..3 {
-            let _ = h.send(2).await;
+            let _ack = h.send(2).await;
             tokio::time::sleep(Duration::from_millis(60)).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         // The second batch lingered past 50 ms but waited for the writer, and
         // took all three submissions when it came free.
-        assert_eq!(h.flushed(), vec![(Duration::ZERO, 10), (Duration::from_millis(200), 6)]);
+        assert_eq!(
+            h.flushed(),
+            vec![(Duration::ZERO, 10), (Duration::from_millis(200), 6)]
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn end_of_input_flushes_without_waiting_and_waits_for_writes() {
         let h = harness(settings(2), Duration::from_millis(500));
         let ack = h.send(1).await;
-        let Harness { tx, flushed, task, .. } = h;
+        let Harness {
+            tx, flushed, task, ..
+        } = h;
         drop(tx);
         task.await.unwrap();
         assert_eq!(*flushed.lock().unwrap(), vec![(Duration::ZERO, 1)]);

@@ -9,8 +9,7 @@ use bytes::{BufMut, BytesMut};
 use crate::ingest::validate::{PG_EPOCH_OFFSET_US, ValidLocation};
 
 /// The columns every COPY names, in the order [`encode_row`] writes them.
-pub const COLUMNS: &str =
-    "time, device_id, user_id, app_source, latitude, longitude, accuracy, altitude, speed, heading, metadata";
+pub const COLUMNS: &str = "time, device_id, user_id, app_source, latitude, longitude, accuracy, altitude, speed, heading, metadata";
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 const FIELD_COUNT: i16 = 11;

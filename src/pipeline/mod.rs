@@ -67,7 +67,8 @@ impl SubmissionBuilder {
     pub fn push(&mut self, loc: &ValidLocation) {
         copy_encoder::encode_row(&mut self.rows, loc);
         self.keys.push((loc.device_id, loc.time_us));
-        self.row_ends.push(u32::try_from(self.rows.len()).unwrap_or(u32::MAX));
+        self.row_ends
+            .push(u32::try_from(self.rows.len()).unwrap_or(u32::MAX));
     }
 
     pub fn points(&self) -> usize {
@@ -81,7 +82,10 @@ impl SubmissionBuilder {
     pub fn finish(
         self,
         reservation: Reservation,
-    ) -> (Submission, oneshot::Receiver<Result<WriteOutcome, WriteError>>) {
+    ) -> (
+        Submission,
+        oneshot::Receiver<Result<WriteOutcome, WriteError>>,
+    ) {
         let (reply, rx) = oneshot::channel();
         let sub = Submission {
             rows: self.rows.freeze(),
@@ -157,8 +161,12 @@ impl Budget {
             TryAcquireError::NoPermits => Refused::BufferFull,
             TryAcquireError::Closed => Refused::Closed,
         };
-        let p = Arc::clone(&self.points).try_acquire_many_owned(permits(points)).map_err(map)?;
-        let b = Arc::clone(&self.bytes).try_acquire_many_owned(permits(bytes)).map_err(map)?;
+        let p = Arc::clone(&self.points)
+            .try_acquire_many_owned(permits(points))
+            .map_err(map)?;
+        let b = Arc::clone(&self.bytes)
+            .try_acquire_many_owned(permits(bytes))
+            .map_err(map)?;
         Ok(Self::reserved(p, b))
     }
 

@@ -68,7 +68,14 @@ impl WriteError {
                     || code.starts_with("53")
                     || matches!(
                         code.as_str(),
-                        "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "58000"
+                        "40001"
+                            | "40P01"
+                            | "55P03"
+                            | "57014"
+                            | "57P01"
+                            | "57P02"
+                            | "57P03"
+                            | "58000"
                     )
             }
             WriteError::Other(_) => false,
@@ -166,7 +173,10 @@ impl Writer {
 
     /// Writes `subs` as one transaction, retrying transient errors until the
     /// deadline. Returns each submission's outcome, in order.
-    async fn write_with_retry(&self, subs: &[Submission]) -> Result<(Vec<WriteOutcome>, Path), WriteError> {
+    async fn write_with_retry(
+        &self,
+        subs: &[Submission],
+    ) -> Result<(Vec<WriteOutcome>, Path), WriteError> {
         let started = Instant::now();
         let backoff = ExponentialBuilder::default()
             .with_min_delay(RETRY_MIN_DELAY)
@@ -187,7 +197,12 @@ impl Writer {
         // Whatever stops us from getting a connection (refused, auth, "not
         // accepting connections", too many clients) says nothing against
         // the batch: it is retried like a lost connection.
-        let mut conn = self.inner.pool.acquire().await.map_err(|e| WriteError::Unavailable(e.to_string()))?;
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| WriteError::Unavailable(e.to_string()))?;
         let result = async {
             if !has_duplicate_keys(subs) {
                 match copy_rows(&mut conn, &self.inner.copy_sql, subs).await {
@@ -208,14 +223,24 @@ impl Writer {
     }
 
     /// The slow path: stage, then insert what is new. Returns the keys stored.
-    async fn dedup(&self, conn: &mut PgConnection, subs: &[Submission]) -> Result<HashSet<PointKey>, WriteError> {
+    async fn dedup(
+        &self,
+        conn: &mut PgConnection,
+        subs: &[Submission],
+    ) -> Result<HashSet<PointKey>, WriteError> {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        sqlx::query(&self.inner.staging_create_sql).execute(&mut *tx).await?;
+        sqlx::query(&self.inner.staging_create_sql)
+            .execute(&mut *tx)
+            .await?;
         copy_rows(&mut tx, &self.inner.staging_copy_sql, subs).await?;
-        let rows: Vec<(Uuid, DateTime<Utc>)> =
-            sqlx::query_as(&self.inner.staging_insert_sql).fetch_all(&mut *tx).await?;
+        let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(&self.inner.staging_insert_sql)
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(rows.into_iter().map(|(d, t)| (d, t.timestamp_micros())).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(d, t)| (d, t.timestamp_micros()))
+            .collect())
     }
 }
 
@@ -230,7 +255,8 @@ impl WriteBatch for Writer {
                 }
             }
             Err(e) if !e.is_retryable() && batch.submissions.len() > 1 => {
-                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "false").increment(1);
+                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "false")
+                    .increment(1);
                 tracing::error!(error = %e, submissions = batch.submissions.len(), "batch refused; writing its submissions one by one");
                 for sub in batch.submissions {
                     let result = self.write_with_retry(std::slice::from_ref(&sub)).await;
@@ -242,7 +268,8 @@ impl WriteBatch for Writer {
                 }
             }
             Err(e) => {
-                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "false").increment(1);
+                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "false")
+                    .increment(1);
                 tracing::error!(error = %e, points = batch.points, elapsed_ms = started.elapsed().as_millis() as u64, "batch not written");
                 for sub in batch.submissions {
                     let _ = sub.reply.send(Err(e.clone()));
@@ -261,7 +288,11 @@ fn record_flush(path: Path, batch: &Batch, started: Instant) {
 
 /// Runs one COPY of every row of `subs`, and always ends it with `finish` or
 /// `abort`: a COPY left open would poison the connection.
-async fn copy_rows(conn: &mut PgConnection, sql: &str, subs: &[Submission]) -> Result<u64, WriteError> {
+async fn copy_rows(
+    conn: &mut PgConnection,
+    sql: &str,
+    subs: &[Submission],
+) -> Result<u64, WriteError> {
     let mut copy = conn.copy_in_raw(sql).await?;
     match send_rows(&mut copy, subs).await {
         Ok(()) => Ok(copy.finish().await?),
@@ -272,7 +303,10 @@ async fn copy_rows(conn: &mut PgConnection, sql: &str, subs: &[Submission]) -> R
     }
 }
 
-async fn send_rows(copy: &mut PgCopyIn<&mut PgConnection>, subs: &[Submission]) -> Result<(), WriteError> {
+async fn send_rows(
+    copy: &mut PgCopyIn<&mut PgConnection>,
+    subs: &[Submission],
+) -> Result<(), WriteError> {
     let mut chunk = BytesMut::with_capacity(SEND_CHUNK_BYTES);
     copy_encoder::encode_header(&mut chunk);
     for sub in subs {
@@ -298,7 +332,10 @@ fn has_duplicate_keys(subs: &[Submission]) -> bool {
 
 fn all_accepted(subs: &[Submission]) -> Vec<WriteOutcome> {
     subs.iter()
-        .map(|s| WriteOutcome { accepted: s.keys.len() as u32, duplicates: 0 })
+        .map(|s| WriteOutcome {
+            accepted: s.keys.len() as u32,
+            duplicates: 0,
+        })
         .collect()
 }
 
@@ -307,7 +344,10 @@ fn attribute(subs: &[Submission], mut inserted: HashSet<PointKey>) -> Vec<WriteO
     subs.iter()
         .map(|s| {
             let accepted = s.keys.iter().filter(|k| inserted.remove(k)).count() as u32;
-            WriteOutcome { accepted, duplicates: s.keys.len() as u32 - accepted }
+            WriteOutcome {
+                accepted,
+                duplicates: s.keys.len() as u32 - accepted,
+            }
         })
         .collect()
 }
@@ -318,8 +358,13 @@ mod tests {
 
     #[test]
     fn retry_rule_names_transient_errors() {
-        let db = |code: &str| WriteError::Database { code: code.into(), message: String::new() };
-        for code in ["08006", "08001", "40001", "40P01", "53300", "57014", "57P01", "57P03"] {
+        let db = |code: &str| WriteError::Database {
+            code: code.into(),
+            message: String::new(),
+        };
+        for code in [
+            "08006", "08001", "40001", "40P01", "53300", "57014", "57P01", "57P03",
+        ] {
             assert!(db(code).is_retryable(), "{code}");
         }
         for code in ["23505", "22P02", "42P01", "23514", "22021"] {

@@ -51,7 +51,10 @@ pub fn wanted(now_us: i64, interval_us: i64, retention_us: i64, ahead: u32) -> V
     (0..)
         .map(|i| first + i * interval_us)
         .take_while(|s| *s <= last)
-        .map(|s| Range { start_us: s, end_us: s + interval_us })
+        .map(|s| Range {
+            start_us: s,
+            end_us: s + interval_us,
+        })
         .collect()
 }
 
@@ -69,7 +72,10 @@ pub fn parse_bound(expr: &str) -> Option<Range> {
             .ok()
             .map(|t| t.timestamp_micros())
     };
-    Some(Range { start_us: parse(from)?, end_us: parse(to)? })
+    Some(Range {
+        start_us: parse(from)?,
+        end_us: parse(to)?,
+    })
 }
 
 #[cfg(test)]
@@ -90,14 +96,27 @@ mod tests {
 
     #[test]
     fn names_and_bounds_round_trip() {
-        let r = Range { start_us: 20_416 * DAY, end_us: 20_417 * DAY };
+        let r = Range {
+            start_us: 20_416 * DAY,
+            end_us: 20_417 * DAY,
+        };
         assert_eq!(r.name(DAY), "location_events_p20251124");
         let sql = r.create_sql(DAY);
-        assert!(sql.ends_with("FROM ('2025-11-24 00:00:00+00') TO ('2025-11-25 00:00:00+00')"), "{sql}");
+        assert!(
+            sql.ends_with("FROM ('2025-11-24 00:00:00+00') TO ('2025-11-25 00:00:00+00')"),
+            "{sql}"
+        );
         let expr = "FOR VALUES FROM ('2025-11-24 00:00:00+00') TO ('2025-11-25 00:00:00+00')";
         assert_eq!(parse_bound(expr), Some(r));
         let six_hours = DAY / 4;
-        assert_eq!(Range { start_us: 20_416 * DAY + six_hours, end_us: 0 }.name(six_hours), "location_events_p20251124_0600");
+        assert_eq!(
+            Range {
+                start_us: 20_416 * DAY + six_hours,
+                end_us: 0
+            }
+            .name(six_hours),
+            "location_events_p20251124_0600"
+        );
         assert_eq!(parse_bound("DEFAULT"), None);
     }
 }

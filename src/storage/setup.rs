@@ -63,7 +63,11 @@ pub enum SetupError {
         source: sqlx::Error,
     },
     #[error("tier {required:?} required, but the database offers {found}: {missing}")]
-    TierNotMet { required: Tier, found: Tier, missing: String },
+    TierNotMet {
+        required: Tier,
+        found: Tier,
+        missing: String,
+    },
     #[error("{0}")]
     Refused(String),
 }
@@ -124,7 +128,9 @@ pub async fn connect(url: &str) -> Result<PgConnection, SetupError> {
         ("lock_timeout", "10s"),
         ("client_min_messages", "warning"),
     ]);
-    PgConnection::connect_with(&opts).await.map_err(SetupError::Connect)
+    PgConnection::connect_with(&opts)
+        .await
+        .map_err(SetupError::Connect)
 }
 
 /// Plans and, unless `dry_run`, applies; returns the plan. `now_us` is the
@@ -141,7 +147,10 @@ pub async fn run(
         .await
         .map_err(SetupError::sql("taking the setup lock"))?;
     let result = plan_and_apply(conn, opts, dry_run, now_us).await;
-    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(SETUP_LOCK_KEY).execute(&mut *conn).await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(SETUP_LOCK_KEY)
+        .execute(&mut *conn)
+        .await;
     let plan = result?;
     unlock.map_err(SetupError::sql("releasing the setup lock"))?;
     Ok(plan)
@@ -181,7 +190,11 @@ struct Facts {
 }
 
 /// Reads the catalog and lists the steps still needed.
-pub async fn plan(conn: &mut PgConnection, opts: &SetupOptions, now_us: i64) -> Result<Plan, SetupError> {
+pub async fn plan(
+    conn: &mut PgConnection,
+    opts: &SetupOptions,
+    now_us: i64,
+) -> Result<Plan, SetupError> {
     let facts: Facts = sqlx::query_as(
         "SELECT
             (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb') AS installed,
@@ -197,7 +210,11 @@ pub async fn plan(conn: &mut PgConnection, opts: &SetupOptions, now_us: i64) -> 
     let mut notes = Vec::new();
     let preloaded = facts.preload.split(',').any(|l| l.trim() == "timescaledb");
     let tier = if facts.installed.is_some() || (facts.available.is_some() && preloaded) {
-        if facts.license.as_deref() == Some("apache") { Tier::TimescaleApache } else { Tier::Timescale }
+        if facts.license.as_deref() == Some("apache") {
+            Tier::TimescaleApache
+        } else {
+            Tier::Timescale
+        }
     } else {
         if facts.available.is_some() {
             notes.push("timescaledb is installed on the server but not in shared_preload_libraries; using plain PostgreSQL".into());
@@ -207,18 +224,28 @@ pub async fn plan(conn: &mut PgConnection, opts: &SetupOptions, now_us: i64) -> 
     if tier == Tier::TimescaleApache {
         notes.push("compression, continuous aggregates and policies are not available on the Apache edition".into());
     }
-    if let Some(required) = opts.require_tier {
-        if required != tier && !(required == Tier::TimescaleApache && tier == Tier::Timescale) {
-            let missing = match (required, tier) {
-                (Tier::Timescale, Tier::TimescaleApache) => {
-                    "timescaledb.license is 'apache'; set it to 'timescale' for the community features".into()
-                }
-                (_, Tier::Postgres) if facts.available.is_none() => "the timescaledb extension is not installed on the server".into(),
-                (_, Tier::Postgres) => "timescaledb must be in shared_preload_libraries".into(),
-                _ => format!("the database offers more than {required:?}; do not require a lesser tier"),
-            };
-            return Err(SetupError::TierNotMet { required, found: tier, missing });
-        }
+    if let Some(required) = opts.require_tier
+        && required != tier
+        && !(required == Tier::TimescaleApache && tier == Tier::Timescale)
+    {
+        let missing = match (required, tier) {
+            (Tier::Timescale, Tier::TimescaleApache) => {
+                "timescaledb.license is 'apache'; set it to 'timescale' for the community features"
+                    .into()
+            }
+            (_, Tier::Postgres) if facts.available.is_none() => {
+                "the timescaledb extension is not installed on the server".into()
+            }
+            (_, Tier::Postgres) => "timescaledb must be in shared_preload_libraries".into(),
+            _ => {
+                format!("the database offers more than {required:?}; do not require a lesser tier")
+            }
+        };
+        return Err(SetupError::TierNotMet {
+            required,
+            found: tier,
+            missing,
+        });
     }
 
     let mut steps = Vec::new();
@@ -227,7 +254,10 @@ pub async fn plan(conn: &mut PgConnection, opts: &SetupOptions, now_us: i64) -> 
     let relkind = facts.relkind.as_deref().and_then(|k| k.chars().next());
     if tier.is_timescale() {
         if facts.installed.is_none() {
-            steps.push(step("create the timescaledb extension", "CREATE EXTENSION IF NOT EXISTS timescaledb"));
+            steps.push(step(
+                "create the timescaledb extension",
+                "CREATE EXTENSION IF NOT EXISTS timescaledb",
+            ));
         }
         let is_hypertable = facts.installed.is_some()
             && sqlx::query_scalar::<_, bool>(
@@ -274,16 +304,21 @@ pub async fn plan(conn: &mut PgConnection, opts: &SetupOptions, now_us: i64) -> 
     }
 
     let existing_indexes: Vec<String> = if relkind.is_some() {
-        sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE tablename = 'location_events'")
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(SetupError::sql("reading indexes"))?
+        sqlx::query_scalar(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'location_events'",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(SetupError::sql("reading indexes"))?
     } else {
         Vec::new()
     };
     for (name, def) in INDEXES {
         if !existing_indexes.iter().any(|i| i == name) {
-            steps.push(step(format!("create index {name}"), format!("CREATE {def}")));
+            steps.push(step(
+                format!("create index {name}"),
+                format!("CREATE {def}"),
+            ));
         }
     }
 
@@ -300,8 +335,14 @@ pub const INDEXES: [(&str, &str); 3] = [
         "location_events_device_id_time_key",
         "UNIQUE INDEX location_events_device_id_time_key ON location_events (device_id, time DESC)",
     ),
-    ("idx_location_user", "INDEX idx_location_user ON location_events (user_id, time DESC)"),
-    ("idx_location_app", "INDEX idx_location_app ON location_events (app_source, time DESC)"),
+    (
+        "idx_location_user",
+        "INDEX idx_location_user ON location_events (user_id, time DESC)",
+    ),
+    (
+        "idx_location_app",
+        "INDEX idx_location_app ON location_events (app_source, time DESC)",
+    ),
 ];
 
 async fn partition_steps(
@@ -330,13 +371,23 @@ async fn partition_steps(
             format!("CREATE TABLE {DEFAULT_PARTITION} PARTITION OF location_events DEFAULT"),
         ));
     }
-    let ranges: Vec<partitions::Range> =
-        existing.iter().filter_map(|(_, bound)| partitions::parse_bound(bound)).collect();
-    for want in partitions::wanted(now_us, interval_us, micros(storage.raw_retention), storage.partitions_ahead) {
+    let ranges: Vec<partitions::Range> = existing
+        .iter()
+        .filter_map(|(_, bound)| partitions::parse_bound(bound))
+        .collect();
+    for want in partitions::wanted(
+        now_us,
+        interval_us,
+        micros(storage.raw_retention),
+        storage.partitions_ahead,
+    ) {
         // A partition of another interval may already cover part of this
         // range; it is kept, and the gap is left to the default partition.
         if !ranges.iter().any(|r| r.overlaps(&want)) {
-            steps.push(step(format!("create partition {}", want.name(interval_us)), want.create_sql(interval_us)));
+            steps.push(step(
+                format!("create partition {}", want.name(interval_us)),
+                want.create_sql(interval_us),
+            ));
         }
     }
     Ok(steps)
@@ -356,7 +407,10 @@ fn unexpected_relkind(k: char) -> SetupError {
 }
 
 fn step(description: impl Into<String>, sql: impl Into<String>) -> Step {
-    Step { description: description.into(), sql: sql.into() }
+    Step {
+        description: description.into(),
+        sql: sql.into(),
+    }
 }
 
 fn micros(d: Duration) -> i64 {

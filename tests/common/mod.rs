@@ -18,12 +18,15 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use uuid::Uuid;
 
 /// The server tests talk to: `DATABASE_URL`, or the local PostgreSQL.
 pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database made for one test, dropped by [`TestDb::drop_db`].
@@ -51,7 +54,11 @@ impl TestDb {
             "locus_test_{}_{}_{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed),
-            Uuid::new_v4().simple().to_string().get(..6).unwrap_or_default()
+            Uuid::new_v4()
+                .simple()
+                .to_string()
+                .get(..6)
+                .unwrap_or_default()
         );
         sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
             .await
@@ -60,11 +67,17 @@ impl TestDb {
             Some((base, _)) => format!("{base}/{name}"),
             None => panic!("DATABASE_URL {admin} names no database"),
         };
-        TestDb { name, url, admin: admin.to_string() }
+        TestDb {
+            name,
+            url,
+            admin: admin.to_string(),
+        }
     }
 
     pub async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.url).await.expect("connect to the test database")
+        PgPool::connect(&self.url)
+            .await
+            .expect("connect to the test database")
     }
 
     pub async fn drop_db(self) {
@@ -95,7 +108,12 @@ impl TestServer {
         let metrics = listeners.metrics.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(config, listeners, shutdown.clone()));
-        let server = TestServer { grpc, metrics, shutdown, task };
+        let server = TestServer {
+            grpc,
+            metrics,
+            shutdown,
+            task,
+        };
         server.wait_ready().await;
         server
     }
@@ -104,9 +122,15 @@ impl TestServer {
     /// once the database answered).
     async fn wait_ready(&self) {
         for _ in 0..400 {
-            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.grpc)).expect("uri").connect().await {
+            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.grpc))
+                .expect("uri")
+                .connect()
+                .await
+            {
                 let status = HealthClient::new(channel)
-                    .check(HealthCheckRequest { service: "locus.v1.Ingest".into() })
+                    .check(HealthCheckRequest {
+                        service: "locus.v1.Ingest".into(),
+                    })
                     .await
                     .map(|r| r.into_inner().status);
                 if status.ok() == Some(ServingStatus::Serving as i32) {
@@ -120,17 +144,25 @@ impl TestServer {
     }
 
     pub async fn client(&self) -> IngestClient<Channel> {
-        IngestClient::connect(format!("http://{}", self.grpc)).await.expect("connect to locus")
+        IngestClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connect to locus")
     }
 
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.task.await.expect("server task").expect("server ran cleanly");
+        self.task
+            .await
+            .expect("server task")
+            .expect("server ran cleanly");
     }
 }
 
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
 }
 
 /// A device moving north-east, one fix per second ending near now.
@@ -142,12 +174,19 @@ pub struct Device {
 
 impl Device {
     pub fn new(start: i64) -> Self {
-        Device { device_id: Uuid::new_v4(), user_id: Uuid::new_v4(), start }
+        Device {
+            device_id: Uuid::new_v4(),
+            user_id: Uuid::new_v4(),
+            start,
+        }
     }
 
     pub fn point(&self, i: i64) -> Location {
         Location {
-            time: Some(prost_types::Timestamp { seconds: self.start + i, nanos: 250_000_000 }),
+            time: Some(prost_types::Timestamp {
+                seconds: self.start + i,
+                nanos: 250_000_000,
+            }),
             device_id: self.device_id.to_string(),
             user_id: self.user_id.to_string(),
             app_source: "mextrack".into(),
@@ -157,17 +196,27 @@ impl Device {
             altitude: None,
             speed: Some(36.0),
             heading: Some(45.0),
-            metadata_json: if i % 10 == 0 { r#"{"battery": 0.9}"#.into() } else { String::new() },
+            metadata_json: if i % 10 == 0 {
+                r#"{"battery": 0.9}"#.into()
+            } else {
+                String::new()
+            },
         }
     }
 
     pub fn batch(&self, batch_id: u64, from: i64, n: i64) -> LocationBatch {
-        LocationBatch { batch_id, locations: (from..from + n).map(|i| self.point(i)).collect() }
+        LocationBatch {
+            batch_id,
+            locations: (from..from + n).map(|i| self.point(i)).collect(),
+        }
     }
 }
 
 pub async fn count_rows(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM location_events").fetch_one(pool).await.expect("count")
+    sqlx::query_scalar("SELECT count(*) FROM location_events")
+        .fetch_one(pool)
+        .await
+        .expect("count")
 }
 
 /// A config for `db` with every default but a short linger.
