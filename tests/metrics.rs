@@ -1,0 +1,59 @@
+//! `/metrics` serves Prometheus text with the ingest metrics, and no label
+//! whose cardinality grows with the fleet.
+
+mod common;
+
+use common::{Device, TestDb, TestServer, config, now_secs};
+use locus::metrics as m;
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let d = Device::new(now_secs() - 100);
+    let mut batch = d.batch(1, 0, 10);
+    batch.locations[3].latitude = 100.0;
+    let mut client = server.client().await;
+    client.write_locations(batch.clone()).await.unwrap();
+    client.write_locations(batch).await.unwrap(); // all duplicates now
+
+    let text = scrape(server.metrics).await;
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+    };
+    assert_eq!(value(&format!("{} ", m::POINTS_RECEIVED)), 20.0);
+    assert_eq!(value(&format!("{} ", m::POINTS_ACCEPTED)), 9.0);
+    assert_eq!(value(&format!("{} ", m::POINTS_DUPLICATE)), 9.0);
+    assert_eq!(value(&format!("{}{{reason=\"latitude_out_of_range\"}}", m::POINTS_REJECTED)), 2.0);
+    assert_eq!(value(&format!("{}{{path=\"copy\"}}", m::BATCHES_FLUSHED)), 1.0);
+    assert_eq!(value(&format!("{}{{path=\"dedup\"}}", m::BATCHES_FLUSHED)), 1.0);
+    assert_eq!(value(&format!("{}_count", m::BATCH_ROWS)), 2.0);
+    assert_eq!(value(&format!("{}_count", m::FLUSH_DURATION)), 2.0);
+    assert_eq!(value(&format!("{}_count{{transport=\"grpc_unary\"}}", m::ACK_LATENCY)), 2.0);
+    assert!(text.contains(&format!("{}_bucket{{le=\"0.005\"}}", m::FLUSH_DURATION)), "histograms have buckets");
+    assert_eq!(value(&format!("{} ", m::BUFFER_POINTS)), 0.0, "nothing left buffered");
+    assert!(text.contains(&format!("# HELP {} ", m::POINTS_ACCEPTED)));
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if let Some((_, labels)) = line.split_once('{') {
+            for forbidden in ["device_id=", "user_id="] {
+                assert!(!labels.contains(forbidden), "no metric is labelled by {forbidden}: {line}");
+            }
+        }
+    }
+    server.stop().await;
+    db.drop_db().await;
+}
