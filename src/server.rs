@@ -97,10 +97,17 @@ pub async fn run(
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // v1 and v1alpha: grpcurl and older tools still ask the latter.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let background = CancellationToken::new();
     tokio::spawn(readiness(pool.clone(), health.clone(), shutdown.clone()));
@@ -119,7 +126,8 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             IngestServer::new(ingest).max_decoding_message_size(config.limits.max_message_bytes),
         )

@@ -11,7 +11,9 @@ use serde_json::Value;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_client_generated_from_the_proto_streams_points() {
     let Ok(python) = std::env::var("LOCUS_PYTHON") else {
-        println!("skipped: LOCUS_PYTHON is not set (a python with grpcio and grpcio-tools; .ci/test makes one)");
+        println!(
+            "skipped: LOCUS_PYTHON is not set (a python with grpcio and grpcio-tools; .ci/test makes one)"
+        );
         return;
     };
     let root = env!("CARGO_MANIFEST_DIR");
@@ -38,7 +40,11 @@ async fn a_python_client_generated_from_the_proto_streams_points() {
         .output()
         .await
         .expect("run the python client");
-    assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let acks: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON ack per line"))
@@ -46,15 +52,23 @@ async fn a_python_client_generated_from_the_proto_streams_points() {
     assert_eq!(acks.len(), 3);
     assert_eq!(acks[0]["accepted"], 10);
     assert_eq!(acks[1]["accepted"], 9);
-    assert_eq!(acks[1]["rejected"], serde_json::json!([{"index": 4, "reason": "latitude_out_of_range"}]));
-    assert_eq!((acks[2]["accepted"].clone(), acks[2]["duplicates"].clone()), (0.into(), 5.into()));
+    assert_eq!(
+        acks[1]["rejected"],
+        serde_json::json!([{"index": 4, "reason": "latitude_out_of_range"}])
+    );
+    assert_eq!(
+        (acks[2]["accepted"].clone(), acks[2]["duplicates"].clone()),
+        (0.into(), 5.into())
+    );
     let pool = db.pool().await;
     assert_eq!(count_rows(&pool).await, 19);
-    let order: Option<Value> = sqlx::query_scalar("SELECT metadata FROM location_events WHERE device_id = $1 ORDER BY time LIMIT 1")
-        .bind(device)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let order: Option<Value> = sqlx::query_scalar(
+        "SELECT metadata FROM location_events WHERE device_id = $1 ORDER BY time LIMIT 1",
+    )
+    .bind(device)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(order, Some(serde_json::json!({"order": 0})));
     server.stop().await;
     db.drop_db().await;

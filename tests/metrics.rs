@@ -9,7 +9,9 @@ use locus::metrics as m;
 async fn scrape(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -38,21 +40,87 @@ async fn metrics_count_what_happened() {
     assert_eq!(value(&format!("{} ", m::POINTS_RECEIVED)), 20.0);
     assert_eq!(value(&format!("{} ", m::POINTS_ACCEPTED)), 9.0);
     assert_eq!(value(&format!("{} ", m::POINTS_DUPLICATE)), 9.0);
-    assert_eq!(value(&format!("{}{{reason=\"latitude_out_of_range\"}}", m::POINTS_REJECTED)), 2.0);
-    assert_eq!(value(&format!("{}{{path=\"copy\"}}", m::BATCHES_FLUSHED)), 1.0);
-    assert_eq!(value(&format!("{}{{path=\"dedup\"}}", m::BATCHES_FLUSHED)), 1.0);
+    assert_eq!(
+        value(&format!(
+            "{}{{reason=\"latitude_out_of_range\"}}",
+            m::POINTS_REJECTED
+        )),
+        2.0
+    );
+    assert_eq!(
+        value(&format!("{}{{path=\"copy\"}}", m::BATCHES_FLUSHED)),
+        1.0
+    );
+    assert_eq!(
+        value(&format!("{}{{path=\"dedup\"}}", m::BATCHES_FLUSHED)),
+        1.0
+    );
     assert_eq!(value(&format!("{}_count", m::BATCH_ROWS)), 2.0);
     assert_eq!(value(&format!("{}_count", m::FLUSH_DURATION)), 2.0);
-    assert_eq!(value(&format!("{}_count{{transport=\"grpc_unary\"}}", m::ACK_LATENCY)), 2.0);
-    assert!(text.contains(&format!("{}_bucket{{le=\"0.005\"}}", m::FLUSH_DURATION)), "histograms have buckets");
-    assert_eq!(value(&format!("{} ", m::BUFFER_POINTS)), 0.0, "nothing left buffered");
+    assert_eq!(
+        value(&format!(
+            "{}_count{{transport=\"grpc_unary\"}}",
+            m::ACK_LATENCY
+        )),
+        2.0
+    );
+    assert!(
+        text.contains(&format!("{}_bucket{{le=\"0.005\"}}", m::FLUSH_DURATION)),
+        "histograms have buckets"
+    );
+    assert_eq!(
+        value(&format!("{} ", m::BUFFER_POINTS)),
+        0.0,
+        "nothing left buffered"
+    );
     assert!(text.contains(&format!("# HELP {} ", m::POINTS_ACCEPTED)));
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         if let Some((_, labels)) = line.split_once('{') {
             for forbidden in ["device_id=", "user_id="] {
-                assert!(!labels.contains(forbidden), "no metric is labelled by {forbidden}: {line}");
+                assert!(
+                    !labels.contains(forbidden),
+                    "no metric is labelled by {forbidden}: {line}"
+                );
             }
         }
+    }
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// Health and reflection are served beside Ingest, so grpcurl and load
+/// balancers work without the proto files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        resp.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["locus.v1.Ingest", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
     server.stop().await;
     db.drop_db().await;
