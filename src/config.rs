@@ -41,7 +41,7 @@ impl DatabaseArgs {
     }
 }
 
-/// Storage settings shared by `setup`, `serve` and validation.
+/// Storage settings shared by `setup`, `serve`, `doctor` and validation.
 #[derive(Debug, Clone, Args)]
 pub struct StorageArgs {
     /// Width of one partition or hypertable chunk.
@@ -50,7 +50,20 @@ pub struct StorageArgs {
     /// How long raw points are kept. Older points are rejected at ingest (`time_too_old`).
     #[arg(long, env = "LOCUS_RAW_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub raw_retention: Duration,
-    /// On plain PostgreSQL, how many partitions are made ahead of today.
+    /// TimescaleDB community edition: compress chunks older than this.
+    #[arg(long, env = "LOCUS_COMPRESS_AFTER", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub compress_after: Duration,
+    /// How long `location_hourly` rows are kept.
+    #[arg(long, env = "LOCUS_HOURLY_RETENTION", default_value = "365days", value_parser = humantime::parse_duration)]
+    pub hourly_retention: Duration,
+    /// How often `location_hourly` is brought up to date.
+    #[arg(long, env = "LOCUS_HOURLY_REFRESH_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub hourly_refresh_interval: Duration,
+    /// How far back a refresh looks for late points. Default: the raw
+    /// retention less one chunk, so no refresh ever covers dropped raw data.
+    #[arg(long, env = "LOCUS_HOURLY_REFRESH_WINDOW", value_parser = humantime::parse_duration)]
+    pub hourly_refresh_window: Option<Duration>,
+    /// On plain PostgreSQL, how many partitions are made ahead of the current one.
     #[arg(long, env = "LOCUS_PARTITIONS_AHEAD", default_value_t = 7)]
     pub partitions_ahead: u32,
 }
@@ -60,8 +73,55 @@ impl Default for StorageArgs {
         Self {
             chunk_interval: Duration::from_secs(86_400),
             raw_retention: Duration::from_secs(30 * 86_400),
+            compress_after: Duration::from_secs(7 * 86_400),
+            hourly_retention: Duration::from_secs(365 * 86_400),
+            hourly_refresh_interval: Duration::from_secs(60),
+            hourly_refresh_window: None,
             partitions_ahead: 7,
         }
+    }
+}
+
+impl StorageArgs {
+    /// The refresh window in effect.
+    pub fn refresh_window(&self) -> Duration {
+        self.hourly_refresh_window
+            .unwrap_or_else(|| self.raw_retention.saturating_sub(self.chunk_interval))
+    }
+
+    /// Checks the intervals and the order of their offsets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let hour = Duration::from_secs(3600);
+        if self.chunk_interval < hour {
+            return Err(ConfigError::Inconsistent(
+                "--chunk-interval must be at least 1h".into(),
+            ));
+        }
+        if self.raw_retention < self.chunk_interval {
+            return Err(ConfigError::Inconsistent(
+                "--raw-retention must be at least one --chunk-interval".into(),
+            ));
+        }
+        let window = self.refresh_window();
+        if window < 2 * hour || window >= self.raw_retention {
+            return Err(ConfigError::Inconsistent(format!(
+                "--hourly-refresh-window ({}) must be at least 2h and shorter than --raw-retention ({}): \
+                 a refresh over hours whose raw points were dropped would erase their aggregates",
+                humantime::format_duration(window),
+                humantime::format_duration(self.raw_retention)
+            )));
+        }
+        if self.hourly_retention < self.raw_retention {
+            return Err(ConfigError::Inconsistent(
+                "--hourly-retention must be at least --raw-retention".into(),
+            ));
+        }
+        if self.hourly_refresh_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Inconsistent(
+                "--hourly-refresh-interval must be at least 1s".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -305,6 +365,15 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("never falls back"), "{err}");
+    }
+
+    #[test]
+    fn refresh_window_must_end_before_raw_retention() {
+        let mut s = StorageArgs::default();
+        assert_eq!(s.refresh_window(), Duration::from_secs(29 * 86_400));
+        s.hourly_refresh_window = Some(Duration::from_secs(30 * 86_400));
+        let err = s.validate().unwrap_err();
+        assert!(err.to_string().contains("erase their aggregates"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `locus` binary: parses the command line and calls into the library.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, time::SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -8,7 +8,10 @@ use locus::{
     config::{DatabaseArgs, LogFormat, ServeConfig, StorageArgs},
     ingest::unix_micros,
     server::{self, Listeners},
-    storage::setup::{self, SetupOptions, Tier},
+    storage::{
+        catalog, doctor, maintain,
+        setup::{self, SetupOptions, Tier},
+    },
 };
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +41,31 @@ enum Command {
     Serve(Box<ServeConfig>),
     /// Bring the database to the schema locus needs (idempotent).
     Setup(SetupArgs),
+    /// Report the tier, drift, sizes, compression, jobs and lag; exit 1 when
+    /// something needs attention.
+    Doctor(DoctorArgs),
+    /// Run locus's own storage jobs once (retention, hourly rollup), as
+    /// `serve` does on its schedule.
+    Maintain(MaintainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct MaintainArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +82,11 @@ struct SetupArgs {
     require_tier: Option<Tier>,
 }
 
+/// Ends the process with this code, after printing what was asked.
+#[derive(Debug, thiserror::Error)]
+#[error("exit {0}")]
+struct Exit(u8);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -66,6 +99,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Exit>().is_some() => {
+            ExitCode::from(e.downcast_ref::<Exit>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
@@ -88,22 +124,53 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Setup(args) => {
             args.database.validate()?;
-            let mut conn = setup::connect(&args.database.url).await?;
             let opts = SetupOptions {
                 storage: args.storage,
                 require_tier: args.require_tier,
             };
             let plan = setup::run(
-                &mut conn,
+                &args.database.url,
                 &opts,
                 args.dry_run,
-                unix_micros(std::time::SystemTime::now()),
+                unix_micros(SystemTime::now()),
             )
             .await?;
             print!("{plan}");
             if !args.dry_run && !plan.steps.is_empty() {
                 println!("-- applied {} steps", plan.steps.len());
             }
+        }
+        Command::Doctor(args) => {
+            args.database.validate()?;
+            args.storage.validate()?;
+            let opts = SetupOptions {
+                storage: args.storage,
+                require_tier: None,
+            };
+            let report =
+                doctor::examine(&args.database.url, &opts, unix_micros(SystemTime::now())).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", doctor::render(&report));
+            }
+            if !report.attention.is_empty() {
+                return Err(Exit(1).into());
+            }
+        }
+        Command::Maintain(args) => {
+            args.database.validate()?;
+            args.storage.validate()?;
+            let mut conn = setup::connect(&args.database.url).await?;
+            let tier = catalog::read(&mut conn).await?.tier;
+            maintain::run_all(
+                &mut conn,
+                tier,
+                &args.storage,
+                unix_micros(SystemTime::now()),
+            )
+            .await?;
+            println!("maintenance done on tier {tier}");
         }
     }
     Ok(())

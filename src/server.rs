@@ -1,7 +1,10 @@
 //! `locus serve`: wires the pool, setup, pipeline, gRPC services and metrics
 //! together, and shuts them down in order.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
 
 use axum::{Router, routing::get};
 use sqlx::{
@@ -19,7 +22,11 @@ use crate::{
     metrics,
     pipeline::{Budget, Pipeline, writer::Writer},
     proto::{self, ingest_server::IngestServer},
-    storage::setup::{self, SetupError, SetupOptions},
+    storage::{
+        catalog, maintain,
+        setup::{self, SetupError, SetupOptions, Tier},
+        timescale,
+    },
 };
 
 /// How often readiness checks the database.
@@ -67,24 +74,31 @@ pub async fn run(
     config.validate()?;
     let prometheus = metrics::install();
 
-    if !config.no_setup {
+    let opts = SetupOptions {
+        storage: config.storage.clone(),
+        require_tier: None,
+    };
+    let tier = if config.no_setup {
         let mut conn = setup::connect(&config.database.url).await?;
-        let opts = SetupOptions {
-            storage: config.storage.clone(),
-            require_tier: None,
-        };
+        catalog::read(&mut conn).await?.tier
+    } else {
         let plan = setup::run(
-            &mut conn,
+            &config.database.url,
             &opts,
             false,
-            unix_micros(std::time::SystemTime::now()),
+            unix_micros(SystemTime::now()),
         )
         .await?;
         tracing::info!(tier = %plan.tier, steps = plan.steps.len(), "schema ready");
-    }
+        plan.tier
+    };
     let pool = pool(&config).map_err(ServeError::Pool)?;
 
-    let writer = Writer::new(pool.clone(), config.pipeline.write_retry_deadline);
+    let writer = Writer::new(
+        pool.clone(),
+        config.pipeline.write_retry_deadline,
+        timescale::locus_runs_jobs(tier),
+    );
     let budget = Budget::new(config.limits.buffer_points, config.limits.buffer_bytes);
     let (pipeline, pipeline_task) = Pipeline::start(writer, &config.pipeline, budget);
     let validator = Validator::new(&config.validation, config.storage.raw_retention);
@@ -111,9 +125,7 @@ pub async fn run(
         .expect("the embedded descriptor sets are valid");
     let background = CancellationToken::new();
     tokio::spawn(readiness(pool.clone(), health.clone(), shutdown.clone()));
-    if !config.no_setup {
-        tokio::spawn(maintenance(config.clone(), background.clone()));
-    }
+    tokio::spawn(maintenance(config.clone(), tier, background.clone()));
 
     let metrics_app = Router::new().route(
         "/metrics",
@@ -225,35 +237,68 @@ async fn readiness(
     }
 }
 
-/// Re-runs setup on a schedule, so partitions are always made ahead.
-async fn maintenance(config: ServeConfig, stop: CancellationToken) {
-    let every = (config.storage.chunk_interval / 4).min(Duration::from_secs(3600));
+/// The storage jobs: the hourly rollup every `--hourly-refresh-interval`
+/// where locus keeps it, and every hour (or quarter chunk) a new setup plan
+/// (partitions ahead, drift) unless `--no-setup`, and the retention jobs.
+async fn maintenance(config: ServeConfig, tier: Tier, stop: CancellationToken) {
+    let storage = &config.storage;
+    let every = (storage.chunk_interval / 4).min(Duration::from_secs(3600));
     let opts = SetupOptions {
-        storage: config.storage.clone(),
+        storage: storage.clone(),
         require_tier: None,
     };
+    let mut rollup = tokio::time::interval(storage.hourly_refresh_interval);
+    let mut upkeep = tokio::time::interval(every);
+    rollup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    upkeep.tick().await; // setup just ran
     loop {
-        tokio::select! {
+        let job = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        match maintain_once(&config.database.url, &opts).await {
-            Ok(plan) if !plan.steps.is_empty() => {
-                tracing::info!(steps = plan.steps.len(), "maintenance applied")
+            _ = rollup.tick() => Job::Rollup,
+            _ = upkeep.tick() => Job::Upkeep,
+        };
+        let result = match job {
+            Job::Rollup if timescale::locus_runs_jobs(tier) => {
+                rollup_once(&config.database.url).await
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "maintenance failed; will retry"),
+            Job::Rollup => Ok(()),
+            Job::Upkeep => upkeep_once(&config, &opts, tier).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "storage job failed; it runs again on schedule");
         }
     }
 }
 
-async fn maintain_once(url: &str, opts: &SetupOptions) -> Result<setup::Plan, SetupError> {
+enum Job {
+    Rollup,
+    Upkeep,
+}
+
+async fn rollup_once(url: &str) -> Result<(), SetupError> {
     let mut conn = setup::connect(url).await?;
-    setup::run(
-        &mut conn,
-        opts,
-        false,
-        unix_micros(std::time::SystemTime::now()),
-    )
-    .await
+    let started = std::time::Instant::now();
+    let result = maintain::rollup(&mut conn).await;
+    maintain::record(&mut conn, maintain::ROLLUP, started, &result).await?;
+    result.map(|_| ())
+}
+
+async fn upkeep_once(
+    config: &ServeConfig,
+    opts: &SetupOptions,
+    tier: Tier,
+) -> Result<(), SetupError> {
+    let now = unix_micros(SystemTime::now());
+    if !config.no_setup {
+        let plan = setup::run(&config.database.url, opts, false, now).await?;
+        if !plan.steps.is_empty() {
+            tracing::info!(
+                steps = plan.steps.len(),
+                "maintenance applied a new setup plan"
+            );
+        }
+    }
+    let mut conn = setup::connect(&config.database.url).await?;
+    maintain::run_all(&mut conn, tier, &config.storage, now).await
 }

@@ -1,6 +1,8 @@
 //! The COPY encoder against PostgreSQL itself: byte for byte what the server
 //! produces for the same rows, and a round trip through a real COPY.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use bytes::BytesMut;
@@ -99,12 +101,9 @@ async fn encoder_matches_postgres_byte_for_byte() {
 async fn encoded_rows_load_and_read_back_unchanged() {
     let db = TestDb::new().await;
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::Executor::execute(
-        &mut conn,
-        include_str!("../migrations/0001_location_events.sql"),
-    )
-    .await
-    .unwrap();
+    sqlx::Executor::execute(&mut conn, include_str!("../migrations/location_events.sql"))
+        .await
+        .unwrap();
     let mut buf = BytesMut::new();
     encode_header(&mut buf);
     for r in rows() {

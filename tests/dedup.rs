@@ -1,6 +1,8 @@
 //! Duplicates: within a batch, across batches in flight at once, and across
 //! restarts; and one client's refused data never costs another's.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! The ingest path end to end: real server on port 0, real PostgreSQL, a
 //! gRPC client.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use std::{collections::HashMap, time::Duration};

@@ -3,6 +3,8 @@
 //! `LOCUS_PYTHON` names a Python with grpcio and grpcio-tools (`.ci/test`
 //! makes one); elsewhere it says it was skipped.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use common::{TestDb, TestServer, config, count_rows};

@@ -1,6 +1,8 @@
 //! `/metrics` serves Prometheus text with the ingest metrics, and no label
 //! whose cardinality grows with the fleet.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use common::{Device, TestDb, TestServer, config, now_secs};

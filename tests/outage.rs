@@ -1,6 +1,8 @@
 //! The database goes away mid-stream and comes back; and SIGTERM with open
 //! streams. Nothing acknowledged is lost, nothing is stored twice.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use std::{

@@ -30,7 +30,7 @@ use super::{
     batcher::{Batch, WriteBatch},
     copy_encoder::{self, COLUMNS},
 };
-use crate::metrics as m;
+use crate::{metrics as m, storage::hourly};
 
 /// COPY data is sent in messages of about this size.
 const SEND_CHUNK_BYTES: usize = 1 << 20;
@@ -140,6 +140,8 @@ pub struct Writer {
 struct Inner {
     pool: PgPool,
     retry_deadline: Duration,
+    /// Record touched hours for locus's own hourly rollup (no continuous aggregate).
+    track_hours: bool,
     copy_sql: String,
     staging_create_sql: String,
     staging_copy_sql: String,
@@ -147,13 +149,14 @@ struct Inner {
 }
 
 impl Writer {
-    pub fn new(pool: PgPool, retry_deadline: Duration) -> Self {
+    pub fn new(pool: PgPool, retry_deadline: Duration, track_hours: bool) -> Self {
         let table = "location_events";
         let staging = "locus_staging";
         Self {
             inner: Arc::new(Inner {
                 pool,
                 retry_deadline,
+                track_hours,
                 copy_sql: format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
                 staging_create_sql: format!(
                     "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -205,8 +208,8 @@ impl Writer {
             .map_err(|e| WriteError::Unavailable(e.to_string()))?;
         let result = async {
             if !has_duplicate_keys(subs) {
-                match copy_rows(&mut conn, &self.inner.copy_sql, subs).await {
-                    Ok(_) => return Ok((all_accepted(subs), Path::Copy)),
+                match self.copy(&mut conn, subs).await {
+                    Ok(()) => return Ok((all_accepted(subs), Path::Copy)),
                     Err(e) if e.is_unique_violation() => {}
                     Err(e) => return Err(e),
                 }
@@ -220,6 +223,22 @@ impl Writer {
             conn.close_on_drop();
         }
         result
+    }
+
+    /// The fast path: one COPY, committed on its own, or with the touched
+    /// hours in one transaction where locus keeps the hourly rollup.
+    async fn copy(&self, conn: &mut PgConnection, subs: &[Submission]) -> Result<(), WriteError> {
+        if !self.inner.track_hours {
+            return copy_rows(conn, &self.inner.copy_sql, subs)
+                .await
+                .map(|_| ());
+        }
+        let hours = hourly::hours_of(subs.iter().flat_map(|s| s.keys.iter().map(|k| k.1)));
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        copy_rows(&mut tx, &self.inner.copy_sql, subs).await?;
+        hourly::mark_pending(&mut tx, hours).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The slow path: stage, then insert what is new. Returns the keys stored.

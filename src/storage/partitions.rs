@@ -4,6 +4,9 @@
 //! ever refused for lack of a partition.
 
 use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::SetupError;
 
 pub const DEFAULT_PARTITION: &str = "location_events_default";
 
@@ -22,7 +25,7 @@ impl Range {
     /// `location_events_p20261124` for whole days, `..._p20261124_0600` otherwise.
     pub fn name(&self, interval_us: i64) -> String {
         let start = ts(self.start_us);
-        if interval_us % 86_400_000_000 == 0 {
+        if interval_us % 86_400_000_000 == 0 && self.start_us % 86_400_000_000 == 0 {
             format!("location_events_p{}", start.format("%Y%m%d"))
         } else {
             format!("location_events_p{}", start.format("%Y%m%d_%H%M"))
@@ -33,8 +36,8 @@ impl Range {
         format!(
             "CREATE TABLE {} PARTITION OF location_events FOR VALUES FROM ('{}') TO ('{}')",
             self.name(interval_us),
-            ts(self.start_us).format("%Y-%m-%d %H:%M:%S+00"),
-            ts(self.end_us).format("%Y-%m-%d %H:%M:%S+00"),
+            bound(self.start_us),
+            bound(self.end_us),
         )
     }
 }
@@ -43,19 +46,102 @@ fn ts(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
-/// The partitions that should exist at `now_us`: every interval from
-/// `now - retention` to `ahead` intervals after the current one.
-pub fn wanted(now_us: i64, interval_us: i64, retention_us: i64, ahead: u32) -> Vec<Range> {
-    let first = (now_us - retention_us).div_euclid(interval_us) * interval_us;
-    let last = now_us.div_euclid(interval_us) * interval_us + i64::from(ahead) * interval_us;
-    (0..)
-        .map(|i| first + i * interval_us)
-        .take_while(|s| *s <= last)
-        .map(|s| Range {
-            start_us: s,
-            end_us: s + interval_us,
+/// The partitions to make at `now_us` so that every interval from `now -
+/// retention` to `ahead` intervals after the current one is covered, given
+/// the ranges that exist. Where an existing partition (of another interval,
+/// say) covers part of a range, the new one only fills the gap: partitions
+/// never overlap, and no gap is left to the default partition.
+pub fn missing(
+    existing: &[Range],
+    now_us: i64,
+    interval_us: i64,
+    retention_us: i64,
+    ahead: u32,
+) -> Vec<Range> {
+    let align = |t: i64| t.div_euclid(interval_us) * interval_us;
+    let mut cursor = align(now_us - retention_us);
+    let last_end = align(now_us) + (i64::from(ahead) + 1) * interval_us;
+    let mut out = Vec::new();
+    while cursor < last_end {
+        if let Some(r) = existing
+            .iter()
+            .find(|r| r.start_us <= cursor && cursor < r.end_us)
+        {
+            cursor = r.end_us;
+            continue;
+        }
+        let next_existing = existing
+            .iter()
+            .map(|r| r.start_us)
+            .filter(|s| *s > cursor)
+            .min();
+        let end = (align(cursor) + interval_us).min(next_existing.unwrap_or(i64::MAX));
+        out.push(Range {
+            start_us: cursor,
+            end_us: end,
+        });
+        cursor = end;
+    }
+    out
+}
+
+/// Makes a partition for a range the default partition already holds rows
+/// of: the rows move into it, in one transaction.
+pub fn create_moving_sql(r: &Range, interval_us: i64) -> String {
+    let (name, from, to) = (r.name(interval_us), bound(r.start_us), bound(r.end_us));
+    format!(
+        "CREATE TABLE {name} (LIKE location_events INCLUDING DEFAULTS INCLUDING CONSTRAINTS);\n\
+         INSERT INTO {name} SELECT * FROM {DEFAULT_PARTITION} WHERE time >= '{from}' AND time < '{to}';\n\
+         DELETE FROM {DEFAULT_PARTITION} WHERE time >= '{from}' AND time < '{to}';\n\
+         ALTER TABLE location_events ATTACH PARTITION {name} FOR VALUES FROM ('{from}') TO ('{to}')"
+    )
+}
+
+fn bound(us: i64) -> String {
+    ts(us).format("%Y-%m-%d %H:%M:%S%.f+00").to_string()
+}
+
+/// The partitions of `location_events`: name, and range (`None` for the default).
+pub async fn list(conn: &mut PgConnection) -> Result<Vec<(String, Option<Range>)>, SetupError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid)
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'location_events'::regclass",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(SetupError::sql("reading partitions"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, bound)| {
+            let r = parse_bound(&bound);
+            (name, r)
         })
-        .collect()
+        .collect())
+}
+
+/// Whether the default partition holds rows (in `range`, if given).
+pub async fn default_has_rows(
+    conn: &mut PgConnection,
+    range: Option<&Range>,
+) -> Result<bool, SetupError> {
+    let Some(r) = range else {
+        return sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {DEFAULT_PARTITION})"
+        ))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(SetupError::sql("reading the default partition"));
+    };
+    sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {DEFAULT_PARTITION} \
+         WHERE time >= to_timestamp($1::float8 / 1e6) AND time < to_timestamp($2::float8 / 1e6))"
+    ))
+    .bind(r.start_us as f64)
+    .bind(r.end_us as f64)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(SetupError::sql("reading the default partition"))
 }
 
 /// Parses `pg_get_expr(relpartbound, oid)` of a range partition, as printed
@@ -85,13 +171,39 @@ mod tests {
     const DAY: i64 = 86_400_000_000;
 
     #[test]
-    fn wanted_covers_retention_and_ahead() {
+    fn missing_covers_retention_and_ahead() {
         let now = 20_000 * DAY + 3_600_000_000; // 1h into a day
-        let w = wanted(now, DAY, 30 * DAY, 7);
+        let w = missing(&[], now, DAY, 30 * DAY, 7);
         assert_eq!(w.first().unwrap().start_us, (20_000 - 30) * DAY);
         assert_eq!(w.last().unwrap().start_us, (20_000 + 7) * DAY);
         assert_eq!(w.len(), 38);
         assert!(w.windows(2).all(|p| p[0].end_us == p[1].start_us));
+        assert!(missing(&w, now, DAY, 30 * DAY, 7).is_empty());
+    }
+
+    #[test]
+    fn a_new_interval_fills_gaps_without_overlap() {
+        let now = 20_000 * DAY;
+        // Daily partitions exist for today and tomorrow; the interval becomes 2 days.
+        let existing = [
+            Range {
+                start_us: 20_000 * DAY,
+                end_us: 20_001 * DAY,
+            },
+            Range {
+                start_us: 20_001 * DAY,
+                end_us: 20_002 * DAY,
+            },
+        ];
+        let w = missing(&existing, now, 2 * DAY, 4 * DAY, 2);
+        let mut all: Vec<Range> = w.iter().chain(existing.iter()).copied().collect();
+        all.sort_by_key(|r| r.start_us);
+        assert!(
+            all.windows(2).all(|p| p[0].end_us == p[1].start_us),
+            "{all:?}"
+        );
+        assert_eq!(all.first().unwrap().start_us, 19_996 * DAY);
+        assert_eq!(all.last().unwrap().end_us, 20_006 * DAY);
     }
 
     #[test]

@@ -3,22 +3,39 @@
 //!
 //! The plan is computed from what the catalog says exists, so a database that
 //! is already right yields an empty plan, and `--dry-run` prints exactly the
-//! SQL that would run. Setup never drops or rewrites data: where the existing
-//! state cannot be reached without doing so, it stops and says why.
+//! SQL that would run. A changed setting is a difference like any other: the
+//! plan replaces the policy or sets the new interval. Setup never drops or
+//! rewrites data: an existing table is adopted only by an explicit, checked
+//! migration that keeps the old table, and where that is not possible setup
+//! stops and says why.
+//!
+//! Order matters on TimescaleDB: `ALTER EXTENSION ... UPDATE` runs as the
+//! first command of a fresh connection, and the continuous aggregate is
+//! created outside any transaction block (every step runs on its own, over
+//! the simple protocol, never inside BEGIN).
 
 use std::{fmt, str::FromStr, time::Duration};
 
 use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 
-use super::partitions::{self, DEFAULT_PARTITION};
+use super::{
+    adopt,
+    catalog::{self, Facts},
+    partitions::{self, DEFAULT_PARTITION},
+    timescale,
+};
 use crate::config::StorageArgs;
 
 /// `pg_advisory_lock` key of setup: two instances never plan at once.
 const SETUP_LOCK_KEY: i64 = 0x6c6f_6375_735f_7365; // "locus_se"
-const CREATE_TABLE_SQL: &str = include_str!("../../migrations/0001_location_events.sql");
+pub const EVENTS_SQL: &str = include_str!("../../migrations/location_events.sql");
+pub const HOURLY_TABLE_SQL: &str = include_str!("../../migrations/location_hourly.table.sql");
+pub const HOURLY_CAGG_SQL: &str = include_str!("../../migrations/location_hourly.cagg.sql");
+pub const JOBS_SQL: &str = include_str!("../../migrations/locus_jobs.sql");
 
 /// What the database offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Tier {
     /// TimescaleDB, community edition: hypertable, compression, continuous aggregates, policies.
     Timescale,
@@ -38,7 +55,7 @@ impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Tier::Timescale => "timescale (TimescaleDB community edition)",
-            Tier::TimescaleApache => "timescale-apache (TimescaleDB Apache edition: no compression, continuous aggregates or policies)",
+            Tier::TimescaleApache => "timescale-apache (TimescaleDB Apache edition)",
             Tier::Postgres => "postgres (plain PostgreSQL, native partitions)",
         })
     }
@@ -73,7 +90,7 @@ pub enum SetupError {
 }
 
 impl SetupError {
-    fn sql(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SetupError {
+    pub(crate) fn sql(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SetupError {
         let doing = doing.into();
         move |source| SetupError::Sql { doing, source }
     }
@@ -84,6 +101,8 @@ impl SetupError {
 pub struct Step {
     pub description: String,
     pub sql: String,
+    /// Runs as the first command of a new connection (`ALTER EXTENSION ... UPDATE`).
+    pub fresh_connection: bool,
 }
 
 /// What setup found and what it would do.
@@ -105,7 +124,12 @@ impl fmt::Display for Plan {
             return writeln!(f, "-- nothing to do: the schema is up to date");
         }
         for s in &self.steps {
-            writeln!(f, "-- {}\n{};", s.description, s.sql.trim_end())?;
+            let fresh = if s.fresh_connection {
+                " (on a fresh connection)"
+            } else {
+                ""
+            };
+            writeln!(f, "-- {}{fresh}\n{};", s.description, s.sql.trim_end())?;
         }
         Ok(())
     }
@@ -118,8 +142,9 @@ pub struct SetupOptions {
     pub require_tier: Option<Tier>,
 }
 
-/// Opens the connection setup uses: UTC and ISO dates (partition bounds are
-/// parsed), and a lock timeout so that DDL never waits forever behind writes.
+/// Opens a connection for setup and maintenance: UTC and ISO dates
+/// (partition bounds are parsed), and a lock timeout so that DDL never waits
+/// forever behind writes.
 pub async fn connect(url: &str) -> Result<PgConnection, SetupError> {
     let opts: PgConnectOptions = url.parse().map_err(SetupError::Connect)?;
     let opts = opts.application_name("locus-setup").options([
@@ -136,57 +161,50 @@ pub async fn connect(url: &str) -> Result<PgConnection, SetupError> {
 /// Plans and, unless `dry_run`, applies; returns the plan. `now_us` is the
 /// clock partitions are made against.
 pub async fn run(
-    conn: &mut PgConnection,
+    url: &str,
     opts: &SetupOptions,
     dry_run: bool,
     now_us: i64,
 ) -> Result<Plan, SetupError> {
+    let mut conn = connect(url).await?;
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(SETUP_LOCK_KEY)
-        .execute(&mut *conn)
+        .execute(&mut conn)
         .await
         .map_err(SetupError::sql("taking the setup lock"))?;
-    let result = plan_and_apply(conn, opts, dry_run, now_us).await;
-    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(SETUP_LOCK_KEY)
-        .execute(&mut *conn)
-        .await;
-    let plan = result?;
-    unlock.map_err(SetupError::sql("releasing the setup lock"))?;
-    Ok(plan)
+    let result = plan_and_apply(&mut conn, url, opts, dry_run, now_us).await;
+    let _ = conn.close().await; // ends the session, and with it the lock
+    result
 }
 
 async fn plan_and_apply(
     conn: &mut PgConnection,
+    url: &str,
     opts: &SetupOptions,
     dry_run: bool,
     now_us: i64,
 ) -> Result<Plan, SetupError> {
     let plan = plan(conn, opts, now_us).await?;
     if !dry_run {
-        apply(conn, &plan).await?;
+        for step in &plan.steps {
+            tracing::info!(step = %step.description, "setup");
+            let result = if step.fresh_connection {
+                let mut fresh = connect(url).await?;
+                execute(&mut fresh, &step.sql).await
+            } else {
+                execute(conn, &step.sql).await
+            };
+            result.map_err(SetupError::sql(step.description.clone()))?;
+        }
     }
     Ok(plan)
 }
 
-async fn apply(conn: &mut PgConnection, plan: &Plan) -> Result<(), SetupError> {
-    for step in &plan.steps {
-        tracing::info!(step = %step.description, "setup");
-        // A query without arguments runs over the simple protocol.
-        sqlx::Executor::execute(&mut *conn, step.sql.as_str())
-            .await
-            .map_err(SetupError::sql(step.description.clone()))?;
-    }
-    Ok(())
-}
-
-#[derive(Debug, sqlx::FromRow)]
-struct Facts {
-    installed: Option<String>,
-    available: Option<String>,
-    preload: String,
-    license: Option<String>,
-    relkind: Option<String>,
+/// A query without arguments runs over the simple protocol: several
+/// statements in one step run as one implicit transaction, and a single
+/// statement runs outside any transaction block.
+async fn execute(conn: &mut PgConnection, sql: &str) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, sql).await.map(|_| ())
 }
 
 /// Reads the catalog and lists the steps still needed.
@@ -195,126 +213,78 @@ pub async fn plan(
     opts: &SetupOptions,
     now_us: i64,
 ) -> Result<Plan, SetupError> {
-    let facts: Facts = sqlx::query_as(
-        "SELECT
-            (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb') AS installed,
-            (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb') AS available,
-            current_setting('shared_preload_libraries') AS preload,
-            current_setting('timescaledb.license', true) AS license,
-            (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('location_events')) AS relkind",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(SetupError::sql("reading the catalog"))?;
-
-    let mut notes = Vec::new();
-    let preloaded = facts.preload.split(',').any(|l| l.trim() == "timescaledb");
-    let tier = if facts.installed.is_some() || (facts.available.is_some() && preloaded) {
-        if facts.license.as_deref() == Some("apache") {
-            Tier::TimescaleApache
-        } else {
-            Tier::Timescale
-        }
-    } else {
-        if facts.available.is_some() {
-            notes.push("timescaledb is installed on the server but not in shared_preload_libraries; using plain PostgreSQL".into());
-        }
-        Tier::Postgres
-    };
-    if tier == Tier::TimescaleApache {
-        notes.push("compression, continuous aggregates and policies are not available on the Apache edition".into());
-    }
-    if let Some(required) = opts.require_tier
-        && required != tier
-        && !(required == Tier::TimescaleApache && tier == Tier::Timescale)
-    {
-        let missing = match (required, tier) {
-            (Tier::Timescale, Tier::TimescaleApache) => {
-                "timescaledb.license is 'apache'; set it to 'timescale' for the community features"
-                    .into()
-            }
-            (_, Tier::Postgres) if facts.available.is_none() => {
-                "the timescaledb extension is not installed on the server".into()
-            }
-            (_, Tier::Postgres) => "timescaledb must be in shared_preload_libraries".into(),
-            _ => {
-                format!("the database offers more than {required:?}; do not require a lesser tier")
-            }
-        };
-        return Err(SetupError::TierNotMet {
-            required,
-            found: tier,
-            missing,
-        });
-    }
-
-    let mut steps = Vec::new();
+    let facts = catalog::read(conn).await?;
+    check_required(&facts, opts.require_tier)?;
     let storage = &opts.storage;
-    let interval_us = micros(storage.chunk_interval);
-    let relkind = facts.relkind.as_deref().and_then(|k| k.chars().next());
+    let tier = facts.tier;
+    let mut steps = Vec::new();
+
     if tier.is_timescale() {
-        if facts.installed.is_none() {
-            steps.push(step(
+        match (&facts.installed, &facts.available) {
+            (None, _) => steps.push(step(
                 "create the timescaledb extension",
                 "CREATE EXTENSION IF NOT EXISTS timescaledb",
-            ));
-        }
-        let is_hypertable = facts.installed.is_some()
-            && sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_name = 'location_events')",
-            )
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(SetupError::sql("reading hypertables"))?;
-        match relkind {
-            None => steps.push(step("create table location_events", CREATE_TABLE_SQL)),
-            Some('r') if !is_hypertable => {
-                if has_rows(conn).await? {
-                    return Err(SetupError::Refused(
-                        "location_events exists as a plain table with rows; adopting it is not implemented yet, and setup will not touch it".into(),
-                    ));
-                }
-            }
-            Some('r') => {}
-            Some(k) => return Err(unexpected_relkind(k)),
-        }
-        if !is_hypertable {
-            steps.push(step(
-                "make location_events a hypertable",
-                format!(
-                    "SELECT create_hypertable('location_events', by_range('time', INTERVAL '{} seconds'))",
-                    storage.chunk_interval.as_secs()
-                ),
-            ));
-        }
-    } else {
-        match relkind {
-            None => steps.push(step(
-                "create table location_events, partitioned by time",
-                format!("{}\nPARTITION BY RANGE (time)", CREATE_TABLE_SQL.trim_end()),
             )),
-            Some('p') => {}
-            Some('r') => {
-                return Err(SetupError::Refused(
-                    "location_events exists but is not partitioned; adopting it is not implemented yet, and setup will not touch it".into(),
-                ));
-            }
-            Some(k) => return Err(unexpected_relkind(k)),
+            (Some(have), Some(latest)) if have != latest => steps.push(Step {
+                fresh_connection: true,
+                ..step(
+                    format!("update timescaledb {have} -> {latest}"),
+                    "ALTER EXTENSION timescaledb UPDATE",
+                )
+            }),
+            _ => {}
         }
     }
 
-    let existing_indexes: Vec<String> = if relkind.is_some() {
-        sqlx::query_scalar(
-            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'location_events'",
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(SetupError::sql("reading indexes"))?
+    // location_events: create, adopt, or keep.
+    let hypertable = if facts.installed.is_some() {
+        timescale::hypertable(conn).await?
+    } else {
+        timescale::Hypertable::default()
+    };
+    let adopting = match facts.events {
+        None => {
+            steps.extend(create_events(tier, storage, now_us));
+            false
+        }
+        Some('p') if tier == Tier::Postgres => {
+            steps.extend(partition_steps(conn, storage, now_us).await?);
+            false
+        }
+        Some('r') if hypertable.exists => {
+            steps.extend(timescale::hypertable_steps(&hypertable, storage));
+            false
+        }
+        Some('r') if tier.is_timescale() && !adopt::needs_migration(conn).await? => {
+            steps.extend(timescale::hypertable_steps(&hypertable, storage));
+            false
+        }
+        Some('r') => {
+            steps.push(adopt::migration(conn, tier, storage, now_us).await?);
+            true
+        }
+        Some('p') => {
+            return Err(SetupError::Refused(
+                "location_events is a partitioned table but this database has TimescaleDB: \
+                 moving between tiers is not supported; rename it to adopt its rows"
+                    .into(),
+            ));
+        }
+        Some(k) => {
+            return Err(SetupError::Refused(format!(
+                "location_events exists but is a {}; setup will not replace it",
+                timescale::relkind_name(k)
+            )));
+        }
+    };
+
+    let existing = if facts.events.is_some() && !adopting {
+        catalog::indexes(conn, "location_events").await?
     } else {
         Vec::new()
     };
-    for (name, def) in INDEXES {
-        if !existing_indexes.iter().any(|i| i == name) {
+    for (name, def) in EVENTS_INDEXES {
+        if !existing.iter().any(|i| i == name) {
             steps.push(step(
                 format!("create index {name}"),
                 format!("CREATE {def}"),
@@ -322,97 +292,187 @@ pub async fn plan(
         }
     }
 
-    if tier == Tier::Postgres {
-        steps.extend(partition_steps(conn, relkind.is_some(), storage, interval_us, now_us).await?);
+    if facts.pending.is_none() || facts.job_runs.is_none() {
+        if facts.pending.is_some() != facts.job_runs.is_some() {
+            return Err(SetupError::Refused(
+                "only one of locus_rollup_pending and locus_job_runs exists; \
+                 setup will not guess: drop the other, and run setup again"
+                    .into(),
+            ));
+        }
+        steps.push(step("create locus's job tables", JOBS_SQL));
     }
-    Ok(Plan { tier, notes, steps })
+
+    if tier == Tier::Timescale {
+        let (is_cagg, jobs) = if facts.installed.is_some() {
+            (
+                timescale::is_cagg(conn).await?,
+                timescale::jobs(conn).await?,
+            )
+        } else {
+            (false, Vec::new())
+        };
+        steps.extend(timescale::community_steps(
+            &hypertable,
+            facts.hourly,
+            is_cagg,
+            &jobs,
+            storage,
+        )?);
+    } else {
+        match facts.hourly {
+            None => steps.push(step("create table location_hourly", HOURLY_TABLE_SQL)),
+            Some('r') => {}
+            Some(k) => {
+                return Err(SetupError::Refused(format!(
+                    "location_hourly exists as a {} rather than a table (was this database on another \
+                     tier?); setup will not replace it: rename or drop it, and run setup again",
+                    timescale::relkind_name(k)
+                )));
+            }
+        }
+    }
+    Ok(Plan {
+        tier,
+        notes: facts.notes,
+        steps,
+    })
+}
+
+fn check_required(facts: &Facts, required: Option<Tier>) -> Result<(), SetupError> {
+    let Some(required) = required else {
+        return Ok(());
+    };
+    let tier = facts.tier;
+    if required == tier || (required == Tier::TimescaleApache && tier == Tier::Timescale) {
+        return Ok(());
+    }
+    let missing = match (required, tier) {
+        (Tier::Timescale, Tier::TimescaleApache) => {
+            "timescaledb.license is 'apache'; set it to 'timescale' for compression, continuous \
+             aggregates and policies"
+                .into()
+        }
+        (_, Tier::Postgres) if facts.available.is_none() => {
+            "the timescaledb extension is not installed on the server".into()
+        }
+        (_, Tier::Postgres) => "timescaledb must be in shared_preload_libraries".into(),
+        _ => format!("the database offers more than {required:?}; do not require a lesser tier"),
+    };
+    Err(SetupError::TierNotMet {
+        required,
+        found: tier,
+        missing,
+    })
 }
 
 /// The indexes of `location_events`: the unique key that makes duplicates
 /// impossible, and the seed's query paths.
-pub const INDEXES: [(&str, &str); 3] = [
+pub const EVENTS_INDEXES: [(&str, &str); 3] = [
     (
         "location_events_device_id_time_key",
         "UNIQUE INDEX location_events_device_id_time_key ON location_events (device_id, time DESC)",
     ),
     (
-        "idx_location_user",
-        "INDEX idx_location_user ON location_events (user_id, time DESC)",
+        "location_events_user_id_time_idx",
+        "INDEX location_events_user_id_time_idx ON location_events (user_id, time DESC)",
     ),
     (
-        "idx_location_app",
-        "INDEX idx_location_app ON location_events (app_source, time DESC)",
+        "location_events_app_source_time_idx",
+        "INDEX location_events_app_source_time_idx ON location_events (app_source, time DESC)",
     ),
 ];
 
-async fn partition_steps(
-    conn: &mut PgConnection,
-    table_exists: bool,
-    storage: &StorageArgs,
-    interval_us: i64,
-    now_us: i64,
-) -> Result<Vec<Step>, SetupError> {
-    let existing: Vec<(String, String)> = if table_exists {
-        sqlx::query_as(
-            "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid)
-             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-             WHERE i.inhparent = 'location_events'::regclass",
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(SetupError::sql("reading partitions"))?
-    } else {
-        Vec::new()
-    };
-    let mut steps = Vec::new();
-    if !existing.iter().any(|(name, _)| name == DEFAULT_PARTITION) {
-        steps.push(step(
+/// `CREATE TABLE location_events` for the tier, and its partitions or hypertable.
+pub fn create_events(tier: Tier, storage: &StorageArgs, now_us: i64) -> Vec<Step> {
+    if tier.is_timescale() {
+        let mut steps = vec![step("create table location_events", EVENTS_SQL)];
+        steps.extend(timescale::hypertable_steps(
+            &timescale::Hypertable::default(),
+            storage,
+        ));
+        return steps;
+    }
+    let mut steps = vec![
+        step(
+            "create table location_events, partitioned by time",
+            format!("{}\nPARTITION BY RANGE (time)", EVENTS_SQL.trim_end()),
+        ),
+        step(
             "create the default partition",
             format!("CREATE TABLE {DEFAULT_PARTITION} PARTITION OF location_events DEFAULT"),
-        ));
-    }
-    let ranges: Vec<partitions::Range> = existing
-        .iter()
-        .filter_map(|(_, bound)| partitions::parse_bound(bound))
-        .collect();
-    for want in partitions::wanted(
+        ),
+    ];
+    let interval_us = micros(storage.chunk_interval);
+    for r in partitions::missing(
+        &[],
         now_us,
         interval_us,
         micros(storage.raw_retention),
         storage.partitions_ahead,
     ) {
-        // A partition of another interval may already cover part of this
-        // range; it is kept, and the gap is left to the default partition.
-        if !ranges.iter().any(|r| r.overlaps(&want)) {
+        steps.push(step(
+            format!("create partition {}", r.name(interval_us)),
+            r.create_sql(interval_us),
+        ));
+    }
+    steps
+}
+
+async fn partition_steps(
+    conn: &mut PgConnection,
+    storage: &StorageArgs,
+    now_us: i64,
+) -> Result<Vec<Step>, SetupError> {
+    let existing = partitions::list(conn).await?;
+    let mut steps = Vec::new();
+    let default_exists = existing.iter().any(|(name, _)| name == DEFAULT_PARTITION);
+    if !default_exists {
+        steps.push(step(
+            "create the default partition",
+            format!("CREATE TABLE {DEFAULT_PARTITION} PARTITION OF location_events DEFAULT"),
+        ));
+    }
+    let ranges: Vec<partitions::Range> = existing.iter().filter_map(|(_, r)| *r).collect();
+    let interval_us = micros(storage.chunk_interval);
+    let default_has_rows = default_exists && partitions::default_has_rows(conn, None).await?;
+    for r in partitions::missing(
+        &ranges,
+        now_us,
+        interval_us,
+        micros(storage.raw_retention),
+        storage.partitions_ahead,
+    ) {
+        if default_has_rows && partitions::default_has_rows(conn, Some(&r)).await? {
             steps.push(step(
-                format!("create partition {}", want.name(interval_us)),
-                want.create_sql(interval_us),
+                format!(
+                    "create partition {} and move its rows out of the default partition",
+                    r.name(interval_us)
+                ),
+                partitions::create_moving_sql(&r, interval_us),
+            ));
+        } else {
+            steps.push(step(
+                format!("create partition {}", r.name(interval_us)),
+                r.create_sql(interval_us),
             ));
         }
     }
     Ok(steps)
 }
 
-async fn has_rows(conn: &mut PgConnection) -> Result<bool, SetupError> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM location_events)")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(SetupError::sql("checking location_events for rows"))
-}
-
-fn unexpected_relkind(k: char) -> SetupError {
-    SetupError::Refused(format!(
-        "location_events exists but is not a table (relkind {k:?}); setup will not replace it"
-    ))
-}
-
-fn step(description: impl Into<String>, sql: impl Into<String>) -> Step {
+pub(crate) fn step(description: impl Into<String>, sql: impl Into<String>) -> Step {
     Step {
         description: description.into(),
         sql: sql.into(),
+        fresh_connection: false,
     }
 }
 
-fn micros(d: Duration) -> i64 {
+pub(crate) fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }

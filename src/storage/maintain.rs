@@ -1,0 +1,152 @@
+//! The jobs locus runs itself where TimescaleDB's policies are missing: raw
+//! retention (drop old chunks or partitions), hourly retention, and the
+//! hourly rollup. Each run is recorded in `locus_job_runs` for the doctor.
+
+use std::time::Instant;
+
+use sqlx::PgConnection;
+
+use super::{
+    SetupError, Tier, hourly,
+    partitions::{self, DEFAULT_PARTITION},
+    setup::micros,
+};
+use crate::config::StorageArgs;
+
+/// Job names, as recorded and reported.
+pub const ROLLUP: &str = "hourly_rollup";
+pub const RAW_RETENTION: &str = "raw_retention";
+pub const HOURLY_RETENTION: &str = "hourly_retention";
+/// Runs kept per job in `locus_job_runs`.
+const RUNS_KEPT: i64 = 500;
+
+/// Drops raw data older than the retention at `now_us`; returns what it did.
+pub async fn raw_retention(
+    conn: &mut PgConnection,
+    tier: Tier,
+    storage: &StorageArgs,
+    now_us: i64,
+) -> Result<String, SetupError> {
+    let cutoff_us = now_us - micros(storage.raw_retention);
+    match tier {
+        // TimescaleDB's own policy does it.
+        Tier::Timescale => Ok("done by TimescaleDB's retention policy".into()),
+        Tier::TimescaleApache => {
+            let dropped: Vec<String> = sqlx::query_scalar(
+                "SELECT c::text FROM drop_chunks('location_events', older_than => to_timestamp($1::float8 / 1e6)) AS c",
+            )
+            .bind(cutoff_us as f64)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(SetupError::sql("dropping old chunks"))?;
+            Ok(format!("dropped {} chunks", dropped.len()))
+        }
+        Tier::Postgres => {
+            let mut dropped = Vec::new();
+            for (name, range) in partitions::list(conn).await? {
+                if range.is_some_and(|r| r.end_us <= cutoff_us) {
+                    sqlx::Executor::execute(&mut *conn, format!("DROP TABLE {name}").as_str())
+                        .await
+                        .map_err(SetupError::sql(format!("dropping partition {name}")))?;
+                    dropped.push(name);
+                }
+            }
+            let deleted = sqlx::query(&format!(
+                "DELETE FROM {DEFAULT_PARTITION} WHERE time < to_timestamp($1::float8 / 1e6)"
+            ))
+            .bind(cutoff_us as f64)
+            .execute(&mut *conn)
+            .await
+            .map_err(SetupError::sql(
+                "deleting old rows of the default partition",
+            ))?
+            .rows_affected();
+            Ok(format!(
+                "dropped {} partitions, deleted {deleted} old rows from the default partition",
+                dropped.len()
+            ))
+        }
+    }
+}
+
+/// Deletes hourly rows older than the hourly retention (tiers 2 and 3).
+pub async fn hourly_retention(
+    conn: &mut PgConnection,
+    storage: &StorageArgs,
+    now_us: i64,
+) -> Result<String, SetupError> {
+    let cutoff_us = now_us - micros(storage.hourly_retention);
+    let n = sqlx::query("DELETE FROM location_hourly WHERE hour < to_timestamp($1::float8 / 1e6)")
+        .bind(cutoff_us as f64)
+        .execute(&mut *conn)
+        .await
+        .map_err(SetupError::sql("deleting old hourly rows"))?
+        .rows_affected();
+    Ok(format!("deleted {n} hourly rows"))
+}
+
+/// Recomputes the pending hours (tiers 2 and 3).
+pub async fn rollup(conn: &mut PgConnection) -> Result<String, SetupError> {
+    let n = hourly::rollup(conn)
+        .await
+        .map_err(SetupError::sql("rolling up pending hours"))?;
+    Ok(format!("wrote {n} hourly rows"))
+}
+
+/// Runs every job locus owns on `tier` once, at `now_us`, and records each.
+pub async fn run_all(
+    conn: &mut PgConnection,
+    tier: Tier,
+    storage: &StorageArgs,
+    now_us: i64,
+) -> Result<(), SetupError> {
+    if tier == Tier::Timescale {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let r = raw_retention(conn, tier, storage, now_us).await;
+    record(conn, RAW_RETENTION, started, &r).await?;
+    let started = Instant::now();
+    let h = hourly_retention(conn, storage, now_us).await;
+    record(conn, HOURLY_RETENTION, started, &h).await?;
+    let started = Instant::now();
+    let u = rollup(conn).await;
+    record(conn, ROLLUP, started, &u).await?;
+    r.and(h).and(u).map(|_| ())
+}
+
+/// Writes one run into `locus_job_runs`, and logs it.
+pub async fn record(
+    conn: &mut PgConnection,
+    job: &str,
+    started: Instant,
+    result: &Result<String, SetupError>,
+) -> Result<(), SetupError> {
+    let (ok, detail) = match result {
+        Ok(d) => (true, d.clone()),
+        Err(e) => (false, e.to_string()),
+    };
+    if ok {
+        tracing::debug!(job, %detail, "job ran");
+    } else {
+        tracing::warn!(job, %detail, "job failed");
+    }
+    let ms = started.elapsed().as_millis() as i64;
+    sqlx::query(
+        "WITH ins AS (
+            INSERT INTO locus_job_runs (job, started_at, duration_ms, ok, detail)
+            VALUES ($1, now() - make_interval(secs => $2::float8 / 1000), $2, $3, $4)
+         )
+         DELETE FROM locus_job_runs WHERE job = $1 AND started_at < (
+            SELECT started_at FROM locus_job_runs WHERE job = $1 ORDER BY started_at DESC OFFSET $5 LIMIT 1)",
+    )
+    .bind(job)
+    .bind(ms)
+    .bind(ok)
+    .bind(detail)
+    .bind(RUNS_KEPT)
+    .execute(conn)
+    .await
+    .map_err(SetupError::sql("recording a job run"))?;
+    Ok(())
+}
