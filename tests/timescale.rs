@@ -1,0 +1,307 @@
+//! The TimescaleDB tiers. They run where `TIMESCALEDB_URL` (community
+//! edition, `timescaledb.license = 'timescale'`) and
+//! `TIMESCALEDB_APACHE_URL` (`timescaledb.license = 'apache'`) name admin
+//! URLs of servers with timescaledb preloaded, and print that they were
+//! skipped otherwise. The license cannot change in a running session, so
+//! each edition needs its own server.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
+use locus::{
+    config::StorageArgs,
+    ingest::unix_micros,
+    proto::LocationBatch,
+    storage::{
+        Tier, doctor, maintain,
+        setup::{self, SetupOptions},
+    },
+};
+use sqlx::PgPool;
+
+const DAY_US: i64 = 86_400_000_000;
+
+fn server_for(var: &str) -> Option<String> {
+    let url = std::env::var(var).ok();
+    if url.is_none() {
+        println!("skipped: {var} is not set, so this TimescaleDB tier is not tested here");
+    }
+    url
+}
+
+fn opts() -> SetupOptions {
+    SetupOptions {
+        storage: StorageArgs::default(),
+        require_tier: None,
+    }
+}
+
+fn now_us() -> i64 {
+    unix_micros(std::time::SystemTime::now())
+}
+
+async fn scalar_i64(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Setup from empty, idempotence, and a reconcile, on either edition.
+async fn setup_and_reconcile(admin: &str, want: Tier) {
+    let db = TestDb::on(admin).await;
+    let plan = setup::run(&db.url, &opts(), false, now_us()).await.unwrap();
+    assert_eq!(plan.tier, want, "{plan}");
+    assert!(
+        setup::run(&db.url, &opts(), false, now_us())
+            .await
+            .unwrap()
+            .steps
+            .is_empty()
+    );
+    let pool = db.pool().await;
+    let interval = scalar_i64(
+        &pool,
+        "SELECT extract(epoch FROM time_interval)::int8 FROM timescaledb_information.dimensions
+         WHERE hypertable_name = 'location_events'",
+    )
+    .await;
+    assert_eq!(interval, 86_400);
+
+    let mut changed = opts();
+    changed.storage.chunk_interval = Duration::from_secs(12 * 3600);
+    changed.storage.raw_retention = Duration::from_secs(60 * 86_400);
+    changed.storage.compress_after = Duration::from_secs(3 * 86_400);
+    let plan = setup::run(&db.url, &changed, false, now_us())
+        .await
+        .unwrap();
+    assert!(
+        plan.steps
+            .iter()
+            .any(|s| s.sql.contains("set_chunk_time_interval")),
+        "{plan}"
+    );
+    if want == Tier::Timescale {
+        for policy in [
+            "remove_retention_policy('location_events')",
+            "remove_compression_policy",
+            "remove_continuous_aggregate_policy",
+        ] {
+            assert!(
+                plan.steps.iter().any(|s| s.sql.contains(policy)),
+                "{policy} in {plan}"
+            );
+        }
+        let drop_after = scalar_i64(
+            &pool,
+            "SELECT extract(epoch FROM (config->>'drop_after')::interval)::int8 FROM timescaledb_information.jobs
+             WHERE proc_name = 'policy_retention' AND hypertable_name = 'location_events'",
+        )
+        .await;
+        assert_eq!(drop_after, 60 * 86_400);
+    }
+    assert!(
+        setup::run(&db.url, &changed, false, now_us())
+            .await
+            .unwrap()
+            .steps
+            .is_empty()
+    );
+    let text = doctor::render(&doctor::examine(&db.url, &changed, now_us()).await.unwrap());
+    assert!(text.contains("attention: nothing"), "{text}");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn community_edition_setup_and_reconcile() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    setup_and_reconcile(&admin, Tier::Timescale).await;
+}
+
+#[tokio::test]
+async fn apache_edition_setup_and_reconcile() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    setup_and_reconcile(&admin, Tier::TimescaleApache).await;
+}
+
+#[tokio::test]
+async fn requiring_the_community_edition_on_apache_fails_and_says_why() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    let db = TestDb::on(&admin).await;
+    let o = SetupOptions {
+        require_tier: Some(Tier::Timescale),
+        ..opts()
+    };
+    let err = setup::run(&db.url, &o, false, now_us()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("timescaledb.license is 'apache'"),
+        "{err}"
+    );
+    db.drop_db().await;
+}
+
+/// Community edition: compression really happens; late points into a
+/// compressed chunk are stored, their duplicates ignored; the aggregate
+/// survives raw retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    let db = TestDb::on(&admin).await;
+    let server = TestServer::start(config(&db)).await;
+    let pool = db.pool().await;
+    let mut client = server.client().await;
+    // Ten days ago: 50 devices, 1,000 points each, one every 10 s.
+    let start = now_secs() - 10 * 86_400;
+    let devices: Vec<Device> = (0..50).map(|_| Device::new(start)).collect();
+    for (i, d) in devices.iter().enumerate() {
+        let batch = LocationBatch {
+            batch_id: i as u64,
+            locations: (0..1_000).map(|k| d.point(k * 10)).collect(),
+        };
+        assert_eq!(
+            client
+                .write_locations(batch)
+                .await
+                .unwrap()
+                .into_inner()
+                .accepted,
+            1_000
+        );
+    }
+    let job = scalar_i64(
+        &pool,
+        "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = 'policy_compression'
+         AND hypertable_name = 'location_events'",
+    )
+    .await;
+    sqlx::raw_sql(&format!("CALL run_job({job})"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = doctor::examine(&db.url, &opts(), now_us()).await.unwrap();
+    let c = report.compression.as_ref().unwrap();
+    assert!(c.compressed_chunks >= 1, "{c:?}");
+    assert!(c.ratio.unwrap() > 2.0, "compressed {c:?}");
+
+    // Late points into the compressed chunk: 100 new, 100 already stored.
+    let d = &devices[3];
+    let late = LocationBatch {
+        batch_id: 99,
+        locations: (900..1_100).map(|k| d.point(k * 10)).collect(),
+    };
+    let ack = client.write_locations(late).await.unwrap().into_inner();
+    assert_eq!((ack.accepted, ack.duplicates), (100, 100));
+    assert_eq!(count_rows(&pool).await, 50_100);
+
+    // The aggregate: refresh it, then drop the raw chunks (as retention
+    // would) and run the refresh policy: its window ends before them.
+    sqlx::raw_sql(
+        "CALL refresh_continuous_aggregate('location_hourly', NULL, now() - interval '1 hour')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let hourly_before = scalar_i64(
+        &pool,
+        "SELECT coalesce(sum(point_count), 0)::int8 FROM location_hourly",
+    )
+    .await;
+    assert_eq!(hourly_before, 50_100);
+    // Retention with an 8-day cutoff stands for 30 days passing: every chunk
+    // of the data (10 days old, under 3 hours of it) ends before it.
+    sqlx::raw_sql("SELECT drop_chunks('location_events', older_than => now() - interval '8 days')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count_rows(&pool).await, 0);
+    let mut o = opts();
+    o.storage.raw_retention = Duration::from_secs(8 * 86_400);
+    o.storage.compress_after = Duration::from_secs(3 * 86_400);
+    setup::run(&db.url, &o, false, now_us()).await.unwrap(); // refresh window now 7 days
+    let refresh = scalar_i64(
+        &pool,
+        "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = 'policy_refresh_continuous_aggregate'",
+    )
+    .await;
+    sqlx::raw_sql(&format!("CALL run_job({refresh})"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let hourly_after = scalar_i64(
+        &pool,
+        "SELECT coalesce(sum(point_count), 0)::int8 FROM location_hourly",
+    )
+    .await;
+    assert_eq!(hourly_after, 50_100, "the aggregate survives raw retention");
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// Apache edition: locus keeps location_hourly and drops old chunks itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apache_edition_rollup_and_retention_by_locus() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    let db = TestDb::on(&admin).await;
+    let server = TestServer::start(config(&db)).await;
+    let pool = db.pool().await;
+    let hour = (now_secs() - 2 * 86_400) / 3600 * 3600;
+    let d = Device::new(hour);
+    let mut client = server.client().await;
+    client.write_locations(d.batch(1, 0, 300)).await.unwrap();
+    let mut conn = setup::connect(&db.url).await.unwrap();
+    maintain::run_all(&mut conn, Tier::TimescaleApache, &opts().storage, now_us())
+        .await
+        .unwrap();
+    assert_eq!(
+        scalar_i64(&pool, "SELECT sum(point_count)::int8 FROM location_hourly").await,
+        300
+    );
+    // Late points for the same hour.
+    client.write_locations(d.batch(2, 300, 300)).await.unwrap();
+    maintain::rollup(&mut conn).await.unwrap();
+    assert_eq!(
+        scalar_i64(&pool, "SELECT sum(point_count)::int8 FROM location_hourly").await,
+        600
+    );
+    // 29 days on, the chunk is past retention: dropped by locus, hourly kept.
+    let done = maintain::raw_retention(
+        &mut conn,
+        Tier::TimescaleApache,
+        &opts().storage,
+        now_us() + 29 * DAY_US,
+    )
+    .await
+    .unwrap();
+    assert!(done.starts_with("dropped 1 chunks"), "{done}");
+    assert_eq!(count_rows(&pool).await, 0);
+    assert_eq!(
+        scalar_i64(&pool, "SELECT sum(point_count)::int8 FROM location_hourly").await,
+        600
+    );
+    let report = doctor::examine(&db.url, &opts(), now_us()).await.unwrap();
+    assert!(report.compression.is_none());
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("compression is not available")),
+        "{:?}",
+        report.notes
+    );
+    server.stop().await;
+    db.drop_db().await;
+}
