@@ -124,6 +124,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Setup(args) => {
             args.database.validate()?;
+            args.storage.validate()?;
             let opts = SetupOptions {
                 storage: args.storage,
                 require_tier: args.require_tier,
