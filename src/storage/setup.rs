@@ -166,6 +166,9 @@ pub async fn run(
     dry_run: bool,
     now_us: i64,
 ) -> Result<Plan, SetupError> {
+    opts.storage
+        .validate()
+        .map_err(|e| SetupError::Refused(e.to_string()))?;
     let mut conn = connect(url).await?;
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(SETUP_LOCK_KEY)
