@@ -229,6 +229,46 @@ impl Default for PipelineArgs {
     }
 }
 
+/// Reads: bounds on what one query may ask.
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    /// HTTP JSON listen address (queries, live feed, OpenAPI).
+    #[arg(long, env = "LOCUS_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Widest time range of one track query.
+    #[arg(long, env = "LOCUS_MAX_TRACK_SPAN", default_value = "31days", value_parser = humantime::parse_duration)]
+    pub max_track_span: Duration,
+    /// Points per track page when the client asks none.
+    #[arg(long, env = "LOCUS_TRACK_PAGE", default_value_t = 1_000)]
+    pub track_page: u32,
+    /// Most points per track page.
+    #[arg(long, env = "LOCUS_MAX_TRACK_PAGE", default_value_t = 10_000)]
+    pub max_track_page: u32,
+    /// Widest time range of one hourly-stats query.
+    #[arg(long, env = "LOCUS_MAX_STATS_SPAN", default_value = "366days", value_parser = humantime::parse_duration)]
+    pub max_stats_span: Duration,
+    /// Committed batches a live subscriber may fall behind before it loses the oldest.
+    #[arg(long, env = "LOCUS_LIVE_BUFFER", default_value_t = 1_024)]
+    pub live_buffer: usize,
+    /// Most live subscribers at once.
+    #[arg(long, env = "LOCUS_MAX_SUBSCRIBERS", default_value_t = 1_000)]
+    pub max_subscribers: usize,
+}
+
+impl Default for QueryArgs {
+    fn default() -> Self {
+        Self {
+            http_addr: ([0, 0, 0, 0], 8080).into(),
+            max_track_span: Duration::from_secs(31 * 86_400),
+            track_page: 1_000,
+            max_track_page: 10_000,
+            max_stats_span: Duration::from_secs(366 * 86_400),
+            live_buffer: 1_024,
+            max_subscribers: 1_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -263,6 +303,8 @@ pub struct ServeConfig {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub query: QueryArgs,
 }
 
 impl ServeConfig {
@@ -279,6 +321,10 @@ impl ServeConfig {
             validation: ValidationArgs::default(),
             limits: LimitArgs::default(),
             pipeline: PipelineArgs::default(),
+            query: QueryArgs {
+                http_addr: ([127, 0, 0, 1], 0).into(),
+                ..QueryArgs::default()
+            },
         }
     }
 

@@ -12,6 +12,8 @@ pub mod ingest;
 pub mod metrics;
 pub mod pipeline;
 pub mod proto;
+pub mod query;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod storage;

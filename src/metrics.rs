@@ -27,6 +27,12 @@ pub const OPEN_STREAMS: &str = "locus_open_streams";
 /// Labelled by `reason` (`buffer_full`, `too_many_streams`, `batch_too_large`).
 pub const REQUESTS_REFUSED: &str = "locus_requests_refused_total";
 
+/// Committed batches a live subscriber skipped because it fell behind.
+pub const LIVE_DROPPED: &str = "locus_live_dropped_total";
+pub const LIVE_SUBSCRIBERS: &str = "locus_live_subscribers";
+/// Labelled by `rpc`.
+pub const QUERY_DURATION: &str = "locus_query_duration_seconds";
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];

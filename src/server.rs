@@ -3,6 +3,7 @@
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -20,8 +21,12 @@ use crate::{
     config::{ConfigError, ServeConfig},
     ingest::{Ingestor, grpc::IngestService, unix_micros, validate::Validator},
     metrics,
-    pipeline::{Budget, Pipeline, writer::Writer},
-    proto::{self, ingest_server::IngestServer},
+    pipeline::{
+        Budget, Pipeline,
+        writer::{CommitSink, Writer},
+    },
+    proto::{self, ingest_server::IngestServer, query_server::QueryServer},
+    query::{QueryState, grpc::QueryService},
     storage::{
         catalog, maintain,
         setup::{self, SetupError, SetupOptions, Tier},
@@ -94,10 +99,19 @@ pub async fn run(
     };
     let pool = pool(&config).map_err(ServeError::Pool)?;
 
+    let query = Arc::new(QueryState::new(pool.clone(), config.query.clone()));
+    match query.latest.load(&pool).await {
+        Ok(n) => tracing::info!(devices = n, "latest positions loaded"),
+        Err(e) => {
+            tracing::warn!(error = %e, "latest positions not loaded; they fill as points arrive")
+        }
+    }
+    let sink: Arc<dyn CommitSink> = query.clone();
     let writer = Writer::new(
         pool.clone(),
         config.pipeline.write_retry_deadline,
         timescale::locus_runs_jobs(tier),
+        Some(sink),
     );
     let budget = Budget::new(config.limits.buffer_points, config.limits.buffer_bytes);
     let (pipeline, pipeline_task) = Pipeline::start(writer, &config.pipeline, budget);
@@ -143,6 +157,7 @@ pub async fn run(
         .add_service(
             IngestServer::new(ingest).max_decoding_message_size(config.limits.max_message_bytes),
         )
+        .add_service(QueryServer::new(QueryService::new(query.clone())))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listeners.grpc),
             shutdown.clone().cancelled_owned(),

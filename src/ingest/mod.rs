@@ -3,7 +3,6 @@
 //! mapping of errors to statuses.
 
 pub mod grpc;
-pub mod status;
 pub mod validate;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -18,7 +17,7 @@ use crate::{
 use validate::Validator;
 
 /// Why a client batch was not acknowledged. Mapped to gRPC statuses in
-/// [`status`].
+/// [`crate::status`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
     #[error("batch has {points} points; the limit is {limit} (--max-batch-points)")]

@@ -79,6 +79,75 @@ pub fn encode_row(buf: &mut BytesMut, loc: &ValidLocation) {
     }
 }
 
+/// Reads back one row written by [`encode_row`]; `None` if `row` is not one.
+/// Committed rows are decoded this way for the latest-position map and the
+/// live feed, so the pipeline keeps only the encoded bytes.
+pub fn decode_row(row: &[u8]) -> Option<ValidLocation> {
+    let mut r = Reader(row);
+    if r.i16()? != FIELD_COUNT {
+        return None;
+    }
+    let time_us = i64::from_be_bytes(r.field_exact::<8>()?) + PG_EPOCH_OFFSET_US;
+    let device_id = uuid::Uuid::from_bytes(r.field_exact::<16>()?);
+    let user_id = uuid::Uuid::from_bytes(r.field_exact::<16>()?);
+    let app_source = String::from_utf8(r.field()??.to_vec()).ok()?;
+    let latitude = f64::from_be_bytes(r.field_exact::<8>()?);
+    let longitude = f64::from_be_bytes(r.field_exact::<8>()?);
+    let mut opt = || -> Option<Option<f32>> {
+        Some(match r.field()? {
+            None => None,
+            Some(b) => Some(f32::from_be_bytes(b.try_into().ok()?)),
+        })
+    };
+    let (accuracy, altitude, speed, heading) = (opt()?, opt()?, opt()?, opt()?);
+    let metadata = match r.field()? {
+        None => None,
+        Some([JSONB_VERSION, json @ ..]) => Some(String::from_utf8(json.to_vec()).ok()?),
+        Some(_) => return None,
+    };
+    Some(ValidLocation {
+        time_us,
+        device_id,
+        user_id,
+        app_source,
+        latitude,
+        longitude,
+        accuracy,
+        altitude,
+        speed,
+        heading,
+        metadata,
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn i16(&mut self) -> Option<i16> {
+        Some(i16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    /// A field: `Some(None)` for NULL.
+    fn field(&mut self) -> Option<Option<&'a [u8]>> {
+        let len = i32::from_be_bytes(self.take(4)?.try_into().ok()?);
+        if len < 0 {
+            Some(None)
+        } else {
+            self.take(len as usize).map(Some)
+        }
+    }
+
+    fn field_exact<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.field()??.try_into().ok()
+    }
+}
+
 fn put_text(buf: &mut BytesMut, s: &str) {
     buf.put_i32(len_i32(s.len()));
     buf.put_slice(s.as_bytes());
@@ -134,6 +203,16 @@ mod tests {
         assert_eq!(&b[text..text + 6], b"\0\0\0\x02ab");
         // jsonb: version byte then the text
         assert_eq!(&b[b.len() - 7..], b"\0\0\0\x03\x01{}");
+    }
+
+    #[test]
+    fn rows_decode_back() {
+        for l in [loc(Some(r#"{"a": 1}"#), Some(2.5)), loc(None, None)] {
+            let mut b = BytesMut::new();
+            encode_row(&mut b, &l);
+            assert_eq!(decode_row(&b), Some(l));
+            assert_eq!(decode_row(&b[..b.len() - 1]), None);
+        }
     }
 
     #[test]

@@ -114,6 +114,17 @@ impl From<sqlx::Error> for WriteError {
     }
 }
 
+/// Told about every batch once it is committed, before its clients are
+/// acknowledged (the latest-position map, the live feed).
+pub trait CommitSink: Send + Sync + std::fmt::Debug {
+    /// `inserted`: the keys newly stored, or `None` when all of them were.
+    fn committed(&self, subs: &[Submission], inserted: Option<&HashSet<PointKey>>);
+}
+
+/// What an attempt stored: each submission's outcome, the path, and the
+/// keys newly stored when not all were.
+type Stored = (Vec<WriteOutcome>, Path, Option<HashSet<PointKey>>);
+
 /// Which way a batch went in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
@@ -142,6 +153,7 @@ struct Inner {
     retry_deadline: Duration,
     /// Record touched hours for locus's own hourly rollup (no continuous aggregate).
     track_hours: bool,
+    sink: Option<Arc<dyn CommitSink>>,
     copy_sql: String,
     staging_create_sql: String,
     staging_copy_sql: String,
@@ -149,7 +161,12 @@ struct Inner {
 }
 
 impl Writer {
-    pub fn new(pool: PgPool, retry_deadline: Duration, track_hours: bool) -> Self {
+    pub fn new(
+        pool: PgPool,
+        retry_deadline: Duration,
+        track_hours: bool,
+        sink: Option<Arc<dyn CommitSink>>,
+    ) -> Self {
         let table = "location_events";
         let staging = "locus_staging";
         Self {
@@ -157,6 +174,7 @@ impl Writer {
                 pool,
                 retry_deadline,
                 track_hours,
+                sink,
                 copy_sql: format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
                 staging_create_sql: format!(
                     "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -176,10 +194,7 @@ impl Writer {
 
     /// Writes `subs` as one transaction, retrying transient errors until the
     /// deadline. Returns each submission's outcome, in order.
-    async fn write_with_retry(
-        &self,
-        subs: &[Submission],
-    ) -> Result<(Vec<WriteOutcome>, Path), WriteError> {
+    async fn write_with_retry(&self, subs: &[Submission]) -> Result<Stored, WriteError> {
         let started = Instant::now();
         let backoff = ExponentialBuilder::default()
             .with_min_delay(RETRY_MIN_DELAY)
@@ -196,7 +211,7 @@ impl Writer {
             .await
     }
 
-    async fn attempt(&self, subs: &[Submission]) -> Result<(Vec<WriteOutcome>, Path), WriteError> {
+    async fn attempt(&self, subs: &[Submission]) -> Result<Stored, WriteError> {
         // Whatever stops us from getting a connection (refused, auth, "not
         // accepting connections", too many clients) says nothing against
         // the batch: it is retried like a lost connection.
@@ -209,13 +224,14 @@ impl Writer {
         let result = async {
             if !has_duplicate_keys(subs) {
                 match self.copy(&mut conn, subs).await {
-                    Ok(()) => return Ok((all_accepted(subs), Path::Copy)),
+                    Ok(()) => return Ok((all_accepted(subs), Path::Copy, None)),
                     Err(e) if e.is_unique_violation() => {}
                     Err(e) => return Err(e),
                 }
             }
             let inserted = self.dedup(&mut conn, subs).await?;
-            Ok((attribute(subs, inserted), Path::Dedup))
+            let kept = self.inner.sink.as_ref().map(|_| inserted.clone());
+            Ok((attribute(subs, inserted), Path::Dedup, kept))
         }
         .await;
         if result.is_err() {
@@ -263,12 +279,21 @@ impl Writer {
     }
 }
 
+impl Writer {
+    fn tell_sink(&self, subs: &[Submission], inserted: Option<&HashSet<PointKey>>) {
+        if let Some(sink) = &self.inner.sink {
+            sink.committed(subs, inserted);
+        }
+    }
+}
+
 impl WriteBatch for Writer {
     async fn write(&self, batch: Batch) {
         let started = Instant::now();
         match self.write_with_retry(&batch.submissions).await {
-            Ok((outcomes, path)) => {
+            Ok((outcomes, path, inserted)) => {
                 record_flush(path, &batch, started);
+                self.tell_sink(&batch.submissions, inserted.as_ref());
                 for (sub, outcome) in batch.submissions.into_iter().zip(outcomes) {
                     let _ = sub.reply.send(Ok(outcome));
                 }
@@ -283,7 +308,10 @@ impl WriteBatch for Writer {
                         metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "false").increment(1);
                         tracing::error!(error = %e, points = sub.keys.len(), "submission refused by the database");
                     }
-                    let _ = sub.reply.send(result.map(|(mut o, _)| o.remove(0)));
+                    if let Ok((_, _, inserted)) = &result {
+                        self.tell_sink(std::slice::from_ref(&sub), inserted.as_ref());
+                    }
+                    let _ = sub.reply.send(result.map(|(mut o, _, _)| o.remove(0)));
                 }
             }
             Err(e) => {

@@ -323,15 +323,26 @@ pub async fn plan(
             storage,
         )?);
     } else {
-        match facts.hourly {
-            None => steps.push(step("create table location_hourly", HOURLY_TABLE_SQL)),
-            Some('r') => {}
+        let existing = match facts.hourly {
+            None => {
+                steps.push(step("create table location_hourly", HOURLY_TABLE_SQL));
+                Vec::new()
+            }
+            Some('r') => catalog::indexes(conn, "location_hourly").await?,
             Some(k) => {
                 return Err(SetupError::Refused(format!(
                     "location_hourly exists as a {} rather than a table (was this database on another \
                      tier?); setup will not replace it: rename or drop it, and run setup again",
                     timescale::relkind_name(k)
                 )));
+            }
+        };
+        for (name, def) in HOURLY_INDEXES {
+            if !existing.iter().any(|i| i == name) {
+                steps.push(step(
+                    format!("create index {name}"),
+                    format!("CREATE {def}"),
+                ));
             }
         }
     }
@@ -383,6 +394,23 @@ pub const EVENTS_INDEXES: [(&str, &str); 3] = [
     (
         "location_events_app_source_time_idx",
         "INDEX location_events_app_source_time_idx ON location_events (app_source, time DESC)",
+    ),
+];
+
+/// The query paths of `location_hourly` where it is a table (a continuous
+/// aggregate gets TimescaleDB's own group-by indexes).
+pub const HOURLY_INDEXES: [(&str, &str); 3] = [
+    (
+        "location_hourly_device_id_hour_idx",
+        "INDEX location_hourly_device_id_hour_idx ON location_hourly (device_id, hour)",
+    ),
+    (
+        "location_hourly_user_id_hour_idx",
+        "INDEX location_hourly_user_id_hour_idx ON location_hourly (user_id, hour)",
+    ),
+    (
+        "location_hourly_app_source_hour_idx",
+        "INDEX location_hourly_app_source_hour_idx ON location_hourly (app_source, hour)",
     ),
 ];
 

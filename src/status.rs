@@ -1,12 +1,13 @@
-//! The one place where errors become gRPC statuses. Database details stay in
-//! the log; clients learn only whether and when to retry.
+//! The one place where errors become gRPC statuses and HTTP responses.
+//! Database details stay in the log; clients learn only what was wrong with
+//! their request, or whether and when to retry.
 
 use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::IngestError;
+use crate::{ingest::IngestError, query::QueryError};
 
 /// How long a client is told to wait before it retries a refused request.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -44,5 +45,40 @@ impl From<IngestError> for Status {
                 Status::internal("the batch could not be stored; it was not acknowledged")
             }
         }
+    }
+}
+
+impl From<QueryError> for Status {
+    fn from(e: QueryError) -> Self {
+        match &e {
+            QueryError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+            QueryError::NotFound(m) => Status::not_found(m.clone()),
+            QueryError::TooManySubscribers(_) => Status::resource_exhausted(e.to_string()),
+            QueryError::Database(db) => {
+                tracing::error!(error = %db, "query failed");
+                Status::unavailable("the query could not be answered; retry later")
+            }
+        }
+    }
+}
+
+/// The HTTP status of a query error; the body is `{"error": {"code", "message"}}`.
+pub fn http_status(e: &QueryError) -> u16 {
+    match e {
+        QueryError::InvalidArgument(_) => 400,
+        QueryError::NotFound(_) => 404,
+        QueryError::TooManySubscribers(_) => 429,
+        QueryError::Database(_) => 503,
+    }
+}
+
+/// What a client sees of a query error: database details stay in the log.
+pub fn public_message(e: &QueryError) -> String {
+    match e {
+        QueryError::Database(db) => {
+            tracing::error!(error = %db, "query failed");
+            "the query could not be answered; retry later".into()
+        }
+        other => other.to_string(),
     }
 }

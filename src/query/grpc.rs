@@ -1,0 +1,244 @@
+//! `locus.v1.Query` over gRPC.
+
+use std::{pin::Pin, sync::Arc, time::Instant};
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{QueryError, QueryState, invalid, live::Filter, parse_uuid, stats, track};
+use crate::{
+    ingest::validate::ValidLocation,
+    metrics as m,
+    proto::{self, query_server::Query},
+};
+
+/// At most this many device ids in one GetLatest.
+pub const MAX_LATEST_IDS: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct QueryService {
+    state: Arc<QueryState>,
+}
+
+impl QueryService {
+    pub fn new(state: Arc<QueryState>) -> Self {
+        Self { state }
+    }
+}
+
+pub fn to_proto(l: ValidLocation) -> proto::Location {
+    proto::Location {
+        time: Some(timestamp(l.time_us)),
+        device_id: l.device_id.to_string(),
+        user_id: l.user_id.to_string(),
+        app_source: l.app_source,
+        latitude: l.latitude,
+        longitude: l.longitude,
+        accuracy: l.accuracy.map(f64::from),
+        altitude: l.altitude.map(f64::from),
+        speed: l.speed.map(f64::from),
+        heading: l.heading.map(f64::from),
+        metadata_json: l.metadata.unwrap_or_default(),
+    }
+}
+
+pub fn timestamp(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: (us.rem_euclid(1_000_000) * 1_000) as i32,
+    }
+}
+
+fn micros(t: Option<prost_types::Timestamp>, field: &str) -> Result<i64, QueryError> {
+    let t = t.ok_or_else(|| invalid(format!("{field} is required")))?;
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(invalid(format!("{field}.nanos must be in [0, 1e9)")));
+    }
+    t.seconds
+        .checked_mul(1_000_000)
+        .map(|s| s + i64::from(t.nanos / 1_000))
+        .ok_or_else(|| invalid(format!("{field} is out of range")))
+}
+
+fn timed<T>(
+    rpc: &'static str,
+    started: Instant,
+    r: Result<T, QueryError>,
+) -> Result<Response<T>, Status> {
+    metrics::histogram!(m::QUERY_DURATION, "rpc" => rpc).record(started.elapsed().as_secs_f64());
+    r.map(Response::new).map_err(Status::from)
+}
+
+/// Filter of a subscription request.
+pub fn filter(req: &proto::SubscribeRequest) -> Result<Filter, QueryError> {
+    let devices = if req.device_ids.is_empty() {
+        None
+    } else {
+        Some(
+            req.device_ids
+                .iter()
+                .map(|d| parse_uuid(d, "device_id"))
+                .collect::<Result<_, _>>()?,
+        )
+    };
+    let bbox = match &req.bbox {
+        None => None,
+        Some(b) if b.min_latitude <= b.max_latitude && b.min_longitude <= b.max_longitude => {
+            Some((
+                b.min_latitude,
+                b.max_latitude,
+                b.min_longitude,
+                b.max_longitude,
+            ))
+        }
+        Some(_) => return Err(invalid("bbox: min must not exceed max")),
+    };
+    Ok(Filter {
+        app_source: (!req.app_source.is_empty()).then(|| req.app_source.clone()),
+        devices,
+        bbox,
+    })
+}
+
+type LiveStream = Pin<Box<dyn Stream<Item = Result<proto::Location, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    type SubscribeStream = LiveStream;
+
+    async fn get_latest(
+        &self,
+        req: Request<proto::GetLatestRequest>,
+    ) -> Result<Response<proto::GetLatestResponse>, Status> {
+        let started = Instant::now();
+        let req = req.into_inner();
+        let r = (|| {
+            let found = match (req.device_ids.is_empty(), req.app_source.is_empty()) {
+                (false, true) if req.device_ids.len() <= MAX_LATEST_IDS => {
+                    let mut out = Vec::with_capacity(req.device_ids.len());
+                    for d in &req.device_ids {
+                        if let Some(l) = self.state.latest.get(&parse_uuid(d, "device_id")?) {
+                            out.push(l);
+                        }
+                    }
+                    out
+                }
+                (false, true) => {
+                    return Err(invalid(format!("at most {MAX_LATEST_IDS} device_ids")));
+                }
+                (true, false) => self.state.latest.of_app(&req.app_source),
+                _ => return Err(invalid("give either device_ids or app_source")),
+            };
+            Ok(proto::GetLatestResponse {
+                locations: found.into_iter().map(to_proto).collect(),
+            })
+        })();
+        timed("GetLatest", started, r)
+    }
+
+    async fn get_track(
+        &self,
+        req: Request<proto::GetTrackRequest>,
+    ) -> Result<Response<proto::GetTrackResponse>, Status> {
+        let started = Instant::now();
+        let req = req.into_inner();
+        let r = async {
+            let page = track::track(
+                &self.state,
+                track::TrackRequest {
+                    device_id: parse_uuid(&req.device_id, "device_id")?,
+                    from_us: micros(req.from, "from")?,
+                    to_us: micros(req.to, "to")?,
+                    limit: Some(req.limit),
+                    cursor: Some(req.cursor),
+                },
+            )
+            .await?;
+            Ok(proto::GetTrackResponse {
+                locations: page.points.into_iter().map(to_proto).collect(),
+                next_cursor: page.next_cursor.unwrap_or_default(),
+            })
+        }
+        .await;
+        timed("GetTrack", started, r)
+    }
+
+    async fn get_hourly_stats(
+        &self,
+        req: Request<proto::GetHourlyStatsRequest>,
+    ) -> Result<Response<proto::GetHourlyStatsResponse>, Status> {
+        use proto::get_hourly_stats_request::Key;
+        let started = Instant::now();
+        let req = req.into_inner();
+        let r = async {
+            let key = match req.key {
+                Some(Key::DeviceId(d)) => stats::StatsKey::Device(parse_uuid(&d, "device_id")?),
+                Some(Key::UserId(u)) => stats::StatsKey::User(parse_uuid(&u, "user_id")?),
+                Some(Key::AppSource(a)) if !a.is_empty() => stats::StatsKey::AppSource(a),
+                _ => return Err(invalid("give one of device_id, user_id or app_source")),
+            };
+            let rows = stats::hourly(
+                &self.state,
+                key,
+                micros(req.from, "from")?,
+                micros(req.to, "to")?,
+            )
+            .await?;
+            Ok(proto::GetHourlyStatsResponse {
+                hours: rows.into_iter().map(hour_to_proto).collect(),
+            })
+        }
+        .await;
+        timed("GetHourlyStats", started, r)
+    }
+
+    async fn subscribe(
+        &self,
+        req: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<LiveStream>, Status> {
+        let filter = filter(req.get_ref())?;
+        let sub = self
+            .state
+            .live
+            .subscribe(filter)
+            .ok_or(QueryError::TooManySubscribers(
+                self.state.limits.max_subscribers,
+            ))?;
+        use futures::StreamExt;
+        Ok(Response::new(Box::pin(
+            points(sub).map(|p| Ok(to_proto(p))),
+        )))
+    }
+}
+
+/// A subscription as a stream of single points.
+pub fn points(
+    sub: super::live::Subscription,
+) -> impl Stream<Item = ValidLocation> + Send + 'static {
+    use futures::StreamExt;
+    futures::stream::unfold(
+        sub,
+        |mut sub| async move { sub.next().await.map(|v| (v, sub)) },
+    )
+    .flat_map(futures::stream::iter)
+}
+
+pub fn hour_to_proto(h: stats::HourStats) -> proto::HourlyStats {
+    proto::HourlyStats {
+        hour: Some(timestamp(h.hour_us)),
+        point_count: h.point_count.max(0) as u64,
+        devices: h.devices.max(0) as u32,
+        avg_latitude: h.avg_latitude,
+        avg_longitude: h.avg_longitude,
+        avg_speed: h.avg_speed,
+        max_speed: h.max_speed,
+        first_event: Some(timestamp(h.first_event_us)),
+        last_event: Some(timestamp(h.last_event_us)),
+        bbox: Some(proto::BoundingBox {
+            min_latitude: h.min_latitude,
+            max_latitude: h.max_latitude,
+            min_longitude: h.min_longitude,
+            max_longitude: h.max_longitude,
+        }),
+    }
+}

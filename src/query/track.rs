@@ -1,0 +1,96 @@
+//! A device's raw points over a time range, in time order, paginated.
+//! `(device_id, time)` is unique, so the cursor (the last time returned)
+//! makes pages without gaps or repeats.
+
+use uuid::Uuid;
+
+use super::{LOCATION_COLUMNS, LocationRow, QueryError, QueryState, invalid, ts};
+use crate::ingest::validate::ValidLocation;
+
+pub struct TrackRequest {
+    pub device_id: Uuid,
+    pub from_us: i64,
+    pub to_us: i64,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+pub struct TrackPage {
+    pub points: Vec<ValidLocation>,
+    pub next_cursor: Option<String>,
+}
+
+/// `t` and the time of the last point returned, in microseconds.
+fn encode_cursor(time_us: i64) -> String {
+    format!("t{time_us}")
+}
+
+fn decode_cursor(c: &str, from_us: i64, to_us: i64) -> Result<i64, QueryError> {
+    let t: i64 = c
+        .strip_prefix('t')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| invalid(format!("cursor {c:?} is not one this server gave")))?;
+    if !(from_us..to_us).contains(&t) {
+        return Err(invalid(
+            "cursor lies outside [from, to): pass the same range as for the first page",
+        ));
+    }
+    Ok(t)
+}
+
+pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, QueryError> {
+    let limits = &state.limits;
+    if req.from_us >= req.to_us {
+        return Err(invalid("from must be before to"));
+    }
+    let span = i64::try_from(limits.max_track_span.as_micros()).unwrap_or(i64::MAX);
+    if req.to_us - req.from_us > span {
+        return Err(invalid(format!(
+            "the range is wider than the limit of {}",
+            humantime::format_duration(limits.max_track_span)
+        )));
+    }
+    let limit = match req.limit {
+        None | Some(0) => limits.track_page,
+        Some(n) if n > limits.max_track_page => {
+            return Err(invalid(format!(
+                "limit {n} is over the maximum of {}",
+                limits.max_track_page
+            )));
+        }
+        Some(n) => n,
+    };
+    let after = match req.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(decode_cursor(c, req.from_us, req.to_us)?),
+    };
+    if after.is_none() && state.latest.get(&req.device_id).is_none() {
+        return Err(QueryError::NotFound(format!(
+            "no points are stored for device {}",
+            req.device_id
+        )));
+    }
+    let mut rows: Vec<LocationRow> = sqlx::query_as(&format!(
+        "SELECT {LOCATION_COLUMNS} FROM location_events
+         WHERE device_id = $1 AND time >= $2 AND time < $3 AND time > $4
+         ORDER BY time LIMIT $5"
+    ))
+    .bind(req.device_id)
+    .bind(ts(req.from_us)?)
+    .bind(ts(req.to_us)?)
+    .bind(ts(after.unwrap_or(req.from_us - 1))?)
+    .bind(i64::from(limit) + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next_cursor = if more {
+        rows.last().map(|r| encode_cursor(r.time_us))
+    } else {
+        None
+    };
+    Ok(TrackPage {
+        points: rows.into_iter().map(Into::into).collect(),
+        next_cursor,
+    })
+}
