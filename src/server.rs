@@ -157,7 +157,10 @@ pub async fn run(
         .add_service(
             IngestServer::new(ingest).max_decoding_message_size(config.limits.max_message_bytes),
         )
-        .add_service(QueryServer::new(QueryService::new(query.clone())))
+        .add_service(QueryServer::new(QueryService::new(
+            query.clone(),
+            shutdown.clone(),
+        )))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listeners.grpc),
             shutdown.clone().cancelled_owned(),

@@ -3,6 +3,7 @@
 use std::{pin::Pin, sync::Arc, time::Instant};
 
 use futures::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{QueryError, QueryState, invalid, live::Filter, parse_uuid, stats, track};
@@ -18,11 +19,13 @@ pub const MAX_LATEST_IDS: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct QueryService {
     state: Arc<QueryState>,
+    /// Ends live subscriptions, so that shutdown does not wait for them.
+    shutdown: CancellationToken,
 }
 
 impl QueryService {
-    pub fn new(state: Arc<QueryState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<QueryState>, shutdown: CancellationToken) -> Self {
+        Self { state, shutdown }
     }
 }
 
@@ -205,9 +208,8 @@ impl Query for QueryService {
                 self.state.limits.max_subscribers,
             ))?;
         use futures::StreamExt;
-        Ok(Response::new(Box::pin(
-            points(sub).map(|p| Ok(to_proto(p))),
-        )))
+        let live = points(sub).take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(live.map(|p| Ok(to_proto(p))))))
     }
 }
 

@@ -84,7 +84,7 @@ mod tests {
             time_us,
             device_id: Uuid::from_u128(device),
             user_id: Uuid::from_u128(9),
-            app_source: if device % 2 == 0 {
+            app_source: if device.is_multiple_of(2) {
                 "pshop".into()
             } else {
                 "mextrack".into()
