@@ -115,9 +115,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(config) => {
             // Every setting is checked before a port is bound.
             config.validate().context("invalid configuration")?;
-            let listeners = Listeners::bind(config.grpc_addr, config.metrics_addr)
-                .await
-                .context("cannot bind the listen addresses")?;
+            let listeners = Listeners::bind(
+                config.grpc_addr,
+                config.query.http_addr,
+                config.metrics_addr,
+            )
+            .await
+            .context("cannot bind the listen addresses")?;
             let shutdown = CancellationToken::new();
             locus::shutdown::cancel_on_signal(shutdown.clone())?;
             server::run(*config, listeners, shutdown).await?;

@@ -43,13 +43,19 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Listeners {
     pub grpc: TcpListener,
+    pub http: TcpListener,
     pub metrics: TcpListener,
 }
 
 impl Listeners {
-    pub async fn bind(grpc: SocketAddr, metrics: SocketAddr) -> std::io::Result<Self> {
+    pub async fn bind(
+        grpc: SocketAddr,
+        http: SocketAddr,
+        metrics: SocketAddr,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             grpc: TcpListener::bind(grpc).await?,
+            http: TcpListener::bind(http).await?,
             metrics: TcpListener::bind(metrics).await?,
         })
     }
@@ -149,6 +155,11 @@ pub async fn run(
         .with_graceful_shutdown(background.clone().cancelled_owned());
     let metrics_task = tokio::spawn(async move { metrics_server.await });
 
+    let http_app = crate::query::http::router(query.clone(), shutdown.clone());
+    let http_server = axum::serve(listeners.http, http_app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http_task = tokio::spawn(async move { http_server.await });
+
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -199,6 +210,7 @@ pub async fn run(
     };
     background.cancel();
     let _ = metrics_task.await;
+    let _ = http_task.await;
     pool.close().await;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,

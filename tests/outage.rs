@@ -177,7 +177,7 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
     let db = TestDb::new().await;
-    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let (grpc_port, http_port, metrics_port) = (free_port(), free_port(), free_port());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
         .args([
             "serve",
@@ -190,6 +190,7 @@ async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
         ])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
         .env("DATABASE_URL", &db.url)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

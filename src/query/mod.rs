@@ -3,6 +3,7 @@
 //! functions serve gRPC ([`grpc`]) and HTTP JSON ([`http`]).
 
 pub mod grpc;
+pub mod http;
 pub mod latest;
 pub mod live;
 pub mod stats;

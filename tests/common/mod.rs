@@ -94,6 +94,7 @@ impl TestDb {
 /// `locus serve`, in this process, on port 0.
 pub struct TestServer {
     pub grpc: SocketAddr,
+    pub http: SocketAddr,
     pub metrics: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), server::ServeError>>,
@@ -101,15 +102,16 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: ServeConfig) -> TestServer {
-        let listeners = Listeners::bind(([127, 0, 0, 1], 0).into(), ([127, 0, 0, 1], 0).into())
-            .await
-            .expect("bind port 0");
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let listeners = Listeners::bind(any, any, any).await.expect("bind port 0");
         let grpc = listeners.grpc.local_addr().expect("local addr");
+        let http = listeners.http.local_addr().expect("local addr");
         let metrics = listeners.metrics.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(config, listeners, shutdown.clone()));
         let server = TestServer {
             grpc,
+            http,
             metrics,
             shutdown,
             task,

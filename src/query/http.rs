@@ -1,0 +1,437 @@
+//! The query API as HTTP JSON, with the live feed as Server-Sent Events and
+//! an OpenAPI document generated from these handlers (`GET /v1/openapi.json`).
+
+use std::{convert::Infallible, sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::StatusCode,
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::get,
+};
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use super::{
+    QueryError, QueryState, grpc::points, invalid, live::Filter, parse_uuid, stats, track,
+};
+use crate::{ingest::validate::ValidLocation, metrics as m, status};
+
+#[derive(Clone)]
+struct App {
+    state: Arc<QueryState>,
+    shutdown: CancellationToken,
+}
+
+/// The query routes. `extra` is merged in (ingest and health routes).
+pub fn router(state: Arc<QueryState>, shutdown: CancellationToken) -> Router {
+    Router::new()
+        .route("/v1/devices/{device_id}/latest", get(device_latest))
+        .route("/v1/latest", get(latest))
+        .route("/v1/devices/{device_id}/track", get(device_track))
+        .route("/v1/stats/hourly", get(hourly_stats))
+        .route("/v1/live", get(live))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { Json(ApiDoc::openapi()) }),
+        )
+        .with_state(App { state, shutdown })
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "locus",
+        description = "GPS telemetry: latest positions, tracks, hourly stats and a live feed."
+    ),
+    paths(device_latest, latest, device_track, hourly_stats, live),
+    components(schemas(
+        LocationJson,
+        LatestJson,
+        TrackJson,
+        HourJson,
+        HourlyJson,
+        ErrorJson,
+        ErrorDetail
+    ))
+)]
+pub struct ApiDoc;
+
+/// A stored point.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LocationJson {
+    /// RFC 3339, microseconds.
+    pub time: String,
+    pub device_id: String,
+    pub user_id: String,
+    pub app_source: String,
+    pub latitude: f64,
+    pub longitude: f64,
+    pub accuracy: Option<f32>,
+    pub altitude: Option<f32>,
+    pub speed: Option<f32>,
+    pub heading: Option<f32>,
+    /// The metadata object, or null.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+pub fn rfc3339(us: i64) -> String {
+    DateTime::from_timestamp_micros(us)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+impl From<ValidLocation> for LocationJson {
+    fn from(l: ValidLocation) -> Self {
+        LocationJson {
+            time: rfc3339(l.time_us),
+            device_id: l.device_id.to_string(),
+            user_id: l.user_id.to_string(),
+            app_source: l.app_source,
+            latitude: l.latitude,
+            longitude: l.longitude,
+            accuracy: l.accuracy,
+            altitude: l.altitude,
+            speed: l.speed,
+            heading: l.heading,
+            metadata: l.metadata.and_then(|m| serde_json::from_str(&m).ok()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LatestJson {
+    pub locations: Vec<LocationJson>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackJson {
+    pub locations: Vec<LocationJson>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One hour of the matching rows of location_hourly, combined.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HourJson {
+    pub hour: String,
+    pub point_count: i64,
+    pub devices: i64,
+    pub avg_latitude: f64,
+    pub avg_longitude: f64,
+    pub avg_speed: Option<f64>,
+    pub max_speed: Option<f64>,
+    pub first_event: String,
+    pub last_event: String,
+    pub min_latitude: f64,
+    pub max_latitude: f64,
+    pub min_longitude: f64,
+    pub max_longitude: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HourlyJson {
+    pub hours: Vec<HourJson>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorJson {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable: `invalid_argument`, `not_found`, `too_many_subscribers`, `internal`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A query error as JSON, with its status.
+pub struct HttpError(QueryError);
+
+impl From<QueryError> for HttpError {
+    fn from(e: QueryError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let code = StatusCode::from_u16(status::http_status(&self.0))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorJson {
+            error: ErrorDetail {
+                code: self.0.code().into(),
+                message: status::public_message(&self.0),
+            },
+        };
+        (code, Json(body)).into_response()
+    }
+}
+
+type HttpResult<T> = Result<Json<T>, HttpError>;
+
+fn timed<T>(route: &'static str, started: Instant, r: Result<T, QueryError>) -> HttpResult<T> {
+    metrics::histogram!(m::QUERY_DURATION, "rpc" => route).record(started.elapsed().as_secs_f64());
+    r.map(Json).map_err(HttpError)
+}
+
+fn parse_time(s: Option<&str>, field: &str) -> Result<i64, QueryError> {
+    let s = s.ok_or_else(|| invalid(format!("{field} is required (RFC 3339)")))?;
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc).timestamp_micros())
+        .map_err(|e| invalid(format!("{field} {s:?} is not an RFC 3339 time: {e}")))
+}
+
+/// The newest position of one device.
+#[utoipa::path(get, path = "/v1/devices/{device_id}/latest",
+    params(("device_id" = String, Path, description = "UUID")),
+    responses((status = 200, body = LocationJson), (status = 400, body = ErrorJson), (status = 404, body = ErrorJson)))]
+async fn device_latest(
+    State(app): State<App>,
+    Path(device_id): Path<String>,
+) -> HttpResult<LocationJson> {
+    let started = Instant::now();
+    let r = parse_uuid(&device_id, "device_id").and_then(|d| {
+        app.state
+            .latest
+            .get(&d)
+            .map(Into::into)
+            .ok_or_else(|| QueryError::NotFound(format!("no points are stored for device {d}")))
+    });
+    timed("http_device_latest", started, r)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct LatestParams {
+    /// Every device of this app_source.
+    app_source: Option<String>,
+    /// Or these devices: comma-separated UUIDs.
+    device_ids: Option<String>,
+}
+
+/// The newest position of every device of an app_source, or of a list of devices.
+#[utoipa::path(get, path = "/v1/latest", params(LatestParams),
+    responses((status = 200, body = LatestJson), (status = 400, body = ErrorJson)))]
+async fn latest(State(app): State<App>, Query(p): Query<LatestParams>) -> HttpResult<LatestJson> {
+    let started = Instant::now();
+    let r = (|| {
+        let found = match (p.app_source.as_deref(), p.device_ids.as_deref()) {
+            (Some(a), None) if !a.is_empty() => app.state.latest.of_app(a),
+            (None, Some(ids)) => {
+                let ids: Vec<&str> = ids.split(',').filter(|s| !s.is_empty()).collect();
+                if ids.len() > super::grpc::MAX_LATEST_IDS {
+                    return Err(invalid(format!(
+                        "at most {} device_ids",
+                        super::grpc::MAX_LATEST_IDS
+                    )));
+                }
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(l) = app.state.latest.get(&parse_uuid(id, "device_id")?) {
+                        out.push(l);
+                    }
+                }
+                out
+            }
+            _ => return Err(invalid("give either app_source or device_ids")),
+        };
+        Ok(LatestJson {
+            locations: found.into_iter().map(Into::into).collect(),
+        })
+    })();
+    timed("http_latest", started, r)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct TrackParams {
+    /// RFC 3339, inclusive.
+    from: Option<String>,
+    /// RFC 3339, exclusive.
+    to: Option<String>,
+    /// Points per page.
+    limit: Option<String>,
+    /// From the previous page's next_cursor.
+    cursor: Option<String>,
+}
+
+/// A device's points in [from, to), in time order, one page at a time.
+#[utoipa::path(get, path = "/v1/devices/{device_id}/track",
+    params(("device_id" = String, Path, description = "UUID"), TrackParams),
+    responses((status = 200, body = TrackJson), (status = 400, body = ErrorJson), (status = 404, body = ErrorJson)))]
+async fn device_track(
+    State(app): State<App>,
+    Path(device_id): Path<String>,
+    Query(p): Query<TrackParams>,
+) -> HttpResult<TrackJson> {
+    let started = Instant::now();
+    let r = async {
+        let limit = match p.limit.as_deref() {
+            None => None,
+            Some(l) => Some(
+                l.parse()
+                    .map_err(|_| invalid(format!("limit {l:?} is not a number")))?,
+            ),
+        };
+        let page = track::track(
+            &app.state,
+            track::TrackRequest {
+                device_id: parse_uuid(&device_id, "device_id")?,
+                from_us: parse_time(p.from.as_deref(), "from")?,
+                to_us: parse_time(p.to.as_deref(), "to")?,
+                limit,
+                cursor: p.cursor,
+            },
+        )
+        .await?;
+        Ok(TrackJson {
+            locations: page.points.into_iter().map(Into::into).collect(),
+            next_cursor: page.next_cursor,
+        })
+    }
+    .await;
+    timed("http_track", started, r)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct StatsParams {
+    device_id: Option<String>,
+    user_id: Option<String>,
+    app_source: Option<String>,
+    /// RFC 3339, inclusive.
+    from: Option<String>,
+    /// RFC 3339, exclusive.
+    to: Option<String>,
+}
+
+/// Hourly statistics for one device, user or app_source: one row per hour.
+#[utoipa::path(get, path = "/v1/stats/hourly", params(StatsParams),
+    responses((status = 200, body = HourlyJson), (status = 400, body = ErrorJson)))]
+async fn hourly_stats(
+    State(app): State<App>,
+    Query(p): Query<StatsParams>,
+) -> HttpResult<HourlyJson> {
+    let started = Instant::now();
+    let r = async {
+        let key = match (p.device_id, p.user_id, p.app_source) {
+            (Some(d), None, None) => stats::StatsKey::Device(parse_uuid(&d, "device_id")?),
+            (None, Some(u), None) => stats::StatsKey::User(parse_uuid(&u, "user_id")?),
+            (None, None, Some(a)) if !a.is_empty() => stats::StatsKey::AppSource(a),
+            _ => {
+                return Err(invalid(
+                    "give exactly one of device_id, user_id or app_source",
+                ));
+            }
+        };
+        let rows = stats::hourly(
+            &app.state,
+            key,
+            parse_time(p.from.as_deref(), "from")?,
+            parse_time(p.to.as_deref(), "to")?,
+        )
+        .await?;
+        Ok(HourlyJson {
+            hours: rows
+                .into_iter()
+                .map(|h| HourJson {
+                    hour: rfc3339(h.hour_us),
+                    point_count: h.point_count,
+                    devices: h.devices,
+                    avg_latitude: h.avg_latitude,
+                    avg_longitude: h.avg_longitude,
+                    avg_speed: h.avg_speed,
+                    max_speed: h.max_speed,
+                    first_event: rfc3339(h.first_event_us),
+                    last_event: rfc3339(h.last_event_us),
+                    min_latitude: h.min_latitude,
+                    max_latitude: h.max_latitude,
+                    min_longitude: h.min_longitude,
+                    max_longitude: h.max_longitude,
+                })
+                .collect(),
+        })
+    }
+    .await;
+    timed("http_hourly_stats", started, r)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct LiveParams {
+    app_source: Option<String>,
+    /// Comma-separated UUIDs.
+    device_ids: Option<String>,
+    /// min_latitude,min_longitude,max_latitude,max_longitude
+    bbox: Option<String>,
+}
+
+fn live_filter(p: LiveParams) -> Result<Filter, QueryError> {
+    let devices = match p.device_ids.as_deref() {
+        None | Some("") => None,
+        Some(ids) => Some(
+            ids.split(',')
+                .map(|d| parse_uuid(d, "device_id"))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let bbox = match p.bbox.as_deref() {
+        None | Some("") => None,
+        Some(b) => {
+            let v: Vec<f64> = b
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .map_err(|_| {
+                    invalid("bbox must be min_latitude,min_longitude,max_latitude,max_longitude")
+                })?;
+            match v[..] {
+                [a, b, c, d] if a <= c && b <= d => Some((a, c, b, d)),
+                _ => {
+                    return Err(invalid(
+                        "bbox must be min_latitude,min_longitude,max_latitude,max_longitude",
+                    ));
+                }
+            }
+        }
+    };
+    Ok(Filter {
+        app_source: p.app_source.filter(|a| !a.is_empty()),
+        devices,
+        bbox,
+    })
+}
+
+/// Every point as it is committed, as Server-Sent Events (`event: location`,
+/// `data:` a LocationJson). A slow reader loses its oldest updates.
+#[utoipa::path(get, path = "/v1/live", params(LiveParams),
+    responses((status = 200, description = "text/event-stream of LocationJson", content_type = "text/event-stream"),
+              (status = 400, body = ErrorJson), (status = 429, body = ErrorJson)))]
+async fn live(
+    State(app): State<App>,
+    Query(p): Query<LiveParams>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
+    let filter = live_filter(p)?;
+    let sub = app
+        .state
+        .live
+        .subscribe(filter)
+        .ok_or(QueryError::TooManySubscribers(
+            app.state.limits.max_subscribers,
+        ))?;
+    let events = points(sub)
+        .take_until(app.shutdown.cancelled_owned())
+        .map(|l| {
+            Ok(Event::default()
+                .event("location")
+                .json_data(LocationJson::from(l))
+                .unwrap_or_default())
+        });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,225 @@
+//! The query API over HTTP JSON, its errors, the SSE live feed, and the
+//! OpenAPI document checked against what the server really answers.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Device, TestDb, TestServer, config, now_secs};
+use futures::StreamExt;
+use locus::{
+    query::http::rfc3339,
+    storage::{maintain, setup},
+};
+use serde_json::Value;
+
+async fn get(server: &TestServer, path: &str) -> (u16, Value) {
+    let resp = reqwest::get(format!("http://{}{path}", server.http))
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+/// The keys of `body` are the schema's properties, and include its required ones.
+fn conforms(doc: &Value, schema: &str, body: &Value) {
+    let s = &doc["components"]["schemas"][schema];
+    let props = s["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("schema {schema} in {doc}"));
+    let body = body.as_object().unwrap();
+    for k in body.keys() {
+        assert!(props.contains_key(k), "{schema} documents {k}");
+    }
+    for r in s["required"].as_array().into_iter().flatten() {
+        assert!(
+            body.contains_key(r.as_str().unwrap()),
+            "{schema} requires {r}: {body:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_queries_answer_json_and_match_the_openapi_document() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let hour = (now_secs() - 7_200) / 3600 * 3600;
+    let d = Device::new(hour);
+    server
+        .client()
+        .await
+        .write_locations(d.batch(1, 0, 250))
+        .await
+        .unwrap();
+    let mut conn = setup::connect(&db.url).await.unwrap();
+    maintain::rollup(&mut conn).await.unwrap();
+    let (_, doc) = get(&server, "/v1/openapi.json").await;
+    let mut paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/v1/devices/{device_id}/latest",
+            "/v1/devices/{device_id}/track",
+            "/v1/latest",
+            "/v1/live",
+            "/v1/stats/hourly"
+        ]
+    );
+
+    let (status, latest) = get(&server, &format!("/v1/devices/{}/latest", d.device_id)).await;
+    assert_eq!(status, 200, "{latest}");
+    assert_eq!(latest["time"], rfc3339((hour + 249) * 1_000_000 + 250_000));
+    conforms(&doc, "LocationJson", &latest);
+    let (_, by_app) = get(&server, "/v1/latest?app_source=mextrack").await;
+    assert_eq!(by_app["locations"].as_array().unwrap().len(), 1);
+    conforms(&doc, "LatestJson", &by_app);
+
+    // Pages of 100 over the 250 points: 100, 100, 50, no repeats.
+    let (from, to) = (
+        rfc3339(hour * 1_000_000),
+        rfc3339((hour + 3600) * 1_000_000),
+    );
+    let mut cursor: Option<String> = None;
+    let mut times = Vec::new();
+    loop {
+        let mut path = format!(
+            "/v1/devices/{}/track?from={from}&to={to}&limit=100",
+            d.device_id
+        );
+        if let Some(c) = &cursor {
+            path += &format!("&cursor={c}");
+        }
+        let (status, page) = get(&server, &path.replace('+', "%2B")).await;
+        assert_eq!(status, 200, "{page}");
+        conforms(&doc, "TrackJson", &page);
+        times.extend(
+            page["locations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["time"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(times.len(), 250);
+    let mut sorted = times.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 250);
+
+    let (status, stats) = get(
+        &server,
+        &format!(
+            "/v1/stats/hourly?device_id={}&from={from}&to={to}",
+            d.device_id
+        )
+        .replace('+', "%2B"),
+    )
+    .await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["hours"][0]["point_count"], 250);
+    conforms(&doc, "HourlyJson", &stats);
+    conforms(&doc, "HourJson", &stats["hours"][0]);
+
+    // Errors: JSON with a stable code.
+    let unknown = uuid::Uuid::new_v4();
+    for (path, want, code) in [
+        (format!("/v1/devices/{unknown}/latest"), 404, "not_found"),
+        (
+            format!("/v1/devices/{}/latest", "truck-7"),
+            400,
+            "invalid_argument",
+        ),
+        (
+            format!("/v1/devices/{}/track?from={to}&to={from}", d.device_id),
+            400,
+            "invalid_argument",
+        ),
+        (
+            format!("/v1/devices/{}/track?from=yesterday&to={to}", d.device_id),
+            400,
+            "invalid_argument",
+        ),
+        (
+            format!(
+                "/v1/devices/{}/track?from={from}&to={to}&cursor=zzz",
+                d.device_id
+            ),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "/v1/stats/hourly?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z".to_string(),
+            400,
+            "invalid_argument",
+        ),
+        ("/v1/latest".to_string(), 400, "invalid_argument"),
+    ] {
+        let (status, body) = get(&server, &path.replace('+', "%2B")).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str().unwrap()),
+            (want, code),
+            "{path}: {body}"
+        );
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+        conforms(&doc, "ErrorJson", &body);
+    }
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sse_live_feed_carries_points_as_they_commit() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let d = Device::new(now_secs() - 100);
+    let resp = reqwest::get(format!(
+        "http://{}/v1/live?app_source=mextrack&bbox=-90,-180,90,180",
+        server.http
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.bytes_stream();
+    server
+        .client()
+        .await
+        .write_locations(d.batch(1, 0, 3))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while text.matches("event: location").count() < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let first = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    let first: Value = serde_json::from_str(first).unwrap();
+    assert_eq!(first["device_id"], d.device_id.to_string());
+    let (status, body) = {
+        let r = reqwest::get(format!("http://{}/v1/live?bbox=1,2,3", server.http))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_argument"))
+    );
+    server.stop().await;
+    db.drop_db().await;
+}
