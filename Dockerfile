@@ -13,6 +13,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 locus
 COPY --from=build /usr/local/bin/locus /usr/local/bin/locus-load /usr/local/bin/
 USER locus
-EXPOSE 50051 9000
+EXPOSE 50051 8080 9000
+HEALTHCHECK --interval=5s --timeout=5s --start-period=10s --retries=12 CMD ["locus", "health"]
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["locus", "serve"]

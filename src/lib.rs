@@ -7,7 +7,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
+pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;

@@ -19,7 +19,8 @@ pub const BATCH_BYTES: &str = "locus_batch_bytes";
 pub const FLUSH_DURATION: &str = "locus_flush_duration_seconds";
 pub const BUFFER_POINTS: &str = "locus_buffer_points";
 pub const BUFFER_BYTES: &str = "locus_buffer_bytes";
-/// Labelled by `kind` (connection, timeout, database, ...) and `retryable`.
+/// Labelled by `kind` (`unavailable`, `database_transient`, `database`,
+/// `other`) and `outcome` (`retried`, or `failed`: the clients got an error).
 pub const WRITE_ERRORS: &str = "locus_write_errors_total";
 /// Labelled by `transport` (`grpc_stream`, `grpc_unary`).
 pub const ACK_LATENCY: &str = "locus_ack_latency_seconds";
@@ -61,6 +62,7 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             describe();
+            register_zeroes();
             handle
         })
         .clone()
@@ -108,4 +110,46 @@ fn describe() {
         REQUESTS_REFUSED,
         "Requests or streams refused by a limit, by reason."
     );
+    describe_counter!(
+        LIVE_DROPPED,
+        "Committed batches live subscribers skipped because they fell behind."
+    );
+    describe_gauge!(LIVE_SUBSCRIBERS, "Open live subscriptions.");
+    describe_histogram!(QUERY_DURATION, "Time to answer a query, by rpc.");
+}
+
+/// Series that exist from the start at zero, so that `rate()` and the
+/// dashboard see them before the first event.
+fn register_zeroes() {
+    use crate::ingest::validate::Reason;
+    for name in [
+        POINTS_RECEIVED,
+        POINTS_ACCEPTED,
+        POINTS_DUPLICATE,
+        LIVE_DROPPED,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in Reason::ALL {
+        metrics::counter!(POINTS_REJECTED, "reason" => reason.code()).increment(0);
+    }
+    for path in ["copy", "dedup"] {
+        metrics::counter!(BATCHES_FLUSHED, "path" => path).increment(0);
+    }
+    for (kind, outcome) in [
+        ("unavailable", "retried"),
+        ("unavailable", "failed"),
+        ("database_transient", "retried"),
+        ("database_transient", "failed"),
+        ("database", "failed"),
+        ("other", "failed"),
+    ] {
+        metrics::counter!(WRITE_ERRORS, "kind" => kind, "outcome" => outcome).increment(0);
+    }
+    for reason in ["buffer_full", "too_many_streams", "batch_too_large"] {
+        metrics::counter!(REQUESTS_REFUSED, "reason" => reason).increment(0);
+    }
+    for name in [BUFFER_POINTS, BUFFER_BYTES, OPEN_STREAMS, LIVE_SUBSCRIBERS] {
+        metrics::gauge!(name).increment(0.0);
+    }
 }

@@ -15,10 +15,10 @@ use sqlx::{
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
 
 use crate::{
     config::{ConfigError, ServeConfig},
+    health::Health,
     ingest::{Ingestor, grpc::IngestService, unix_micros, validate::Validator},
     metrics,
     pipeline::{
@@ -34,8 +34,6 @@ use crate::{
     },
 };
 
-/// How often readiness checks the database.
-const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a pool waits for a connection before the attempt fails (and is retried).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -144,18 +142,22 @@ pub async fn run(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let background = CancellationToken::new();
-    tokio::spawn(readiness(pool.clone(), health.clone(), shutdown.clone()));
+    let health = Health::new(health);
+    tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));
     tokio::spawn(maintenance(config.clone(), tier, background.clone()));
 
-    let metrics_app = Router::new().route(
-        "/metrics",
-        get(move || std::future::ready(prometheus.render())),
-    );
+    let metrics_app = Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(prometheus.render())),
+        )
+        .merge(crate::health::router(Arc::clone(&health)));
     let metrics_server = axum::serve(listeners.metrics, metrics_app)
         .with_graceful_shutdown(background.clone().cancelled_owned());
     let metrics_task = tokio::spawn(async move { metrics_server.await });
 
-    let http_app = crate::query::http::router(query.clone(), shutdown.clone());
+    let http_app = crate::query::http::router(query.clone(), shutdown.clone())
+        .merge(crate::health::router(Arc::clone(&health)));
     let http_server = axum::serve(listeners.http, http_app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http_task = tokio::spawn(async move { http_server.await });
@@ -183,12 +185,7 @@ pub async fn run(
         r = &mut grpc => Some(r),
         _ = shutdown.cancelled() => None,
     };
-    health
-        .set_not_serving::<IngestServer<IngestService>>()
-        .await;
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    health.shutting_down().await;
     let started = std::time::Instant::now();
     let drain = async {
         let served = match early {
@@ -231,40 +228,6 @@ fn pool(config: &ServeConfig) -> Result<PgPool, sqlx::Error> {
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
         .connect_lazy_with(opts))
-}
-
-/// Keeps the gRPC health status in step with the database.
-async fn readiness(
-    pool: PgPool,
-    health: tonic_health::server::HealthReporter,
-    stop: CancellationToken,
-) {
-    let mut serving = None;
-    loop {
-        let ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();
-        if serving != Some(ok) {
-            let status = if ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            if stop.is_cancelled() {
-                return;
-            }
-            health.set_service_status("", status).await;
-            health.set_service_status("locus.v1.Ingest", status).await;
-            if ok {
-                tracing::info!("database reachable: serving")
-            } else {
-                tracing::warn!("database unreachable: not serving")
-            }
-            serving = Some(ok);
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(READINESS_INTERVAL) => {}
-        }
-    }
 }
 
 /// The storage jobs: the hourly rollup every `--hourly-refresh-interval`

@@ -205,7 +205,7 @@ impl Writer {
             .retry(backoff)
             .when(|e: &WriteError| e.is_retryable() && started.elapsed() < self.inner.retry_deadline)
             .notify(|e: &WriteError, after: Duration| {
-                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "true").increment(1);
+                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "retried").increment(1);
                 tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "batch write failed; retrying");
             })
             .await
@@ -299,13 +299,13 @@ impl WriteBatch for Writer {
                 }
             }
             Err(e) if !e.is_retryable() && batch.submissions.len() > 1 => {
-                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "false")
+                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed")
                     .increment(1);
                 tracing::error!(error = %e, submissions = batch.submissions.len(), "batch refused; writing its submissions one by one");
                 for sub in batch.submissions {
                     let result = self.write_with_retry(std::slice::from_ref(&sub)).await;
                     if let Err(e) = &result {
-                        metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "false").increment(1);
+                        metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed").increment(1);
                         tracing::error!(error = %e, points = sub.keys.len(), "submission refused by the database");
                     }
                     if let Ok((_, _, inserted)) = &result {
@@ -315,7 +315,7 @@ impl WriteBatch for Writer {
                 }
             }
             Err(e) => {
-                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "retryable" => "false")
+                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed")
                     .increment(1);
                 tracing::error!(error = %e, points = batch.points, elapsed_ms = started.elapsed().as_millis() as u64, "batch not written");
                 for sub in batch.submissions {

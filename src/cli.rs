@@ -1,0 +1,214 @@
+//! The command line of the `locus` binary: its subcommands and what each
+//! runs. Here, not in `main.rs`, so that tests can read the settings locus
+//! accepts (the docker-compose test does). It is the binary's layer, so it
+//! reports with anyhow like `main` would; the library below it does not.
+
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{DatabaseArgs, LogFormat, ServeConfig, StorageArgs},
+    ingest::unix_micros,
+    server::{self, Listeners},
+    storage::{
+        catalog, doctor, maintain,
+        setup::{self, SetupOptions, Tier},
+    },
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "locus",
+    version,
+    about = "GPS telemetry ingestion into PostgreSQL and TimescaleDB"
+)]
+pub struct Cli {
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(
+        long,
+        env = "LOCUS_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve gRPC ingest and Prometheus metrics.
+    Serve(Box<ServeConfig>),
+    /// Bring the database to the schema locus needs (idempotent).
+    Setup(SetupArgs),
+    /// Report the tier, drift, sizes, compression, jobs and lag; exit 1 when
+    /// something needs attention.
+    Doctor(DoctorArgs),
+    /// Run locus's own storage jobs once (retention, hourly rollup), as
+    /// `serve` does on its schedule.
+    Maintain(MaintainArgs),
+    /// Ask a running locus whether it is ready (gRPC health); exit 0 if so.
+    /// For container health checks.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// The gRPC address of the locus to ask.
+    #[arg(
+        long,
+        env = "LOCUS_HEALTH_TARGET",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    target: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MaintainArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// Print the SQL that would run, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Fail unless the database offers this tier.
+    #[arg(long, env = "LOCUS_REQUIRE_TIER", value_enum)]
+    require_tier: Option<Tier>,
+}
+
+/// Ends the process with this code, after printing what was asked.
+#[derive(Debug, thiserror::Error)]
+#[error("exit {0}")]
+pub struct Exit(pub u8);
+
+/// Runs one subcommand.
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(config) => {
+            // Every setting is checked before a port is bound.
+            config.validate().context("invalid configuration")?;
+            let listeners = Listeners::bind(
+                config.grpc_addr,
+                config.query.http_addr,
+                config.metrics_addr,
+            )
+            .await
+            .context("cannot bind the listen addresses")?;
+            let shutdown = CancellationToken::new();
+            crate::shutdown::cancel_on_signal(shutdown.clone())?;
+            server::run(*config, listeners, shutdown).await?;
+        }
+        Command::Setup(args) => {
+            args.database.validate()?;
+            args.storage.validate()?;
+            let opts = SetupOptions {
+                storage: args.storage,
+                require_tier: args.require_tier,
+            };
+            let plan = setup::run(
+                &args.database.url,
+                &opts,
+                args.dry_run,
+                unix_micros(SystemTime::now()),
+            )
+            .await?;
+            print!("{plan}");
+            if !args.dry_run && !plan.steps.is_empty() {
+                println!("-- applied {} steps", plan.steps.len());
+            }
+        }
+        Command::Doctor(args) => {
+            args.database.validate()?;
+            args.storage.validate()?;
+            let opts = SetupOptions {
+                storage: args.storage,
+                require_tier: None,
+            };
+            let report =
+                doctor::examine(&args.database.url, &opts, unix_micros(SystemTime::now())).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", doctor::render(&report));
+            }
+            if !report.attention.is_empty() {
+                return Err(Exit(1).into());
+            }
+        }
+        Command::Health(args) => {
+            use tonic_health::pb::{
+                HealthCheckRequest, health_check_response::ServingStatus,
+                health_client::HealthClient,
+            };
+            let channel = tonic::transport::Endpoint::from_shared(args.target.clone())?
+                .connect_timeout(std::time::Duration::from_secs(3))
+                .connect()
+                .await
+                .with_context(|| format!("cannot reach {}", args.target))?;
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?
+                .into_inner()
+                .status;
+            if status != ServingStatus::Serving as i32 {
+                println!("not ready");
+                return Err(Exit(1).into());
+            }
+            println!("ready");
+        }
+        Command::Maintain(args) => {
+            args.database.validate()?;
+            args.storage.validate()?;
+            let mut conn = setup::connect(&args.database.url).await?;
+            let tier = catalog::read(&mut conn).await?.tier;
+            maintain::run_all(
+                &mut conn,
+                tier,
+                &args.storage,
+                unix_micros(SystemTime::now()),
+            )
+            .await?;
+            println!("maintenance done on tier {tier}");
+        }
+    }
+    Ok(())
+}
+
+/// Logs to stderr, as text or JSON, at the level `RUST_LOG` sets (default info).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
