@@ -51,6 +51,15 @@ async fn scalar_i64(pool: &PgPool, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
+/// Stops TimescaleDB's scheduler from running this database's jobs on its
+/// own, so that the test runs each job itself (`CALL run_job`), in order.
+async fn pause_jobs(pool: &PgPool) {
+    sqlx::raw_sql("SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs WHERE job_id >= 1000")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 /// Setup from empty, idempotence, and a reconcile, on either edition.
 async fn setup_and_reconcile(admin: &str, want: Tier) {
     let db = TestDb::on(admin).await;
@@ -161,6 +170,7 @@ async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
     let db = TestDb::on(&admin).await;
     let server = TestServer::start(config(&db)).await;
     let pool = db.pool().await;
+    pause_jobs(&pool).await;
     let mut client = server.client().await;
     // Ten days ago: 50 devices, 1,000 points each, one every 10 s.
     let start = now_secs() - 10 * 86_400;
@@ -219,17 +229,19 @@ async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
     )
     .await;
     assert_eq!(hourly_before, 50_100);
-    // Retention with an 8-day cutoff stands for 30 days passing: every chunk
-    // of the data (10 days old, under 3 hours of it) ends before it.
+    // An 8-day retention stands for 30 days passing: every chunk of the data
+    // (10 days old, under 3 hours of it) ends before its cutoff. Setup
+    // orders the refresh window (now 7 days) inside it.
+    let mut o = opts();
+    o.storage.raw_retention = Duration::from_secs(8 * 86_400);
+    o.storage.compress_after = Duration::from_secs(3 * 86_400);
+    setup::run(&db.url, &o, false, now_us()).await.unwrap();
+    pause_jobs(&pool).await;
     sqlx::raw_sql("SELECT drop_chunks('location_events', older_than => now() - interval '8 days')")
         .execute(&pool)
         .await
         .unwrap();
     assert_eq!(count_rows(&pool).await, 0);
-    let mut o = opts();
-    o.storage.raw_retention = Duration::from_secs(8 * 86_400);
-    o.storage.compress_after = Duration::from_secs(3 * 86_400);
-    setup::run(&db.url, &o, false, now_us()).await.unwrap(); // refresh window now 7 days
     let refresh = scalar_i64(
         &pool,
         "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = 'policy_refresh_continuous_aggregate'",

@@ -1,1 +1,335 @@
-fn main() {}
+//! `locus-load`: a simulated fleet streaming to locus, with a report and an
+//! optional check that every acknowledged point is stored exactly once.
+
+mod fleet;
+mod run;
+mod verify;
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tonic::transport::Endpoint;
+
+use fleet::Device;
+use run::{Budget, Feeder, Shape, Stats};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Long-lived StreamLocations streams.
+    Stream,
+    /// WriteLocations calls.
+    Unary,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "locus-load", about = "A simulated GPS fleet against locus")]
+struct Args {
+    /// locus's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    #[arg(long, value_enum, default_value = "stream")]
+    mode: Mode,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    devices: u64,
+    /// Stream mode: 0 for one stream per device, or this many gateway
+    /// streams that multiplex the devices.
+    #[arg(long, default_value_t = 0)]
+    gateways: u64,
+    /// Points per second per device; 0 sends as fast as acks allow.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Simulated seconds between a device's fixes (default: 1/rate, or 1 s unthrottled).
+    #[arg(long)]
+    fix_interval: Option<f64>,
+    /// Points per LocationBatch.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Stop after this many points.
+    #[arg(long)]
+    total_points: Option<u64>,
+    /// Stop after this long (e.g. 30s, 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Unary mode: calls in flight.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Stream mode: batches unacknowledged per stream.
+    #[arg(long, default_value_t = 8)]
+    inflight: usize,
+    /// HTTP/2 connections the streams share (default: one per 100 streams).
+    #[arg(long)]
+    connections: Option<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "mextrack,pshop")]
+    app_sources: Vec<String>,
+    /// Share of batches held back and sent late (offline buffering).
+    #[arg(long, default_value_t = 0.01)]
+    late_share: f64,
+    /// Share of points that repeat an earlier point.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_share: f64,
+    /// Share of points made invalid (latitude 123).
+    #[arg(long, default_value_t = 0.0)]
+    invalid_share: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// How long ago the simulated clock starts (default: so that the run ends about now).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    start_ago: Option<Duration>,
+    /// After the run, check the database: every acknowledged point stored exactly once.
+    #[arg(long)]
+    verify: bool,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    anyhow::ensure!(
+        a.devices > 0 && a.batch_size > 0,
+        "--devices and --batch-size must be positive"
+    );
+    anyhow::ensure!(
+        a.total_points.is_some() || a.duration.is_some(),
+        "give --total-points or --duration"
+    );
+    anyhow::ensure!(
+        !a.verify || a.database_url.is_some(),
+        "--verify needs --database-url or DATABASE_URL"
+    );
+    let interval_s = a
+        .fix_interval
+        .unwrap_or(if a.rate > 0.0 { 1.0 / a.rate } else { 1.0 });
+    let per_device = match (a.total_points, a.duration) {
+        (Some(n), _) => n as f64 / a.devices as f64,
+        (None, Some(d)) if a.rate > 0.0 => d.as_secs_f64() * a.rate,
+        _ => 3_600.0,
+    };
+    let now_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as i64;
+    let start_ago = a
+        .start_ago
+        .map_or(per_device * interval_s + 60.0, |d| d.as_secs_f64());
+    let start_us = now_us - (start_ago * 1e6) as i64;
+    let interval_us = (interval_s * 1e6) as i64;
+    let devices: Vec<Device> = (0..a.devices)
+        .map(|i| {
+            Device::new(
+                i,
+                a.seed,
+                &a.app_sources[(i as usize) % a.app_sources.len()],
+                start_us,
+                interval_us,
+            )
+        })
+        .collect();
+    let device_ids: Vec<uuid::Uuid> = devices.iter().map(|d| d.device_id).collect();
+    let shape = Shape {
+        batch_size: a.batch_size,
+        duplicate_share: a.duplicate_share,
+        invalid_share: a.invalid_share,
+        late_share: a.late_share,
+    };
+    let budget = Arc::new(Budget::new(a.total_points, a.duration));
+    let stats = Arc::new(Stats {
+        stored: a.verify.then(Default::default),
+        ..Default::default()
+    });
+
+    let feeders: Vec<Feeder> = match (a.mode, a.gateways) {
+        (Mode::Stream, 0) => devices
+            .into_iter()
+            .map(|d| Feeder::new(vec![d], shape.clone()))
+            .collect(),
+        (Mode::Stream, g) => {
+            let mut groups: Vec<Vec<Device>> = (0..g).map(|_| Vec::new()).collect();
+            for (i, d) in devices.into_iter().enumerate() {
+                groups[i % g as usize].push(d);
+            }
+            groups
+                .into_iter()
+                .filter(|g| !g.is_empty())
+                .map(|g| Feeder::new(g, shape.clone()))
+                .collect()
+        }
+        (Mode::Unary, _) => vec![Feeder::new(devices, shape.clone())],
+    };
+    let workers = match a.mode {
+        Mode::Stream => feeders.len(),
+        Mode::Unary => a.concurrency,
+    };
+    let connections = a.connections.unwrap_or(workers.div_ceil(100)).max(1);
+    let endpoint = Endpoint::from_shared(a.target.clone())?.tcp_nodelay(true);
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        channels.push(
+            endpoint
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {}", a.target))?,
+        );
+    }
+    eprintln!(
+        "locus-load: {} devices, {} {} worker(s) over {} connection(s), batch {}, rate {}/s/device",
+        a.devices,
+        workers,
+        if a.mode == Mode::Stream {
+            "stream"
+        } else {
+            "unary"
+        },
+        connections,
+        a.batch_size,
+        a.rate
+    );
+
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    match a.mode {
+        Mode::Stream => {
+            for (i, f) in feeders.into_iter().enumerate() {
+                let ch = channels[i % connections].clone();
+                tasks.spawn(run::stream(
+                    ch,
+                    f,
+                    a.rate,
+                    a.inflight,
+                    budget.clone(),
+                    stats.clone(),
+                ));
+            }
+        }
+        Mode::Unary => {
+            let feeder = Arc::new(tokio::sync::Mutex::new(
+                feeders.into_iter().next().context("a feeder")?,
+            ));
+            for i in 0..a.concurrency {
+                tasks.spawn(run::unary(
+                    channels[i % connections].clone(),
+                    feeder.clone(),
+                    budget.clone(),
+                    stats.clone(),
+                ));
+            }
+        }
+    }
+    let progress = tokio::spawn(report::progress(stats.clone()));
+    while tasks.join_next().await.is_some() {}
+    progress.abort();
+    let elapsed = started.elapsed();
+    let summary = report::Summary::new(&stats, elapsed);
+    summary.print_human();
+    let mut failed = false;
+    if a.verify {
+        let url = a.database_url.as_deref().unwrap_or_default();
+        failed = !verify::verify(url, &device_ids, &stats).await?;
+    }
+    println!("{}", summary.json());
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+mod report {
+    use super::*;
+
+    /// A line per second on stderr.
+    pub async fn progress(stats: Arc<Stats>) {
+        let start = Instant::now();
+        let mut last = 0;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let acked = stats.accepted.load(Relaxed)
+                + stats.duplicates.load(Relaxed)
+                + stats.rejected.load(Relaxed);
+            eprintln!(
+                "[{:>4}s] sent {} acked {} ({}/s) errors {}",
+                start.elapsed().as_secs(),
+                stats.sent.load(Relaxed),
+                acked,
+                acked - last,
+                stats.errors.load(Relaxed)
+            );
+            last = acked;
+        }
+    }
+
+    pub struct Summary {
+        sent: u64,
+        acked: u64,
+        duplicates: u64,
+        rejected: u64,
+        errors: u64,
+        points_per_sec: f64,
+        p50: f64,
+        p99: f64,
+        max: f64,
+        elapsed: Duration,
+    }
+
+    impl Summary {
+        pub fn new(s: &Stats, elapsed: Duration) -> Self {
+            let mut l = s.latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
+            l.sort_unstable();
+            let pct = |p: f64| {
+                l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+                    .map_or(0.0, |us| *us as f64 / 1000.0)
+            };
+            let (acked, duplicates, rejected) = (
+                s.accepted.load(Relaxed),
+                s.duplicates.load(Relaxed),
+                s.rejected.load(Relaxed),
+            );
+            Summary {
+                sent: s.sent.load(Relaxed),
+                acked,
+                duplicates,
+                rejected,
+                errors: s.errors.load(Relaxed),
+                points_per_sec: (acked + duplicates + rejected) as f64 / elapsed.as_secs_f64(),
+                p50: pct(0.5),
+                p99: pct(0.99),
+                max: l.last().map_or(0.0, |us| *us as f64 / 1000.0),
+                elapsed,
+            }
+        }
+
+        pub fn print_human(&self) {
+            println!(
+                "sent {} points in {:.1} s: {} accepted, {} duplicates, {} rejected, {} errors; {:.0} points/s; ack p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                self.sent,
+                self.elapsed.as_secs_f64(),
+                self.acked,
+                self.duplicates,
+                self.rejected,
+                self.errors,
+                self.points_per_sec,
+                self.p50,
+                self.p99,
+                self.max
+            );
+        }
+
+        pub fn json(&self) -> String {
+            serde_json::json!({
+                "sent": self.sent,
+                "acked": self.acked,
+                "duplicates": self.duplicates,
+                "rejected": self.rejected,
+                "errors": self.errors,
+                "points_per_sec": (self.points_per_sec * 10.0).round() / 10.0,
+                "ack_p50_ms": (self.p50 * 100.0).round() / 100.0,
+                "ack_p99_ms": (self.p99 * 100.0).round() / 100.0,
+                "ack_max_ms": (self.max * 100.0).round() / 100.0,
+            })
+            .to_string()
+        }
+    }
+}

@@ -237,10 +237,11 @@ async fn timescale_jobs(conn: &mut PgConnection) -> Result<Vec<JobStatus>, Setup
         .collect();
     sqlx::query_as(
         "SELECT j.proc_name || ' on ' || j.hypertable_name || ' (job ' || j.job_id || ')' AS job,
-                s.last_run_started_at AS last_run,
+                -- TimescaleDB says -infinity for never.
+                CASE WHEN isfinite(s.last_run_started_at) THEN s.last_run_started_at END AS last_run,
                 CASE s.last_run_status WHEN 'Success' THEN true WHEN 'Failed' THEN false END AS last_ok,
-                s.last_successful_finish AS last_success,
-                s.total_failures AS failures,
+                CASE WHEN isfinite(s.last_successful_finish) THEN s.last_successful_finish END AS last_success,
+                coalesce(s.total_failures, 0)::int8 AS failures,
                 (SELECT e.err_message FROM timescaledb_information.job_errors e
                  WHERE e.job_id = j.job_id ORDER BY e.start_time DESC LIMIT 1) AS last_error
          FROM timescaledb_information.jobs j

@@ -89,7 +89,7 @@ pub async fn jobs(conn: &mut PgConnection) -> Result<Vec<Job>, SetupError> {
                 extract(epoch FROM (j.config->>'end_offset')::interval)::int8 AS end_offset_s,
                 extract(epoch FROM j.schedule_interval)::int8 AS schedule_s
          FROM timescaledb_information.jobs j
-         WHERE j.hypertable_name = 'location_events'
+         WHERE j.hypertable_name IN ('location_events', 'location_hourly')
             OR j.hypertable_name = (SELECT materialization_hypertable_name FROM timescaledb_information.continuous_aggregates
                                     WHERE view_name = 'location_hourly')
          ORDER BY j.job_id",

@@ -1,0 +1,303 @@
+//! Drives the simulated fleet against locus: long-lived gRPC streams (one
+//! per device, or gateways multiplexing many) or unary calls. Whatever is not
+//! acknowledged is sent again after a reconnect, as a real client must.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use locus::proto::{BatchAck, Location, LocationBatch, ingest_client::IngestClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::fleet::Device;
+
+/// What every driver adds to.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sent: AtomicU64,
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub errors: AtomicU64,
+    pub acked_batches: AtomicU64,
+    pub latencies_us: Mutex<Vec<u32>>,
+    /// (device, time) of every point acknowledged as stored, for --verify.
+    pub stored: Option<Mutex<HashSet<(Uuid, i64)>>>,
+}
+
+/// Shapes the batches: the share of duplicates, invalid points and late batches.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub batch_size: usize,
+    pub duplicate_share: f64,
+    pub invalid_share: f64,
+    pub late_share: f64,
+}
+
+/// When to stop making new points.
+#[derive(Debug)]
+pub struct Budget {
+    left: AtomicU64,
+    deadline: Option<Instant>,
+    pub done: AtomicBool,
+}
+
+impl Budget {
+    pub fn new(total_points: Option<u64>, duration: Option<Duration>) -> Self {
+        Budget {
+            left: AtomicU64::new(total_points.unwrap_or(u64::MAX)),
+            deadline: duration.map(|d| Instant::now() + d),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    /// Claims up to `n` points; 0 when the run is over.
+    fn claim(&self, n: u64) -> u64 {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.done.store(true, Relaxed);
+            return 0;
+        }
+        let mut left = self.left.load(Relaxed);
+        loop {
+            let take = left.min(n);
+            if take == 0 {
+                self.done.store(true, Relaxed);
+                return 0;
+            }
+            match self
+                .left
+                .compare_exchange(left, left - take, Relaxed, Relaxed)
+            {
+                Ok(_) => return take,
+                Err(now) => left = now,
+            }
+        }
+    }
+}
+
+/// Makes the batches of one stream (or of one unary worker) from its devices.
+#[derive(Debug)]
+pub struct Feeder {
+    devices: Vec<Device>,
+    next_device: usize,
+    shape: Shape,
+    next_id: u64,
+    /// Batches held back to be sent late (offline buffering).
+    held: VecDeque<LocationBatch>,
+    /// Recent points, to resend as duplicates.
+    recent: VecDeque<Location>,
+}
+
+impl Feeder {
+    pub fn new(devices: Vec<Device>, shape: Shape) -> Self {
+        Feeder {
+            devices,
+            next_device: 0,
+            shape,
+            next_id: 0,
+            held: VecDeque::new(),
+            recent: VecDeque::new(),
+        }
+    }
+
+    pub fn devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// The next batch to send, or `None` when the budget is spent and
+    /// nothing is held back.
+    pub fn next_batch(&mut self, budget: &Budget) -> Option<LocationBatch> {
+        let n = budget.claim(self.shape.batch_size as u64) as usize;
+        if n == 0 {
+            return self.held.pop_front();
+        }
+        let mut locations = Vec::with_capacity(n);
+        for _ in 0..n {
+            let i = self.next_device;
+            self.next_device = (self.next_device + 1) % self.devices.len();
+            let d = &mut self.devices[i];
+            let mut p = d.next_point();
+            if d.rng().chance(self.shape.duplicate_share) && !self.recent.is_empty() {
+                let k = (d.rng().next_u64() % self.recent.len() as u64) as usize;
+                p = self.recent[k].clone();
+            } else if d.rng().chance(self.shape.invalid_share) {
+                p.latitude = 123.0;
+            } else {
+                self.recent.push_back(p.clone());
+                if self.recent.len() > 64 {
+                    self.recent.pop_front();
+                }
+            }
+            locations.push(p);
+        }
+        self.next_id += 1;
+        let batch = LocationBatch {
+            batch_id: self.next_id,
+            locations,
+        };
+        let late = self.devices[0].rng().chance(self.shape.late_share);
+        if late {
+            self.held.push_back(batch);
+            // Something else goes now; the held batch later.
+            return self.next_batch(budget).or_else(|| self.held.pop_front());
+        }
+        if self.held.len() > 4 {
+            // Back online: the oldest held batch goes out after this one.
+            let old = self.held.pop_front();
+            self.held.push_front(batch);
+            return old;
+        }
+        Some(batch)
+    }
+}
+
+fn key(l: &Location) -> (Uuid, i64) {
+    let t = l.time.unwrap_or_default();
+    (
+        Uuid::try_parse(&l.device_id).unwrap_or_default(),
+        t.seconds * 1_000_000 + i64::from(t.nanos / 1_000),
+    )
+}
+
+impl Stats {
+    fn record(&self, batch: &LocationBatch, ack: &BatchAck, sent_at: Instant) {
+        self.accepted.fetch_add(u64::from(ack.accepted), Relaxed);
+        self.duplicates
+            .fetch_add(u64::from(ack.duplicates), Relaxed);
+        self.rejected.fetch_add(ack.rejected.len() as u64, Relaxed);
+        self.acked_batches.fetch_add(1, Relaxed);
+        let us = sent_at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+        if let Ok(mut l) = self.latencies_us.lock() {
+            l.push(us);
+        }
+        if let Some(stored) = &self.stored {
+            let bad: HashSet<u32> = ack.rejected.iter().map(|r| r.index).collect();
+            if let Ok(mut s) = stored.lock() {
+                for (i, l) in batch.locations.iter().enumerate() {
+                    if !bad.contains(&(i as u32)) {
+                        s.insert(key(l));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Paces a stream: `points_per_sec` over all its devices; 0 is unthrottled.
+fn pacer(points_per_sec: f64, batch_size: usize) -> Option<tokio::time::Interval> {
+    (points_per_sec > 0.0).then(|| {
+        let every = Duration::from_secs_f64(batch_size as f64 / points_per_sec);
+        let mut i = tokio::time::interval(every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    })
+}
+
+/// One long-lived stream: keeps up to `inflight` batches unacknowledged,
+/// and after any error reconnects and sends them again.
+pub async fn stream(
+    channel: Channel,
+    mut feeder: Feeder,
+    rate: f64,
+    inflight: usize,
+    budget: Arc<Budget>,
+    stats: Arc<Stats>,
+) {
+    let mut pace = pacer(rate * feeder.devices() as f64, feeder.shape.batch_size);
+    let mut unacked: VecDeque<(LocationBatch, Instant)> = VecDeque::new();
+    let mut exhausted = false;
+    while !(exhausted && unacked.is_empty()) {
+        let mut client = IngestClient::new(channel.clone());
+        let (tx, rx) = mpsc::channel(inflight.max(unacked.len()) + 1);
+        for (b, _) in &unacked {
+            let _ = tx.try_send(b.clone());
+        }
+        let mut inbound = match client.stream_locations(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(_) => {
+                stats.errors.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let mut tx = Some(tx);
+        loop {
+            if exhausted && unacked.is_empty() {
+                break;
+            }
+            let can_send = !exhausted && unacked.len() < inflight;
+            tokio::select! {
+                biased;
+                msg = inbound.message() => match msg {
+                    Ok(Some(ack)) => {
+                        let Some((batch, at)) = unacked.pop_front() else { break };
+                        if batch.batch_id != ack.batch_id {
+                            stats.errors.fetch_add(1, Relaxed);
+                            eprintln!("ack out of order: got {}, expected {}", ack.batch_id, batch.batch_id);
+                        }
+                        stats.record(&batch, &ack, at);
+                    }
+                    Ok(None) | Err(_) => {
+                        stats.errors.fetch_add(1, Relaxed);
+                        break;
+                    }
+                },
+                _ = async { if let Some(p) = pace.as_mut() { p.tick().await; } }, if can_send => {
+                    match feeder.next_batch(&budget) {
+                        Some(batch) => {
+                            stats.sent.fetch_add(batch.locations.len() as u64, Relaxed);
+                            unacked.push_back((batch.clone(), Instant::now()));
+                            if let Some(t) = &tx && t.send(batch).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => {
+                            exhausted = true;
+                        }
+                    }
+                }
+            }
+        }
+        drop(tx.take());
+        if !(exhausted && unacked.is_empty()) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Unary calls: one batch in flight per worker; a failed call is retried.
+pub async fn unary(
+    channel: Channel,
+    feeder: Arc<tokio::sync::Mutex<Feeder>>,
+    budget: Arc<Budget>,
+    stats: Arc<Stats>,
+) {
+    let mut client = IngestClient::new(channel);
+    loop {
+        let Some(batch) = feeder.lock().await.next_batch(&budget) else {
+            return;
+        };
+        stats.sent.fetch_add(batch.locations.len() as u64, Relaxed);
+        let at = Instant::now();
+        loop {
+            match client.write_locations(batch.clone()).await {
+                Ok(ack) => {
+                    stats.record(&batch, &ack.into_inner(), at);
+                    break;
+                }
+                Err(_) => {
+                    stats.errors.fetch_add(1, Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
