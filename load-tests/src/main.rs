@@ -1,10 +1,6 @@
 //! `locus-load`: a simulated fleet streaming to locus, with a report and an
 //! optional check that every acknowledged point is stored exactly once.
 
-mod fleet;
-mod run;
-mod verify;
-
 use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -14,8 +10,11 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tonic::transport::Endpoint;
 
-use fleet::Device;
-use run::{Budget, Feeder, Shape, Stats};
+use locus_load::{
+    fleet::Device,
+    run::{self, Budget, Feeder, Shape, Stats},
+    verify,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {

@@ -1,0 +1,451 @@
+//! `locus-bench`: in one run, on one schema and the same generated rows,
+//! raw binary COPY (the ceiling), locus end to end over gRPC, per-row INSERT
+//! and multi-row INSERT (UNNEST). For each: rows per second, CPU seconds per
+//! million rows for the service and for PostgreSQL (from /proc), and the
+//! service's peak RSS. Ends with a markdown table and `e2e_vs_raw_copy=`.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use locus::{
+    config::ValidationArgs,
+    ingest::validate::{ValidLocation, Validator},
+    pipeline::copy_encoder::{COLUMNS, encode_header, encode_row, encode_trailer},
+    proto::{Location, LocationBatch, ingest_client::IngestClient},
+};
+use locus_load::fleet::Device;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(name = "locus-bench", about = "Side-by-side ingest benchmark: raw COPY, locus, INSERTs")]
+struct Args {
+    /// Admin URL of the server to benchmark on; a fresh database is made there.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+    /// Rows for the COPY paths (raw COPY, locus) and multi-row INSERT.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: usize,
+    /// Rows for per-row INSERT (it is slow; its rate is what counts).
+    #[arg(long, default_value_t = 100_000)]
+    insert_rows: usize,
+    #[arg(long, default_value_t = 1_000)]
+    devices: u64,
+    /// Parallel connections of raw COPY and the INSERT cases, and locus's --writers.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Rows per COPY of the raw case, and locus's --flush-points.
+    #[arg(long, default_value_t = 5_000)]
+    copy_rows: usize,
+    /// gRPC streams of the locus case.
+    #[arg(long, default_value_t = 50)]
+    streams: usize,
+    /// Points per LocationBatch of the locus case.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// The locus binary (default: beside this one).
+    #[arg(long)]
+    locus: Option<PathBuf>,
+    /// Keep the benchmark database.
+    #[arg(long)]
+    keep: bool,
+}
+
+struct Row {
+    case: &'static str,
+    rows: usize,
+    seconds: f64,
+    service_cpu: Option<f64>,
+    pg_cpu: f64,
+    rss_mib: Option<f64>,
+}
+
+fn ticks_per_sec() -> f64 {
+    100.0 // USER_HZ on Linux
+}
+
+/// (utime + stime, cutime + cstime, ppid) of a process, in seconds.
+fn proc_times(pid: u32) -> Option<(f64, f64, u32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the comm: state=0, ppid=1, ..., utime=11, stime=12, cutime=13, cstime=14.
+    Some(((n(11) + n(12)) / ticks_per_sec(), (n(13) + n(14)) / ticks_per_sec(), n(1) as u32, comm))
+}
+
+/// CPU seconds of one PostgreSQL cluster so far: the postmaster, its live
+/// children, and the children that exited (counted in its cutime/cstime).
+fn pg_cpu(postmaster: u32) -> f64 {
+    let mut total = proc_times(postmaster).map_or(0.0, |(own, reaped, _, _)| own + reaped);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                && let Some((own, _, ppid, _)) = proc_times(pid)
+                && ppid == postmaster
+            {
+                total += own;
+            }
+        }
+    }
+    total
+}
+
+fn rss_peak_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn generate(devices: u64, rows: usize) -> anyhow::Result<(Vec<Location>, Vec<ValidLocation>)> {
+    let per_device = rows.div_ceil(devices as usize);
+    let now_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as i64;
+    let interval_us = 10_000_000;
+    let start_us = now_us - per_device as i64 * interval_us - 3_600_000_000;
+    let mut fleet: Vec<Device> = (0..devices)
+        .map(|i| Device::new(i, 42, if i % 2 == 0 { "mextrack" } else { "pshop" }, start_us, interval_us))
+        .collect();
+    let validator = Validator::new(&ValidationArgs::default(), Duration::from_secs(30 * 86_400));
+    let mut protos = Vec::with_capacity(rows);
+    let mut valid = Vec::with_capacity(rows);
+    'outer: for _ in 0..per_device {
+        for d in fleet.iter_mut() {
+            if protos.len() == rows {
+                break 'outer;
+            }
+            let p = d.next_point();
+            valid.push(validator.validate(p.clone(), now_us).map_err(|r| anyhow::anyhow!("{r:?}"))?);
+            protos.push(p);
+        }
+    }
+    Ok((protos, valid))
+}
+
+async fn reset(url: &str) -> anyhow::Result<()> {
+    let mut c = PgConnection::connect(url).await?;
+    sqlx::raw_sql("TRUNCATE location_events; TRUNCATE location_hourly; TRUNCATE locus_rollup_pending; CHECKPOINT")
+        .execute(&mut c)
+        .await?;
+    Ok(())
+}
+
+async fn count(url: &str) -> anyhow::Result<i64> {
+    let mut c = PgConnection::connect(url).await?;
+    Ok(sqlx::query_scalar("SELECT count(*) FROM location_events").fetch_one(&mut c).await?)
+}
+
+/// Runs `work` and measures it; `service` is a process to charge CPU to.
+async fn measure<F>(case: &'static str, url: &str, postmaster: u32, service: Option<u32>, rows: usize, work: F) -> anyhow::Result<Row>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    reset(url).await?;
+    eprintln!("locus-bench: {case}: {rows} rows ...");
+    let (pg0, svc0) = (pg_cpu(postmaster), service.and_then(proc_times).map(|t| t.0));
+    let t = Instant::now();
+    work.await?;
+    let seconds = t.elapsed().as_secs_f64();
+    let (pg1, svc1) = (pg_cpu(postmaster), service.and_then(proc_times).map(|t| t.0));
+    let stored = count(url).await?;
+    if stored != rows as i64 {
+        bail!("{case}: {stored} rows stored, expected {rows}");
+    }
+    let row = Row {
+        case,
+        rows,
+        seconds,
+        service_cpu: svc0.zip(svc1).map(|(a, b)| b - a),
+        pg_cpu: pg1 - pg0,
+        rss_mib: service.and_then(rss_peak_mib),
+    };
+    eprintln!("locus-bench: {case}: {:.0} rows/s", rows as f64 / seconds);
+    Ok(row)
+}
+
+async fn raw_copy(url: &str, rows: &[ValidLocation], connections: usize, chunk: usize) -> anyhow::Result<()> {
+    // Pre-encoded: the client does nothing but send bytes.
+    let chunks: Vec<BytesMut> = rows
+        .chunks(chunk)
+        .map(|c| {
+            let mut b = BytesMut::new();
+            encode_header(&mut b);
+            c.iter().for_each(|r| encode_row(&mut b, r));
+            encode_trailer(&mut b);
+            b
+        })
+        .collect();
+    let chunks = Arc::new(chunks);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..connections {
+        let (url, chunks) = (url.to_string(), chunks.clone());
+        tasks.spawn(async move {
+            let mut c = PgConnection::connect(&url).await?;
+            for b in chunks.iter().skip(w).step_by(connections) {
+                let mut copy = c.copy_in_raw(&format!("COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)")).await?;
+                copy.send(&b[..]).await?;
+                copy.finish().await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+fn ts(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+async fn per_row_insert(url: &str, rows: &[ValidLocation], connections: usize) -> anyhow::Result<()> {
+    let rows = Arc::new(rows.to_vec());
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..connections {
+        let (url, rows) = (url.to_string(), rows.clone());
+        tasks.spawn(async move {
+            let mut c = PgConnection::connect(&url).await?;
+            for r in rows.iter().skip(w).step_by(connections) {
+                sqlx::query(&format!(
+                    "INSERT INTO location_events ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)"
+                ))
+                .bind(ts(r.time_us))
+                .bind(r.device_id)
+                .bind(r.user_id)
+                .bind(&r.app_source)
+                .bind(r.latitude)
+                .bind(r.longitude)
+                .bind(r.accuracy)
+                .bind(r.altitude)
+                .bind(r.speed)
+                .bind(r.heading)
+                .bind(&r.metadata)
+                .execute(&mut c)
+                .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+async fn multi_row_insert(url: &str, rows: &[ValidLocation], connections: usize) -> anyhow::Result<()> {
+    let chunks: Arc<Vec<Vec<ValidLocation>>> = Arc::new(rows.chunks(1_000).map(<[_]>::to_vec).collect());
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..connections {
+        let (url, chunks) = (url.to_string(), chunks.clone());
+        tasks.spawn(async move {
+            let mut c = PgConnection::connect(&url).await?;
+            for ch in chunks.iter().skip(w).step_by(connections) {
+                sqlx::query(&format!(
+                    "INSERT INTO location_events ({COLUMNS})
+                     SELECT t, d, u, a, la, lo, ac, al, sp, hd, md::jsonb
+                     FROM UNNEST($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[], $5::float8[], $6::float8[],
+                                 $7::real[], $8::real[], $9::real[], $10::real[], $11::text[])
+                          AS u(t, d, u, a, la, lo, ac, al, sp, hd, md)"
+                ))
+                .bind(ch.iter().map(|r| ts(r.time_us)).collect::<Vec<_>>())
+                .bind(ch.iter().map(|r| r.device_id).collect::<Vec<Uuid>>())
+                .bind(ch.iter().map(|r| r.user_id).collect::<Vec<Uuid>>())
+                .bind(ch.iter().map(|r| r.app_source.clone()).collect::<Vec<_>>())
+                .bind(ch.iter().map(|r| r.latitude).collect::<Vec<_>>())
+                .bind(ch.iter().map(|r| r.longitude).collect::<Vec<_>>())
+                .bind(ch.iter().map(|r| r.accuracy).collect::<Vec<_>>())
+                .bind(ch.iter().map(|r| r.altitude).collect::<Vec<_>>())
+                .bind(ch.iter().map(|r| r.speed).collect::<Vec<_>>())
+                .bind(ch.iter().map(|r| r.heading).collect::<Vec<_>>())
+                .bind(ch.iter().map(|r| r.metadata.clone()).collect::<Vec<_>>())
+                .execute(&mut c)
+                .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Streams the rows through locus: `streams` gRPC streams over a few
+/// connections, each keeping 8 batches unacknowledged.
+async fn through_locus(target: &str, rows: &[Location], streams: usize, batch: usize) -> anyhow::Result<()> {
+    let batches: Vec<LocationBatch> = rows
+        .chunks(batch)
+        .enumerate()
+        .map(|(i, c)| LocationBatch { batch_id: i as u64, locations: c.to_vec() })
+        .collect();
+    let batches = Arc::new(batches);
+    let endpoint = Endpoint::from_shared(target.to_string())?.tcp_nodelay(true);
+    let mut channels = Vec::new();
+    for _ in 0..streams.div_ceil(25) {
+        channels.push(endpoint.connect().await?);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..streams {
+        let (channel, batches) = (channels[s % channels.len()].clone(), batches.clone());
+        tasks.spawn(async move {
+            let mine: Vec<&LocationBatch> = batches.iter().skip(s).step_by(streams).collect();
+            let (tx, rx) = mpsc::channel(8);
+            let mut client = IngestClient::new(channel);
+            let mut acks = client.stream_locations(ReceiverStream::new(rx)).await?.into_inner();
+            let expected = mine.len();
+            let sender = {
+                let owned: Vec<LocationBatch> = mine.into_iter().cloned().collect();
+                tokio::spawn(async move {
+                    for b in owned {
+                        if tx.send(b).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Keep the stream open until every ack is in.
+                    std::future::pending::<()>().await;
+                })
+            };
+            let mut got = 0;
+            while got < expected {
+                let ack = acks.message().await?.context("stream ended early")?;
+                if ack.accepted as usize + ack.duplicates as usize + ack.rejected.len() == 0 {
+                    bail!("empty ack");
+                }
+                got += 1;
+            }
+            sender.abort();
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let name = format!("locus_bench_{}", std::process::id());
+    let mut admin = PgConnection::connect(&a.database_url).await.context("connect to --database-url")?;
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+    let url = match a.database_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => bail!("--database-url names no database"),
+    };
+    let result = run(&a, &url).await;
+    if !a.keep {
+        let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await;
+    }
+    result
+}
+
+async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
+    let locus = match &a.locus {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("locus"),
+    };
+    let setup = tokio::process::Command::new(&locus).args(["setup", "--database-url", url]).output().await?;
+    if !setup.status.success() {
+        bail!("locus setup failed: {}", String::from_utf8_lossy(&setup.stderr));
+    }
+    let tier = String::from_utf8_lossy(&setup.stdout).lines().next().unwrap_or_default().to_string();
+    let mut c = PgConnection::connect(url).await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut c).await?;
+    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut c).await?;
+    drop(c);
+    let postmaster = proc_times(backend as u32).map(|t| t.2).context("read the postmaster's pid from /proc")?;
+
+    eprintln!("locus-bench: generating {} rows from {} devices ...", a.rows, a.devices);
+    let (protos, valid) = generate(a.devices, a.rows)?;
+    let mut results = Vec::new();
+
+    results.push(measure("raw binary COPY", url, postmaster, None, a.rows, raw_copy(url, &valid, a.connections, a.copy_rows)).await?);
+
+    let (grpc, http, metrics) = (free_port()?, free_port()?, free_port()?);
+    let mut server = tokio::process::Command::new(&locus)
+        .args(["serve", "--database-url", url])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}"), "--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .args(["--writers", &a.connections.to_string(), "--db-pool-size", &(a.connections + 4).to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start locus serve")?;
+    let pid = server.id().context("locus pid")?;
+    let target = format!("http://127.0.0.1:{grpc}");
+    let t = Instant::now();
+    while tokio::process::Command::new(&locus)
+        .args(["health", "--target", &target])
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("locus did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    results.push(
+        measure("locus end to end (gRPC streams)", url, postmaster, Some(pid), a.rows, through_locus(&target, &protos, a.streams, a.batch))
+            .await?,
+    );
+    let _ = server.start_kill();
+    let _ = server.wait().await;
+
+    let insert_rows = a.insert_rows.min(a.rows);
+    results.push(measure("per-row INSERT", url, postmaster, None, insert_rows, per_row_insert(url, &valid[..insert_rows], a.connections)).await?);
+    results.push(measure("multi-row INSERT (UNNEST, 1,000 rows)", url, postmaster, None, a.rows, multi_row_insert(url, &valid, a.connections)).await?);
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    println!();
+    println!("PostgreSQL {version}, {tier}; {cpus} CPUs, {mem:.0} GiB; {} connections/writers, {} streams of {}-point batches", a.connections, a.streams, a.batch);
+    println!();
+    println!("| case | rows | seconds | rows/s | service CPU s / M rows | PostgreSQL CPU s / M rows | service peak RSS |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut rate: HashMap<&str, f64> = HashMap::new();
+    for r in &results {
+        let per_m = |cpu: f64| cpu / r.rows as f64 * 1e6;
+        rate.insert(r.case, r.rows as f64 / r.seconds);
+        println!(
+            "| {} | {} | {:.1} | {:.0} | {} | {:.1} | {} |",
+            r.case,
+            r.rows,
+            r.seconds,
+            r.rows as f64 / r.seconds,
+            r.service_cpu.map_or("-".into(), |c| format!("{:.1}", per_m(c))),
+            per_m(r.pg_cpu),
+            r.rss_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
+        );
+    }
+    let e2e = rate["locus end to end (gRPC streams)"];
+    println!();
+    println!("locus_vs_per_row_insert={:.1}", e2e / rate["per-row INSERT"]);
+    println!("e2e_vs_raw_copy={:.3}", e2e / rate["raw binary COPY"]);
+    Ok(())
+}
