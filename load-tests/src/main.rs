@@ -157,6 +157,24 @@ async fn main() -> anyhow::Result<()> {
         }
         (Mode::Unary, _) => vec![Feeder::new(devices, shape.clone())],
     };
+    // With --total-points, each feeder makes its devices' share.
+    let feeders: Vec<Feeder> = match a.total_points {
+        Some(total) => {
+            let per_device = total / a.devices;
+            let mut extra = total % a.devices;
+            feeders
+                .into_iter()
+                .map(|f| {
+                    let mut q = per_device * f.devices() as u64;
+                    let e = extra.min(f.devices() as u64);
+                    extra -= e;
+                    q += e;
+                    f.with_quota(q)
+                })
+                .collect()
+        }
+        None => feeders,
+    };
     let workers = match a.mode {
         Mode::Stream => feeders.len(),
         Mode::Unary => a.concurrency,

@@ -94,6 +94,9 @@ pub struct Feeder {
     held: VecDeque<LocationBatch>,
     /// Recent points, to resend as duplicates.
     recent: VecDeque<Location>,
+    /// Points this feeder may still make, when the run is bounded by points:
+    /// each device makes its share, so no device runs ahead of the clock.
+    quota: Option<u64>,
 }
 
 impl Feeder {
@@ -105,7 +108,13 @@ impl Feeder {
             next_id: 0,
             held: VecDeque::new(),
             recent: VecDeque::new(),
+            quota: None,
         }
+    }
+
+    pub fn with_quota(mut self, points: u64) -> Self {
+        self.quota = Some(points);
+        self
     }
 
     pub fn devices(&self) -> usize {
@@ -115,7 +124,11 @@ impl Feeder {
     /// The next batch to send, or `None` when the budget is spent and
     /// nothing is held back.
     pub fn next_batch(&mut self, budget: &Budget) -> Option<LocationBatch> {
-        let n = budget.claim(self.shape.batch_size as u64) as usize;
+        let want = self.quota.map_or(self.shape.batch_size as u64, |q| q.min(self.shape.batch_size as u64));
+        let n = budget.claim(want) as usize;
+        if let Some(q) = self.quota.as_mut() {
+            *q -= n as u64;
+        }
         if n == 0 {
             return self.held.pop_front();
         }
