@@ -103,9 +103,11 @@ impl StorageArgs {
             ));
         }
         let window = self.refresh_window();
-        if window < 2 * hour || window >= self.raw_retention {
+        // The refresh ends an hour before now (the current hour is computed
+        // at query time), and TimescaleDB wants two buckets beyond that.
+        if window < 3 * hour || window >= self.raw_retention {
             return Err(ConfigError::Inconsistent(format!(
-                "--hourly-refresh-window ({}) must be at least 2h and shorter than --raw-retention ({}): \
+                "--hourly-refresh-window ({}) must be at least 3h and shorter than --raw-retention ({}): \
                  a refresh over hours whose raw points were dropped would erase their aggregates",
                 humantime::format_duration(window),
                 humantime::format_duration(self.raw_retention)

@@ -317,3 +317,163 @@ async fn apache_edition_rollup_and_retention_by_locus() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// The seed's layout (004), as a plain table with rows, on a TimescaleDB
+/// server: adopted into a hypertable without losing a row.
+async fn adopt_on(admin: &str, want: Tier) {
+    let db = TestDb::on(admin).await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(
+        "CREATE TABLE location_events (
+           time TIMESTAMPTZ NOT NULL, device_id UUID NOT NULL, user_id UUID NOT NULL,
+           app_source VARCHAR(50) NOT NULL, latitude DECIMAL(10, 8) NOT NULL, longitude DECIMAL(11, 8) NOT NULL,
+           accuracy DECIMAL(6, 2), altitude DECIMAL(8, 2), speed DECIMAL(6, 2), heading DECIMAL(5, 2), metadata JSONB);
+         CREATE INDEX idx_location_device ON location_events (device_id, time DESC);
+         INSERT INTO location_events
+         SELECT now() - (i || ' minutes')::interval, md5((i % 10)::text)::uuid, md5('u')::uuid, 'mextrack',
+                19.43260812 + i * 0.00001, -99.13320845, 5.5, 2240.25, 40.5, 180.25, '{\"seed\": true}'
+         FROM generate_series(1, 5000) AS i;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let plan = setup::run(&db.url, &opts(), false, now_us()).await.unwrap();
+    assert_eq!(plan.tier, want);
+    assert!(
+        plan.steps
+            .iter()
+            .any(|s| s.description.starts_with("adopt")),
+        "{plan}"
+    );
+    assert_eq!(count_rows(&pool).await, 5_000);
+    let is_hypertable = scalar_i64(
+        &pool,
+        "SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_name = 'location_events'",
+    )
+    .await;
+    assert_eq!(is_hypertable, 1);
+    assert!(
+        setup::run(&db.url, &opts(), false, now_us())
+            .await
+            .unwrap()
+            .steps
+            .is_empty()
+    );
+
+    // And the doctor notices a dropped index.
+    sqlx::raw_sql("DROP INDEX location_events_app_source_time_idx")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = doctor::examine(&db.url, &opts(), now_us()).await.unwrap();
+    assert_eq!(
+        report.drift,
+        ["create index location_events_app_source_time_idx"]
+    );
+    assert!(!report.attention.is_empty());
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn community_edition_adopts_a_seed_table_and_doctor_sees_drift() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    adopt_on(&admin, Tier::Timescale).await;
+}
+
+#[tokio::test]
+async fn apache_edition_adopts_a_seed_table_and_doctor_sees_drift() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    adopt_on(&admin, Tier::TimescaleApache).await;
+}
+
+/// Community edition: late points are in location_hourly after the refresh
+/// policy's next run, and the retention policy drops old raw chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn community_edition_late_points_and_retention_policy() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    let db = TestDb::on(&admin).await;
+    let server = TestServer::start(config(&db)).await;
+    let pool = db.pool().await;
+    pause_jobs(&pool).await;
+    let job = |proc: &'static str, target: &'static str| {
+        let pool = pool.clone();
+        async move {
+            scalar_i64(
+                &pool,
+                &format!(
+                    "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = '{proc}'
+                     AND (hypertable_name = '{target}' OR ('{target}' = 'location_hourly' AND hypertable_name <> 'location_events'))"
+                ),
+            )
+            .await
+        }
+    };
+    let refresh = job("policy_refresh_continuous_aggregate", "location_hourly").await;
+    // Two days ago, so its daily chunk ends well before any cutoff below.
+    let hour = (now_secs() - 2 * 86_400) / 3600 * 3600;
+    let d = Device::new(hour);
+    let mut client = server.client().await;
+    client.write_locations(d.batch(1, 0, 300)).await.unwrap();
+    sqlx::raw_sql(&format!("CALL run_job({refresh})"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let materialized =
+        "SELECT coalesce(sum(point_count), 0)::int8 FROM location_hourly WHERE device_id = '";
+    let q = format!("{materialized}{}'", d.device_id);
+    assert_eq!(scalar_i64(&pool, &q).await, 300);
+    // The rest of that hour, late.
+    client.write_locations(d.batch(2, 300, 300)).await.unwrap();
+    sqlx::raw_sql(&format!("CALL run_job({refresh})"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let only_materialized = format!(
+        "SELECT coalesce(sum(point_count), 0)::int8 FROM _timescaledb_internal.{} WHERE device_id = '{}'",
+        scalar_text(&pool, "SELECT materialization_hypertable_name FROM timescaledb_information.continuous_aggregates WHERE view_name = 'location_hourly'").await,
+        d.device_id
+    );
+    assert_eq!(
+        scalar_i64(&pool, &only_materialized).await,
+        600,
+        "the policy re-materialized the late hour"
+    );
+
+    // Retention: with a 5-hour policy the two-day-old chunk goes when the job runs.
+    let mut o = opts();
+    o.storage.raw_retention = Duration::from_secs(5 * 3600);
+    o.storage.chunk_interval = Duration::from_secs(3600);
+    o.storage.hourly_refresh_window = Some(Duration::from_secs(4 * 3600));
+    setup::run(&db.url, &o, false, now_us()).await.unwrap();
+    pause_jobs(&pool).await;
+    let retention = job("policy_retention", "location_events").await;
+    sqlx::raw_sql(&format!("CALL run_job({retention})"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        count_rows(&pool).await,
+        0,
+        "raw chunks past retention are dropped"
+    );
+    assert_eq!(
+        scalar_i64(&pool, &only_materialized).await,
+        600,
+        "the aggregate stays"
+    );
+    server.stop().await;
+    db.drop_db().await;
+}
+
+async fn scalar_text(pool: &PgPool, sql: &str) -> String {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
