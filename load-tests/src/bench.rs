@@ -30,10 +30,17 @@ use tonic::transport::Endpoint;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
-#[command(name = "locus-bench", about = "Side-by-side ingest benchmark: raw COPY, locus, INSERTs")]
+#[command(
+    name = "locus-bench",
+    about = "Side-by-side ingest benchmark: raw COPY, locus, INSERTs"
+)]
 struct Args {
     /// Admin URL of the server to benchmark on; a fresh database is made there.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     database_url: String,
     /// Rows for the COPY paths (raw COPY, locus) and multi-row INSERT.
     #[arg(long, default_value_t = 1_000_000)]
@@ -84,7 +91,12 @@ fn proc_times(pid: u32) -> Option<(f64, f64, u32, String)> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // After the comm: state=0, ppid=1, ..., utime=11, stime=12, cutime=13, cstime=14.
-    Some(((n(11) + n(12)) / ticks_per_sec(), (n(13) + n(14)) / ticks_per_sec(), n(1) as u32, comm))
+    Some((
+        (n(11) + n(12)) / ticks_per_sec(),
+        (n(13) + n(14)) / ticks_per_sec(),
+        n(1) as u32,
+        comm,
+    ))
 }
 
 /// CPU seconds of one PostgreSQL cluster so far: the postmaster, its live
@@ -117,7 +129,15 @@ fn generate(devices: u64, rows: usize) -> anyhow::Result<(Vec<Location>, Vec<Val
     let interval_us = 10_000_000;
     let start_us = now_us - per_device as i64 * interval_us - 3_600_000_000;
     let mut fleet: Vec<Device> = (0..devices)
-        .map(|i| Device::new(i, 42, if i % 2 == 0 { "mextrack" } else { "pshop" }, start_us, interval_us))
+        .map(|i| {
+            Device::new(
+                i,
+                42,
+                if i % 2 == 0 { "mextrack" } else { "pshop" },
+                start_us,
+                interval_us,
+            )
+        })
         .collect();
     let validator = Validator::new(&ValidationArgs::default(), Duration::from_secs(30 * 86_400));
     let mut protos = Vec::with_capacity(rows);
@@ -128,7 +148,11 @@ fn generate(devices: u64, rows: usize) -> anyhow::Result<(Vec<Location>, Vec<Val
                 break 'outer;
             }
             let p = d.next_point();
-            valid.push(validator.validate(p.clone(), now_us).map_err(|r| anyhow::anyhow!("{r:?}"))?);
+            valid.push(
+                validator
+                    .validate(p.clone(), now_us)
+                    .map_err(|r| anyhow::anyhow!("{r:?}"))?,
+            );
             protos.push(p);
         }
     }
@@ -145,21 +169,36 @@ async fn reset(url: &str) -> anyhow::Result<()> {
 
 async fn count(url: &str) -> anyhow::Result<i64> {
     let mut c = PgConnection::connect(url).await?;
-    Ok(sqlx::query_scalar("SELECT count(*) FROM location_events").fetch_one(&mut c).await?)
+    Ok(sqlx::query_scalar("SELECT count(*) FROM location_events")
+        .fetch_one(&mut c)
+        .await?)
 }
 
 /// Runs `work` and measures it; `service` is a process to charge CPU to.
-async fn measure<F>(case: &'static str, url: &str, postmaster: u32, service: Option<u32>, rows: usize, work: F) -> anyhow::Result<Row>
+async fn measure<F>(
+    case: &'static str,
+    url: &str,
+    postmaster: u32,
+    service: Option<u32>,
+    rows: usize,
+    work: F,
+) -> anyhow::Result<Row>
 where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
     reset(url).await?;
     eprintln!("locus-bench: {case}: {rows} rows ...");
-    let (pg0, svc0) = (pg_cpu(postmaster), service.and_then(proc_times).map(|t| t.0));
+    let (pg0, svc0) = (
+        pg_cpu(postmaster),
+        service.and_then(proc_times).map(|t| t.0),
+    );
     let t = Instant::now();
     work.await?;
     let seconds = t.elapsed().as_secs_f64();
-    let (pg1, svc1) = (pg_cpu(postmaster), service.and_then(proc_times).map(|t| t.0));
+    let (pg1, svc1) = (
+        pg_cpu(postmaster),
+        service.and_then(proc_times).map(|t| t.0),
+    );
     let stored = count(url).await?;
     if stored != rows as i64 {
         bail!("{case}: {stored} rows stored, expected {rows}");
@@ -176,7 +215,12 @@ where
     Ok(row)
 }
 
-async fn raw_copy(url: &str, rows: &[ValidLocation], connections: usize, chunk: usize) -> anyhow::Result<()> {
+async fn raw_copy(
+    url: &str,
+    rows: &[ValidLocation],
+    connections: usize,
+    chunk: usize,
+) -> anyhow::Result<()> {
     // Pre-encoded: the client does nothing but send bytes.
     let chunks: Vec<BytesMut> = rows
         .chunks(chunk)
@@ -195,7 +239,11 @@ async fn raw_copy(url: &str, rows: &[ValidLocation], connections: usize, chunk: 
         tasks.spawn(async move {
             let mut c = PgConnection::connect(&url).await?;
             for b in chunks.iter().skip(w).step_by(connections) {
-                let mut copy = c.copy_in_raw(&format!("COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)")).await?;
+                let mut copy = c
+                    .copy_in_raw(&format!(
+                        "COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)"
+                    ))
+                    .await?;
                 copy.send(&b[..]).await?;
                 copy.finish().await?;
             }
@@ -212,7 +260,11 @@ fn ts(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
-async fn per_row_insert(url: &str, rows: &[ValidLocation], connections: usize) -> anyhow::Result<()> {
+async fn per_row_insert(
+    url: &str,
+    rows: &[ValidLocation],
+    connections: usize,
+) -> anyhow::Result<()> {
     let rows = Arc::new(rows.to_vec());
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..connections {
@@ -246,8 +298,13 @@ async fn per_row_insert(url: &str, rows: &[ValidLocation], connections: usize) -
     Ok(())
 }
 
-async fn multi_row_insert(url: &str, rows: &[ValidLocation], connections: usize) -> anyhow::Result<()> {
-    let chunks: Arc<Vec<Vec<ValidLocation>>> = Arc::new(rows.chunks(1_000).map(<[_]>::to_vec).collect());
+async fn multi_row_insert(
+    url: &str,
+    rows: &[ValidLocation],
+    connections: usize,
+) -> anyhow::Result<()> {
+    let chunks: Arc<Vec<Vec<ValidLocation>>> =
+        Arc::new(rows.chunks(1_000).map(<[_]>::to_vec).collect());
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..connections {
         let (url, chunks) = (url.to_string(), chunks.clone());
@@ -286,11 +343,19 @@ async fn multi_row_insert(url: &str, rows: &[ValidLocation], connections: usize)
 
 /// Streams the rows through locus: `streams` gRPC streams over a few
 /// connections, each keeping 8 batches unacknowledged.
-async fn through_locus(target: &str, rows: &[Location], streams: usize, batch: usize) -> anyhow::Result<()> {
+async fn through_locus(
+    target: &str,
+    rows: &[Location],
+    streams: usize,
+    batch: usize,
+) -> anyhow::Result<()> {
     let batches: Vec<LocationBatch> = rows
         .chunks(batch)
         .enumerate()
-        .map(|(i, c)| LocationBatch { batch_id: i as u64, locations: c.to_vec() })
+        .map(|(i, c)| LocationBatch {
+            batch_id: i as u64,
+            locations: c.to_vec(),
+        })
         .collect();
     let batches = Arc::new(batches);
     let endpoint = Endpoint::from_shared(target.to_string())?.tcp_nodelay(true);
@@ -305,7 +370,10 @@ async fn through_locus(target: &str, rows: &[Location], streams: usize, batch: u
             let mine: Vec<&LocationBatch> = batches.iter().skip(s).step_by(streams).collect();
             let (tx, rx) = mpsc::channel(8);
             let mut client = IngestClient::new(channel);
-            let mut acks = client.stream_locations(ReceiverStream::new(rx)).await?.into_inner();
+            let mut acks = client
+                .stream_locations(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
             let expected = mine.len();
             let sender = {
                 let owned: Vec<LocationBatch> = mine.into_iter().cloned().collect();
@@ -338,22 +406,30 @@ async fn through_locus(target: &str, rows: &[Location], streams: usize, batch: u
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let name = format!("locus_bench_{}", std::process::id());
-    let mut admin = PgConnection::connect(&a.database_url).await.context("connect to --database-url")?;
-    sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+    let mut admin = PgConnection::connect(&a.database_url)
+        .await
+        .context("connect to --database-url")?;
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
     let url = match a.database_url.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
         None => bail!("--database-url names no database"),
     };
     let result = run(&a, &url).await;
     if !a.keep {
-        let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await;
+        let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
     }
     result
 }
@@ -363,29 +439,68 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("locus"),
     };
-    let setup = tokio::process::Command::new(&locus).args(["setup", "--database-url", url]).output().await?;
+    let setup = tokio::process::Command::new(&locus)
+        .args(["setup", "--database-url", url])
+        .output()
+        .await?;
     if !setup.status.success() {
-        bail!("locus setup failed: {}", String::from_utf8_lossy(&setup.stderr));
+        bail!(
+            "locus setup failed: {}",
+            String::from_utf8_lossy(&setup.stderr)
+        );
     }
-    let tier = String::from_utf8_lossy(&setup.stdout).lines().next().unwrap_or_default().to_string();
+    let tier = String::from_utf8_lossy(&setup.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let mut c = PgConnection::connect(url).await?;
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut c).await?;
-    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut c).await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut c)
+        .await?;
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&mut c)
+        .await?;
     drop(c);
-    let postmaster = proc_times(backend as u32).map(|t| t.2).context("read the postmaster's pid from /proc")?;
+    let postmaster = proc_times(backend as u32)
+        .map(|t| t.2)
+        .context("read the postmaster's pid from /proc")?;
 
-    eprintln!("locus-bench: generating {} rows from {} devices ...", a.rows, a.devices);
+    eprintln!(
+        "locus-bench: generating {} rows from {} devices ...",
+        a.rows, a.devices
+    );
     let (protos, valid) = generate(a.devices, a.rows)?;
     let mut results = Vec::new();
 
-    results.push(measure("raw binary COPY", url, postmaster, None, a.rows, raw_copy(url, &valid, a.connections, a.copy_rows)).await?);
+    results.push(
+        measure(
+            "raw binary COPY",
+            url,
+            postmaster,
+            None,
+            a.rows,
+            raw_copy(url, &valid, a.connections, a.copy_rows),
+        )
+        .await?,
+    );
 
     let (grpc, http, metrics) = (free_port()?, free_port()?, free_port()?);
     let mut server = tokio::process::Command::new(&locus)
         .args(["serve", "--database-url", url])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}"), "--http-addr", &format!("127.0.0.1:{http}")])
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-        .args(["--writers", &a.connections.to_string(), "--db-pool-size", &(a.connections + 4).to_string()])
+        .args([
+            "--writers",
+            &a.connections.to_string(),
+            "--db-pool-size",
+            &(a.connections + 4).to_string(),
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -408,25 +523,62 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     results.push(
-        measure("locus end to end (gRPC streams)", url, postmaster, Some(pid), a.rows, through_locus(&target, &protos, a.streams, a.batch))
-            .await?,
+        measure(
+            "locus end to end (gRPC streams)",
+            url,
+            postmaster,
+            Some(pid),
+            a.rows,
+            through_locus(&target, &protos, a.streams, a.batch),
+        )
+        .await?,
     );
     let _ = server.start_kill();
     let _ = server.wait().await;
 
     let insert_rows = a.insert_rows.min(a.rows);
-    results.push(measure("per-row INSERT", url, postmaster, None, insert_rows, per_row_insert(url, &valid[..insert_rows], a.connections)).await?);
-    results.push(measure("multi-row INSERT (UNNEST, 1,000 rows)", url, postmaster, None, a.rows, multi_row_insert(url, &valid, a.connections)).await?);
+    results.push(
+        measure(
+            "per-row INSERT",
+            url,
+            postmaster,
+            None,
+            insert_rows,
+            per_row_insert(url, &valid[..insert_rows], a.connections),
+        )
+        .await?,
+    );
+    results.push(
+        measure(
+            "multi-row INSERT (UNNEST, 1,000 rows)",
+            url,
+            postmaster,
+            None,
+            a.rows,
+            multi_row_insert(url, &valid, a.connections),
+        )
+        .await?,
+    );
 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
     println!();
-    println!("PostgreSQL {version}, {tier}; {cpus} CPUs, {mem:.0} GiB; {} connections/writers, {} streams of {}-point batches", a.connections, a.streams, a.batch);
+    println!(
+        "PostgreSQL {version}, {tier}; {cpus} CPUs, {mem:.0} GiB; {} connections/writers, {} streams of {}-point batches",
+        a.connections, a.streams, a.batch
+    );
     println!();
-    println!("| case | rows | seconds | rows/s | service CPU s / M rows | PostgreSQL CPU s / M rows | service peak RSS |");
+    println!(
+        "| case | rows | seconds | rows/s | service CPU s / M rows | PostgreSQL CPU s / M rows | service peak RSS |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let mut rate: HashMap<&str, f64> = HashMap::new();
     for r in &results {
@@ -438,14 +590,18 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
             r.rows,
             r.seconds,
             r.rows as f64 / r.seconds,
-            r.service_cpu.map_or("-".into(), |c| format!("{:.1}", per_m(c))),
+            r.service_cpu
+                .map_or("-".into(), |c| format!("{:.1}", per_m(c))),
             per_m(r.pg_cpu),
             r.rss_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
         );
     }
     let e2e = rate["locus end to end (gRPC streams)"];
     println!();
-    println!("locus_vs_per_row_insert={:.1}", e2e / rate["per-row INSERT"]);
+    println!(
+        "locus_vs_per_row_insert={:.1}",
+        e2e / rate["per-row INSERT"]
+    );
     println!("e2e_vs_raw_copy={:.3}", e2e / rate["raw binary COPY"]);
     Ok(())
 }

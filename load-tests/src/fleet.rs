@@ -89,6 +89,10 @@ impl Device {
                 (self.speed + (target - self.speed) * 0.05 + (self.rng.unit() - 0.5) * 4.0)
                     .clamp(0.0, 120.0);
             self.heading = (self.heading + (self.rng.unit() - 0.5) * 10.0).rem_euclid(360.0);
+            if self.heading >= 360.0 {
+                // rem_euclid of a tiny negative number rounds up to 360.0.
+                self.heading = 0.0;
+            }
         }
         let meters = self.speed / 3.6 * dt;
         let rad = self.heading.to_radians();

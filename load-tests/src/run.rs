@@ -124,7 +124,9 @@ impl Feeder {
     /// The next batch to send, or `None` when the budget is spent and
     /// nothing is held back.
     pub fn next_batch(&mut self, budget: &Budget) -> Option<LocationBatch> {
-        let want = self.quota.map_or(self.shape.batch_size as u64, |q| q.min(self.shape.batch_size as u64));
+        let want = self.quota.map_or(self.shape.batch_size as u64, |q| {
+            q.min(self.shape.batch_size as u64)
+        });
         let n = budget.claim(want) as usize;
         if let Some(q) = self.quota.as_mut() {
             *q -= n as u64;
