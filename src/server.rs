@@ -118,7 +118,8 @@ pub async fn run(
         Some(sink),
     );
     let budget = Budget::new(config.limits.buffer_points, config.limits.buffer_bytes);
-    let (pipeline, pipeline_task) = Pipeline::start(writer, &config.pipeline, budget);
+    let (pipeline, pipeline_task) =
+        Pipeline::start(writer, &config.pipeline, budget, shutdown.clone());
     let validator = Validator::new(&config.validation, config.storage.raw_retention);
     let ingestor = Ingestor::new(validator, pipeline, config.limits.max_batch_points);
     let ingest = IngestService::new(

@@ -337,3 +337,53 @@ async fn readiness_follows_the_database() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// On shutdown, readiness turns false at once, while buffered batches are
+/// still being written (the metrics address answers until the end), and the
+/// linger is not waited out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_false_at_once_on_shutdown() {
+    let db = TestDb::new().await;
+    let mut cfg = config(&db);
+    cfg.pipeline.linger = Duration::from_secs(30);
+    cfg.pipeline.flush_points = 100_000;
+    let server = TestServer::start(cfg).await;
+    let ready = || async {
+        reqwest::get(format!("http://{}/readyz", server.metrics))
+            .await
+            .unwrap()
+    };
+    assert_eq!(ready().await.status(), 200);
+    // Writes wait for this lock, so shutdown has work to finish.
+    let pool = db.pool().await;
+    let mut locker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let d = Device::new(now_secs() - 100);
+    let mut client = server.client().await;
+    let call = tokio::spawn(async move { client.write_locations(d.batch(1, 0, 10)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resp = ready().await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["reason"],
+        "shutting down"
+    );
+    let started = Instant::now();
+    locker.rollback().await.unwrap();
+    let ack = call.await.unwrap().unwrap().into_inner();
+    assert_eq!(
+        ack.accepted, 10,
+        "the buffered batch was stored and acknowledged"
+    );
+    server.task.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown did not wait out the 30 s linger"
+    );
+    db.drop_db().await;
+}

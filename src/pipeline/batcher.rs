@@ -13,6 +13,8 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 
+use tokio_util::sync::CancellationToken;
+
 use super::Submission;
 use crate::config::PipelineArgs;
 
@@ -63,7 +65,14 @@ pub trait WriteBatch: Clone + Send + Sync + 'static {
 }
 
 /// Runs until `rx` is closed and drained, then waits for the writes in flight.
-pub async fn run<W: WriteBatch>(mut rx: mpsc::Receiver<Submission>, s: Settings, writer: W) {
+/// Once `drain` is cancelled (shutdown), batches no longer linger: what is
+/// buffered is flushed as soon as a writer is free.
+pub async fn run<W: WriteBatch>(
+    mut rx: mpsc::Receiver<Submission>,
+    s: Settings,
+    writer: W,
+    drain: CancellationToken,
+) {
     let writers = Arc::new(Semaphore::new(s.writers));
     let mut in_flight = JoinSet::new();
     let mut batch = Batch::default();
@@ -75,7 +84,7 @@ pub async fn run<W: WriteBatch>(mut rx: mpsc::Receiver<Submission>, s: Settings,
     loop {
         let full =
             batch.points >= s.flush_points || batch.bytes >= s.flush_bytes || carry.is_some();
-        let lingered = deadline.is_some_and(|d| Instant::now() >= d);
+        let lingered = deadline.is_some_and(|d| Instant::now() >= d) || drain.is_cancelled();
         let ready = !batch.is_empty() && (full || lingered || !input_open);
         if !input_open && batch.is_empty() {
             break;
@@ -114,6 +123,7 @@ pub async fn run<W: WriteBatch>(mut rx: mpsc::Receiver<Submission>, s: Settings,
             },
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() && !lingered => {}
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            _ = drain.cancelled(), if !drain.is_cancelled() => {}
         }
     }
     while in_flight.join_next().await.is_some() {}
@@ -169,6 +179,7 @@ mod tests {
         flushed: Arc<Mutex<Vec<(Duration, usize)>>>,
         task: tokio::task::JoinHandle<()>,
         budget: Budget,
+        drain: CancellationToken,
     }
 
     fn harness(s: Settings, hold: Duration) -> Harness {
@@ -179,13 +190,15 @@ mod tests {
             hold,
         };
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(rx, s, rec));
+        let drain = CancellationToken::new();
+        let task = tokio::spawn(run(rx, s, rec, drain.clone()));
         let budget = Budget::new(1 << 20, 1 << 30);
         Harness {
             tx,
             flushed,
             task,
             budget,
+            drain,
         }
     }
 
@@ -251,6 +264,20 @@ mod tests {
         assert_eq!(
             h.flushed(),
             vec![(Duration::ZERO, 10), (Duration::from_millis(200), 6)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_the_linger() {
+        let h = harness(settings(2), Duration::ZERO);
+        let ack = h.send(4).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.drain.cancel();
+        assert_eq!(ack.await.unwrap().unwrap().accepted, 4);
+        assert_eq!(
+            h.flushed(),
+            vec![(Duration::from_millis(10), 4)],
+            "flushed at once, not after 50 ms"
         );
     }
 

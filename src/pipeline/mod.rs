@@ -195,12 +195,18 @@ impl Pipeline {
         writer: W,
         settings: &PipelineArgs,
         budget: Budget,
+        drain: tokio_util::sync::CancellationToken,
     ) -> (Pipeline, JoinHandle<()>) {
         // Each submission holds at least one point of the budget, so the
         // channel can never hold more than that many submissions; the
         // smaller bound keeps its own memory small.
         let (tx, rx) = mpsc::channel(budget.capacity.0.clamp(1, 65_536));
-        let task = tokio::spawn(batcher::run(rx, batcher::Settings::from(settings), writer));
+        let task = tokio::spawn(batcher::run(
+            rx,
+            batcher::Settings::from(settings),
+            writer,
+            drain,
+        ));
         (Pipeline { tx, budget }, task)
     }
 
