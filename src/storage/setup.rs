@@ -169,38 +169,57 @@ pub async fn run(
     opts.storage
         .validate()
         .map_err(|e| SetupError::Refused(e.to_string()))?;
-    let mut conn = connect(url).await?;
+    // The lock lives on a session of its own, which does nothing else: the
+    // work sessions may have to be replaced (after an extension update).
+    let mut lock = connect(url).await?;
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(SETUP_LOCK_KEY)
-        .execute(&mut conn)
+        .execute(&mut lock)
         .await
         .map_err(SetupError::sql("taking the setup lock"))?;
-    let result = plan_and_apply(&mut conn, url, opts, dry_run, now_us).await;
-    let _ = conn.close().await; // ends the session, and with it the lock
+    let result = plan_and_apply(url, opts, dry_run, now_us).await;
+    let _ = lock.close().await; // ends the session, and with it the lock
     result
 }
 
 async fn plan_and_apply(
-    conn: &mut PgConnection,
     url: &str,
     opts: &SetupOptions,
     dry_run: bool,
     now_us: i64,
 ) -> Result<Plan, SetupError> {
-    let plan = plan(conn, opts, now_us).await?;
-    if !dry_run {
-        for step in &plan.steps {
-            tracing::info!(step = %step.description, "setup");
-            let result = if step.fresh_connection {
-                let mut fresh = connect(url).await?;
-                execute(&mut fresh, &step.sql).await
-            } else {
-                execute(conn, &step.sql).await
-            };
-            result.map_err(SetupError::sql(step.description.clone()))?;
-        }
+    let mut conn = connect(url).await?;
+    let first = plan(&mut conn, opts, now_us).await?;
+    if dry_run {
+        return Ok(first);
     }
-    Ok(plan)
+    let Some(update) = first.steps.iter().find(|s| s.fresh_connection).cloned() else {
+        apply(&mut conn, &first.steps).await?;
+        return Ok(first);
+    };
+    // `ALTER EXTENSION ... UPDATE` must be the first command of its session,
+    // and a session that loaded the old version cannot use the new one: the
+    // rest is planned again, and applied, on a new session.
+    drop(conn);
+    let mut fresh = connect(url).await?;
+    apply(&mut fresh, std::slice::from_ref(&update)).await?;
+    drop(fresh);
+    let mut conn = connect(url).await?;
+    let rest = plan(&mut conn, opts, now_us).await?;
+    apply(&mut conn, &rest.steps).await?;
+    let mut steps = vec![update];
+    steps.extend(rest.steps);
+    Ok(Plan { steps, ..rest })
+}
+
+async fn apply(conn: &mut PgConnection, steps: &[Step]) -> Result<(), SetupError> {
+    for step in steps {
+        tracing::info!(step = %step.description, "setup");
+        execute(conn, &step.sql)
+            .await
+            .map_err(SetupError::sql(step.description.clone()))?;
+    }
+    Ok(())
 }
 
 /// A query without arguments runs over the simple protocol: several
