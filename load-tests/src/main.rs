@@ -350,3 +350,28 @@ mod report {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo fleet of docker-compose.yml runs with flags locus-load accepts.
+    #[test]
+    fn compose_demo_fleet_command_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docker-compose.yml"
+        ))
+        .unwrap();
+        let compose: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let command: Vec<String> = compose["services"]["fleet"]["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(command[0], "locus-load");
+        let args = Args::try_parse_from(&command).unwrap_or_else(|e| panic!("{e}"));
+        assert!(args.duration.is_some() && args.rate > 0.0);
+    }
+}
