@@ -23,6 +23,8 @@ use locus::{
     proto::{Location, LocationBatch, ingest_client::IngestClient},
 };
 use locus_load::fleet::Device;
+
+mod queries;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -68,6 +70,14 @@ struct Args {
     /// Keep the benchmark database.
     #[arg(long)]
     keep: bool,
+    /// `ingest` (the four write paths) or `queries` (query latency under
+    /// ingest, and ingest with live subscribers).
+    #[arg(long, default_value = "ingest")]
+    suite: String,
+    /// Queries suite: the ingest rate kept up while queries run (points/s),
+    /// about half of the maximum the ingest suite measured.
+    #[arg(long, default_value_t = 100_000)]
+    half_rate: u64,
 }
 
 struct Row {
@@ -405,7 +415,54 @@ async fn through_locus(
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// `locus serve` on free ports against `url`; returns it, its pid and its
+/// gRPC address once it is ready.
+pub async fn start_locus(
+    locus: &std::path::Path,
+    url: &str,
+    writers: usize,
+) -> anyhow::Result<(tokio::process::Child, u32, String)> {
+    let (grpc, http, metrics) = (free_port()?, free_port()?, free_port()?);
+    let server = tokio::process::Command::new(locus)
+        .args(["serve", "--database-url", url])
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .args([
+            "--writers",
+            &writers.to_string(),
+            "--db-pool-size",
+            &(writers + 4).to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start locus serve")?;
+    let pid = server.id().context("locus pid")?;
+    let target = format!("http://127.0.0.1:{grpc}");
+    let t = Instant::now();
+    while tokio::process::Command::new(locus)
+        .args(["health", "--target", &target])
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("locus did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((server, pid, target))
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -439,6 +496,9 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("locus"),
     };
+    if a.suite == "queries" {
+        return queries::run(&locus, url, a.connections, a.half_rate).await;
+    }
     let setup = tokio::process::Command::new(&locus)
         .args(["setup", "--database-url", url])
         .output()
@@ -485,43 +545,7 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         .await?,
     );
 
-    let (grpc, http, metrics) = (free_port()?, free_port()?, free_port()?);
-    let mut server = tokio::process::Command::new(&locus)
-        .args(["serve", "--database-url", url])
-        .args([
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-addr",
-            &format!("127.0.0.1:{http}"),
-        ])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-        .args([
-            "--writers",
-            &a.connections.to_string(),
-            "--db-pool-size",
-            &(a.connections + 4).to_string(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start locus serve")?;
-    let pid = server.id().context("locus pid")?;
-    let target = format!("http://127.0.0.1:{grpc}");
-    let t = Instant::now();
-    while tokio::process::Command::new(&locus)
-        .args(["health", "--target", &target])
-        .stdout(Stdio::null())
-        .status()
-        .await
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("locus did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (mut server, pid, target) = start_locus(&locus, url, a.connections).await?;
     results.push(
         measure(
             "locus end to end (gRPC streams)",

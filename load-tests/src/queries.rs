@@ -1,0 +1,334 @@
+//! The queries suite of `locus-bench`: query latency while ingest runs at
+//! about half its maximum, and ingest throughput with and without 200 live
+//! subscribers.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use locus::proto::{
+    BoundingBox, GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, Location, LocationBatch,
+    SubscribeRequest, get_hourly_stats_request::Key, ingest_client::IngestClient,
+    query_client::QueryClient,
+};
+use locus_load::fleet::Device;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn ts(us: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
+    })
+}
+
+/// Sends `batches` over `streams` streams, each keeping 8 unacknowledged;
+/// paced to `rate` points/s overall when given. Returns points acknowledged.
+async fn ingest(
+    channel: Channel,
+    batches: Vec<LocationBatch>,
+    streams: usize,
+    rate: Option<u64>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<u64> {
+    let batches = Arc::new(batches);
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..streams {
+        let (channel, batches, acked, stop) = (
+            channel.clone(),
+            batches.clone(),
+            acked.clone(),
+            stop.clone(),
+        );
+        tasks.spawn(async move {
+            let mine: Vec<LocationBatch> =
+                batches.iter().skip(s).step_by(streams).cloned().collect();
+            let expected = mine.len();
+            let per_batch = mine.first().map_or(1, |b| b.locations.len()) as f64;
+            let mut pace = rate.map(|r| {
+                let mut i = tokio::time::interval(Duration::from_secs_f64(
+                    per_batch * streams as f64 / r as f64,
+                ));
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            });
+            let (tx, rx) = mpsc::channel(8);
+            let mut acks = IngestClient::new(channel)
+                .stream_locations(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let sender = tokio::spawn(async move {
+                for b in mine {
+                    if let Some(p) = pace.as_mut() {
+                        p.tick().await;
+                    }
+                    if stop.load(Relaxed) || tx.send(b).await.is_err() {
+                        break;
+                    }
+                }
+                std::future::pending::<()>().await;
+            });
+            let mut got = 0;
+            while got < expected {
+                match tokio::time::timeout(Duration::from_secs(2), acks.message()).await {
+                    Ok(Ok(Some(ack))) => {
+                        acked.fetch_add(u64::from(ack.accepted + ack.duplicates), Relaxed);
+                        got += 1;
+                    }
+                    Ok(_) => anyhow::bail!("stream ended"),
+                    Err(_) if sender.is_finished() || got > 0 => break, // stopped early
+                    Err(_) => {}
+                }
+            }
+            sender.abort();
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(acked.load(Relaxed))
+}
+
+/// `n` points each from `devices`, one every `every_s` seconds, ending now.
+fn fleet_points(devices: u64, seed: u64, n: usize, every_s: f64) -> Vec<Location> {
+    let interval_us = (every_s * 1e6) as i64;
+    let start = now_us() - n as i64 * interval_us - 120_000_000;
+    let mut fleet: Vec<Device> = (0..devices)
+        .map(|i| Device::new(i, seed, "mextrack", start, interval_us))
+        .collect();
+    let mut out = Vec::with_capacity(devices as usize * n);
+    for _ in 0..n {
+        for d in fleet.iter_mut() {
+            out.push(d.next_point());
+        }
+    }
+    out
+}
+
+fn batches(points: Vec<Location>, size: usize) -> Vec<LocationBatch> {
+    points
+        .chunks(size)
+        .enumerate()
+        .map(|(i, c)| LocationBatch {
+            batch_id: i as u64,
+            locations: c.to_vec(),
+        })
+        .collect()
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+async fn timed<F, Fut>(n: usize, mut f: F) -> anyhow::Result<(f64, f64)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await?;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok((percentile(ms.clone(), 0.5), percentile(ms, 0.99)))
+}
+
+pub async fn run(
+    locus: &std::path::Path,
+    url: &str,
+    writers: usize,
+    half_rate: u64,
+) -> anyhow::Result<()> {
+    let (mut server, _pid, target) = crate::start_locus(locus, url, writers).await?;
+    let channel = Endpoint::from_shared(target.clone())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let no_stop = Arc::new(AtomicBool::new(false));
+
+    // The data the queries read.
+    eprintln!(
+        "locus-bench queries: loading 10,000 devices, one device's day, 30 days of hourly rows ..."
+    );
+    let latest_fleet = fleet_points(10_000, 7, 1, 1.0);
+    let ids: Vec<String> = latest_fleet.iter().map(|l| l.device_id.clone()).collect();
+    ingest(
+        channel.clone(),
+        batches(latest_fleet, 500),
+        8,
+        None,
+        no_stop.clone(),
+    )
+    .await?;
+    let day = fleet_points(1, 8, 8_640, 10.0);
+    let (day_device, day_from, day_to) = (
+        day[0].device_id.clone(),
+        day[0].time.map_or(0, |t| t.seconds * 1_000_000),
+        now_us(),
+    );
+    ingest(
+        channel.clone(),
+        batches(day, 1_000),
+        1,
+        None,
+        no_stop.clone(),
+    )
+    .await?;
+    // Hourly rows of one device for 30 days, written directly: the query
+    // reads location_hourly alone, however its rows got there.
+    let stats_device = uuid::Uuid::new_v4();
+    let mut c = PgConnection::connect(url).await?;
+    sqlx::query(
+        "INSERT INTO location_hourly (hour, device_id, user_id, app_source, point_count, avg_latitude, avg_longitude,
+             avg_speed, max_speed, first_event, last_event, min_latitude, max_latitude, min_longitude, max_longitude)
+         SELECT h, $1, $1, 'mextrack', 360, 19.4, -99.1, 30, 80, h, h + interval '59 minutes', 19.3, 19.5, -99.2, -99.0
+         FROM generate_series(date_trunc('hour', now()) - interval '30 days', date_trunc('hour', now()), interval '1 hour') h",
+    )
+    .bind(stats_device)
+    .execute(&mut c)
+    .await?;
+    drop(c);
+
+    // Ingest at about half the maximum, in the background, while querying.
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = batches(fleet_points(1_000, 9, 1_000, 1.0), 500);
+    let ingesting = tokio::spawn(ingest(
+        channel.clone(),
+        background,
+        20,
+        Some(half_rate),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut q = QueryClient::new(channel.clone());
+    let latest = timed(200, || {
+        let mut q = q.clone();
+        let req = GetLatestRequest {
+            device_ids: ids.clone(),
+            app_source: String::new(),
+        };
+        async move {
+            let n = q.get_latest(req).await?.into_inner().locations.len();
+            anyhow::ensure!(n == 10_000, "{n} latest positions");
+            Ok(())
+        }
+    })
+    .await?;
+    let track = timed(50, || {
+        let mut q = q.clone();
+        let req = GetTrackRequest {
+            device_id: day_device.clone(),
+            from: ts(day_from),
+            to: ts(day_to),
+            limit: 10_000,
+            cursor: String::new(),
+        };
+        async move {
+            let n = q.get_track(req).await?.into_inner().locations.len();
+            anyhow::ensure!(n == 8_640, "{n} track points");
+            Ok(())
+        }
+    })
+    .await?;
+    let stats = timed(200, || {
+        let mut q = q.clone();
+        let req = GetHourlyStatsRequest {
+            key: Some(Key::DeviceId(stats_device.to_string())),
+            from: ts(now_us() - 30 * 86_400_000_000),
+            to: ts(now_us()),
+        };
+        async move {
+            let n = q.get_hourly_stats(req).await?.into_inner().hours.len();
+            anyhow::ensure!(n >= 719, "{n} hours");
+            Ok(())
+        }
+    })
+    .await?;
+    stop.store(true, Relaxed);
+    let during = ingesting.await??;
+    eprintln!("locus-bench queries: {during} points ingested in the background while querying");
+
+    // Full ingest without, then with, 200 live subscribers (each watching a
+    // small box of the fleet's area, as a map view does).
+    let full = |seed| batches(fleet_points(1_000, seed, 300, 1.0), 500);
+    let t = Instant::now();
+    let n0 = ingest(channel.clone(), full(10), 50, None, no_stop.clone()).await?;
+    let without = n0 as f64 / t.elapsed().as_secs_f64();
+    let received = Arc::new(AtomicU64::new(0));
+    let mut subs = Vec::new();
+    for i in 0..200 {
+        let lat = 19.2 + (i % 20) as f64 * 0.025;
+        let lon = -99.4 + (i / 20) as f64 * 0.05;
+        let bbox = BoundingBox {
+            min_latitude: lat,
+            max_latitude: lat + 0.05,
+            min_longitude: lon,
+            max_longitude: lon + 0.1,
+        };
+        let mut stream = q
+            .subscribe(SubscribeRequest {
+                app_source: String::new(),
+                device_ids: vec![],
+                bbox: Some(bbox),
+            })
+            .await?
+            .into_inner();
+        let received = received.clone();
+        subs.push(tokio::spawn(async move {
+            while let Ok(Some(_)) = stream.message().await {
+                received.fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    let t = Instant::now();
+    let n1 = ingest(channel.clone(), full(11), 50, None, no_stop.clone()).await?;
+    let with = n1 as f64 / t.elapsed().as_secs_f64();
+    subs.iter().for_each(|s| s.abort());
+    let _ = server.start_kill();
+    let _ = server.wait().await;
+
+    println!();
+    println!("Queries, while ingest runs at about {half_rate} points/s:");
+    println!();
+    println!("| query | calls | p50 ms | p99 ms | target p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| GetLatest, 10,000 devices | 200 | {:.2} | {:.2} | 5 ms |",
+        latest.0, latest.1
+    );
+    println!(
+        "| GetTrack, one day (8,640 points) | 50 | {:.2} | {:.2} | 50 ms |",
+        track.0, track.1
+    );
+    println!(
+        "| GetHourlyStats, 30 days of one device | 200 | {:.2} | {:.2} | 50 ms |",
+        stats.0, stats.1
+    );
+    println!();
+    println!(
+        "Full ingest, 300,000 points over 50 streams: {without:.0} points/s without live subscribers, {with:.0} with 200 \
+         (they received {} points); ratio {:.3} (target at least 0.9)",
+        received.load(Relaxed),
+        with / without
+    );
+    println!("live_subscribers_ingest_ratio={:.3}", with / without);
+    Ok(())
+}
