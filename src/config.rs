@@ -177,6 +177,10 @@ pub struct LimitArgs {
     /// Most open StreamLocations streams.
     #[arg(long, env = "LOCUS_MAX_STREAMS", default_value_t = 20_000)]
     pub max_streams: usize,
+    /// Largest HTTP ingest body after gzip decompression, in bytes (the body
+    /// as sent is bounded by --max-message-bytes).
+    #[arg(long, env = "LOCUS_MAX_DECOMPRESSED_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_decompressed_bytes: usize,
     /// Most batches of one stream awaiting their ack; past it the stream is not read.
     #[arg(long, env = "LOCUS_STREAM_INFLIGHT", default_value_t = 16)]
     pub stream_inflight: usize,
@@ -190,6 +194,7 @@ impl Default for LimitArgs {
             buffer_points: 500_000,
             buffer_bytes: 128 * 1024 * 1024,
             max_streams: 20_000,
+            max_decompressed_bytes: 16 * 1024 * 1024,
             stream_inflight: 16,
         }
     }

@@ -122,6 +122,7 @@ pub async fn run(
         Pipeline::start(writer, &config.pipeline, budget, shutdown.clone());
     let validator = Validator::new(&config.validation, config.storage.raw_retention);
     let ingestor = Ingestor::new(validator, pipeline, config.limits.max_batch_points);
+    let http_ingestor = ingestor.clone();
     let ingest = IngestService::new(
         ingestor,
         config.limits.max_streams,
@@ -158,6 +159,11 @@ pub async fn run(
     let metrics_task = tokio::spawn(async move { metrics_server.await });
 
     let http_app = crate::query::http::router(query.clone(), shutdown.clone())
+        .merge(crate::ingest::http::router(
+            http_ingestor,
+            config.limits.max_message_bytes,
+            config.limits.max_decompressed_bytes,
+        ))
         .merge(crate::health::router(Arc::clone(&health)));
     let http_server = axum::serve(listeners.http, http_app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());

@@ -3,6 +3,7 @@
 //! mapping of errors to statuses.
 
 pub mod grpc;
+pub mod http;
 pub mod validate;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -83,8 +84,22 @@ impl Ingestor {
         when_full: WhenFull,
         transport: &'static str,
     ) -> Result<PendingAck, IngestError> {
+        let points = batch.locations.into_iter().map(Ok).collect();
+        self.ingest_points(batch.batch_id, points, when_full, transport)
+            .await
+    }
+
+    /// As [`Ingestor::ingest`], for points of which some were already found
+    /// bad while decoding (HTTP JSON): those keep their index and reason.
+    pub async fn ingest_points(
+        &self,
+        batch_id: u64,
+        locations: Vec<Result<proto::Location, validate::Rejection>>,
+        when_full: WhenFull,
+        transport: &'static str,
+    ) -> Result<PendingAck, IngestError> {
         let received = Instant::now();
-        let points = batch.locations.len();
+        let points = locations.len();
         metrics::counter!(m::POINTS_RECEIVED).increment(points as u64);
         if points > self.max_batch_points {
             metrics::counter!(m::REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
@@ -96,8 +111,8 @@ impl Ingestor {
         let now_us = unix_micros(SystemTime::now());
         let mut rejected = Vec::new();
         let mut rows = SubmissionBuilder::with_capacity(points);
-        for (index, loc) in batch.locations.into_iter().enumerate() {
-            match self.validator.validate(loc, now_us) {
+        for (index, loc) in locations.into_iter().enumerate() {
+            match loc.and_then(|loc| self.validator.validate(loc, now_us)) {
                 Ok(valid) => rows.push(&valid),
                 Err(r) => {
                     metrics::counter!(m::POINTS_REJECTED, "reason" => r.reason.code()).increment(1);
@@ -134,7 +149,7 @@ impl Ingestor {
             Some(rx)
         };
         Ok(PendingAck {
-            batch_id: batch.batch_id,
+            batch_id,
             rejected,
             outcome,
             received,

@@ -53,10 +53,12 @@ pub enum Reason {
     MetadataTooLarge,
     MetadataInvalid,
     MetadataNotObject,
+    /// HTTP JSON: the point is not an object of the documented fields and types.
+    PointMalformed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::TimeMissing,
         Reason::TimeInvalid,
         Reason::TimeInFuture,
@@ -78,6 +80,7 @@ impl Reason {
         Reason::MetadataTooLarge,
         Reason::MetadataInvalid,
         Reason::MetadataNotObject,
+        Reason::PointMalformed,
     ];
 
     pub fn code(self) -> &'static str {
@@ -103,6 +106,7 @@ impl Reason {
             Reason::MetadataTooLarge => "metadata_too_large",
             Reason::MetadataInvalid => "metadata_invalid",
             Reason::MetadataNotObject => "metadata_not_object",
+            Reason::PointMalformed => "point_malformed",
         }
     }
 }
@@ -114,7 +118,7 @@ pub struct Rejection {
     pub message: String,
 }
 
-fn reject(reason: Reason, message: impl Into<String>) -> Rejection {
+pub fn reject(reason: Reason, message: impl Into<String>) -> Rejection {
     Rejection {
         reason,
         message: message.into(),

@@ -1,0 +1,268 @@
+//! `POST /v1/locations`: HTTP JSON ingest for phone apps, with the same
+//! validation, pipeline and acknowledgement as gRPC. The body may be
+//! gzip-compressed; both its size as sent and after decompression are capped.
+
+use std::io::Read;
+
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{
+    IngestError, Ingestor, WhenFull,
+    validate::{Reason, Rejection, reject},
+};
+use crate::{proto, status::RETRY_AFTER};
+
+#[derive(Clone)]
+struct App {
+    ingestor: Ingestor,
+    max_body: usize,
+    max_decompressed: usize,
+}
+
+pub fn router(ingestor: Ingestor, max_body: usize, max_decompressed: usize) -> Router {
+    Router::new()
+        .route("/v1/locations", post(post_locations))
+        .with_state(App {
+            ingestor,
+            max_body,
+            max_decompressed,
+        })
+}
+
+/// A point as JSON: the proto's fields, `time` in RFC 3339, and the metadata
+/// either as an object (`metadata`) or as text (`metadata_json`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonLocation {
+    time: String,
+    device_id: String,
+    user_id: String,
+    app_source: String,
+    latitude: f64,
+    longitude: f64,
+    accuracy: Option<f64>,
+    altitude: Option<f64>,
+    speed: Option<f64>,
+    heading: Option<f64>,
+    metadata: Option<Value>,
+    metadata_json: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct JsonBatch {
+    #[serde(default)]
+    batch_id: u64,
+    locations: Vec<Value>,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonAck {
+    batch_id: u64,
+    accepted: u32,
+    duplicates: u32,
+    rejected: Vec<JsonRejection>,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonRejection {
+    index: u32,
+    reason: String,
+    message: String,
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+fn retry_later(status: StatusCode, code: &str, message: String) -> Response {
+    let mut r = error(status, code, message);
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(RETRY_AFTER.as_secs()),
+    );
+    r
+}
+
+/// The HTTP face of an ingest error.
+fn ingest_error(e: IngestError) -> Response {
+    match &e {
+        IngestError::BatchTooLarge { .. } => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            e.to_string(),
+        ),
+        IngestError::BufferFull | IngestError::TooManyStreams(_) => {
+            retry_later(StatusCode::TOO_MANY_REQUESTS, "buffer_full", e.to_string())
+        }
+        IngestError::ShuttingDown => retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            e.to_string(),
+        ),
+        IngestError::Write(w) if w.is_retryable() => retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database is unavailable; the batch was not stored, send it again".into(),
+        ),
+        IngestError::Write(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the batch could not be stored; it was not acknowledged",
+        ),
+    }
+}
+
+/// The body, decompressed if it says gzip, within the caps.
+fn decode_body(
+    headers: &HeaderMap,
+    body: Bytes,
+    max_decompressed: usize,
+) -> Result<Bytes, Response> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity");
+    match encoding.trim().to_ascii_lowercase().as_str() {
+        "identity" | "" => Ok(body),
+        "gzip" => {
+            let mut out = Vec::new();
+            let mut reader =
+                flate2::read::GzDecoder::new(&body[..]).take(max_decompressed as u64 + 1);
+            reader.read_to_end(&mut out).map_err(|e| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_gzip",
+                    format!("the body is not valid gzip: {e}"),
+                )
+            })?;
+            if out.len() > max_decompressed {
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the body is over {max_decompressed} bytes once decompressed"),
+                ));
+            }
+            Ok(Bytes::from(out))
+        }
+        other => Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!("Content-Encoding {other:?} is not supported; send identity or gzip"),
+        )),
+    }
+}
+
+fn to_proto(index: usize, v: Value) -> Result<proto::Location, Rejection> {
+    let l: JsonLocation = serde_json::from_value(v)
+        .map_err(|e| reject(Reason::PointMalformed, format!("location {index}: {e}")))?;
+    let time = chrono::DateTime::parse_from_rfc3339(&l.time).map_err(|e| {
+        reject(
+            Reason::TimeInvalid,
+            format!("time {:?} is not RFC 3339: {e}", l.time),
+        )
+    })?;
+    let metadata_json = match (l.metadata, l.metadata_json) {
+        (Some(_), Some(_)) => {
+            return Err(reject(
+                Reason::PointMalformed,
+                "give metadata or metadata_json, not both",
+            ));
+        }
+        (Some(Value::Null), None) | (None, None) => String::new(),
+        (Some(m), None) => m.to_string(),
+        (None, Some(text)) => text,
+    };
+    Ok(proto::Location {
+        time: Some(prost_types::Timestamp {
+            seconds: time.timestamp(),
+            nanos: time.timestamp_subsec_nanos() as i32,
+        }),
+        device_id: l.device_id,
+        user_id: l.user_id,
+        app_source: l.app_source,
+        latitude: l.latitude,
+        longitude: l.longitude,
+        accuracy: l.accuracy,
+        altitude: l.altitude,
+        speed: l.speed,
+        heading: l.heading,
+        metadata_json,
+    })
+}
+
+async fn post_locations(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let body = match axum::body::to_bytes(body, app.max_body).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the body is over {} bytes (--max-message-bytes)",
+                    app.max_body
+                ),
+            );
+        }
+    };
+    let body = match decode_body(&headers, body, app.max_decompressed) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let batch: JsonBatch = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                format!(
+                    "the body must be a JSON object {{\"batch_id\", \"locations\": [...]}}: {e}"
+                ),
+            );
+        }
+    };
+    let points = batch
+        .locations
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| to_proto(i, v))
+        .collect();
+    let pending = match app
+        .ingestor
+        .ingest_points(batch.batch_id, points, WhenFull::Refuse, "http")
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return ingest_error(e),
+    };
+    match pending.resolve().await {
+        Ok(ack) => Json(JsonAck {
+            batch_id: ack.batch_id,
+            accepted: ack.accepted,
+            duplicates: ack.duplicates,
+            rejected: ack
+                .rejected
+                .into_iter()
+                .map(|r| JsonRejection {
+                    index: r.index,
+                    reason: r.reason,
+                    message: r.message,
+                })
+                .collect(),
+        })
+        .into_response(),
+        Err(e) => ingest_error(e),
+    }
+}
