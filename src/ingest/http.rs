@@ -125,12 +125,34 @@ fn ingest_error(e: IngestError) -> Response {
     }
 }
 
+/// Why a body could not be read.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the body is not valid gzip: {0}")]
+    BadGzip(std::io::Error),
+    #[error("the body is over {0} bytes once decompressed")]
+    TooLarge(usize),
+    #[error("Content-Encoding {0:?} is not supported; send identity or gzip")]
+    Encoding(String),
+}
+
+impl IntoResponse for BodyError {
+    fn into_response(self) -> Response {
+        let (status, code) = match self {
+            BodyError::BadGzip(_) => (StatusCode::BAD_REQUEST, "bad_gzip"),
+            BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            BodyError::Encoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding"),
+        };
+        error(status, code, self.to_string())
+    }
+}
+
 /// The body, decompressed if it says gzip, within the caps.
 fn decode_body(
     headers: &HeaderMap,
     body: Bytes,
     max_decompressed: usize,
-) -> Result<Bytes, Response> {
+) -> Result<Bytes, BodyError> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -139,29 +161,16 @@ fn decode_body(
         "identity" | "" => Ok(body),
         "gzip" => {
             let mut out = Vec::new();
+            // Reading stops one byte past the cap: a gzip bomb costs at most that.
             let mut reader =
                 flate2::read::GzDecoder::new(&body[..]).take(max_decompressed as u64 + 1);
-            reader.read_to_end(&mut out).map_err(|e| {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_gzip",
-                    format!("the body is not valid gzip: {e}"),
-                )
-            })?;
+            reader.read_to_end(&mut out).map_err(BodyError::BadGzip)?;
             if out.len() > max_decompressed {
-                return Err(error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("the body is over {max_decompressed} bytes once decompressed"),
-                ));
+                return Err(BodyError::TooLarge(max_decompressed));
             }
             Ok(Bytes::from(out))
         }
-        other => Err(error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_encoding",
-            format!("Content-Encoding {other:?} is not supported; send identity or gzip"),
-        )),
+        other => Err(BodyError::Encoding(other.to_string())),
     }
 }
 
@@ -219,7 +228,7 @@ async fn post_locations(State(app): State<App>, headers: HeaderMap, body: Body) 
     };
     let body = match decode_body(&headers, body, app.max_decompressed) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let batch: JsonBatch = match serde_json::from_slice(&body) {
         Ok(b) => b,
