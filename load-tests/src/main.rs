@@ -22,6 +22,8 @@ enum Mode {
     Stream,
     /// WriteLocations calls.
     Unary,
+    /// POST /v1/locations (HTTP JSON), as phone apps send.
+    Http,
 }
 
 #[derive(Debug, Parser)]
@@ -30,6 +32,9 @@ struct Args {
     /// locus's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
+    /// locus's HTTP address, for --mode http.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    http_target: String,
     #[arg(long, value_enum, default_value = "stream")]
     mode: Mode,
     /// Simulated devices.
@@ -155,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
                 .map(|g| Feeder::new(g, shape.clone()))
                 .collect()
         }
-        (Mode::Unary, _) => vec![Feeder::new(devices, shape.clone())],
+        (Mode::Unary | Mode::Http, _) => vec![Feeder::new(devices, shape.clone())],
     };
     // With --total-points, each feeder makes its devices' share.
     let feeders: Vec<Feeder> = match a.total_points {
@@ -177,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let workers = match a.mode {
         Mode::Stream => feeders.len(),
-        Mode::Unary => a.concurrency,
+        Mode::Unary | Mode::Http => a.concurrency,
     };
     let connections = a.connections.unwrap_or(workers.div_ceil(100)).max(1);
     let endpoint = Endpoint::from_shared(a.target.clone())?.tcp_nodelay(true);
@@ -194,10 +199,10 @@ async fn main() -> anyhow::Result<()> {
         "locus-load: {} devices, {} {} worker(s) over {} connection(s), batch {}, rate {}/s/device",
         a.devices,
         workers,
-        if a.mode == Mode::Stream {
-            "stream"
-        } else {
-            "unary"
+        match a.mode {
+            Mode::Stream => "stream",
+            Mode::Unary => "unary",
+            Mode::Http => "http",
         },
         connections,
         a.batch_size,
@@ -215,6 +220,19 @@ async fn main() -> anyhow::Result<()> {
                     f,
                     a.rate,
                     a.inflight,
+                    budget.clone(),
+                    stats.clone(),
+                ));
+            }
+        }
+        Mode::Http => {
+            let feeder = Arc::new(tokio::sync::Mutex::new(
+                feeders.into_iter().next().context("a feeder")?,
+            ));
+            for _ in 0..a.concurrency {
+                tasks.spawn(run::http(
+                    a.http_target.clone(),
+                    feeder.clone(),
                     budget.clone(),
                     stats.clone(),
                 ));
