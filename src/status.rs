@@ -82,3 +82,24 @@ pub fn public_message(e: &QueryError) -> String {
         other => other.to_string(),
     }
 }
+
+/// The HTTP error body every route answers with:
+/// `{"error": {"code": "...", "message": "..."}}`, with `Retry-After` when
+/// the client should come back.
+pub fn json_error(
+    status: axum::http::StatusCode,
+    code: &str,
+    message: impl Into<String>,
+    retry: bool,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
+    let mut r = (status, axum::Json(body)).into_response();
+    if retry {
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(RETRY_AFTER.as_secs()),
+        );
+    }
+    r
+}

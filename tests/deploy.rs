@@ -11,10 +11,9 @@ mod common;
 use std::{collections::BTreeSet, time::Duration, time::Instant};
 
 use clap::CommandFactory;
-use common::{Device, TestDb, TestServer, admin_url, config, now_secs};
+use common::{Device, TestDb, TestServer, block_writes, config, now_secs};
 use locus::cli::Cli;
 use serde_json::Value;
-use sqlx::{Connection, PgConnection};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -307,16 +306,7 @@ async fn readiness_follows_the_database() {
     let db = TestDb::new().await;
     let server = TestServer::start(config(&db)).await;
     assert_eq!(readyz(&server).await, 200);
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    let allow = |a: bool| format!("ALTER DATABASE {} ALLOW_CONNECTIONS {a}", db.name);
-    sqlx::Executor::execute(&mut admin, allow(false).as_str())
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db.name)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    db.cut_off().await;
     until(&server, 503).await;
     let body: Value = reqwest::get(format!("http://{}/readyz", server.http))
         .await
@@ -330,9 +320,7 @@ async fn readiness_follows_the_database() {
         .unwrap()
         .status();
     assert_eq!(live, 200, "liveness does not depend on the database");
-    sqlx::Executor::execute(&mut admin, allow(true).as_str())
-        .await
-        .unwrap();
+    db.restore().await;
     until(&server, 200).await;
     server.stop().await;
     db.drop_db().await;
@@ -356,11 +344,7 @@ async fn readiness_turns_false_at_once_on_shutdown() {
     assert_eq!(ready().await.status(), 200);
     // Writes wait for this lock, so shutdown has work to finish.
     let pool = db.pool().await;
-    let mut locker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let locker = block_writes(&pool).await;
     let d = Device::new(now_secs() - 100);
     let mut client = server.client().await;
     let call = tokio::spawn(async move { client.write_locations(d.batch(1, 0, 10)).await });

@@ -7,9 +7,8 @@ mod common;
 
 use std::{io::Write, time::Duration};
 
-use common::{TestDb, TestServer, admin_url, config, count_rows, now_secs};
+use common::{TestDb, TestServer, block_writes, config, count_rows, now_secs};
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection};
 
 fn point(device: &uuid::Uuid, t: i64) -> Value {
     json!({
@@ -173,11 +172,7 @@ async fn a_full_buffer_and_a_missing_database_say_when_to_retry() {
 
     // Full: a write blocked on a lock holds the whole buffer.
     let pool = db.pool().await;
-    let mut locker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let locker = block_writes(&pool).await;
     let first = {
         let (url, body) = (
             format!("http://{}/v1/locations", server.http),
@@ -204,22 +199,9 @@ async fn a_full_buffer_and_a_missing_database_say_when_to_retry() {
     assert_eq!(first.await.unwrap(), 200);
 
     // The database refuses connections for longer than the retry deadline.
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    let allow = |a: bool| format!("ALTER DATABASE {} ALLOW_CONNECTIONS {a}", db.name);
-    sqlx::raw_sql(&allow(false))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db.name)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    db.cut_off().await;
     let (status, retry, body) = post(&server, batch(now_secs() - 30), false).await;
-    sqlx::raw_sql(&allow(true))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    db.restore().await;
     assert_eq!(
         (status, retry.as_deref(), body["error"]["code"].as_str()),
         (503, Some("1"), Some("database_unavailable"))

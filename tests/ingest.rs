@@ -7,7 +7,7 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
+use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs};
 use locus::proto::{BatchAck, Location, LocationBatch};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -276,11 +276,7 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
 
     // Block writes: COPY waits for this lock.
     let pool = db.pool().await;
-    let mut locker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let locker = block_writes(&pool).await;
 
     let s = &server;
     let streaming =

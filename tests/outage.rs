@@ -11,9 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Device, TestDb, TestServer, admin_url, config, count_rows, now_secs};
+use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
 use locus::proto::{LocationBatch, ingest_client::IngestClient};
-use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, transport::Channel};
@@ -112,28 +111,14 @@ async fn database_outage_mid_stream_loses_nothing_and_recovers() {
     // Mid-stream: refuse new connections and kill the open ones, for 6 s,
     // longer than the retry deadline, so some batches fail back to clients.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    let set_allow = |allow: bool| format!("ALTER DATABASE {} ALLOW_CONNECTIONS {allow}", db.name);
-    sqlx::Executor::execute(&mut admin, set_allow(false).as_str())
-        .await
-        .unwrap();
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(&db.name)
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
-    assert!(!killed.is_empty(), "the server had connections to kill");
+    assert!(db.cut_off().await > 0, "the server had connections to kill");
     let down = Instant::now();
     let mut saw_not_serving = false;
     while down.elapsed() < Duration::from_secs(6) {
         saw_not_serving |= health(server.grpc).await == Some(2); // NOT_SERVING
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    sqlx::Executor::execute(&mut admin, set_allow(true).as_str())
-        .await
-        .unwrap();
+    db.restore().await;
     assert!(
         saw_not_serving,
         "health turned NOT_SERVING while the database was away"

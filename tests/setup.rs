@@ -8,30 +8,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
-use locus::{
-    config::StorageArgs,
-    ingest::unix_micros,
-    storage::{
-        SetupError, Tier, adopt, doctor, maintain,
-        partitions::{self, DEFAULT_PARTITION},
-        setup::{self, SetupOptions},
-    },
+use common::{Device, TestDb, TestServer, config, count_rows, now_secs, now_us, setup_opts};
+use locus::storage::{
+    SetupError, Tier, adopt, doctor, maintain,
+    partitions::{self, DEFAULT_PARTITION},
+    setup::{self, SetupOptions},
 };
 use sqlx::PgPool;
 
 const DAY_US: i64 = 86_400_000_000;
-
-fn opts() -> SetupOptions {
-    SetupOptions {
-        storage: StorageArgs::default(),
-        require_tier: None,
-    }
-}
-
-fn now_us() -> i64 {
-    unix_micros(std::time::SystemTime::now())
-}
 
 async fn exec(pool: &PgPool, sql: &str) {
     sqlx::raw_sql(sql)
@@ -43,7 +28,9 @@ async fn exec(pool: &PgPool, sql: &str) {
 #[tokio::test]
 async fn setup_from_empty_then_nothing_to_do() {
     let db = TestDb::new().await;
-    let dry = setup::run(&db.url, &opts(), true, now_us()).await.unwrap();
+    let dry = setup::run(&db.url, &setup_opts(), true, now_us())
+        .await
+        .unwrap();
     assert_eq!(dry.tier, Tier::Postgres);
     let printed = dry.to_string();
     assert!(printed.contains("PARTITION BY RANGE (time)"), "{printed}");
@@ -70,17 +57,21 @@ async fn setup_from_empty_then_nothing_to_do() {
         .unwrap();
     assert!(!exists, "a dry run changes nothing");
 
-    let applied = setup::run(&db.url, &opts(), false, now_us()).await.unwrap();
+    let applied = setup::run(&db.url, &setup_opts(), false, now_us())
+        .await
+        .unwrap();
     assert_eq!(
         applied.steps, dry.steps,
         "the dry run printed exactly what was applied"
     );
-    let again = setup::run(&db.url, &opts(), false, now_us()).await.unwrap();
+    let again = setup::run(&db.url, &setup_opts(), false, now_us())
+        .await
+        .unwrap();
     assert!(again.steps.is_empty(), "second run: {again}");
     assert!(again.to_string().contains("nothing to do"));
 
     // Two days later, the plan is exactly the two new partitions ahead.
-    let later = setup::run(&db.url, &opts(), true, now_us() + 2 * DAY_US)
+    let later = setup::run(&db.url, &setup_opts(), true, now_us() + 2 * DAY_US)
         .await
         .unwrap();
     assert_eq!(later.steps.len(), 2, "{later}");
@@ -100,7 +91,7 @@ async fn two_setups_at_once_do_not_collide() {
         .map(|_| {
             let url = db.url.clone();
             tokio::spawn(async move {
-                setup::run(&url, &opts(), false, now_us())
+                setup::run(&url, &setup_opts(), false, now_us())
                     .await
                     .map(|p| p.steps.len())
             })
@@ -124,9 +115,11 @@ async fn two_setups_at_once_do_not_collide() {
 async fn reconcile_after_settings_change() {
     let db = TestDb::new().await;
     let now = now_us();
-    setup::run(&db.url, &opts(), false, now).await.unwrap();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
     // Longer retention: the partitions for the 30 extra days are made.
-    let mut longer = opts();
+    let mut longer = setup_opts();
     longer.storage.raw_retention = Duration::from_secs(60 * 86_400);
     let plan = setup::run(&db.url, &longer, false, now).await.unwrap();
     assert_eq!(plan.steps.len(), 30, "{plan}");
@@ -195,7 +188,9 @@ async fn adopts_a_seed_layout_table_with_rows_and_keeps_them() {
     let db = TestDb::new().await;
     let pool = db.pool().await;
     seed_table(&pool, 5_000).await;
-    let dry = setup::run(&db.url, &opts(), true, now_us()).await.unwrap();
+    let dry = setup::run(&db.url, &setup_opts(), true, now_us())
+        .await
+        .unwrap();
     assert!(
         dry.steps[0]
             .description
@@ -206,7 +201,9 @@ async fn adopts_a_seed_layout_table_with_rows_and_keeps_them() {
         dry.steps[0].sql.contains("latitude::double precision"),
         "{dry}"
     );
-    setup::run(&db.url, &opts(), false, now_us()).await.unwrap();
+    setup::run(&db.url, &setup_opts(), false, now_us())
+        .await
+        .unwrap();
 
     assert_eq!(count_rows(&pool).await, 5_000);
     let kept: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", adopt::KEPT_AS))
@@ -223,7 +220,7 @@ async fn adopts_a_seed_layout_table_with_rows_and_keeps_them() {
     assert_eq!(lat_type, "double precision");
     assert!((lat - 19.43261812).abs() < 1e-9, "{lat}");
     assert!(
-        setup::run(&db.url, &opts(), false, now_us())
+        setup::run(&db.url, &setup_opts(), false, now_us())
             .await
             .unwrap()
             .steps
@@ -244,7 +241,7 @@ async fn adoption_refuses_when_rows_would_be_lost() {
         "INSERT INTO location_events SELECT * FROM location_events LIMIT 1",
     )
     .await;
-    let err = setup::run(&db.url, &opts(), false, now_us())
+    let err = setup::run(&db.url, &setup_opts(), false, now_us())
         .await
         .unwrap_err();
     assert!(matches!(err, SetupError::Refused(_)), "{err}");
@@ -260,7 +257,7 @@ async fn adoption_refuses_when_rows_would_be_lost() {
         "ALTER TABLE location_events ADD COLUMN vehicle_plate text",
     )
     .await;
-    let err = setup::run(&db.url, &opts(), false, now_us())
+    let err = setup::run(&db.url, &setup_opts(), false, now_us())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("vehicle_plate"), "{err}");
@@ -273,9 +270,11 @@ async fn a_required_tier_that_is_missing_fails_and_says_why() {
     let db = TestDb::new().await;
     let o = SetupOptions {
         require_tier: Some(Tier::Timescale),
-        ..opts()
+        ..setup_opts()
     };
-    let plan = setup::run(&db.url, &opts(), true, now_us()).await.unwrap();
+    let plan = setup::run(&db.url, &setup_opts(), true, now_us())
+        .await
+        .unwrap();
     if plan.tier != Tier::Postgres {
         println!("skipped: DATABASE_URL has TimescaleDB; this test needs plain PostgreSQL");
         return;
@@ -293,14 +292,16 @@ async fn a_required_tier_that_is_missing_fails_and_says_why() {
 async fn partitions_past_retention_are_dropped_and_defaults_moved() {
     let db = TestDb::new().await;
     let now = now_us();
-    setup::run(&db.url, &opts(), false, now).await.unwrap();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
     let pool = db.pool().await;
     // A row beyond every partition lands in the default partition...
     exec(&pool, "INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
                  VALUES (now() + interval '20 days', gen_random_uuid(), gen_random_uuid(), 'x', 1, 1)")
         .await;
     // ...and when that day's partition is made, 13 days later, the row moves into it.
-    let plan = setup::run(&db.url, &opts(), false, now + 13 * DAY_US)
+    let plan = setup::run(&db.url, &setup_opts(), false, now + 13 * DAY_US)
         .await
         .unwrap();
     assert!(
@@ -318,10 +319,14 @@ async fn partitions_past_retention_are_dropped_and_defaults_moved() {
     // Three days on, the three oldest partitions are past retention.
     let mut conn = setup::connect(&db.url).await.unwrap();
     let before = partitions::list(&mut conn).await.unwrap().len();
-    let done =
-        maintain::raw_retention(&mut conn, Tier::Postgres, &opts().storage, now + 3 * DAY_US)
-            .await
-            .unwrap();
+    let done = maintain::raw_retention(
+        &mut conn,
+        Tier::Postgres,
+        &setup_opts().storage,
+        now + 3 * DAY_US,
+    )
+    .await
+    .unwrap();
     assert!(done.starts_with("dropped 3 partitions"), "{done}");
     assert_eq!(partitions::list(&mut conn).await.unwrap().len(), before - 3);
     let cutoff = now + 3 * DAY_US - 30 * DAY_US;
@@ -416,7 +421,7 @@ async fn late_points_recompute_their_hours_and_retention_keeps_the_aggregate() {
     maintain::raw_retention(
         &mut conn,
         Tier::Postgres,
-        &opts().storage,
+        &setup_opts().storage,
         now_us() + 31 * DAY_US,
     )
     .await
@@ -440,7 +445,7 @@ async fn late_points_recompute_their_hours_and_retention_keeps_the_aggregate() {
         "the aggregate survives raw retention"
     );
     // And the hourly retention removes it a year later.
-    maintain::hourly_retention(&mut conn, &opts().storage, now_us() + 366 * DAY_US)
+    maintain::hourly_retention(&mut conn, &setup_opts().storage, now_us() + 366 * DAY_US)
         .await
         .unwrap();
     assert!(hourly_rows(&pool, d.device_id).await.is_empty());
@@ -452,8 +457,10 @@ async fn late_points_recompute_their_hours_and_retention_keeps_the_aggregate() {
 async fn doctor_reports_a_dropped_index_and_a_stalled_rollup() {
     let db = TestDb::new().await;
     let now = now_us();
-    setup::run(&db.url, &opts(), false, now).await.unwrap();
-    let report = doctor::examine(&db.url, &opts(), now).await.unwrap();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
     assert!(report.attention.is_empty(), "{:?}", report.attention);
     assert_eq!(report.tier, Tier::Postgres);
     assert_eq!(report.raw.chunks, 39);
@@ -462,7 +469,7 @@ async fn doctor_reports_a_dropped_index_and_a_stalled_rollup() {
     let pool = db.pool().await;
     exec(&pool, "DROP INDEX location_events_user_id_time_idx").await;
     exec(&pool, "INSERT INTO locus_rollup_pending VALUES (now())").await;
-    let report = doctor::examine(&db.url, &opts(), now).await.unwrap();
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
     assert_eq!(
         report.drift,
         ["create index location_events_user_id_time_idx"]
@@ -500,12 +507,14 @@ async fn doctor_reports_a_dropped_index_and_a_stalled_rollup() {
         "create index location_events_user_id_time_idx"
     );
 
-    setup::run(&db.url, &opts(), false, now).await.unwrap();
-    let mut conn = setup::connect(&db.url).await.unwrap();
-    maintain::run_all(&mut conn, Tier::Postgres, &opts().storage, now)
+    setup::run(&db.url, &setup_opts(), false, now)
         .await
         .unwrap();
-    let report = doctor::examine(&db.url, &opts(), now).await.unwrap();
+    let mut conn = setup::connect(&db.url).await.unwrap();
+    maintain::run_all(&mut conn, Tier::Postgres, &setup_opts().storage, now)
+        .await
+        .unwrap();
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
     assert!(report.attention.is_empty(), "{:?}", report.attention);
     assert!(
         report.jobs.iter().all(|j| j.last_ok == Some(true)),

@@ -11,10 +11,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
+use common::{Device, TestDb, TestServer, config, count_rows, now_secs, now_us, setup_opts};
 use locus::{
-    config::StorageArgs,
-    ingest::unix_micros,
     proto::LocationBatch,
     storage::{
         Tier, doctor, maintain,
@@ -31,17 +29,6 @@ fn server_for(var: &str) -> Option<String> {
         println!("skipped: {var} is not set, so this TimescaleDB tier is not tested here");
     }
     url
-}
-
-fn opts() -> SetupOptions {
-    SetupOptions {
-        storage: StorageArgs::default(),
-        require_tier: None,
-    }
-}
-
-fn now_us() -> i64 {
-    unix_micros(std::time::SystemTime::now())
 }
 
 async fn scalar_i64(pool: &PgPool, sql: &str) -> i64 {
@@ -63,10 +50,12 @@ async fn pause_jobs(pool: &PgPool) {
 /// Setup from empty, idempotence, and a reconcile, on either edition.
 async fn setup_and_reconcile(admin: &str, want: Tier) {
     let db = TestDb::on(admin).await;
-    let plan = setup::run(&db.url, &opts(), false, now_us()).await.unwrap();
+    let plan = setup::run(&db.url, &setup_opts(), false, now_us())
+        .await
+        .unwrap();
     assert_eq!(plan.tier, want, "{plan}");
     assert!(
-        setup::run(&db.url, &opts(), false, now_us())
+        setup::run(&db.url, &setup_opts(), false, now_us())
             .await
             .unwrap()
             .steps
@@ -81,7 +70,7 @@ async fn setup_and_reconcile(admin: &str, want: Tier) {
     .await;
     assert_eq!(interval, 86_400);
 
-    let mut changed = opts();
+    let mut changed = setup_opts();
     changed.storage.chunk_interval = Duration::from_secs(12 * 3600);
     changed.storage.raw_retention = Duration::from_secs(60 * 86_400);
     changed.storage.compress_after = Duration::from_secs(3 * 86_400);
@@ -168,7 +157,7 @@ async fn requiring_the_community_edition_on_apache_fails_and_says_why() {
     let db = TestDb::on(&admin).await;
     let o = SetupOptions {
         require_tier: Some(Tier::Timescale),
-        ..opts()
+        ..setup_opts()
     };
     let err = setup::run(&db.url, &o, false, now_us()).await.unwrap_err();
     assert!(
@@ -219,7 +208,9 @@ async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
         .execute(&pool)
         .await
         .unwrap();
-    let report = doctor::examine(&db.url, &opts(), now_us()).await.unwrap();
+    let report = doctor::examine(&db.url, &setup_opts(), now_us())
+        .await
+        .unwrap();
     let c = report.compression.as_ref().unwrap();
     assert!(c.compressed_chunks >= 1, "{c:?}");
     assert!(c.ratio.unwrap() > 2.0, "compressed {c:?}");
@@ -251,7 +242,7 @@ async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
     // An 8-day retention stands for 30 days passing: every chunk of the data
     // (10 days old, under 3 hours of it) ends before its cutoff. Setup
     // orders the refresh window (now 7 days) inside it.
-    let mut o = opts();
+    let mut o = setup_opts();
     o.storage.raw_retention = Duration::from_secs(8 * 86_400);
     o.storage.compress_after = Duration::from_secs(3 * 86_400);
     setup::run(&db.url, &o, false, now_us()).await.unwrap();
@@ -294,9 +285,14 @@ async fn apache_edition_rollup_and_retention_by_locus() {
     let mut client = server.client().await;
     client.write_locations(d.batch(1, 0, 300)).await.unwrap();
     let mut conn = setup::connect(&db.url).await.unwrap();
-    maintain::run_all(&mut conn, Tier::TimescaleApache, &opts().storage, now_us())
-        .await
-        .unwrap();
+    maintain::run_all(
+        &mut conn,
+        Tier::TimescaleApache,
+        &setup_opts().storage,
+        now_us(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         scalar_i64(&pool, "SELECT sum(point_count)::int8 FROM location_hourly").await,
         300
@@ -312,7 +308,7 @@ async fn apache_edition_rollup_and_retention_by_locus() {
     let done = maintain::raw_retention(
         &mut conn,
         Tier::TimescaleApache,
-        &opts().storage,
+        &setup_opts().storage,
         now_us() + 29 * DAY_US,
     )
     .await
@@ -323,7 +319,9 @@ async fn apache_edition_rollup_and_retention_by_locus() {
         scalar_i64(&pool, "SELECT sum(point_count)::int8 FROM location_hourly").await,
         600
     );
-    let report = doctor::examine(&db.url, &opts(), now_us()).await.unwrap();
+    let report = doctor::examine(&db.url, &setup_opts(), now_us())
+        .await
+        .unwrap();
     assert!(report.compression.is_none());
     assert!(
         report
@@ -356,7 +354,9 @@ async fn adopt_on(admin: &str, want: Tier) {
     .execute(&pool)
     .await
     .unwrap();
-    let plan = setup::run(&db.url, &opts(), false, now_us()).await.unwrap();
+    let plan = setup::run(&db.url, &setup_opts(), false, now_us())
+        .await
+        .unwrap();
     assert_eq!(plan.tier, want);
     assert!(
         plan.steps
@@ -372,7 +372,7 @@ async fn adopt_on(admin: &str, want: Tier) {
     .await;
     assert_eq!(is_hypertable, 1);
     assert!(
-        setup::run(&db.url, &opts(), false, now_us())
+        setup::run(&db.url, &setup_opts(), false, now_us())
             .await
             .unwrap()
             .steps
@@ -384,7 +384,9 @@ async fn adopt_on(admin: &str, want: Tier) {
         .execute(&pool)
         .await
         .unwrap();
-    let report = doctor::examine(&db.url, &opts(), now_us()).await.unwrap();
+    let report = doctor::examine(&db.url, &setup_opts(), now_us())
+        .await
+        .unwrap();
     assert_eq!(
         report.drift,
         ["create index location_events_app_source_time_idx"]
@@ -465,7 +467,7 @@ async fn community_edition_late_points_and_retention_policy() {
     );
 
     // Retention: with a 5-hour policy the two-day-old chunk goes when the job runs.
-    let mut o = opts();
+    let mut o = setup_opts();
     o.storage.raw_retention = Duration::from_secs(5 * 3600);
     o.storage.chunk_interval = Duration::from_secs(3600);
     o.storage.hourly_refresh_window = Some(Duration::from_secs(4 * 3600));
@@ -528,7 +530,9 @@ async fn setup_updates_an_old_timescaledb_on_a_fresh_connection() {
         .await
         .unwrap();
     drop(pool);
-    let plan = setup::run(&db.url, &opts(), false, now_us()).await.unwrap();
+    let plan = setup::run(&db.url, &setup_opts(), false, now_us())
+        .await
+        .unwrap();
     let first = &plan.steps[0];
     assert_eq!(first.sql, "ALTER EXTENSION timescaledb UPDATE", "{plan}");
     assert!(first.fresh_connection);
@@ -541,7 +545,7 @@ async fn setup_updates_an_old_timescaledb_on_a_fresh_connection() {
             .unwrap();
     assert_eq!(now, default);
     assert!(
-        setup::run(&db.url, &opts(), false, now_us())
+        setup::run(&db.url, &setup_opts(), false, now_us())
             .await
             .unwrap()
             .steps

@@ -8,18 +8,18 @@ use axum::{
     Json, Router,
     body::{Body, Bytes},
     extract::State,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
     IngestError, Ingestor, WhenFull,
     validate::{Reason, Rejection, reject},
 };
-use crate::{proto, status::RETRY_AFTER};
+use crate::{proto, status};
 
 #[derive(Clone)]
 struct App {
@@ -80,20 +80,11 @@ struct JsonRejection {
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": code, "message": message.into()}})),
-    )
-        .into_response()
+    status::json_error(status, code, message, false)
 }
 
 fn retry_later(status: StatusCode, code: &str, message: String) -> Response {
-    let mut r = error(status, code, message);
-    r.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(RETRY_AFTER.as_secs()),
-    );
-    r
+    status::json_error(status, code, message, true)
 }
 
 /// The HTTP face of an ingest error.

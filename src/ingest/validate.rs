@@ -10,8 +10,9 @@ use crate::{config::ValidationArgs, proto};
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
-/// A point that passed validation, in the units the table stores.
-#[derive(Debug, Clone, PartialEq)]
+/// A point that passed validation, in the units the table stores. Also what
+/// queries read back (see `query::LOCATION_COLUMNS`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct ValidLocation {
     /// Microseconds since the Unix epoch.
     pub time_us: i64,

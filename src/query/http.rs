@@ -167,13 +167,11 @@ impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(status::http_status(&self.0))
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = ErrorJson {
-            error: ErrorDetail {
-                code: self.0.code().into(),
-                message: status::public_message(&self.0),
-            },
-        };
-        (code, Json(body)).into_response()
+        let retry = matches!(
+            self.0,
+            QueryError::TooManySubscribers(_) | QueryError::Database(_)
+        );
+        status::json_error(code, self.0.code(), status::public_message(&self.0), retry)
     }
 }
 

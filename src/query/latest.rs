@@ -51,7 +51,7 @@ impl Latest {
     /// scan over `(device_id, time DESC)`: one probe per device, not a scan
     /// of every row.
     pub async fn load(&self, pool: &PgPool) -> Result<usize, sqlx::Error> {
-        let rows: Vec<super::LocationRow> = sqlx::query_as(
+        let rows: Vec<ValidLocation> = sqlx::query_as(
             "WITH RECURSIVE d AS (
                  (SELECT device_id FROM location_events ORDER BY device_id LIMIT 1)
                  UNION ALL
@@ -69,7 +69,7 @@ impl Latest {
         .await?;
         let n = rows.len();
         for r in rows {
-            self.offer(r.into());
+            self.offer(r);
         }
         Ok(n)
     }

@@ -16,7 +16,6 @@ use uuid::Uuid;
 
 use crate::{
     config::QueryArgs,
-    ingest::validate::ValidLocation,
     pipeline::{PointKey, Submission, copy_encoder, writer::CommitSink},
 };
 
@@ -116,40 +115,6 @@ impl CommitSink for QueryState {
     }
 }
 
-/// A row of `location_events` as queries read it.
-#[derive(Debug, sqlx::FromRow)]
-pub struct LocationRow {
-    pub time_us: i64,
-    pub device_id: Uuid,
-    pub user_id: Uuid,
-    pub app_source: String,
-    pub latitude: f64,
-    pub longitude: f64,
-    pub accuracy: Option<f32>,
-    pub altitude: Option<f32>,
-    pub speed: Option<f32>,
-    pub heading: Option<f32>,
-    pub metadata: Option<String>,
-}
-
-impl From<LocationRow> for ValidLocation {
-    fn from(r: LocationRow) -> Self {
-        ValidLocation {
-            time_us: r.time_us,
-            device_id: r.device_id,
-            user_id: r.user_id,
-            app_source: r.app_source,
-            latitude: r.latitude,
-            longitude: r.longitude,
-            accuracy: r.accuracy,
-            altitude: r.altitude,
-            speed: r.speed,
-            heading: r.heading,
-            metadata: r.metadata,
-        }
-    }
-}
-
-/// The columns of [`LocationRow`], for SELECTs on `location_events`.
+/// The columns of a [`ValidLocation`], for SELECTs on `location_events`.
 pub const LOCATION_COLUMNS: &str = "(extract(epoch FROM time) * 1000000)::int8 AS time_us, device_id, user_id, \
      app_source, latitude, longitude, accuracy, altitude, speed, heading, metadata::text AS metadata";

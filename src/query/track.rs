@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 
-use super::{LOCATION_COLUMNS, LocationRow, QueryError, QueryState, invalid, ts};
+use super::{LOCATION_COLUMNS, QueryError, QueryState, invalid, ts};
 use crate::ingest::validate::ValidLocation;
 
 pub struct TrackRequest {
@@ -70,7 +70,7 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
             req.device_id
         )));
     }
-    let mut rows: Vec<LocationRow> = sqlx::query_as(&format!(
+    let mut rows: Vec<ValidLocation> = sqlx::query_as(&format!(
         "SELECT {LOCATION_COLUMNS} FROM location_events
          WHERE device_id = $1 AND time >= $2 AND time < $3 AND time > $4
          ORDER BY time LIMIT $5"
@@ -90,7 +90,7 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
         None
     };
     Ok(TrackPage {
-        points: rows.into_iter().map(Into::into).collect(),
+        points: rows,
         next_cursor,
     })
 }

@@ -228,3 +228,64 @@ pub fn config(db: &TestDb) -> ServeConfig {
     c.shutdown_grace = Duration::from_secs(15);
     c
 }
+
+impl TestDb {
+    /// The database goes away as locus sees it: new connections are refused
+    /// and open ones are killed. Returns how many were killed.
+    pub async fn cut_off(&self) -> usize {
+        let mut admin = PgConnection::connect(&self.admin)
+            .await
+            .expect("admin connection");
+        sqlx::Executor::execute(
+            &mut admin,
+            format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", self.name).as_str(),
+        )
+        .await
+        .expect("refuse connections");
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut admin)
+        .await
+        .expect("terminate backends");
+        killed.len()
+    }
+
+    /// The database is back.
+    pub async fn restore(&self) {
+        let mut admin = PgConnection::connect(&self.admin)
+            .await
+            .expect("admin connection");
+        sqlx::Executor::execute(
+            &mut admin,
+            format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name).as_str(),
+        )
+        .await
+        .expect("allow connections");
+    }
+}
+
+/// Holds a lock that makes every write to `location_events` wait, until the
+/// returned transaction is rolled back or dropped.
+pub async fn block_writes(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .expect("lock location_events");
+    tx
+}
+
+/// Setup options with every default.
+pub fn setup_opts() -> locus::storage::setup::SetupOptions {
+    locus::storage::setup::SetupOptions {
+        storage: locus::config::StorageArgs::default(),
+        require_tier: None,
+    }
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> i64 {
+    locus::ingest::unix_micros(SystemTime::now())
+}
