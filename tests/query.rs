@@ -263,15 +263,23 @@ async fn a_live_subscriber_sees_what_others_stream() {
     ingest.write_locations(a.batch(2, 0, 20)).await.unwrap(); // duplicates: not new, not fed
     ingest.write_locations(a.batch(3, 20, 5)).await.unwrap();
     let mut got = HashSet::new();
+    let mut updates = 0;
     while got.len() < 25 {
-        let p = tokio::time::timeout(Duration::from_secs(5), feed.message())
+        let update = tokio::time::timeout(Duration::from_secs(5), feed.message())
             .await
             .unwrap()
             .unwrap()
             .unwrap();
-        assert_eq!(p.device_id, a.device_id.to_string());
-        assert!(got.insert(p.time.unwrap().seconds), "no point twice");
+        updates += 1;
+        for p in update.locations {
+            assert_eq!(p.device_id, a.device_id.to_string());
+            assert!(got.insert(p.time.unwrap().seconds), "no point twice");
+        }
     }
+    assert!(
+        updates <= 2,
+        "points come grouped by committed batch ({updates} updates)"
+    );
     assert!(
         tokio::time::timeout(Duration::from_millis(300), feed.message())
             .await

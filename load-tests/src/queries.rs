@@ -293,8 +293,8 @@ pub async fn run(
             .into_inner();
         let received = received.clone();
         subs.push(tokio::spawn(async move {
-            while let Ok(Some(_)) = stream.message().await {
-                received.fetch_add(1, Relaxed);
+            while let Ok(Some(update)) = stream.message().await {
+                received.fetch_add(update.locations.len() as u64, Relaxed);
             }
         }));
     }

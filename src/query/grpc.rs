@@ -103,7 +103,7 @@ pub fn filter(req: &proto::SubscribeRequest) -> Result<Filter, QueryError> {
     })
 }
 
-type LiveStream = Pin<Box<dyn Stream<Item = Result<proto::Location, Status>> + Send>>;
+type LiveStream = Pin<Box<dyn Stream<Item = Result<proto::LiveUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Query for QueryService {
@@ -208,9 +208,24 @@ impl Query for QueryService {
                 self.state.limits.max_subscribers,
             ))?;
         use futures::StreamExt;
-        let live = points(sub).take_until(self.shutdown.clone().cancelled_owned());
-        Ok(Response::new(Box::pin(live.map(|p| Ok(to_proto(p))))))
+        // One message per committed batch: far fewer frames than one a point.
+        let live = updates(sub).take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(live.map(|points| {
+            Ok(proto::LiveUpdate {
+                locations: points.into_iter().map(to_proto).collect(),
+            })
+        }))))
     }
+}
+
+/// A subscription as a stream of the matching points of each committed batch.
+pub fn updates(
+    sub: super::live::Subscription,
+) -> impl Stream<Item = Vec<ValidLocation>> + Send + 'static {
+    futures::stream::unfold(
+        sub,
+        |mut sub| async move { sub.next().await.map(|v| (v, sub)) },
+    )
 }
 
 /// A subscription as a stream of single points.
@@ -218,11 +233,7 @@ pub fn points(
     sub: super::live::Subscription,
 ) -> impl Stream<Item = ValidLocation> + Send + 'static {
     use futures::StreamExt;
-    futures::stream::unfold(
-        sub,
-        |mut sub| async move { sub.next().await.map(|v| (v, sub)) },
-    )
-    .flat_map(futures::stream::iter)
+    updates(sub).flat_map(futures::stream::iter)
 }
 
 pub fn hour_to_proto(h: stats::HourStats) -> proto::HourlyStats {
