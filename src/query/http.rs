@@ -22,7 +22,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use super::{
     QueryError, QueryState, grpc::points, invalid, live::Filter, parse_uuid, stats, track,
 };
-use crate::{ingest::validate::ValidLocation, metrics as m, status};
+use crate::{ingest::validate::ValidLocation, metrics as m, proto, status};
 
 #[derive(Clone)]
 struct App {
@@ -370,38 +370,40 @@ struct LiveParams {
     bbox: Option<String>,
 }
 
+/// The query string as a subscription request: one set of rules for both
+/// transports ([`super::grpc::filter`]).
 fn live_filter(p: LiveParams) -> Result<Filter, QueryError> {
-    let devices = match p.device_ids.as_deref() {
-        None | Some("") => None,
-        Some(ids) => Some(
-            ids.split(',')
-                .map(|d| parse_uuid(d, "device_id"))
-                .collect::<Result<_, _>>()?,
-        ),
-    };
     let bbox = match p.bbox.as_deref() {
         None | Some("") => None,
         Some(b) => {
+            let bad =
+                || invalid("bbox must be min_latitude,min_longitude,max_latitude,max_longitude");
             let v: Vec<f64> = b
                 .split(',')
                 .map(str::parse)
                 .collect::<Result<_, _>>()
-                .map_err(|_| {
-                    invalid("bbox must be min_latitude,min_longitude,max_latitude,max_longitude")
-                })?;
-            match v[..] {
-                [a, b, c, d] if a <= c && b <= d => Some((a, c, b, d)),
-                _ => {
-                    return Err(invalid(
-                        "bbox must be min_latitude,min_longitude,max_latitude,max_longitude",
-                    ));
-                }
-            }
+                .map_err(|_| bad())?;
+            let [min_latitude, min_longitude, max_latitude, max_longitude] = v[..] else {
+                return Err(bad());
+            };
+            Some(proto::BoundingBox {
+                min_latitude,
+                max_latitude,
+                min_longitude,
+                max_longitude,
+            })
         }
     };
-    Ok(Filter {
-        app_source: p.app_source.filter(|a| !a.is_empty()),
-        devices,
+    super::grpc::filter(&proto::SubscribeRequest {
+        app_source: p.app_source.unwrap_or_default(),
+        device_ids: p
+            .device_ids
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .filter(|d| !d.is_empty())
+            .map(str::to_string)
+            .collect(),
         bbox,
     })
 }
