@@ -171,6 +171,9 @@ pub async fn run(
 
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        // Dead peers are noticed, and their streams freed.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
