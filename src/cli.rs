@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::{
+    auth::{Role, token},
     config::{DatabaseArgs, LogFormat, ServeConfig, StorageArgs},
     ingest::unix_micros,
     server::{self, Listeners},
@@ -54,6 +55,48 @@ pub enum Command {
     /// Ask a running locus whether it is ready (gRPC health); exit 0 if so.
     /// For container health checks.
     Health(HealthArgs),
+    /// Create, list and revoke API tokens.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(subcommand)]
+    command: TokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it, once: only its hash is kept.
+    Create {
+        /// What the token is for (a device's name, a gateway's host...).
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The app_source the token is bound to (every role but admin).
+        #[arg(long)]
+        app_source: Option<String>,
+        /// For a device token: a device it may write for (repeat for more).
+        #[arg(long = "device")]
+        devices: Vec<uuid::Uuid>,
+        /// A PEM client certificate that authenticates as this token over
+        /// mTLS (`serve --tls-client-ca`), in place of the secret.
+        #[arg(long)]
+        client_cert: Option<std::path::PathBuf>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        /// Include revoked tokens.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: serving instances refuse it within seconds.
+    Revoke { id: uuid::Uuid },
 }
 
 #[derive(Debug, clap::Args)]
@@ -182,6 +225,11 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             }
             println!("ready");
         }
+        Command::Token(args) => {
+            args.database.validate()?;
+            let mut conn = setup::connect(&args.database.url).await?;
+            token_command(&mut conn, args.command).await?;
+        }
         Command::Maintain(args) => {
             args.database.validate()?;
             args.storage.validate()?;
@@ -195,6 +243,75 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             )
             .await?;
             println!("maintenance done on tier {tier}");
+        }
+    }
+    Ok(())
+}
+
+async fn token_command(conn: &mut sqlx::PgConnection, command: TokenCommand) -> anyhow::Result<()> {
+    let no_table = |e: token::TokenError| match &e {
+        token::TokenError::Database(sqlx::Error::Database(d))
+            if d.code().as_deref() == Some("42P01") =>
+        {
+            anyhow::anyhow!("there is no token table yet: run `locus setup` first")
+        }
+        _ => e.into(),
+    };
+    match command {
+        TokenCommand::Create {
+            name,
+            role,
+            app_source,
+            devices,
+            client_cert,
+        } => {
+            let client_cert = match client_cert {
+                None => None,
+                Some(path) => {
+                    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+                    let cert = CertificateDer::from_pem_file(&path)
+                        .with_context(|| format!("--client-cert {}", path.display()))?;
+                    Some(cert.to_vec())
+                }
+            };
+            let new = token::NewToken {
+                name,
+                role,
+                app_source,
+                devices,
+                client_cert,
+            };
+            let t = token::create(conn, &new).await.map_err(no_table)?;
+            eprintln!(
+                "created {} token {} ({}); it is shown once, keep it now:",
+                new.role, t.id, new.name
+            );
+            println!("{t}");
+        }
+        TokenCommand::List { all, json } => {
+            let tokens = token::list(conn, all).await.map_err(no_table)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                println!("id\tname\trole\tapp_source\tdevices\tclient_cert\tcreated\trevoked");
+                for t in tokens {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                        t.id,
+                        t.name,
+                        t.role,
+                        t.app_source.as_deref().unwrap_or("*"),
+                        t.device_ids.len(),
+                        t.client_cert,
+                        t.created_at.to_rfc3339(),
+                        t.revoked_at.map(|r| r.to_rfc3339()).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            token::revoke(conn, id).await.map_err(no_table)?;
+            println!("revoked {id}");
         }
     }
     Ok(())

@@ -276,6 +276,69 @@ impl Default for QueryArgs {
     }
 }
 
+/// Whether callers must present credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Every call carries a token (or a registered client certificate).
+    Tokens,
+    /// No checks at all, every caller is an admin: for local development
+    /// only. locus says so loudly at start.
+    Off,
+}
+
+/// Who may call, and how often.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// `tokens` (the default) or `off` (local development only).
+    #[arg(
+        long = "auth",
+        env = "LOCUS_AUTH",
+        value_enum,
+        default_value = "tokens"
+    )]
+    pub mode: AuthMode,
+    /// How often revoked tokens are polled for: a revoked token stops
+    /// working within this time, on open streams too.
+    #[arg(long, env = "LOCUS_AUTH_REFRESH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub auth_refresh_interval: Duration,
+    /// Points per second that one token may write (0: no limit).
+    #[arg(long, env = "LOCUS_RATE_LIMIT_POINTS", default_value_t = 5_000)]
+    pub rate_limit_points: u32,
+    /// Points a token may write at once above its rate; at least
+    /// --max-batch-points, so that a full batch can pass.
+    #[arg(long, env = "LOCUS_RATE_LIMIT_BURST", default_value_t = 20_000)]
+    pub rate_limit_burst: u32,
+}
+
+impl Default for AuthArgs {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Tokens,
+            auth_refresh_interval: Duration::from_secs(1),
+            rate_limit_points: 5_000,
+            rate_limit_burst: 20_000,
+        }
+    }
+}
+
+/// TLS for the gRPC and HTTP listeners (rustls). The metrics listener stays
+/// plain: keep it on an internal network.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain; with --tls-key, turns TLS on.
+    #[arg(long, env = "LOCUS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LOCUS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificates of client certificates (mTLS). A client that
+    /// presents one signed by them authenticates as the token it was
+    /// registered with (`locus token create --client-cert`); clients
+    /// without one still use bearer tokens.
+    #[arg(long, env = "LOCUS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -312,6 +375,10 @@ pub struct ServeConfig {
     pub pipeline: PipelineArgs,
     #[command(flatten)]
     pub query: QueryArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl ServeConfig {
@@ -332,6 +399,8 @@ impl ServeConfig {
                 http_addr: ([127, 0, 0, 1], 0).into(),
                 ..QueryArgs::default()
             },
+            auth: AuthArgs::default(),
+            tls: TlsArgs::default(),
         }
     }
 
@@ -387,6 +456,34 @@ impl ServeConfig {
                 "--max-speed-kmh must be positive".into(),
             ));
         }
+        let a = &self.auth;
+        if a.rate_limit_points > 0 && (a.rate_limit_burst as usize) < l.max_batch_points {
+            return Err(ConfigError::Inconsistent(format!(
+                "--rate-limit-burst ({}) must let one full batch pass (--max-batch-points {})",
+                a.rate_limit_burst, l.max_batch_points
+            )));
+        }
+        if a.auth_refresh_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Inconsistent(
+                "--auth-refresh-interval must be at least 100ms".into(),
+            ));
+        }
+        for (flag, path) in [
+            ("--tls-cert", &self.tls.tls_cert),
+            ("--tls-key", &self.tls.tls_key),
+            ("--tls-client-ca", &self.tls.tls_client_ca),
+        ] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                return Err(ConfigError::Inconsistent(format!(
+                    "{flag} {} is not a readable file",
+                    path.display()
+                )));
+            }
+        }
+        // The files parse, and the key fits the certificate.
+        crate::tls::load(&self.tls).map_err(|e| ConfigError::Inconsistent(format!("TLS: {e}")))?;
         if self.storage.chunk_interval < Duration::from_secs(3600) {
             return Err(ConfigError::Inconsistent(
                 "--chunk-interval must be at least 1h".into(),
@@ -427,6 +524,25 @@ mod tests {
         s.hourly_refresh_window = Some(Duration::from_secs(30 * 86_400));
         let err = s.validate().unwrap_err();
         assert!(err.to_string().contains("erase their aggregates"), "{err}");
+    }
+
+    #[test]
+    fn the_rate_limit_burst_lets_a_full_batch_pass() {
+        let mut c = ServeConfig::with_database("postgres://x/y");
+        c.auth.rate_limit_burst = 100;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("--rate-limit-burst"), "{err}");
+        c.auth.rate_limit_points = 0;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn missing_tls_files_are_refused_before_binding() {
+        let mut c = ServeConfig::with_database("postgres://x/y");
+        c.tls.tls_cert = Some("/nonexistent/cert.pem".into());
+        c.tls.tls_key = Some("/nonexistent/key.pem".into());
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("--tls-cert"), "{err}");
     }
 
     #[test]

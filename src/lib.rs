@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod health;
@@ -19,3 +20,4 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod storage;
+pub mod tls;

@@ -33,6 +33,10 @@ pub const LIVE_DROPPED: &str = "locus_live_dropped_total";
 pub const LIVE_SUBSCRIBERS: &str = "locus_live_subscribers";
 /// Labelled by `rpc`.
 pub const QUERY_DURATION: &str = "locus_query_duration_seconds";
+/// Calls refused by authentication or authorization, by reason.
+pub const AUTH_REFUSED: &str = "locus_auth_refused_total";
+/// Calls refused by a token's rate limit.
+pub const RATE_LIMITED: &str = "locus_rate_limited_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -116,6 +120,11 @@ fn describe() {
     );
     describe_gauge!(LIVE_SUBSCRIBERS, "Open live subscriptions.");
     describe_histogram!(QUERY_DURATION, "Time to answer a query, by rpc.");
+    describe_counter!(
+        AUTH_REFUSED,
+        "Calls refused for their credentials (unauthenticated) or role (permission_denied)."
+    );
+    describe_counter!(RATE_LIMITED, "Calls refused by their token's rate limit.");
 }
 
 /// Series that exist from the start at zero, so that `rate()` and the
@@ -127,6 +136,7 @@ fn register_zeroes() {
         POINTS_ACCEPTED,
         POINTS_DUPLICATE,
         LIVE_DROPPED,
+        RATE_LIMITED,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -148,6 +158,9 @@ fn register_zeroes() {
     }
     for reason in ["buffer_full", "too_many_streams", "batch_too_large"] {
         metrics::counter!(REQUESTS_REFUSED, "reason" => reason).increment(0);
+    }
+    for reason in ["unauthenticated", "permission_denied"] {
+        metrics::counter!(AUTH_REFUSED, "reason" => reason).increment(0);
     }
     for name in [BUFFER_POINTS, BUFFER_BYTES, OPEN_STREAMS, LIVE_SUBSCRIBERS] {
         metrics::gauge!(name).increment(0.0);

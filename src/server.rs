@@ -17,7 +17,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{ConfigError, ServeConfig},
+    auth::Auth,
+    config::{AuthMode, ConfigError, ServeConfig},
     health::Health,
     ingest::{Ingestor, grpc::IngestService, unix_micros, validate::Validator},
     metrics,
@@ -69,6 +70,8 @@ pub enum ServeError {
     Pool(#[source] sqlx::Error),
     #[error("server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -81,6 +84,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    let tls = crate::tls::load(&config.tls)?;
     let prometheus = metrics::install();
 
     let opts = SetupOptions {
@@ -103,7 +107,21 @@ pub async fn run(
     };
     let pool = pool(&config).map_err(ServeError::Pool)?;
 
-    let query = Arc::new(QueryState::new(pool.clone(), config.query.clone()));
+    let auth = match config.auth.mode {
+        AuthMode::Tokens => Auth::new(pool.clone(), &config.auth),
+        AuthMode::Off => {
+            tracing::warn!(
+                "AUTHENTICATION IS OFF (--auth off): anyone who reaches this service may write \
+                 and read every app_source's data. Use this for local development only."
+            );
+            Auth::disabled()
+        }
+    };
+    let query = Arc::new(QueryState::new(
+        pool.clone(),
+        config.query.clone(),
+        auth.clone(),
+    ));
     match query.latest.load(&pool).await {
         Ok(n) => tracing::info!(devices = n, "latest positions loaded"),
         Err(e) => {
@@ -121,7 +139,12 @@ pub async fn run(
     let (pipeline, pipeline_task) =
         Pipeline::start(writer, &config.pipeline, budget, shutdown.clone());
     let validator = Validator::new(&config.validation, config.storage.raw_retention);
-    let ingestor = Ingestor::new(validator, pipeline, config.limits.max_batch_points);
+    let ingestor = Ingestor::new(
+        validator,
+        pipeline,
+        config.limits.max_batch_points,
+        auth.clone(),
+    );
     let http_ingestor = ingestor.clone();
     let ingest = IngestService::new(
         ingestor,
@@ -147,6 +170,7 @@ pub async fn run(
     let health = Health::new(health);
     tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));
     tokio::spawn(maintenance(config.clone(), tier, background.clone()));
+    tokio::spawn(auth.watch(background.clone()));
 
     let metrics_app = Router::new()
         .route(
@@ -165,12 +189,20 @@ pub async fn run(
             config.limits.max_decompressed_bytes,
         ))
         .merge(crate::health::router(Arc::clone(&health)));
-    let http_server = axum::serve(listeners.http, http_app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let http_task = tokio::spawn(async move { http_server.await });
+    let http_server = crate::tls::serve_http(
+        listeners.http,
+        http_app,
+        tls.as_ref().map(|t| Arc::clone(&t.http)),
+        shutdown.clone(),
+    );
+    let http_task = tokio::spawn(http_server);
 
     let grpc_addr = listeners.grpc.local_addr()?;
-    let grpc = tonic::transport::Server::builder()
+    let mut grpc = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        grpc = grpc.tls_config(tls.grpc.clone())?;
+    }
+    let grpc = grpc
         .tcp_nodelay(true)
         // Dead peers are noticed, and their streams freed.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -189,7 +221,7 @@ pub async fn run(
             shutdown.clone().cancelled_owned(),
         );
     let mut grpc = tokio::spawn(grpc);
-    tracing::info!(%grpc_addr, "locus serving");
+    tracing::info!(%grpc_addr, tls = tls.is_some(), auth = ?config.auth.mode, "locus serving");
 
     let early = tokio::select! {
         r = &mut grpc => Some(r),

@@ -166,6 +166,8 @@ async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
         .args([
             "serve",
+            "--auth",
+            "off",
             "--linger",
             "5s",
             "--flush-points",

@@ -424,7 +424,8 @@ pub async fn start_locus(
 ) -> anyhow::Result<(tokio::process::Child, u32, String)> {
     let (grpc, http, metrics) = (free_port()?, free_port()?, free_port()?);
     let server = tokio::process::Command::new(locus)
-        .args(["serve", "--database-url", url])
+        // Measured without tokens: the bench compares write paths.
+        .args(["serve", "--database-url", url, "--auth", "off"])
         .args([
             "--grpc-addr",
             &format!("127.0.0.1:{grpc}"),

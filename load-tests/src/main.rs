@@ -37,6 +37,10 @@ struct Args {
     http_target: String,
     #[arg(long, value_enum, default_value = "stream")]
     mode: Mode,
+    /// Bearer token for every call (`locus token create --role admin`: the
+    /// fleet spans several app_sources). None for a locus with `--auth off`.
+    #[arg(long, env = "LOCUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Simulated devices.
     #[arg(long, default_value_t = 100)]
     devices: u64,
@@ -209,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
         a.rate
     );
 
+    let token: run::Token = a.token.as_deref().map(Arc::from);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     match a.mode {
@@ -217,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
                 let ch = channels[i % connections].clone();
                 tasks.spawn(run::stream(
                     ch,
+                    token.clone(),
                     f,
                     a.rate,
                     a.inflight,
@@ -232,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
             for _ in 0..a.concurrency {
                 tasks.spawn(run::http(
                     a.http_target.clone(),
+                    token.clone(),
                     feeder.clone(),
                     budget.clone(),
                     stats.clone(),
@@ -245,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
             for i in 0..a.concurrency {
                 tasks.spawn(run::unary(
                     channels[i % connections].clone(),
+                    token.clone(),
                     feeder.clone(),
                     budget.clone(),
                     stats.clone(),

@@ -19,6 +19,20 @@ use uuid::Uuid;
 
 use crate::fleet::Device;
 
+/// The bearer token every call carries, if locus wants one.
+pub type Token = Option<Arc<str>>;
+
+/// `msg` as a request that carries `token`.
+pub fn request<T>(msg: T, token: &Token) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
 /// What every driver adds to.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -218,8 +232,10 @@ fn pacer(points_per_sec: f64, batch_size: usize) -> Option<tokio::time::Interval
 
 /// One long-lived stream: keeps up to `inflight` batches unacknowledged,
 /// and after any error reconnects and sends them again.
+#[allow(clippy::too_many_arguments)]
 pub async fn stream(
     channel: Channel,
+    token: Token,
     mut feeder: Feeder,
     rate: f64,
     inflight: usize,
@@ -235,7 +251,10 @@ pub async fn stream(
         for (b, _) in &unacked {
             let _ = tx.try_send(b.clone());
         }
-        let mut inbound = match client.stream_locations(ReceiverStream::new(rx)).await {
+        let mut inbound = match client
+            .stream_locations(request(ReceiverStream::new(rx), &token))
+            .await
+        {
             Ok(r) => r.into_inner(),
             Err(_) => {
                 stats.errors.fetch_add(1, Relaxed);
@@ -291,6 +310,7 @@ pub async fn stream(
 /// Unary calls: one batch in flight per worker; a failed call is retried.
 pub async fn unary(
     channel: Channel,
+    token: Token,
     feeder: Arc<tokio::sync::Mutex<Feeder>>,
     budget: Arc<Budget>,
     stats: Arc<Stats>,
@@ -303,7 +323,7 @@ pub async fn unary(
         stats.sent.fetch_add(batch.locations.len() as u64, Relaxed);
         let at = Instant::now();
         loop {
-            match client.write_locations(batch.clone()).await {
+            match client.write_locations(request(batch.clone(), &token)).await {
                 Ok(ack) => {
                     stats.record(&batch, &ack.into_inner(), at);
                     break;
@@ -348,11 +368,13 @@ pub fn json_batch(batch: &LocationBatch) -> serde_json::Value {
 /// a refused or failed call is retried.
 pub async fn http(
     base: String,
+    token: Token,
     feeder: Arc<tokio::sync::Mutex<Feeder>>,
     budget: Arc<Budget>,
     stats: Arc<Stats>,
 ) {
     let client = reqwest::Client::new();
+    let auth = token.map(|t| format!("Bearer {t}"));
     let url = format!("{}/v1/locations", base.trim_end_matches('/'));
     loop {
         let Some(batch) = feeder.lock().await.next_batch(&budget) else {
@@ -362,7 +384,13 @@ pub async fn http(
         let body = json_batch(&batch);
         let at = Instant::now();
         loop {
-            let ack = match client.post(&url).json(&body).send().await {
+            let ack = match {
+                let mut req = client.post(&url).json(&body);
+                if let Some(a) = &auth {
+                    req = req.header("authorization", a);
+                }
+                req.send().await
+            } {
                 Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
                 // A request locus will never take (400, 413): count it, and go on.
                 Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{IngestError, Ingestor, PendingAck, WhenFull};
 use crate::{
+    auth::Principal,
     metrics as m,
     proto::{BatchAck, LocationBatch, ingest_server::Ingest},
 };
@@ -60,6 +61,7 @@ impl Ingest for IngestService {
         if self.shutdown.is_cancelled() {
             return Err(IngestError::ShuttingDown.into());
         }
+        let caller = self.ingestor.auth.authenticate_grpc(&request).await?;
         let Ok(slot) = Arc::clone(&self.streams).try_acquire_owned() else {
             metrics::counter!(m::REQUESTS_REFUSED, "reason" => "too_many_streams").increment(1);
             return Err(IngestError::TooManyStreams(self.max_streams).into());
@@ -69,6 +71,7 @@ impl Ingest for IngestService {
         let (ack_tx, ack_rx) = mpsc::channel(self.stream_inflight);
         tokio::spawn(read(
             inbound,
+            caller,
             self.ingestor.clone(),
             pending_tx,
             self.shutdown.clone(),
@@ -86,9 +89,15 @@ impl Ingest for IngestService {
         &self,
         request: Request<LocationBatch>,
     ) -> Result<Response<BatchAck>, Status> {
+        let caller = self.ingestor.auth.authenticate_grpc(&request).await?;
         let pending = self
             .ingestor
-            .ingest(request.into_inner(), WhenFull::Refuse, "grpc_unary")
+            .ingest(
+                &caller,
+                request.into_inner(),
+                WhenFull::Refuse,
+                "grpc_unary",
+            )
             .await?;
         Ok(Response::new(pending.resolve().await?))
     }
@@ -98,9 +107,12 @@ impl Ingest for IngestService {
 type Pending = Result<PendingAck, Status>;
 
 /// Reads the stream until it ends, fails, or locus shuts down. An error is
-/// queued after the acks before it, and ends the stream.
+/// queued after the acks before it, and ends the stream. Each batch is
+/// checked against `caller` as it is now: a token revoked while the stream
+/// is open ends it.
 async fn read(
     mut inbound: Streaming<LocationBatch>,
+    caller: Arc<Principal>,
     ingestor: Ingestor,
     pending: mpsc::Sender<Pending>,
     shutdown: CancellationToken,
@@ -114,7 +126,7 @@ async fn read(
                     biased;
                     // Nothing of this batch is acknowledged; the client sends it again.
                     _ = shutdown.cancelled() => Err(IngestError::ShuttingDown.into()),
-                    r = ingestor.ingest(batch, WhenFull::Wait, "grpc_stream") => r.map_err(Status::from),
+                    r = ingestor.ingest(&caller, batch, WhenFull::Wait, "grpc_stream") => r.map_err(Status::from),
                 }),
                 Ok(None) => None,
                 Err(status) => Some(Err(status)),

@@ -19,13 +19,22 @@ use super::{
     IngestError, Ingestor, WhenFull,
     validate::{Reason, Rejection, reject},
 };
-use crate::{proto, status};
+use crate::{
+    auth::{Auth, Caller},
+    proto, status,
+};
 
 #[derive(Clone)]
 struct App {
     ingestor: Ingestor,
     max_body: usize,
     max_decompressed: usize,
+}
+
+impl axum::extract::FromRef<App> for Auth {
+    fn from_ref(app: &App) -> Auth {
+        app.ingestor.auth.clone()
+    }
 }
 
 pub fn router(ingestor: Ingestor, max_body: usize, max_decompressed: usize) -> Router {
@@ -90,6 +99,7 @@ fn retry_later(status: StatusCode, code: &str, message: String) -> Response {
 /// The HTTP face of an ingest error.
 fn ingest_error(e: IngestError) -> Response {
     match &e {
+        IngestError::Auth(a) => status::auth_response(a.clone()),
         IngestError::BatchTooLarge { .. } => error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
@@ -203,7 +213,12 @@ fn to_proto(index: usize, v: Value) -> Result<proto::Location, Rejection> {
     })
 }
 
-async fn post_locations(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+async fn post_locations(
+    State(app): State<App>,
+    Caller(caller): Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let body = match axum::body::to_bytes(body, app.max_body).await {
         Ok(b) => b,
         Err(_) => {
@@ -241,7 +256,7 @@ async fn post_locations(State(app): State<App>, headers: HeaderMap, body: Body) 
         .collect();
     let pending = match app
         .ingestor
-        .ingest_points(batch.batch_id, points, WhenFull::Refuse, "http")
+        .ingest_points(&caller, batch.batch_id, points, WhenFull::Refuse, "http")
         .await
     {
         Ok(p) => p,

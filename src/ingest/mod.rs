@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 use crate::{
+    auth::{Auth, AuthError, Principal},
     metrics as m,
     pipeline::{Pipeline, Refused, SubmissionBuilder, WriteError, WriteOutcome},
     proto,
@@ -31,6 +32,8 @@ pub enum IngestError {
     ShuttingDown,
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl From<Refused> for IngestError {
@@ -56,6 +59,7 @@ pub struct Ingestor {
     validator: Validator,
     pipeline: Pipeline,
     max_batch_points: usize,
+    pub auth: Auth,
 }
 
 /// A client batch whose good points are in the pipeline; resolves to its ack.
@@ -69,30 +73,41 @@ pub struct PendingAck {
 }
 
 impl Ingestor {
-    pub fn new(validator: Validator, pipeline: Pipeline, max_batch_points: usize) -> Self {
+    pub fn new(
+        validator: Validator,
+        pipeline: Pipeline,
+        max_batch_points: usize,
+        auth: Auth,
+    ) -> Self {
         Self {
             validator,
             pipeline,
             max_batch_points,
+            auth,
         }
     }
 
     /// Validates `batch` and queues its good points for writing.
     pub async fn ingest(
         &self,
+        principal: &Principal,
         batch: proto::LocationBatch,
         when_full: WhenFull,
         transport: &'static str,
     ) -> Result<PendingAck, IngestError> {
         let points = batch.locations.into_iter().map(Ok).collect();
-        self.ingest_points(batch.batch_id, points, when_full, transport)
+        self.ingest_points(principal, batch.batch_id, points, when_full, transport)
             .await
     }
 
     /// As [`Ingestor::ingest`], for points of which some were already found
     /// bad while decoding (HTTP JSON): those keep their index and reason.
+    ///
+    /// The caller is checked first (revoked, role, rate limit), and each
+    /// point against what its token covers, before anything is buffered.
     pub async fn ingest_points(
         &self,
+        principal: &Principal,
         batch_id: u64,
         locations: Vec<Result<proto::Location, validate::Rejection>>,
         when_full: WhenFull,
@@ -108,11 +123,22 @@ impl Ingestor {
                 limit: self.max_batch_points,
             });
         }
+        self.auth.check_revoked(principal)?;
+        principal.require_write()?;
+        self.auth.take(principal, points)?;
         let now_us = unix_micros(SystemTime::now());
         let mut rejected = Vec::new();
         let mut rows = SubmissionBuilder::with_capacity(points);
         for (index, loc) in locations.into_iter().enumerate() {
-            match loc.and_then(|loc| self.validator.validate(loc, now_us)) {
+            let checked = loc
+                .and_then(|loc| self.validator.validate(loc, now_us))
+                .and_then(
+                    |valid| match principal.forbids(&valid.device_id, &valid.app_source) {
+                        None => Ok(valid),
+                        Some(why) => Err(validate::reject(validate::Reason::Forbidden, why)),
+                    },
+                );
+            match checked {
                 Ok(valid) => rows.push(&valid),
                 Err(r) => {
                     metrics::counter!(m::POINTS_REJECTED, "reason" => r.reason.code()).increment(1);

@@ -56,10 +56,12 @@ pub enum Reason {
     MetadataNotObject,
     /// HTTP JSON: the point is not an object of the documented fields and types.
     PointMalformed,
+    /// The caller's token does not cover this point's device or app_source.
+    Forbidden,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::TimeMissing,
         Reason::TimeInvalid,
         Reason::TimeInFuture,
@@ -82,6 +84,7 @@ impl Reason {
         Reason::MetadataInvalid,
         Reason::MetadataNotObject,
         Reason::PointMalformed,
+        Reason::Forbidden,
     ];
 
     pub fn code(self) -> &'static str {
@@ -108,6 +111,7 @@ impl Reason {
             Reason::MetadataInvalid => "metadata_invalid",
             Reason::MetadataNotObject => "metadata_not_object",
             Reason::PointMalformed => "point_malformed",
+            Reason::Forbidden => "forbidden",
         }
     }
 }

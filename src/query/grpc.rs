@@ -8,13 +8,11 @@ use tonic::{Request, Response, Status};
 
 use super::{QueryError, QueryState, invalid, live::Filter, parse_uuid, stats, track};
 use crate::{
+    auth::Principal,
     ingest::validate::ValidLocation,
     metrics as m,
     proto::{self, query_server::Query},
 };
-
-/// At most this many device ids in one GetLatest.
-pub const MAX_LATEST_IDS: usize = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct QueryService {
@@ -26,6 +24,10 @@ pub struct QueryService {
 impl QueryService {
     pub fn new(state: Arc<QueryState>, shutdown: CancellationToken) -> Self {
         Self { state, shutdown }
+    }
+
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Arc<Principal>, Status> {
+        Ok(self.state.auth.authenticate_grpc(req).await?)
     }
 }
 
@@ -114,28 +116,15 @@ impl Query for QueryService {
         req: Request<proto::GetLatestRequest>,
     ) -> Result<Response<proto::GetLatestResponse>, Status> {
         let started = Instant::now();
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
-        let r = (|| {
-            let found = match (req.device_ids.is_empty(), req.app_source.is_empty()) {
-                (false, true) if req.device_ids.len() <= MAX_LATEST_IDS => {
-                    let mut out = Vec::with_capacity(req.device_ids.len());
-                    for d in &req.device_ids {
-                        if let Some(l) = self.state.latest.get(&parse_uuid(d, "device_id")?) {
-                            out.push(l);
-                        }
-                    }
-                    out
-                }
-                (false, true) => {
-                    return Err(invalid(format!("at most {MAX_LATEST_IDS} device_ids")));
-                }
-                (true, false) => self.state.latest.of_app(&req.app_source),
-                _ => return Err(invalid("give either device_ids or app_source")),
-            };
-            Ok(proto::GetLatestResponse {
+        let ids: Vec<&str> = req.device_ids.iter().map(String::as_str).collect();
+        let r = self
+            .state
+            .latest_of(&caller, &ids, &req.app_source)
+            .map(|found| proto::GetLatestResponse {
                 locations: found.into_iter().map(to_proto).collect(),
-            })
-        })();
+            });
         timed("GetLatest", started, r)
     }
 
@@ -144,8 +133,10 @@ impl Query for QueryService {
         req: Request<proto::GetTrackRequest>,
     ) -> Result<Response<proto::GetTrackResponse>, Status> {
         let started = Instant::now();
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let r = async {
+            caller.require_read()?;
             let page = track::track(
                 &self.state,
                 track::TrackRequest {
@@ -154,6 +145,7 @@ impl Query for QueryService {
                     to_us: micros(req.to, "to")?,
                     limit: Some(req.limit),
                     cursor: Some(req.cursor),
+                    app_source: caller.read_scope().map(str::to_string),
                 },
             )
             .await?;
@@ -172,17 +164,23 @@ impl Query for QueryService {
     ) -> Result<Response<proto::GetHourlyStatsResponse>, Status> {
         use proto::get_hourly_stats_request::Key;
         let started = Instant::now();
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let r = async {
+            caller.require_read()?;
             let key = match req.key {
                 Some(Key::DeviceId(d)) => stats::StatsKey::Device(parse_uuid(&d, "device_id")?),
                 Some(Key::UserId(u)) => stats::StatsKey::User(parse_uuid(&u, "user_id")?),
-                Some(Key::AppSource(a)) if !a.is_empty() => stats::StatsKey::AppSource(a),
+                Some(Key::AppSource(a)) if !a.is_empty() => {
+                    caller.require_app(&a)?;
+                    stats::StatsKey::AppSource(a)
+                }
                 _ => return Err(invalid("give one of device_id, user_id or app_source")),
             };
             let rows = stats::hourly(
                 &self.state,
                 key,
+                caller.read_scope(),
                 micros(req.from, "from")?,
                 micros(req.to, "to")?,
             )
@@ -199,20 +197,16 @@ impl Query for QueryService {
         &self,
         req: Request<proto::SubscribeRequest>,
     ) -> Result<Response<LiveStream>, Status> {
+        let caller = self.caller(&req).await?;
         let filter = filter(req.get_ref())?;
-        let sub = self
-            .state
-            .live
-            .subscribe(filter)
-            .ok_or(QueryError::TooManySubscribers(
-                self.state.limits.max_subscribers,
-            ))?;
+        let sub = self.state.subscribe(&caller, filter)?;
         use futures::StreamExt;
         // One message per committed batch: far fewer frames than one a point.
         let live = updates(sub).take_until(self.shutdown.clone().cancelled_owned());
+        let live = self.state.while_authorized(caller, live);
         Ok(Response::new(Box::pin(live.map(|points| {
             Ok(proto::LiveUpdate {
-                locations: points.into_iter().map(to_proto).collect(),
+                locations: points?.into_iter().map(to_proto).collect(),
             })
         }))))
     }

@@ -22,12 +22,22 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use super::{
     QueryError, QueryState, grpc::points, invalid, live::Filter, parse_uuid, stats, track,
 };
-use crate::{ingest::validate::ValidLocation, metrics as m, proto, status};
+use crate::{
+    auth::{Auth, Caller},
+    ingest::validate::ValidLocation,
+    metrics as m, proto, status,
+};
 
 #[derive(Clone)]
 struct App {
     state: Arc<QueryState>,
     shutdown: CancellationToken,
+}
+
+impl axum::extract::FromRef<App> for Auth {
+    fn from_ref(app: &App) -> Auth {
+        app.state.auth.clone()
+    }
 }
 
 /// The query routes. `extra` is merged in (ingest and health routes).
@@ -60,9 +70,32 @@ pub fn router(state: Arc<QueryState>, shutdown: CancellationToken) -> Router {
         HourlyJson,
         ErrorJson,
         ErrorDetail
-    ))
+    )),
+    modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
+
+/// Every route wants `Authorization: Bearer <token>` (a reader or admin).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        openapi.security = Some(vec![SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+    }
+}
 
 /// A stored point.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -149,7 +182,9 @@ pub struct ErrorJson {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable: `invalid_argument`, `not_found`, `too_many_subscribers`, `internal`.
+    /// Stable: `invalid_argument`, `not_found`, `too_many_subscribers`,
+    /// `unauthenticated`, `permission_denied`, `rate_limited`,
+    /// `auth_unavailable`, `internal`.
     pub code: String,
     pub message: String,
 }
@@ -165,6 +200,9 @@ impl From<QueryError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
+        if let QueryError::Auth(a) = self.0 {
+            return status::auth_response(a);
+        }
         let code = StatusCode::from_u16(status::http_status(&self.0))
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let retry = matches!(
@@ -192,19 +230,21 @@ fn parse_time(s: Option<&str>, field: &str) -> Result<i64, QueryError> {
 /// The newest position of one device.
 #[utoipa::path(get, path = "/v1/devices/{device_id}/latest",
     params(("device_id" = String, Path, description = "UUID")),
-    responses((status = 200, body = LocationJson), (status = 400, body = ErrorJson), (status = 404, body = ErrorJson)))]
+    responses((status = 200, body = LocationJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson), (status = 404, body = ErrorJson)))]
 async fn device_latest(
     State(app): State<App>,
+    Caller(caller): Caller,
     Path(device_id): Path<String>,
 ) -> HttpResult<LocationJson> {
     let started = Instant::now();
-    let r = parse_uuid(&device_id, "device_id").and_then(|d| {
-        app.state
-            .latest
-            .get(&d)
-            .map(Into::into)
-            .ok_or_else(|| QueryError::NotFound(format!("no points are stored for device {d}")))
-    });
+    let r = app
+        .state
+        .latest_of(&caller, &[&device_id], "")
+        .and_then(|found| {
+            found.into_iter().next().map(Into::into).ok_or_else(|| {
+                QueryError::NotFound(format!("no points are stored for device {device_id}"))
+            })
+        });
     timed("http_device_latest", started, r)
 }
 
@@ -218,34 +258,26 @@ struct LatestParams {
 
 /// The newest position of every device of an app_source, or of a list of devices.
 #[utoipa::path(get, path = "/v1/latest", params(LatestParams),
-    responses((status = 200, body = LatestJson), (status = 400, body = ErrorJson)))]
-async fn latest(State(app): State<App>, Query(p): Query<LatestParams>) -> HttpResult<LatestJson> {
+    responses((status = 200, body = LatestJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson)))]
+async fn latest(
+    State(app): State<App>,
+    Caller(caller): Caller,
+    Query(p): Query<LatestParams>,
+) -> HttpResult<LatestJson> {
     let started = Instant::now();
-    let r = (|| {
-        let found = match (p.app_source.as_deref(), p.device_ids.as_deref()) {
-            (Some(a), None) if !a.is_empty() => app.state.latest.of_app(a),
-            (None, Some(ids)) => {
-                let ids: Vec<&str> = ids.split(',').filter(|s| !s.is_empty()).collect();
-                if ids.len() > super::grpc::MAX_LATEST_IDS {
-                    return Err(invalid(format!(
-                        "at most {} device_ids",
-                        super::grpc::MAX_LATEST_IDS
-                    )));
-                }
-                let mut out = Vec::with_capacity(ids.len());
-                for id in ids {
-                    if let Some(l) = app.state.latest.get(&parse_uuid(id, "device_id")?) {
-                        out.push(l);
-                    }
-                }
-                out
-            }
-            _ => return Err(invalid("give either app_source or device_ids")),
-        };
-        Ok(LatestJson {
+    let ids: Vec<&str> = p
+        .device_ids
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let r = app
+        .state
+        .latest_of(&caller, &ids, p.app_source.as_deref().unwrap_or_default())
+        .map(|found| LatestJson {
             locations: found.into_iter().map(Into::into).collect(),
-        })
-    })();
+        });
     timed("http_latest", started, r)
 }
 
@@ -264,14 +296,16 @@ struct TrackParams {
 /// A device's points in [from, to), in time order, one page at a time.
 #[utoipa::path(get, path = "/v1/devices/{device_id}/track",
     params(("device_id" = String, Path, description = "UUID"), TrackParams),
-    responses((status = 200, body = TrackJson), (status = 400, body = ErrorJson), (status = 404, body = ErrorJson)))]
+    responses((status = 200, body = TrackJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson), (status = 404, body = ErrorJson)))]
 async fn device_track(
     State(app): State<App>,
+    Caller(caller): Caller,
     Path(device_id): Path<String>,
     Query(p): Query<TrackParams>,
 ) -> HttpResult<TrackJson> {
     let started = Instant::now();
     let r = async {
+        caller.require_read()?;
         let limit = match p.limit.as_deref() {
             None => None,
             Some(l) => Some(
@@ -287,6 +321,7 @@ async fn device_track(
                 to_us: parse_time(p.to.as_deref(), "to")?,
                 limit,
                 cursor: p.cursor,
+                app_source: caller.read_scope().map(str::to_string),
             },
         )
         .await?;
@@ -312,17 +347,22 @@ struct StatsParams {
 
 /// Hourly statistics for one device, user or app_source: one row per hour.
 #[utoipa::path(get, path = "/v1/stats/hourly", params(StatsParams),
-    responses((status = 200, body = HourlyJson), (status = 400, body = ErrorJson)))]
+    responses((status = 200, body = HourlyJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson)))]
 async fn hourly_stats(
     State(app): State<App>,
+    Caller(caller): Caller,
     Query(p): Query<StatsParams>,
 ) -> HttpResult<HourlyJson> {
     let started = Instant::now();
     let r = async {
+        caller.require_read()?;
         let key = match (p.device_id, p.user_id, p.app_source) {
             (Some(d), None, None) => stats::StatsKey::Device(parse_uuid(&d, "device_id")?),
             (None, Some(u), None) => stats::StatsKey::User(parse_uuid(&u, "user_id")?),
-            (None, None, Some(a)) if !a.is_empty() => stats::StatsKey::AppSource(a),
+            (None, None, Some(a)) if !a.is_empty() => {
+                caller.require_app(&a)?;
+                stats::StatsKey::AppSource(a)
+            }
             _ => {
                 return Err(invalid(
                     "give exactly one of device_id, user_id or app_source",
@@ -332,6 +372,7 @@ async fn hourly_stats(
         let rows = stats::hourly(
             &app.state,
             key,
+            caller.read_scope(),
             parse_time(p.from.as_deref(), "from")?,
             parse_time(p.to.as_deref(), "to")?,
         )
@@ -412,26 +453,24 @@ fn live_filter(p: LiveParams) -> Result<Filter, QueryError> {
 /// `data:` a LocationJson). A slow reader loses its oldest updates.
 #[utoipa::path(get, path = "/v1/live", params(LiveParams),
     responses((status = 200, description = "text/event-stream of LocationJson", content_type = "text/event-stream"),
-              (status = 400, body = ErrorJson), (status = 429, body = ErrorJson)))]
+              (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson), (status = 429, body = ErrorJson)))]
 async fn live(
     State(app): State<App>,
+    Caller(caller): Caller,
     Query(p): Query<LiveParams>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
     let filter = live_filter(p)?;
-    let sub = app
-        .state
-        .live
-        .subscribe(filter)
-        .ok_or(QueryError::TooManySubscribers(
-            app.state.limits.max_subscribers,
-        ))?;
-    let events = points(sub)
-        .take_until(app.shutdown.cancelled_owned())
-        .map(|l| {
-            Ok(Event::default()
+    let sub = app.state.subscribe(&caller, filter)?;
+    let points = points(sub).take_until(app.shutdown.cancelled_owned());
+    // A revoked token's feed ends with one `error` event.
+    let events = app.state.while_authorized(caller, points).map(|l| {
+        Ok(match l {
+            Ok(l) => Event::default()
                 .event("location")
                 .json_data(LocationJson::from(l))
-                .unwrap_or_default())
-        });
+                .unwrap_or_default(),
+            Err(e) => Event::default().event("error").data(e.to_string()),
+        })
+    });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }

@@ -9,13 +9,16 @@ pub mod live;
 pub mod stats;
 pub mod track;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
+use futures::{Stream, StreamExt};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
+    auth::{Auth, AuthError, Principal},
     config::QueryArgs,
+    ingest::validate::ValidLocation,
     pipeline::{PointKey, Submission, copy_encoder, writer::CommitSink},
 };
 
@@ -30,6 +33,8 @@ pub enum QueryError {
     TooManySubscribers(usize),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl QueryError {
@@ -40,6 +45,10 @@ impl QueryError {
             QueryError::NotFound(_) => "not_found",
             QueryError::TooManySubscribers(_) => "too_many_subscribers",
             QueryError::Database(_) => "internal",
+            QueryError::Auth(AuthError::Unauthenticated(_)) => "unauthenticated",
+            QueryError::Auth(AuthError::PermissionDenied(_)) => "permission_denied",
+            QueryError::Auth(AuthError::RateLimited { .. }) => "rate_limited",
+            QueryError::Auth(AuthError::Unavailable) => "auth_unavailable",
         }
     }
 }
@@ -57,25 +66,106 @@ pub(crate) fn parse_uuid(s: &str, field: &str) -> Result<Uuid, QueryError> {
     Uuid::try_parse(s).map_err(|_| invalid(format!("{field} {s:?} is not a UUID")))
 }
 
-/// What queries share: the pool, the latest map, the live feed, the bounds.
+/// What queries share: the pool, the latest map, the live feed, the bounds,
+/// and who may ask.
 #[derive(Debug)]
 pub struct QueryState {
     pub pool: PgPool,
     pub latest: latest::Latest,
     pub live: live::Live,
     pub limits: QueryArgs,
+    pub auth: Auth,
 }
 
 impl QueryState {
-    pub fn new(pool: PgPool, limits: QueryArgs) -> Self {
+    pub fn new(pool: PgPool, limits: QueryArgs, auth: Auth) -> Self {
         Self {
             pool,
             latest: latest::Latest::default(),
             live: live::Live::new(limits.live_buffer, limits.max_subscribers),
             limits,
+            auth,
         }
     }
+
+    /// The newest positions of `device_ids`, or of every device of
+    /// `app_source` (exactly one of them is given), that `caller` may read.
+    /// A device of another app_source is as absent as an unknown one.
+    pub fn latest_of(
+        &self,
+        caller: &Principal,
+        device_ids: &[&str],
+        app_source: &str,
+    ) -> Result<Vec<ValidLocation>, QueryError> {
+        caller.require_read()?;
+        match (device_ids.is_empty(), app_source.is_empty()) {
+            (false, true) if device_ids.len() <= MAX_LATEST_IDS => {
+                let scope = caller.read_scope();
+                let mut out = Vec::with_capacity(device_ids.len());
+                for d in device_ids {
+                    if let Some(l) = self.latest.get(&parse_uuid(d, "device_id")?)
+                        && scope.is_none_or(|a| a == l.app_source)
+                    {
+                        out.push(l);
+                    }
+                }
+                Ok(out)
+            }
+            (false, true) => Err(invalid(format!("at most {MAX_LATEST_IDS} device_ids"))),
+            (true, false) => {
+                caller.require_app(app_source)?;
+                Ok(self.latest.of_app(app_source))
+            }
+            _ => Err(invalid("give either device_ids or app_source")),
+        }
+    }
+
+    /// A live subscription for `caller`, confined to its app_source.
+    pub fn subscribe(
+        &self,
+        caller: &Principal,
+        mut filter: live::Filter,
+    ) -> Result<live::Subscription, QueryError> {
+        caller.require_read()?;
+        if let Some(own) = caller.read_scope() {
+            match &filter.app_source {
+                Some(asked) => caller.require_app(asked)?,
+                None => filter.app_source = Some(own.to_string()),
+            }
+        }
+        self.live
+            .subscribe(filter)
+            .ok_or(QueryError::TooManySubscribers(self.limits.max_subscribers))
+    }
+
+    /// `stream`, ended with an error at its first item after `caller`'s
+    /// token is revoked.
+    pub fn while_authorized<T, S>(
+        &self,
+        caller: Arc<Principal>,
+        stream: S,
+    ) -> impl Stream<Item = Result<T, AuthError>> + Send + 'static + use<T, S>
+    where
+        T: Send + 'static,
+        S: Stream<Item = T> + Send + 'static,
+    {
+        let auth = self.auth.clone();
+        stream.scan(false, move |ended, item| {
+            let next = match (*ended, auth.check_revoked(&caller)) {
+                (true, _) => None,
+                (false, Ok(())) => Some(Ok(item)),
+                (false, Err(e)) => {
+                    *ended = true;
+                    Some(Err(e))
+                }
+            };
+            futures::future::ready(next)
+        })
+    }
 }
+
+/// At most this many device ids in one latest-position query.
+pub const MAX_LATEST_IDS: usize = 10_000;
 
 impl CommitSink for QueryState {
     fn committed(

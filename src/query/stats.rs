@@ -29,9 +29,12 @@ pub struct HourStats {
     pub max_longitude: f64,
 }
 
+/// The hours of `key` in [from, to); `scope` keeps only rows of that
+/// app_source (the caller's), `None` keeps all.
 pub async fn hourly(
     state: &QueryState,
     key: StatsKey,
+    scope: Option<&str>,
     from_us: i64,
     to_us: i64,
 ) -> Result<Vec<HourStats>, QueryError> {
@@ -64,6 +67,7 @@ pub async fn hourly(
                 min(min_longitude) AS min_longitude, max(max_longitude) AS max_longitude
          FROM location_hourly
          WHERE {column} = $1 AND hour >= $2 AND hour < $3
+           AND ($4::text IS NULL OR app_source = $4)
          GROUP BY hour ORDER BY hour"
     );
     let q = sqlx::query_as(&sql);
@@ -73,6 +77,7 @@ pub async fn hourly(
     };
     Ok(q.bind(ts(from_us)?)
         .bind(ts(to_us)?)
+        .bind(scope)
         .fetch_all(&state.pool)
         .await?)
 }

@@ -13,6 +13,8 @@ pub struct TrackRequest {
     pub to_us: i64,
     pub limit: Option<u32>,
     pub cursor: Option<String>,
+    /// Only points of this app_source (the caller's scope); `None`: all.
+    pub app_source: Option<String>,
 }
 
 pub struct TrackPage {
@@ -64,7 +66,11 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
         None | Some("") => None,
         Some(c) => Some(decode_cursor(c, req.from_us, req.to_us)?),
     };
-    if after.is_none() && state.latest.get(&req.device_id).is_none() {
+    let visible = state
+        .latest
+        .get(&req.device_id)
+        .is_some_and(|l| req.app_source.as_deref().is_none_or(|a| a == l.app_source));
+    if after.is_none() && !visible {
         return Err(QueryError::NotFound(format!(
             "no points are stored for device {}",
             req.device_id
@@ -73,6 +79,7 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
     let mut rows: Vec<ValidLocation> = sqlx::query_as(&format!(
         "SELECT {LOCATION_COLUMNS} FROM location_events
          WHERE device_id = $1 AND time >= $2 AND time < $3 AND time > $4
+           AND ($6::text IS NULL OR app_source = $6)
          ORDER BY time LIMIT $5"
     ))
     .bind(req.device_id)
@@ -80,6 +87,7 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
     .bind(ts(req.to_us)?)
     .bind(ts(after.unwrap_or(req.from_us - 1))?)
     .bind(i64::from(limit) + 1)
+    .bind(req.app_source.as_deref())
     .fetch_all(&state.pool)
     .await?;
     let more = rows.len() > limit as usize;

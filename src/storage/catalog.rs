@@ -19,6 +19,7 @@ pub struct Facts {
     pub hourly: Option<char>,
     pub pending: Option<char>,
     pub job_runs: Option<char>,
+    pub tokens: Option<char>,
     pub notes: Vec<String>,
 }
 
@@ -32,6 +33,7 @@ struct Row {
     hourly: Option<String>,
     pending: Option<String>,
     job_runs: Option<String>,
+    tokens: Option<String>,
 }
 
 pub async fn read(conn: &mut PgConnection) -> Result<Facts, SetupError> {
@@ -44,7 +46,8 @@ pub async fn read(conn: &mut PgConnection) -> Result<Facts, SetupError> {
             (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('location_events')) AS events,
             (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('location_hourly')) AS hourly,
             (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_rollup_pending')) AS pending,
-            (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_job_runs')) AS job_runs",
+            (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_job_runs')) AS job_runs,
+            (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_tokens')) AS tokens",
     )
     .fetch_one(&mut *conn)
     .await
@@ -83,6 +86,7 @@ pub async fn read(conn: &mut PgConnection) -> Result<Facts, SetupError> {
         hourly: kind(r.hourly),
         pending: kind(r.pending),
         job_runs: kind(r.job_runs),
+        tokens: kind(r.tokens),
         notes,
     })
 }

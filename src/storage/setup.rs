@@ -32,6 +32,7 @@ pub const EVENTS_SQL: &str = include_str!("../../migrations/location_events.sql"
 pub const HOURLY_TABLE_SQL: &str = include_str!("../../migrations/location_hourly.table.sql");
 pub const HOURLY_CAGG_SQL: &str = include_str!("../../migrations/location_hourly.cagg.sql");
 pub const JOBS_SQL: &str = include_str!("../../migrations/locus_jobs.sql");
+pub const TOKENS_SQL: &str = include_str!("../../migrations/locus_tokens.sql");
 
 /// What the database offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -323,6 +324,9 @@ pub async fn plan(
             ));
         }
         steps.push(step("create locus's job tables", JOBS_SQL));
+    }
+    if facts.tokens.is_none() {
+        steps.push(step("create the token table", TOKENS_SQL));
     }
 
     if tier == Tier::Timescale {

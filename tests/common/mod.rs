@@ -17,7 +17,7 @@ use locus::{
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -98,10 +98,17 @@ pub struct TestServer {
     pub metrics: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), server::ServeError>>,
+    /// How clients reach a server with TLS on.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl TestServer {
     pub async fn start(config: ServeConfig) -> TestServer {
+        Self::start_with_tls(config, None).await
+    }
+
+    /// A server with TLS on, which clients reach with `tls`.
+    pub async fn start_with_tls(config: ServeConfig, tls: Option<ClientTlsConfig>) -> TestServer {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         let listeners = Listeners::bind(any, any, any).await.expect("bind port 0");
         let grpc = listeners.grpc.local_addr().expect("local addr");
@@ -115,6 +122,7 @@ impl TestServer {
             metrics,
             shutdown,
             task,
+            tls,
         };
         server.wait_ready().await;
         server
@@ -124,11 +132,7 @@ impl TestServer {
     /// once the database answered).
     async fn wait_ready(&self) {
         for _ in 0..400 {
-            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.grpc))
-                .expect("uri")
-                .connect()
-                .await
-            {
+            if let Ok(channel) = self.endpoint().connect().await {
                 let status = HealthClient::new(channel)
                     .check(HealthCheckRequest {
                         service: "locus.v1.Ingest".into(),
@@ -145,10 +149,23 @@ impl TestServer {
         panic!("the server did not become ready");
     }
 
+    /// The gRPC address, with the client TLS settings if the server has TLS.
+    pub fn endpoint(&self) -> Endpoint {
+        match &self.tls {
+            None => Endpoint::from_shared(format!("http://{}", self.grpc)).expect("uri"),
+            Some(tls) => Endpoint::from_shared(format!("https://{}", self.grpc))
+                .expect("uri")
+                .tls_config(tls.clone())
+                .expect("client TLS config"),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        self.endpoint().connect().await.expect("connect to locus")
+    }
+
     pub async fn client(&self) -> IngestClient<Channel> {
-        IngestClient::connect(format!("http://{}", self.grpc))
-            .await
-            .expect("connect to locus")
+        IngestClient::new(self.channel().await)
     }
 
     pub async fn stop(self) {
@@ -221,9 +238,11 @@ pub async fn count_rows(pool: &PgPool) -> i64 {
         .expect("count")
 }
 
-/// A config for `db` with every default but a short linger.
+/// A config for `db` with every default but a short linger, and
+/// authentication off (tests/auth.rs turns it on).
 pub fn config(db: &TestDb) -> ServeConfig {
     let mut c = ServeConfig::with_database(db.url.clone());
+    c.auth.mode = locus::config::AuthMode::Off;
     c.pipeline.linger = Duration::from_millis(10);
     c.shutdown_grace = Duration::from_secs(15);
     c
