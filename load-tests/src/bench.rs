@@ -7,7 +7,6 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    process::Stdio,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -22,7 +21,10 @@ use locus::{
     pipeline::copy_encoder::{COLUMNS, encode_header, encode_row, encode_trailer},
     proto::{Location, LocationBatch, ingest_client::IngestClient},
 };
-use locus_load::fleet::Device;
+use locus_load::{
+    fleet::Device,
+    proc::{Locus, rss_peak_mib},
+};
 
 mod queries;
 use sqlx::{Connection, PgConnection};
@@ -124,13 +126,6 @@ fn pg_cpu(postmaster: u32) -> f64 {
         }
     }
     total
-}
-
-fn rss_peak_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 fn generate(devices: u64, rows: usize) -> anyhow::Result<(Vec<Location>, Vec<ValidLocation>)> {
@@ -421,52 +416,20 @@ pub async fn start_locus(
     locus: &std::path::Path,
     url: &str,
     writers: usize,
-) -> anyhow::Result<(tokio::process::Child, u32, String)> {
-    let (grpc, http, metrics) = (free_port()?, free_port()?, free_port()?);
-    let server = tokio::process::Command::new(locus)
-        // Measured without tokens: the bench compares write paths.
-        .args(["serve", "--database-url", url, "--auth", "off"])
-        .args([
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-addr",
-            &format!("127.0.0.1:{http}"),
-        ])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-        .args([
+) -> anyhow::Result<(Locus, u32, String)> {
+    let server = Locus::start(
+        locus,
+        url,
+        &[
             "--writers",
             &writers.to_string(),
             "--db-pool-size",
             &(writers + 4).to_string(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start locus serve")?;
-    let pid = server.id().context("locus pid")?;
-    let target = format!("http://127.0.0.1:{grpc}");
-    let t = Instant::now();
-    while tokio::process::Command::new(locus)
-        .args(["health", "--target", &target])
-        .stdout(Stdio::null())
-        .status()
-        .await
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("locus did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        ],
+    )
+    .await?;
+    let (pid, target) = (server.pid, server.grpc_target());
     Ok((server, pid, target))
-}
-
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 #[tokio::main]
@@ -558,8 +521,8 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         )
         .await?,
     );
-    let _ = server.start_kill();
-    let _ = server.wait().await;
+    let _ = server.child.start_kill();
+    let _ = server.child.wait().await;
 
     let insert_rows = a.insert_rows.min(a.rows);
     results.push(

@@ -2,5 +2,6 @@
 //! `locus-bench`.
 
 pub mod fleet;
+pub mod proc;
 pub mod run;
 pub mod verify;

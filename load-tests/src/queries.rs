@@ -302,8 +302,8 @@ pub async fn run(
     let n1 = ingest(channel.clone(), full(11), 50, None, no_stop.clone()).await?;
     let with = n1 as f64 / t.elapsed().as_secs_f64();
     subs.iter().for_each(|s| s.abort());
-    let _ = server.start_kill();
-    let _ = server.wait().await;
+    let _ = server.child.start_kill();
+    let _ = server.child.wait().await;
 
     println!();
     println!("Queries, while ingest runs at about {half_rate} points/s:");

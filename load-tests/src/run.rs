@@ -384,13 +384,11 @@ pub async fn http(
         let body = json_batch(&batch);
         let at = Instant::now();
         loop {
-            let ack = match {
-                let mut req = client.post(&url).json(&body);
-                if let Some(a) = &auth {
-                    req = req.header("authorization", a);
-                }
-                req.send().await
-            } {
+            let mut req = client.post(&url).json(&body);
+            if let Some(a) = &auth {
+                req = req.header("authorization", a);
+            }
+            let ack = match req.send().await {
                 Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
                 // A request locus will never take (400, 413): count it, and go on.
                 Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {

@@ -1,0 +1,731 @@
+//! `locus-faults`: the fault suite. Each case starts a real `locus serve`
+//! on a fresh database, drives a simulated fleet at it with `locus-load
+//! --verify` (which resends whatever was not acknowledged, as a real client
+//! must), does something bad to it, and then checks that every acknowledged
+//! point is stored exactly once, and what the case promises besides.
+//!
+//! `--quick` runs short versions (they run in `.ci/run`); without it the
+//! cases run at the lengths of the issue (a 2-minute outage, 10,000 idle
+//! streams, a 30-minute soak with `--cases soak`).
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use locus::proto::{Location, LocationBatch, ingest_client::IngestClient};
+use locus_load::proc::{Locus, open_fds, rss_mib, sibling_locus};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+use tonic::transport::Endpoint;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Case {
+    Crash,
+    Outage,
+    Slow,
+    Overload,
+    Hostile,
+    Soak,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "locus-faults",
+    about = "Faults against a real locus; exits 1 if any did not hold"
+)]
+struct Args {
+    /// A PostgreSQL server where the suite may create and drop databases.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile"])]
+    cases: Vec<Case>,
+    /// Short versions of every case (for CI).
+    #[arg(long)]
+    quick: bool,
+    /// How long the soak runs.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    soak: Duration,
+    /// The locus binary (default: beside this one).
+    #[arg(long)]
+    locus: Option<PathBuf>,
+}
+
+/// What a case found.
+struct Outcome {
+    held: bool,
+    figures: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl Outcome {
+    fn new() -> Self {
+        Outcome {
+            held: true,
+            figures: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    fn figure(&mut self, f: impl Into<String>) {
+        self.figures.push(f.into());
+    }
+
+    fn check(&mut self, ok: bool, what: impl Into<String>) {
+        if !ok {
+            self.held = false;
+            self.failures.push(what.into());
+        }
+    }
+}
+
+/// A fresh database for one case, dropped at the end.
+struct Db {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Db {
+    async fn new(admin: &str, case: &str) -> anyhow::Result<Db> {
+        let name = format!("locus_faults_{case}_{}", std::process::id());
+        let mut conn = PgConnection::connect(admin).await?;
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            sqlx::raw_sql(&sql).execute(&mut conn).await?;
+        }
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => bail!("{admin} names no database"),
+        };
+        Ok(Db {
+            admin: admin.to_string(),
+            name,
+            url,
+        })
+    }
+
+    /// The database goes away as locus sees it: new connections are
+    /// refused and open ones killed (as when PostgreSQL stops).
+    async fn cut_off(&self) -> anyhow::Result<()> {
+        let mut conn = PgConnection::connect(&self.admin).await?;
+        sqlx::raw_sql(&format!(
+            "ALTER DATABASE {n} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{n}';",
+            n = self.name
+        ))
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn restore(&self) -> anyhow::Result<()> {
+        let mut conn = PgConnection::connect(&self.admin).await?;
+        sqlx::raw_sql(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn drop(self) {
+        if let Ok(mut conn) = PgConnection::connect(&self.admin).await {
+            let _ = sqlx::raw_sql(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+/// A `locus-load --verify` run in the background.
+struct Fleet {
+    child: tokio::process::Child,
+}
+
+impl Fleet {
+    fn start(locus: &Locus, db: &Db, flags: &[&str]) -> anyhow::Result<Fleet> {
+        let bin = std::env::current_exe()?.with_file_name("locus-load");
+        let child = tokio::process::Command::new(&bin)
+            .args(["--target", &locus.grpc_target()])
+            .args(["--http-target", &locus.http_target()])
+            .args(["--verify", "--database-url", &db.url])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        Ok(Fleet { child })
+    }
+
+    /// Waits for the run to end: whether `--verify` passed, and its JSON summary.
+    async fn finish(self, limit: Duration) -> anyhow::Result<(bool, Value)> {
+        let out = tokio::time::timeout(limit, self.child.wait_with_output())
+            .await
+            .context("the fleet did not finish in time")??;
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("verify:") || l.starts_with("  "))
+        {
+            println!("    {line}");
+        }
+        let summary = text
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .context("no summary from locus-load")?;
+        Ok((out.status.success(), summary))
+    }
+}
+
+fn n(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0)
+}
+
+/// Samples the RSS of `pid` and locus's readiness every 250 ms while `work` runs.
+struct Samples {
+    rss_max: f64,
+    not_ready: usize,
+    samples: usize,
+}
+
+async fn sampled<F: std::future::Future<Output = anyhow::Result<()>>>(
+    locus: &Locus,
+    work: F,
+) -> anyhow::Result<Samples> {
+    let mut s = Samples {
+        rss_max: 0.0,
+        not_ready: 0,
+        samples: 0,
+    };
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            r = &mut work => { r?; return Ok(s) }
+            _ = tick.tick() => {
+                s.rss_max = s.rss_max.max(rss_mib(locus.pid).unwrap_or(0.0));
+                if locus.ready().await != Some(true) { s.not_ready += 1; }
+                s.samples += 1;
+            }
+        }
+    }
+}
+
+/// Bounds every case's locus runs with: small, so that a leak shows.
+const BUFFER_MIB: usize = 32;
+const BOUNDS: &[&str] = &[
+    "--buffer-points",
+    "200000",
+    "--buffer-bytes",
+    "33554432",
+    "--write-retry-deadline",
+    "5s",
+    "--shutdown-grace",
+    "5s",
+];
+
+fn fleet_flags(devices: u64, rate: f64, secs: u64) -> Vec<String> {
+    vec![
+        "--devices".into(),
+        devices.to_string(),
+        "--rate".into(),
+        rate.to_string(),
+        "--batch-size".into(),
+        "10".into(),
+        "--duration".into(),
+        format!("{secs}s"),
+        "--duplicate-share".into(),
+        "0.02".into(),
+        "--invalid-share".into(),
+        "0.01".into(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `kill -9` twice under load; clients resend what was not acknowledged.
+async fn crash(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let mut locus = Locus::start(bin, &db.url, BOUNDS).await?;
+    let secs = if quick { 16 } else { 60 };
+    let fleet = Fleet::start(&locus, db, &strs(&fleet_flags(300, 5.0, secs)))?;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(secs / 4)).await;
+        locus.kill9().await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        locus.restart().await?;
+        out.figure(format!(
+            "kill -9, restart ready in {:.1} s",
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    let (verified, s) = fleet.finish(Duration::from_secs(secs + 120)).await?;
+    out.figure(format!(
+        "{} points acknowledged, {} client errors (reconnects)",
+        n(&s, "acked"),
+        n(&s, "errors")
+    ));
+    out.check(verified, "an acknowledged point is missing or stored twice");
+    out.check(n(&s, "acked") > 0.0, "nothing was acknowledged");
+    locus.kill9().await?;
+    Ok(out)
+}
+
+/// The database is away under load: readiness turns false, memory stays
+/// bounded, no false ack; ingest resumes by itself.
+async fn outage(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let mut locus = Locus::start(bin, &db.url, BOUNDS).await?;
+    let away = Duration::from_secs(if quick { 15 } else { 120 });
+    let secs = away.as_secs() + 20;
+    let fleet = Fleet::start(&locus, db, &strs(&fleet_flags(300, 5.0, secs)))?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = rss_mib(locus.pid).unwrap_or(0.0);
+    db.cut_off().await?;
+    let during = sampled(&locus, async {
+        tokio::time::sleep(away).await;
+        Ok(())
+    })
+    .await?;
+    db.restore().await?;
+    let back = Instant::now();
+    let mut recovered = None;
+    while back.elapsed() < Duration::from_secs(30) {
+        if locus.ready().await == Some(true) {
+            recovered = Some(back.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (verified, s) = fleet.finish(Duration::from_secs(secs + 120)).await?;
+    out.figure(format!(
+        "database away {} s: RSS {:.0} MiB before, {:.0} MiB at most during (buffer bound {BUFFER_MIB} MiB)",
+        away.as_secs(),
+        before,
+        during.rss_max
+    ));
+    out.figure(format!(
+        "not ready in {}/{} samples; ready again {:.1} s after the database returned",
+        during.not_ready,
+        during.samples,
+        recovered.map_or(f64::NAN, |d| d.as_secs_f64())
+    ));
+    out.figure(format!(
+        "{} points acknowledged, {} client errors",
+        n(&s, "acked"),
+        n(&s, "errors")
+    ));
+    out.check(verified, "an acknowledged point is missing or stored twice");
+    out.check(
+        during.not_ready * 2 > during.samples,
+        "readiness did not turn false during the outage",
+    );
+    out.check(recovered.is_some(), "not ready again within 30 s");
+    out.check(
+        during.rss_max <= before + 3.0 * BUFFER_MIB as f64,
+        "memory grew past three times the buffer bound",
+    );
+    out.check(locus.alive(), "locus died");
+    locus.kill9().await?;
+    Ok(out)
+}
+
+/// COPY blocked for seconds by a lock: backpressure reaches the clients
+/// (their acks wait), memory stays bounded, nothing is lost.
+async fn slow(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let mut locus = Locus::start(bin, &db.url, BOUNDS).await?;
+    let hold = Duration::from_secs(if quick { 8 } else { 30 });
+    let secs = hold.as_secs() + 15;
+    let fleet = Fleet::start(&locus, db, &strs(&fleet_flags(300, 10.0, secs)))?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = rss_mib(locus.pid).unwrap_or(0.0);
+    let mut conn = PgConnection::connect(&db.url).await?;
+    let during = sampled(&locus, async {
+        let mut tx = conn.begin().await?;
+        sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        tokio::time::sleep(hold).await;
+        tx.rollback().await?;
+        Ok(())
+    })
+    .await?;
+    let (verified, s) = fleet.finish(Duration::from_secs(secs + 120)).await?;
+    out.figure(format!(
+        "writes blocked {} s: RSS {:.0} MiB before, {:.0} MiB at most; longest ack {:.0} ms",
+        hold.as_secs(),
+        before,
+        during.rss_max,
+        n(&s, "ack_max_ms")
+    ));
+    out.check(verified, "an acknowledged point is missing or stored twice");
+    out.check(
+        n(&s, "ack_max_ms") >= hold.as_millis() as f64 * 0.5,
+        "no ack waited for the lock: was anything acknowledged before it was committed?",
+    );
+    out.check(
+        during.rss_max <= before + 3.0 * BUFFER_MIB as f64,
+        "memory grew past three times the buffer bound",
+    );
+    locus.kill9().await?;
+    Ok(out)
+}
+
+/// Twice what locus can write, by unary calls: it keeps writing at its
+/// rate, refuses the excess with a retry hint, and keeps the p99 of what it
+/// accepts bounded.
+async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    // One writer and a small buffer make the ceiling low and the excess
+    // easy to reach on two cores.
+    let flags = [
+        "--writers",
+        "1",
+        "--db-pool-size",
+        "4",
+        "--buffer-points",
+        "20000",
+        "--max-batch-points",
+        "1000",
+    ];
+    let mut locus = Locus::start(bin, &db.url, &flags).await?;
+    let secs: u64 = if quick { 10 } else { 60 };
+    let run = |concurrency: &str| {
+        let mut f = fleet_flags(2_000, 0.0, secs);
+        f.extend([
+            "--mode".into(),
+            "unary".into(),
+            "--concurrency".into(),
+            concurrency.into(),
+            "--batch-size".into(),
+            "500".into(),
+            "--fix-interval".into(),
+            "0.01".into(),
+        ]);
+        f
+    };
+    let (ok1, base) = Fleet::start(&locus, db, &strs(&run("4")))?
+        .finish(Duration::from_secs(secs + 120))
+        .await?;
+    let refused_before = refused(&locus).await;
+    let (ok2, over) = Fleet::start(&locus, db, &strs(&run("64")))?
+        .finish(Duration::from_secs(secs + 120))
+        .await?;
+    let refused_after = refused(&locus).await;
+    out.figure(format!(
+        "4 callers: {:.0} points/s, ack p99 {:.0} ms; 64 callers: {:.0} points/s, ack p99 {:.0} ms, {} calls refused with a retry hint",
+        n(&base, "points_per_sec"),
+        n(&base, "ack_p99_ms"),
+        n(&over, "points_per_sec"),
+        n(&over, "ack_p99_ms"),
+        refused_after - refused_before
+    ));
+    out.check(
+        ok1 && ok2,
+        "an acknowledged point is missing or stored twice",
+    );
+    out.check(
+        n(&over, "points_per_sec") >= 0.7 * n(&base, "points_per_sec"),
+        "throughput fell by more than 30% under overload",
+    );
+    out.check(
+        refused_after > refused_before,
+        "nothing was refused: the offered load was not over the ceiling",
+    );
+    out.check(
+        n(&over, "ack_p99_ms") <= 5_000.0,
+        "the p99 ack latency of accepted calls passed 5 s",
+    );
+    locus.kill9().await?;
+    Ok(out)
+}
+
+/// `locus_requests_refused_total{reason="buffer_full"}`.
+async fn refused(locus: &Locus) -> u64 {
+    let text = locus.metrics().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("locus_requests_refused_total{reason=\"buffer_full\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Idle streams, streams that never read their acks, a flood of stream
+/// resets, oversized messages, deep and huge metadata, a gzip bomb: each is
+/// limited, locus stays up, and a well-behaved fleet keeps its rate.
+async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let idle_streams: usize = if quick { 2_000 } else { 10_000 };
+    let max_streams = (idle_streams + 1_000).to_string();
+    let mut flags: Vec<&str> = BOUNDS.to_vec();
+    flags.extend(["--max-streams", &max_streams]);
+    let mut locus = Locus::start(bin, &db.url, &flags).await?;
+    let secs: u64 = if quick { 10 } else { 30 };
+    let good = fleet_flags(200, 5.0, secs);
+    // The well-behaved fleet alone, then beside the hostile clients.
+    let (ok1, alone) = Fleet::start(&locus, db, &strs(&good))?
+        .finish(Duration::from_secs(secs + 60))
+        .await?;
+
+    let endpoint = Endpoint::from_shared(locus.grpc_target())?;
+    let mut channels = Vec::new();
+    // HTTP/2 servers allow a bounded number of streams per connection.
+    for _ in 0..idle_streams.div_ceil(100) {
+        channels.push(endpoint.connect().await?);
+    }
+    // Idle streams: opened, never sent on.
+    let mut idle = Vec::new();
+    for i in 0..idle_streams {
+        let mut c = IngestClient::new(channels[i % channels.len()].clone());
+        let (tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(1);
+        let resp = c
+            .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?;
+        idle.push((tx, resp));
+    }
+    let fds_idle = open_fds(locus.pid).unwrap_or(0);
+    let rss_idle = rss_mib(locus.pid).unwrap_or(0.0);
+    let fleet = Fleet::start(&locus, db, &strs(&good))?;
+    let attacks = async {
+        let mut c = IngestClient::new(endpoint.connect().await?);
+        // Streams that send and never read an ack.
+        let mut deaf = Vec::new();
+        for _ in 0..20 {
+            let (tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(64);
+            let resp = c
+                .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?;
+            for b in 0..64 {
+                let _ = tx.try_send(junk_batch(b, 100, ""));
+            }
+            deaf.push((tx, resp));
+        }
+        // A flood of resets: streams opened and dropped at once.
+        for _ in 0..2_000 {
+            let (_tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(1);
+            let _ = c
+                .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+        }
+        // An oversized message.
+        let big = junk_batch(1, 1, &format!("{{\"x\": \"{}\"}}", "a".repeat(5 << 20)));
+        let e = c.write_locations(big).await.err();
+        let oversized = e.as_ref().map(|s| s.code());
+        // Deep and huge metadata: each point rejected alone.
+        let deep = format!(
+            "{}{}",
+            "{\"a\":".repeat(200),
+            "1".to_string() + &"}".repeat(200)
+        );
+        let huge = format!("{{\"x\": \"{}\"}}", "a".repeat(10_000));
+        let mut mixed = junk_batch(2, 3, "");
+        mixed.locations[0].metadata_json = deep;
+        mixed.locations[1].metadata_json = huge;
+        let ack = c.write_locations(mixed).await?.into_inner();
+        let reasons: Vec<String> = ack.rejected.iter().map(|r| r.reason.clone()).collect();
+        // A gzip bomb: 1 GiB of zeros (64 MiB quick), about 1 MiB compressed.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..if quick { 64 } else { 1024 } {
+            gz.write_all(&zeros)?;
+        }
+        let bomb = gz.finish()?;
+        let status = reqwest::Client::new()
+            .post(format!("{}/v1/locations", locus.http_target()))
+            .header("content-encoding", "gzip")
+            .header("content-type", "application/json")
+            .body(bomb)
+            .send()
+            .await?
+            .status()
+            .as_u16();
+        drop(deaf);
+        anyhow::Ok((oversized, ack.accepted, reasons, status))
+    };
+    let (attacked, beside) = tokio::join!(attacks, fleet.finish(Duration::from_secs(secs + 60)));
+    let (oversized, accepted, reasons, bomb_status) = attacked?;
+    let (ok2, beside) = beside?;
+    out.figure(format!(
+        "{idle_streams} idle streams: {fds_idle} fds, {rss_idle:.0} MiB RSS"
+    ));
+    out.figure(format!(
+        "well-behaved fleet: {:.0} points/s alone, {:.0} beside the attacks (ack p99 {:.0} / {:.0} ms)",
+        n(&alone, "points_per_sec"),
+        n(&beside, "points_per_sec"),
+        n(&alone, "ack_p99_ms"),
+        n(&beside, "ack_p99_ms")
+    ));
+    out.figure(format!(
+        "oversized message: {oversized:?}; deep and huge metadata: {reasons:?} ({accepted} good point stored); gzip bomb: HTTP {bomb_status}"
+    ));
+    out.check(
+        ok1 && ok2,
+        "an acknowledged point is missing or stored twice",
+    );
+    out.check(
+        oversized.is_some_and(|c| c != tonic::Code::Ok),
+        "an oversized message was accepted",
+    );
+    out.check(
+        reasons == ["metadata_invalid", "metadata_too_large"] && accepted == 1,
+        "deep or huge metadata was not rejected alone",
+    );
+    out.check(bomb_status == 413, "the gzip bomb was not refused with 413");
+    out.check(
+        n(&beside, "points_per_sec") >= 0.9 * n(&alone, "points_per_sec"),
+        "the well-behaved fleet lost more than 10% of its rate",
+    );
+    out.check(locus.alive(), "locus died");
+    drop(idle);
+    locus.kill9().await?;
+    Ok(out)
+}
+
+fn junk_batch(batch_id: u64, points: usize, metadata: &str) -> LocationBatch {
+    let device = uuid::Uuid::new_v4().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    LocationBatch {
+        batch_id,
+        locations: (0..points)
+            .map(|i| Location {
+                time: Some(prost_types::Timestamp {
+                    seconds: now - 60 - i as i64 - batch_id as i64 * 1_000,
+                    nanos: 0,
+                }),
+                device_id: device.clone(),
+                user_id: device.clone(),
+                app_source: "hostile".into(),
+                latitude: 10.0,
+                longitude: 10.0,
+                metadata_json: metadata.to_string(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+/// A long run at a steady rate, the database away for 20 s every 10
+/// minutes: RSS and open file descriptors stay flat, nothing is lost.
+async fn soak(bin: &Path, db: &Db, length: Duration) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let mut locus = Locus::start(bin, &db.url, BOUNDS).await?;
+    let fleet = Fleet::start(
+        &locus,
+        db,
+        &strs(&fleet_flags(1_000, 2.0, length.as_secs())),
+    )?;
+    tokio::time::sleep(Duration::from_secs(60).min(length / 4)).await;
+    let (rss0, fds0) = (
+        rss_mib(locus.pid).unwrap_or(0.0),
+        open_fds(locus.pid).unwrap_or(0),
+    );
+    let started = Instant::now();
+    let every = Duration::from_secs(600).min(length / 3);
+    while started.elapsed() + every < length {
+        tokio::time::sleep(every - Duration::from_secs(20)).await;
+        db.cut_off().await?;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        db.restore().await?;
+        out.figure(format!(
+            "after {:.0} min: RSS {:.0} MiB, {} fds",
+            started.elapsed().as_secs_f64() / 60.0,
+            rss_mib(locus.pid).unwrap_or(0.0),
+            open_fds(locus.pid).unwrap_or(0)
+        ));
+    }
+    let (verified, s) = fleet.finish(length + Duration::from_secs(180)).await?;
+    let (rss1, fds1) = (
+        rss_mib(locus.pid).unwrap_or(0.0),
+        open_fds(locus.pid).unwrap_or(0),
+    );
+    out.figure(format!(
+        "RSS {rss0:.0} -> {rss1:.0} MiB, fds {fds0} -> {fds1}; {} points acknowledged",
+        n(&s, "acked")
+    ));
+    out.check(verified, "an acknowledged point is missing or stored twice");
+    out.check(rss1 <= rss0 * 1.5 + 20.0, "RSS grew by more than half");
+    out.check(fds1 <= fds0 + 20, "open file descriptors grew");
+    locus.kill9().await?;
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let bin = match &a.locus {
+        Some(p) => p.clone(),
+        None => sibling_locus()?,
+    };
+    let mut failed = Vec::new();
+    let mut report = Vec::new();
+    for case in &a.cases {
+        let name = format!("{case:?}").to_lowercase();
+        println!("== {name}");
+        let db = Db::new(&a.database_url, &name).await?;
+        let started = Instant::now();
+        let result = match case {
+            Case::Crash => crash(&bin, &db, a.quick).await,
+            Case::Outage => outage(&bin, &db, a.quick).await,
+            Case::Slow => slow(&bin, &db, a.quick).await,
+            Case::Overload => overload(&bin, &db, a.quick).await,
+            Case::Hostile => hostile(&bin, &db, a.quick).await,
+            Case::Soak => soak(&bin, &db, a.soak).await,
+        };
+        db.drop().await;
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => Outcome {
+                held: false,
+                figures: Vec::new(),
+                failures: vec![format!("the case could not run: {e:#}")],
+            },
+        };
+        for f in &outcome.figures {
+            println!("   {f}");
+        }
+        for f in &outcome.failures {
+            println!("   FAILED: {f}");
+        }
+        println!(
+            "   {} in {:.0} s",
+            if outcome.held { "held" } else { "DID NOT HOLD" },
+            started.elapsed().as_secs_f64()
+        );
+        if !outcome.held {
+            failed.push(name.clone());
+        }
+        report.push(serde_json::json!({
+            "case": name, "held": outcome.held,
+            "figures": outcome.figures, "failures": outcome.failures,
+        }));
+    }
+    println!("{}", serde_json::Value::Array(report));
+    if !failed.is_empty() {
+        eprintln!("did not hold: {}", failed.join(", "));
+        std::process::exit(1);
+    }
+    Ok(())
+}
