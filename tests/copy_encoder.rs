@@ -155,3 +155,64 @@ async fn encoded_rows_load_and_read_back_unchanged() {
     drop(conn);
     db.drop_db().await;
 }
+
+/// The fuzzer's corpus for the validator (`fuzz/corpus/validate`, kept in
+/// the repo): every point that passes validation is encoded and loaded by a
+/// real COPY. The fuzz target checks the encoder against its own decoder;
+/// this checks PostgreSQL agrees.
+#[tokio::test]
+async fn fuzz_corpus_points_that_pass_validation_load_into_postgres() {
+    use locus::{config::ValidationArgs, ingest::validate::Validator, proto::LocationBatch};
+    use prost::Message;
+    /// The fuzz target's clock.
+    const NOW_US: i64 = 1_764_000_000_000_000;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/validate");
+    let validator = Validator::new(
+        &ValidationArgs::default(),
+        std::time::Duration::from_secs(30 * 86_400),
+    );
+    let mut seen = std::collections::HashSet::new();
+    let mut valid = Vec::new();
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        files += 1;
+        let Ok(batch) = LocationBatch::decode(bytes.as_slice()) else {
+            continue;
+        };
+        for loc in batch.locations {
+            if let Ok(v) = validator.validate(loc, NOW_US)
+                && seen.insert((v.device_id, v.time_us))
+            {
+                valid.push(v);
+            }
+        }
+    }
+    assert!(files >= 3, "the corpus is missing: {dir}");
+    assert!(
+        !valid.is_empty(),
+        "no point of the corpus passes validation"
+    );
+
+    let db = TestDb::new().await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::Executor::execute(&mut conn, include_str!("../migrations/location_events.sql"))
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    encode_header(&mut buf);
+    for v in &valid {
+        encode_row(&mut buf, v);
+    }
+    encode_trailer(&mut buf);
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await
+        .unwrap();
+    copy.send(buf.as_ref()).await.unwrap();
+    assert_eq!(copy.finish().await.unwrap(), valid.len() as u64);
+    drop(conn);
+    db.drop_db().await;
+}

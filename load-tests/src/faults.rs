@@ -242,13 +242,17 @@ const BOUNDS: &[&str] = &[
 ];
 
 fn fleet_flags(devices: u64, rate: f64, secs: u64) -> Vec<String> {
+    fleet_flags_batch(devices, rate, secs, 10)
+}
+
+fn fleet_flags_batch(devices: u64, rate: f64, secs: u64, batch: usize) -> Vec<String> {
     vec![
         "--devices".into(),
         devices.to_string(),
         "--rate".into(),
         rate.to_string(),
         "--batch-size".into(),
-        "10".into(),
+        batch.to_string(),
         "--duration".into(),
         format!("{secs}s"),
         "--duplicate-share".into(),
@@ -412,14 +416,12 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let mut locus = Locus::start(bin, &db.url, &flags).await?;
     let secs: u64 = if quick { 10 } else { 60 };
     let run = |concurrency: &str| {
-        let mut f = fleet_flags(2_000, 0.0, secs);
+        let mut f = fleet_flags_batch(2_000, 0.0, secs, 500);
         f.extend([
             "--mode".into(),
             "unary".into(),
             "--concurrency".into(),
             concurrency.into(),
-            "--batch-size".into(),
-            "500".into(),
             "--fix-interval".into(),
             "0.01".into(),
         ]);
@@ -708,6 +710,12 @@ async fn main() -> anyhow::Result<()> {
         }
         for f in &outcome.failures {
             println!("   FAILED: {f}");
+        }
+        if !outcome.held {
+            println!(
+                "   (locus's log: {}/locus-*.log)",
+                std::env::temp_dir().display()
+            );
         }
         println!(
             "   {} in {:.0} s",

@@ -31,6 +31,8 @@ pub struct Locus {
     pub http: u16,
     pub metrics: u16,
     extra: Vec<String>,
+    /// Where its log (stderr) goes, appended across restarts.
+    pub log: PathBuf,
 }
 
 impl Locus {
@@ -39,8 +41,10 @@ impl Locus {
     pub async fn start(binary: &Path, url: &str, extra: &[&str]) -> anyhow::Result<Locus> {
         let (grpc, http, metrics) = (free_port()?, free_port()?, free_port()?);
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = spawn(binary, url, (grpc, http, metrics), &extra)?;
+        let log = std::env::temp_dir().join(format!("locus-{grpc}.log"));
+        let child = spawn(binary, url, (grpc, http, metrics), &extra, &log)?;
         let mut l = Locus {
+            log,
             pid: child.id().context("locus pid")?,
             child,
             binary: binary.to_path_buf(),
@@ -81,6 +85,7 @@ impl Locus {
                 &self.url,
                 (self.grpc, self.http, self.metrics),
                 &self.extra,
+                &self.log,
             ) {
                 Ok(c) => {
                     self.child = c;
@@ -144,7 +149,12 @@ fn spawn(
     url: &str,
     (grpc, http, metrics): (u16, u16, u16),
     extra: &[String],
+    log: &Path,
 ) -> anyhow::Result<tokio::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     tokio::process::Command::new(binary)
         .args(["serve", "--database-url", url, "--auth", "off"])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
@@ -153,6 +163,7 @@ fn spawn(
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("start {}", binary.display()))

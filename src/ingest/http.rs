@@ -213,6 +213,21 @@ fn to_proto(index: usize, v: Value) -> Result<proto::Location, Rejection> {
     })
 }
 
+/// A JSON body as its batch id and its points, each already a
+/// [`proto::Location`] or the reason it is not one. Public for the fuzzer.
+pub type ParsedBatch = (u64, Vec<Result<proto::Location, Rejection>>);
+
+pub fn parse_batch(body: &[u8]) -> Result<ParsedBatch, serde_json::Error> {
+    let batch: JsonBatch = serde_json::from_slice(body)?;
+    let points = batch
+        .locations
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| to_proto(i, v))
+        .collect();
+    Ok((batch.batch_id, points))
+}
+
 async fn post_locations(
     State(app): State<App>,
     Caller(caller): Caller,
@@ -236,7 +251,7 @@ async fn post_locations(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let batch: JsonBatch = match serde_json::from_slice(&body) {
+    let (batch_id, points) = match parse_batch(&body) {
         Ok(b) => b,
         Err(e) => {
             return error(
@@ -248,15 +263,9 @@ async fn post_locations(
             );
         }
     };
-    let points = batch
-        .locations
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| to_proto(i, v))
-        .collect();
     let pending = match app
         .ingestor
-        .ingest_points(&caller, batch.batch_id, points, WhenFull::Refuse, "http")
+        .ingest_points(&caller, batch_id, points, WhenFull::Refuse, "http")
         .await
     {
         Ok(p) => p,
