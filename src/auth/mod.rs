@@ -375,12 +375,84 @@ impl Auth {
                 }
                 Err(e) => tracing::warn!(error = %e, "polling revoked tokens failed"),
             }
-            if let Some(limiter) = &inner.limiter {
-                // Tokens whose bucket is full again hold no state.
-                limiter.retain_recent();
-                limiter.shrink_to_fit();
-            }
+            inner.trim();
         }
+    }
+
+    /// Tokens that hold rate-limit state now.
+    pub fn rate_limited_tokens(&self) -> usize {
+        self.inner
+            .as_ref()
+            .and_then(|i| i.limiter.as_ref())
+            .map_or(0, |l| l.len())
+    }
+}
+
+impl Inner {
+    /// Forgets the rate-limit state of tokens whose bucket is full again:
+    /// it is the same as none. So memory follows the tokens active within
+    /// one burst's refill time, not every token ever seen.
+    fn trim(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(id: Uuid) -> Principal {
+        Principal {
+            token_id: Some(id),
+            name: "t".into(),
+            role: Role::Gateway,
+            app_source: Some("a".into()),
+            devices: HashSet::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn rate_limit_state_is_forgotten_once_buckets_refill() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool connects to nothing");
+        let args = AuthArgs {
+            rate_limit_points: 100_000,
+            rate_limit_burst: 100,
+            ..AuthArgs::default()
+        };
+        let auth = Auth::new(pool, &args);
+        for _ in 0..200_000 {
+            auth.take(&principal(Uuid::new_v4()), 1)
+                .expect("a fresh token has room");
+        }
+        assert_eq!(auth.rate_limited_tokens(), 200_000);
+        // 100 points refill in 1 ms at this rate.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        auth.inner.as_ref().expect("enabled").trim();
+        assert_eq!(auth.rate_limited_tokens(), 0);
+        // A token whose bucket is not full again keeps its state: here it
+        // refills one point a second.
+        let slow = Auth::new(
+            sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+                .expect("lazy"),
+            &AuthArgs {
+                rate_limit_points: 1,
+                ..args
+            },
+        );
+        let busy = principal(Uuid::new_v4());
+        slow.take(&busy, 100).expect("the whole burst");
+        assert!(matches!(
+            slow.take(&busy, 1),
+            Err(AuthError::RateLimited { .. })
+        ));
+        slow.inner.as_ref().expect("enabled").trim();
+        assert_eq!(slow.rate_limited_tokens(), 1);
     }
 }
 
