@@ -34,6 +34,18 @@ fn with_token<T>(msg: T, token: &str) -> Request<T> {
     r
 }
 
+/// A unary write with `token` that must be answered.
+async fn write(
+    c: &mut IngestClient<Channel>,
+    batch: LocationBatch,
+    token: &str,
+) -> locus::proto::BatchAck {
+    c.write_locations(with_token(batch, token))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn auth_config(db: &TestDb) -> ServeConfig {
     let mut c = config(db);
     c.auth.mode = AuthMode::Tokens;
@@ -166,11 +178,7 @@ async fn calls_without_valid_credentials_are_refused_and_store_nothing() {
     assert_eq!(count_rows(&db.pool().await).await, 0);
 
     // The good token does work: the refusals above were about credentials.
-    let ack = c
-        .write_locations(with_token(batch(), &good))
-        .await
-        .unwrap()
-        .into_inner();
+    let ack = write(&mut c, batch(), &good).await;
     assert_eq!(ack.accepted, 5);
     server.stop().await;
     db.drop_db().await;
@@ -194,11 +202,7 @@ async fn a_token_writes_only_the_devices_and_app_source_it_covers() {
         locations: vec![mine.point(0), other.point(0), foreign_app, mine.point(1)],
     };
     let mut c = server.client().await;
-    let ack = c
-        .write_locations(with_token(batch.clone(), &device_token))
-        .await
-        .unwrap()
-        .into_inner();
+    let ack = write(&mut c, batch.clone(), &device_token).await;
     assert_eq!(ack.accepted, 2);
     let rejected: Vec<(u32, &str)> = ack
         .rejected
@@ -218,11 +222,7 @@ async fn a_token_writes_only_the_devices_and_app_source_it_covers() {
     );
 
     // A gateway covers every device of its app_source, and no other app.
-    let ack = c
-        .write_locations(with_token(batch.clone(), &gateway))
-        .await
-        .unwrap()
-        .into_inner();
+    let ack = write(&mut c, batch.clone(), &gateway).await;
     assert_eq!((ack.accepted, ack.duplicates), (1, 2));
     assert_eq!(ack.rejected.len(), 1);
     assert_eq!(
@@ -328,11 +328,7 @@ async fn a_reader_never_sees_another_app_sources_data() {
     let mut c = server.client().await;
     // Theirs first: if the feed leaked, it would be the first update.
     for b in [theirs_batch, ours.batch(1, 0, 10)] {
-        let ack = c
-            .write_locations(with_token(b, &admin))
-            .await
-            .unwrap()
-            .into_inner();
+        let ack = write(&mut c, b, &admin).await;
         assert_eq!(ack.accepted, 10);
     }
     let update = tokio::time::timeout(Duration::from_secs(10), live.message())
@@ -532,11 +528,7 @@ async fn a_burst_over_the_rate_limit_is_refused_with_a_retry_hint() {
     let d = Device::new(now_secs() - 1000);
     let mut c = server.client().await;
 
-    let ack = c
-        .write_locations(with_token(d.batch(1, 0, 200), &a))
-        .await
-        .unwrap()
-        .into_inner();
+    let ack = write(&mut c, d.batch(1, 0, 200), &a).await;
     assert_eq!(ack.accepted, 200);
     let e = c
         .write_locations(with_token(d.batch(2, 200, 50), &a))
@@ -568,19 +560,11 @@ async fn a_burst_over_the_rate_limit_is_refused_with_a_retry_hint() {
     assert!((1..=2).contains(&retry_after), "{retry_after}");
 
     // Another token has its own bucket.
-    let ack = c
-        .write_locations(with_token(d.batch(4, 300, 200), &b))
-        .await
-        .unwrap()
-        .into_inner();
+    let ack = write(&mut c, d.batch(4, 300, 200), &b).await;
     assert_eq!(ack.accepted, 200);
     // And the first one's refills: after the hint, it may write again.
     tokio::time::sleep(retry + Duration::from_millis(50)).await;
-    let ack = c
-        .write_locations(with_token(d.batch(5, 600, 50), &a))
-        .await
-        .unwrap()
-        .into_inner();
+    let ack = write(&mut c, d.batch(5, 600, 50), &a).await;
     assert_eq!(ack.accepted, 50);
     server.stop().await;
     db.drop_db().await;

@@ -15,6 +15,24 @@ use locus::{
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
+/// Loads `rows` with one binary COPY, encoded as locus encodes them.
+async fn copy_in(conn: &mut PgConnection, rows: &[ValidLocation]) -> u64 {
+    let mut buf = BytesMut::new();
+    encode_header(&mut buf);
+    for r in rows {
+        encode_row(&mut buf, r);
+    }
+    encode_trailer(&mut buf);
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await
+        .unwrap();
+    copy.send(buf.as_ref()).await.unwrap();
+    copy.finish().await.unwrap()
+}
+
 fn rows() -> Vec<ValidLocation> {
     vec![
         ValidLocation {
@@ -104,20 +122,7 @@ async fn encoded_rows_load_and_read_back_unchanged() {
     sqlx::Executor::execute(&mut conn, include_str!("../migrations/location_events.sql"))
         .await
         .unwrap();
-    let mut buf = BytesMut::new();
-    encode_header(&mut buf);
-    for r in rows() {
-        encode_row(&mut buf, &r);
-    }
-    encode_trailer(&mut buf);
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)"
-        ))
-        .await
-        .unwrap();
-    copy.send(buf.as_ref()).await.unwrap();
-    assert_eq!(copy.finish().await.unwrap(), 2);
+    assert_eq!(copy_in(&mut conn, &rows()).await, 2);
     type Row = (
         i64,
         Uuid,
@@ -199,20 +204,7 @@ async fn fuzz_corpus_points_that_pass_validation_load_into_postgres() {
     sqlx::Executor::execute(&mut conn, include_str!("../migrations/location_events.sql"))
         .await
         .unwrap();
-    let mut buf = BytesMut::new();
-    encode_header(&mut buf);
-    for v in &valid {
-        encode_row(&mut buf, v);
-    }
-    encode_trailer(&mut buf);
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)"
-        ))
-        .await
-        .unwrap();
-    copy.send(buf.as_ref()).await.unwrap();
-    assert_eq!(copy.finish().await.unwrap(), valid.len() as u64);
+    assert_eq!(copy_in(&mut conn, &valid).await, valid.len() as u64);
     drop(conn);
     db.drop_db().await;
 }
