@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The fault suite, in one command: every locus-faults case, then each fuzz
+# target for a bounded time. README "Faults" says what each case does and
+# what it found.
+#   load-tests/suite.sh           full length (about 10 min, plus 5 min a fuzz target)
+#   load-tests/suite.sh --quick   short versions (what .ci/test runs)
+# DATABASE_URL: a PostgreSQL where the suite may create and drop databases.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--quick" ]; then
+  cargo build --workspace --bins
+  ./target/debug/locus-faults --quick
+  load-tests/fuzz.sh 15
+else
+  cargo build --release --workspace --bins
+  ./target/release/locus-faults
+  load-tests/fuzz.sh 300
+fi
