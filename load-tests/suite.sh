@@ -2,7 +2,7 @@
 # The fault suite, in one command: every locus-faults case, then each fuzz
 # target for a bounded time. README "Faults" says what each case does and
 # what it found.
-#   load-tests/suite.sh           full length (about 10 min, plus 5 min a fuzz target)
+#   load-tests/suite.sh           full length (about 45 min with the 30-min soak, then 5 min a fuzz target)
 #   load-tests/suite.sh --quick   short versions (what .ci/test runs)
 # DATABASE_URL: a PostgreSQL where the suite may create and drop databases.
 set -euo pipefail
@@ -13,6 +13,6 @@ if [ "${1:-}" = "--quick" ]; then
   load-tests/fuzz.sh 15
 else
   cargo build --release --workspace --bins
-  ./target/release/locus-faults
+  ./target/release/locus-faults --cases crash,outage,slow,overload,hostile,soak
   load-tests/fuzz.sh 300
 fi
