@@ -2,6 +2,7 @@
 //! `locus-bench`.
 
 pub mod fleet;
+pub mod pg;
 pub mod proc;
 pub mod run;
 pub mod verify;

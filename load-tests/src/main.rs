@@ -269,7 +269,12 @@ async fn main() -> anyhow::Result<()> {
     let mut failed = false;
     if a.verify {
         let url = a.database_url.as_deref().unwrap_or_default();
-        failed = !verify::verify(url, &device_ids, &stats).await?;
+        let mut acked = stats
+            .stored
+            .as_ref()
+            .and_then(|s| s.lock().ok().map(|mut s| std::mem::take(&mut *s)))
+            .unwrap_or_default();
+        failed = !verify::verify(url, &device_ids, &mut acked).await?;
     }
     println!("{}", summary.json());
     if failed {

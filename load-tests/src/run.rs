@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::fleet::Device;
+use crate::{fleet::Device, verify::Acked};
 
 /// The bearer token every call carries, if locus wants one.
 pub type Token = Option<Arc<str>>;
@@ -44,7 +44,7 @@ pub struct Stats {
     pub acked_batches: AtomicU64,
     pub latencies_us: Mutex<Vec<u32>>,
     /// (device, time) of every point acknowledged as stored, for --verify.
-    pub stored: Option<Mutex<HashSet<(Uuid, i64)>>>,
+    pub stored: Option<Mutex<Acked>>,
 }
 
 /// Shapes the batches: the share of duplicates, invalid points and late batches.
@@ -212,7 +212,8 @@ impl Stats {
             if let Ok(mut s) = stored.lock() {
                 for (i, l) in batch.locations.iter().enumerate() {
                     if !bad.contains(&(i as u32)) {
-                        s.insert(key(l));
+                        let (device, at) = key(l);
+                        s.add(device, at);
                     }
                 }
             }
@@ -225,7 +226,7 @@ fn pacer(points_per_sec: f64, batch_size: usize) -> Option<tokio::time::Interval
     (points_per_sec > 0.0).then(|| {
         let every = Duration::from_secs_f64(batch_size as f64 / points_per_sec);
         let mut i = tokio::time::interval(every);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         i
     })
 }
@@ -321,8 +322,10 @@ pub async fn unary(
             return;
         };
         stats.sent.fetch_add(batch.locations.len() as u64, Relaxed);
-        let at = Instant::now();
         loop {
+            // The latency of the call that was answered, not of the refused
+            // attempts before it.
+            let at = Instant::now();
             match client.write_locations(request(batch.clone(), &token)).await {
                 Ok(ack) => {
                     stats.record(&batch, &ack.into_inner(), at);

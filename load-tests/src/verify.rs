@@ -1,43 +1,120 @@
 //! `--verify`: every point locus acknowledged as stored (accepted or
 //! duplicate) is in the table exactly once.
+//!
+//! It holds 8 bytes an acknowledged point and streams the stored rows one
+//! device at a time, so that a long soak of hundreds of millions of points
+//! can be checked on an ordinary machine.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
+use futures::TryStreamExt;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-use crate::run::Stats;
+/// The times (µs since the epoch) of every point acknowledged as stored,
+/// by device. A point acknowledged twice (sent again as a duplicate) is
+/// listed twice until [`Acked::settle`].
+#[derive(Debug, Default)]
+pub struct Acked(HashMap<Uuid, Vec<i64>>);
 
-/// Prints what is missing or doubled; true when nothing is.
-pub async fn verify(url: &str, devices: &[Uuid], stats: &Stats) -> anyhow::Result<bool> {
+impl Acked {
+    pub fn add(&mut self, device: Uuid, time_us: i64) {
+        self.0.entry(device).or_default().push(time_us);
+    }
+
+    /// Sorts and deduplicates each device's times.
+    fn settle(&mut self) {
+        for times in self.0.values_mut() {
+            times.sort_unstable();
+            times.dedup();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What one device's stored rows say against what was acknowledged for it.
+#[derive(Debug, Default, PartialEq)]
+struct Tally {
+    missing: Vec<i64>,
+    doubled: Vec<(i64, usize)>,
+}
+
+/// `stored` sorted; `acked` sorted and deduplicated.
+fn compare(acked: &[i64], stored: &[i64]) -> Tally {
+    let mut t = Tally::default();
+    for run in stored.chunk_by(|a, b| a == b) {
+        if run.len() > 1 {
+            t.doubled.push((run[0], run.len()));
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < acked.len() {
+        if j >= stored.len() || acked[i] < stored[j] {
+            t.missing.push(acked[i]);
+            i += 1;
+        } else if acked[i] == stored[j] {
+            i += 1;
+            j += 1;
+        } else {
+            j += 1;
+        }
+    }
+    t
+}
+
+/// Prints what is missing or doubled; true when nothing is. One device at
+/// a time, by its index on (device_id, time).
+pub async fn verify(url: &str, devices: &[Uuid], acked: &mut Acked) -> anyhow::Result<bool> {
+    acked.settle();
     let mut conn = PgConnection::connect(url).await?;
-    let rows: Vec<(Uuid, i64, i64)> = sqlx::query_as(
-        "SELECT device_id, (extract(epoch FROM time) * 1000000)::int8, count(*)
-         FROM location_events WHERE device_id = ANY($1) GROUP BY 1, 2",
-    )
-    .bind(devices)
-    .fetch_all(&mut conn)
-    .await?;
-    let stored: HashMap<(Uuid, i64), i64> = rows.into_iter().map(|(d, t, n)| ((d, t), n)).collect();
-    let acked: HashSet<(Uuid, i64)> = stats
-        .stored
-        .as_ref()
-        .map(|s| s.lock().map(|s| s.clone()).unwrap_or_default())
-        .unwrap_or_default();
-    let missing: Vec<&(Uuid, i64)> = acked.iter().filter(|k| !stored.contains_key(k)).collect();
-    let doubled: Vec<(&(Uuid, i64), &i64)> = stored.iter().filter(|(_, n)| **n > 1).collect();
+    let (mut found, mut missing, mut doubled) = (0usize, Vec::new(), Vec::new());
+    for device in devices {
+        let mut stored: Vec<i64> = sqlx::query_scalar::<_, i64>(
+            "SELECT (extract(epoch FROM time) * 1000000)::int8
+             FROM location_events WHERE device_id = $1",
+        )
+        .bind(device)
+        .fetch(&mut conn)
+        .try_collect()
+        .await?;
+        found += stored.len();
+        stored.sort_unstable();
+        let t = compare(acked.0.get(device).map_or(&[][..], Vec::as_slice), &stored);
+        missing.extend(t.missing.into_iter().map(|at| (*device, at)));
+        doubled.extend(t.doubled.into_iter().map(|(at, n)| (*device, at, n)));
+    }
     println!(
-        "verify: {} points acknowledged as stored, {} rows found for the fleet, {} missing, {} stored more than once",
+        "verify: {} points acknowledged as stored, {found} rows found for the fleet, {} missing, {} stored more than once",
         acked.len(),
-        stored.len(),
         missing.len(),
         doubled.len()
     );
     for (d, t) in missing.iter().take(20) {
         println!("  missing: device {d} at {t} us");
     }
-    for ((d, t), n) in doubled.iter().take(20) {
+    for (d, t, n) in doubled.iter().take(20) {
         println!("  stored {n} times: device {d} at {t} us");
     }
     Ok(missing.is_empty() && doubled.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_finds_missing_and_doubled() {
+        let t = compare(&[1, 2, 3, 5], &[0, 2, 2, 3, 4, 4, 4]);
+        assert_eq!(t.missing, vec![1, 5]);
+        assert_eq!(t.doubled, vec![(2, 2), (4, 3)]);
+        assert_eq!(compare(&[1, 2], &[1, 2]), Tally::default());
+        assert_eq!(compare(&[7], &[]).missing, vec![7]);
+    }
 }
