@@ -434,3 +434,28 @@ pub async fn http(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that could not send for a while (its batches all in flight,
+    /// or the CPU busy) makes up for it, so that the offered rate holds on
+    /// average. (It did not: the soak offered 70% and got 0.79 of that.)
+    #[tokio::test(start_paused = true)]
+    async fn pacer_catches_up_after_a_stall() {
+        let mut p = pacer(100.0, 10).expect("a rate"); // a batch every 100 ms
+        p.tick().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = tokio::time::Instant::now();
+        for _ in 0..10 {
+            p.tick().await;
+        }
+        assert_eq!(t.elapsed(), Duration::ZERO, "the missed ticks come at once");
+        p.tick().await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "then the pace resumes"
+        );
+    }
+}
