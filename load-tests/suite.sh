@@ -7,14 +7,13 @@
 # DATABASE_URL: a PostgreSQL where the suite may create and drop databases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Release, also for --quick: the overload case measures throughput, and a
+# debug build spends on refusing calls what it should spend on writing.
+cargo build --release --workspace --bins
 if [ "${1:-}" = "--quick" ]; then
-  # Release, as the full suite: the overload case measures throughput, and
-  # a debug build spends on refusing calls what it should spend on writing.
-  cargo build --release --workspace --bins
   ./target/release/locus-faults --quick
   load-tests/fuzz.sh 15
 else
-  cargo build --release --workspace --bins
   ./target/release/locus-faults --cases crash,outage,slow,overload,hostile,soak
   load-tests/fuzz.sh 300
 fi

@@ -719,10 +719,8 @@ async fn soak(bin: &Path, db: &Db, length: Duration) -> anyhow::Result<Outcome> 
     let started = Instant::now();
     let warm = Duration::from_secs(60).min(length / 4);
     tokio::time::sleep(warm).await;
-    let first = (
-        rss_mib(locus.pid).unwrap_or(0.0),
-        open_fds(locus.pid).unwrap_or(0),
-    );
+    let usage = |pid| (rss_mib(pid).unwrap_or(0.0), open_fds(pid).unwrap_or(0));
+    let first = usage(locus.pid);
     let (mut rss_max, mut fds_max) = first;
     let every = Duration::from_secs(600).min(length / 3);
     let mut next_outage = every;
@@ -748,17 +746,14 @@ async fn soak(bin: &Path, db: &Db, length: Duration) -> anyhow::Result<Outcome> 
             rates.push((now.1 - window.1) / (now.0 - window.0).as_secs_f64());
         }
         window = now;
-        rss_max = rss_max.max(rss_mib(locus.pid).unwrap_or(0.0));
-        fds_max = fds_max.max(open_fds(locus.pid).unwrap_or(0));
+        let (rss, fds) = usage(locus.pid);
+        (rss_max, fds_max) = (rss_max.max(rss), fds_max.max(fds));
     }
     rates.sort_by(f64::total_cmp);
     let median = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
     let lowest = rates.first().copied().unwrap_or(0.0);
     let (verified, s) = fleet.finish(length + Duration::from_secs(900)).await?;
-    let last = (
-        rss_mib(locus.pid).unwrap_or(0.0),
-        open_fds(locus.pid).unwrap_or(0),
-    );
+    let last = usage(locus.pid);
     out.figure(format!(
         "PostgreSQL stopped for 20 s and started again {outages} times; after {:.0} s of warm-up RSS {:.0} MiB and {} fds, at most {rss_max:.0} MiB and {fds_max} fds, at the end {:.0} MiB and {} fds",
         warm.as_secs_f64(),

@@ -1,13 +1,12 @@
 //! `--verify`: every point locus acknowledged as stored (accepted or
 //! duplicate) is in the table exactly once.
 //!
-//! It holds 8 bytes an acknowledged point and streams the stored rows one
-//! device at a time, so that a long soak of hundreds of millions of points
+//! It holds an 8-byte time an acknowledged point and reads the stored rows
+//! one device at a time, so that a long soak of hundreds of millions of points
 //! can be checked on an ordinary machine.
 
 use std::collections::HashMap;
 
-use futures::TryStreamExt;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
@@ -81,8 +80,7 @@ pub async fn verify(url: &str, devices: &[Uuid], acked: &mut Acked) -> anyhow::R
              FROM location_events WHERE device_id = $1",
         )
         .bind(device)
-        .fetch(&mut conn)
-        .try_collect()
+        .fetch_all(&mut conn)
         .await?;
         found += stored.len();
         stored.sort_unstable();

@@ -461,17 +461,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn rate_limit_state_is_forgotten_once_buckets_refill() {
+    /// Token lookups never happen here: `take` needs only the limiter, so
+    /// the pool is a lazy one that connects to nothing.
+    fn limiter_only(args: &AuthArgs) -> Auth {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")
             .expect("a lazy pool connects to nothing");
+        Auth::new(pool, args)
+    }
+
+    #[tokio::test]
+    async fn rate_limit_state_is_forgotten_once_buckets_refill() {
         let args = AuthArgs {
             rate_limit_points: 100_000,
             rate_limit_burst: 100,
             ..AuthArgs::default()
         };
-        let auth = Auth::new(pool, &args);
+        let auth = limiter_only(&args);
         for _ in 0..200_000 {
             auth.take(&principal(Uuid::new_v4()), 1)
                 .expect("a fresh token has room");
@@ -483,15 +489,10 @@ mod tests {
         assert_eq!(auth.rate_limited_tokens(), 0);
         // A token whose bucket is not full again keeps its state: here it
         // refills one point a second.
-        let slow = Auth::new(
-            sqlx::postgres::PgPoolOptions::new()
-                .connect_lazy("postgres://nobody@127.0.0.1:1/none")
-                .expect("lazy"),
-            &AuthArgs {
-                rate_limit_points: 1,
-                ..args
-            },
-        );
+        let slow = limiter_only(&AuthArgs {
+            rate_limit_points: 1,
+            ..args
+        });
         let busy = principal(Uuid::new_v4());
         slow.take(&busy, 100).expect("the whole burst");
         assert!(matches!(
