@@ -11,7 +11,7 @@ mod common;
 use std::{collections::BTreeSet, time::Duration, time::Instant};
 
 use clap::CommandFactory;
-use common::{Device, TestDb, TestServer, block_writes, config, now_secs};
+use common::{Device, TestDb, TestServer, block_writes, config, get_json, now_secs};
 use locus::cli::Cli;
 use serde_json::Value;
 
@@ -308,12 +308,7 @@ async fn readiness_follows_the_database() {
     assert_eq!(readyz(&server).await, 200);
     db.cut_off().await;
     until(&server, 503).await;
-    let body: Value = reqwest::get(format!("http://{}/readyz", server.http))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, body) = get_json(&server, "/readyz").await;
     assert_eq!(body["reason"], "database unreachable");
     let live = reqwest::get(format!("http://{}/healthz", server.http))
         .await

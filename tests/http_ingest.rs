@@ -7,7 +7,7 @@ mod common;
 
 use std::{io::Write, time::Duration};
 
-use common::{TestDb, TestServer, block_writes, config, count_rows, now_secs};
+use common::{TestDb, TestServer, block_writes, config, conforms, count_rows, get_json, now_secs};
 use serde_json::{Value, json};
 
 fn point(device: &uuid::Uuid, t: i64) -> Value {
@@ -80,6 +80,14 @@ async fn json_batches_are_acknowledged_after_commit_with_per_point_reasons() {
             (4, "latitude_out_of_range")
         ]
     );
+    // What was sent and answered is what the OpenAPI document describes.
+    let (_, doc) = get_json(&server, "/v1/openapi.json").await;
+    conforms(&doc, "IngestBatchJson", &body);
+    conforms(&doc, "IngestLocationJson", &point(&d, t));
+    conforms(&doc, "AckJson", &ack);
+    for r in ack["rejected"].as_array().unwrap() {
+        conforms(&doc, "RejectionJson", r);
+    }
     let pool = db.pool().await;
     assert_eq!(count_rows(&pool).await, 3);
     let meta: Value = sqlx::query_scalar("SELECT metadata FROM location_events LIMIT 1")

@@ -7,39 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Device, TestDb, TestServer, config, now_secs};
+use common::{Device, TestDb, TestServer, config, conforms, get_json as get, now_secs};
 use futures::StreamExt;
 use locus::{
     query::http::rfc3339,
     storage::{maintain, setup},
 };
 use serde_json::Value;
-
-async fn get(server: &TestServer, path: &str) -> (u16, Value) {
-    let resp = reqwest::get(format!("http://{}{path}", server.http))
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap())
-}
-
-/// The keys of `body` are the schema's properties, and include its required ones.
-fn conforms(doc: &Value, schema: &str, body: &Value) {
-    let s = &doc["components"]["schemas"][schema];
-    let props = s["properties"]
-        .as_object()
-        .unwrap_or_else(|| panic!("schema {schema} in {doc}"));
-    let body = body.as_object().unwrap();
-    for k in body.keys() {
-        assert!(props.contains_key(k), "{schema} documents {k}");
-    }
-    for r in s["required"].as_array().into_iter().flatten() {
-        assert!(
-            body.contains_key(r.as_str().unwrap()),
-            "{schema} requires {r}: {body:?}"
-        );
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_queries_answer_json_and_match_the_openapi_document() {
@@ -70,6 +44,7 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
             "/v1/devices/{device_id}/track",
             "/v1/latest",
             "/v1/live",
+            "/v1/locations",
             "/v1/stats/hourly"
         ]
     );

@@ -14,6 +14,7 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::{
     IngestError, Ingestor, WhenFull,
@@ -21,7 +22,9 @@ use super::{
 };
 use crate::{
     auth::{Auth, Caller},
-    proto, status,
+    proto,
+    query::http::ErrorJson,
+    status,
 };
 
 #[derive(Clone)]
@@ -49,9 +52,11 @@ pub fn router(ingestor: Ingestor, max_body: usize, max_decompressed: usize) -> R
 
 /// A point as JSON: the proto's fields, `time` in RFC 3339, and the metadata
 /// either as an object (`metadata`) or as text (`metadata_json`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = IngestLocationJson)]
 struct JsonLocation {
+    /// RFC 3339.
     time: String,
     device_id: String,
     user_id: String,
@@ -66,14 +71,21 @@ struct JsonLocation {
     metadata_json: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A batch as JSON. Each location is read on its own, so that a bad one is
+/// rejected alone and its good neighbours are stored.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = IngestBatchJson)]
 struct JsonBatch {
+    /// Echoed in the ack.
     #[serde(default)]
     batch_id: u64,
+    #[schema(value_type = Vec<JsonLocation>)]
     locations: Vec<Value>,
 }
 
-#[derive(Debug, Serialize)]
+/// Sent once the batch's good points are committed.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AckJson)]
 struct JsonAck {
     batch_id: u64,
     accepted: u32,
@@ -81,8 +93,11 @@ struct JsonAck {
     rejected: Vec<JsonRejection>,
 }
 
-#[derive(Debug, Serialize)]
+/// A point that was not stored, and why.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = RejectionJson)]
 struct JsonRejection {
+    /// Its position in `locations`.
     index: u32,
     reason: String,
     message: String,
@@ -228,6 +243,14 @@ pub fn parse_batch(body: &[u8]) -> Result<ParsedBatch, serde_json::Error> {
     Ok((batch.batch_id, points))
 }
 
+/// Stores a batch of points; answers once they are committed.
+#[utoipa::path(post, path = "/v1/locations", request_body = JsonBatch,
+    responses((status = 200, description = "committed; bad points listed in `rejected`", body = JsonAck),
+              (status = 400, body = ErrorJson), (status = 401, body = ErrorJson),
+              (status = 403, body = ErrorJson), (status = 413, body = ErrorJson),
+              (status = 415, body = ErrorJson),
+              (status = 429, description = "buffer full or rate limited; retry after `Retry-After`", body = ErrorJson),
+              (status = 503, description = "shutting down or the database is unavailable; retry after `Retry-After`", body = ErrorJson)))]
 async fn post_locations(
     State(app): State<App>,
     Caller(caller): Caller,

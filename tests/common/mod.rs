@@ -308,3 +308,30 @@ pub fn setup_opts() -> locus::storage::setup::SetupOptions {
 pub fn now_us() -> i64 {
     locus::ingest::unix_micros(SystemTime::now())
 }
+
+/// The keys of `body` are the schema's properties, and include its required ones.
+pub fn conforms(doc: &serde_json::Value, schema: &str, body: &serde_json::Value) {
+    let s = &doc["components"]["schemas"][schema];
+    let props = s["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("schema {schema} in {doc}"));
+    let body = body.as_object().unwrap();
+    for k in body.keys() {
+        assert!(props.contains_key(k), "{schema} documents {k}");
+    }
+    for r in s["required"].as_array().into_iter().flatten() {
+        assert!(
+            body.contains_key(r.as_str().unwrap()),
+            "{schema} requires {r}: {body:?}"
+        );
+    }
+}
+
+/// `GET path` on the server's HTTP port: the status and the JSON body.
+pub async fn get_json(server: &TestServer, path: &str) -> (u16, serde_json::Value) {
+    let resp = reqwest::get(format!("http://{}{path}", server.http))
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
