@@ -110,6 +110,18 @@ pub fn load(args: &TlsArgs) -> Result<Option<Tls>, TlsError> {
     }))
 }
 
+/// `listener` with TCP_NODELAY on every connection it accepts, as on the
+/// TLS path below and on gRPC: without it a small answer can wait for the
+/// peer's delayed ACK (about 40 ms).
+pub fn nodelay(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 /// Serves `app` on `listener`, over TLS when `tls` is given, until
 /// `shutdown`; then lets the requests in flight finish.
 pub async fn serve_http(
@@ -119,7 +131,7 @@ pub async fn serve_http(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let Some(tls) = tls else {
-        return axum::serve(listener, app)
+        return axum::serve(nodelay(listener), app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
     };
