@@ -10,6 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out.join("locus_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Answers made of locations encoded once (see src/query/encoded.rs).
+    let encoded = "crate::query::encoded::EncodedLocations";
+    tonic_prost_build::configure()
+        .extern_path(".locus.v1.GetLatestResponse", encoded)
+        .extern_path(".locus.v1.LiveUpdate", encoded)
+        .compile_fds(fds)?;
     Ok(())
 }

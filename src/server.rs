@@ -13,8 +13,8 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 
 use crate::{
     auth::Auth,
@@ -169,7 +169,12 @@ pub async fn run(
     let background = CancellationToken::new();
     let health = Health::new(health);
     tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));
-    tokio::spawn(maintenance(config.clone(), tier, background.clone()));
+    tokio::spawn(maintenance(
+        config.clone(),
+        tier,
+        Arc::clone(&query),
+        background.clone(),
+    ));
     tokio::spawn(auth.watch(background.clone()));
 
     let metrics_app = Router::new()
@@ -178,7 +183,7 @@ pub async fn run(
             get(move || std::future::ready(prometheus.render())),
         )
         .merge(crate::health::router(Arc::clone(&health)));
-    let metrics_server = axum::serve(listeners.metrics, metrics_app)
+    let metrics_server = axum::serve(crate::tls::nodelay(listeners.metrics), metrics_app)
         .with_graceful_shutdown(background.clone().cancelled_owned());
     let metrics_task = tokio::spawn(async move { metrics_server.await });
 
@@ -203,7 +208,6 @@ pub async fn run(
         grpc = grpc.tls_config(tls.grpc.clone())?;
     }
     let grpc = grpc
-        .tcp_nodelay(true)
         // Dead peers are noticed, and their streams freed.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
@@ -217,7 +221,10 @@ pub async fn run(
             shutdown.clone(),
         )))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            // Without TCP_NODELAY a small answer (an ack, an hourly-stats
+            // page) can wait for the peer's delayed ACK: about 40 ms. The
+            // builder's `tcp_nodelay` does not reach an incoming given here.
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
     let mut grpc = tokio::spawn(grpc);
@@ -274,8 +281,14 @@ fn pool(config: &ServeConfig) -> Result<PgPool, sqlx::Error> {
 
 /// The storage jobs: the hourly rollup every `--hourly-refresh-interval`
 /// where locus keeps it, and every hour (or quarter chunk) a new setup plan
-/// (partitions ahead, drift) unless `--no-setup`, and the retention jobs.
-async fn maintenance(config: ServeConfig, tier: Tier, stop: CancellationToken) {
+/// (partitions ahead, drift) unless `--no-setup`, the retention jobs, and
+/// the latest-position map's forgetting of devices past retention.
+async fn maintenance(
+    config: ServeConfig,
+    tier: Tier,
+    query: Arc<QueryState>,
+    stop: CancellationToken,
+) {
     let storage = &config.storage;
     let every = (storage.chunk_interval / 4).min(Duration::from_secs(3600));
     let opts = SetupOptions {
@@ -298,7 +311,10 @@ async fn maintenance(config: ServeConfig, tier: Tier, stop: CancellationToken) {
                 rollup_once(&config.database.url).await
             }
             Job::Rollup => Ok(()),
-            Job::Upkeep => upkeep_once(&config, &opts, tier).await,
+            Job::Upkeep => {
+                forget_past_retention(&query, storage.raw_retention);
+                upkeep_once(&config, &opts, tier).await
+            }
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "storage job failed; it runs again on schedule");
@@ -309,6 +325,22 @@ async fn maintenance(config: ServeConfig, tier: Tier, stop: CancellationToken) {
 enum Job {
     Rollup,
     Upkeep,
+}
+
+/// Devices silent for longer than `retention` leave the latest map: their
+/// points are gone from the database, and a restart would not find them
+/// either. Without this, a fleet whose device ids churn (reinstalled apps)
+/// would grow the map for ever.
+fn forget_past_retention(query: &QueryState, retention: Duration) {
+    let cutoff = unix_micros(SystemTime::now()) - retention.as_micros() as i64;
+    let forgotten = query.latest.forget_older_than(cutoff);
+    if forgotten > 0 {
+        tracing::info!(
+            forgotten,
+            devices = query.latest.len(),
+            "latest map: devices past retention forgotten"
+        );
+    }
 }
 
 async fn rollup_once(url: &str) -> Result<(), SetupError> {

@@ -335,11 +335,12 @@ async fn a_reader_never_sees_another_app_sources_data() {
         .await
         .unwrap()
         .unwrap()
+        .unwrap()
+        .locations()
         .unwrap();
-    assert!(!update.locations.is_empty());
+    assert!(!update.is_empty());
     assert!(
         update
-            .locations
             .iter()
             .all(|l| l.device_id == ours.device_id.to_string()),
         "{update:?}"
@@ -356,9 +357,11 @@ async fn a_reader_never_sees_another_app_sources_data() {
         ))
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(latest.locations.len(), 1);
-    assert_eq!(latest.locations[0].device_id, ours.device_id.to_string());
+        .into_inner()
+        .locations()
+        .unwrap();
+    assert_eq!(latest.len(), 1);
+    assert_eq!(latest[0].device_id, ours.device_id.to_string());
     let e = q
         .get_latest(with_token(
             GetLatestRequest {

@@ -51,7 +51,7 @@ async fn a_python_client_generated_from_the_proto_streams_points() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON ack per line"))
         .collect();
-    assert_eq!(acks.len(), 3);
+    assert_eq!(acks.len(), 4);
     assert_eq!(acks[0]["accepted"], 10);
     assert_eq!(acks[1]["accepted"], 9);
     assert_eq!(
@@ -62,6 +62,13 @@ async fn a_python_client_generated_from_the_proto_streams_points() {
         (acks[2]["accepted"].clone(), acks[2]["duplicates"].clone()),
         (0.into(), 5.into())
     );
+    // The latest position, as protobuf's own Python runtime decodes it.
+    let latest = &acks[3]["latest"];
+    assert_eq!(latest.as_array().map(Vec::len), Some(1), "{latest}");
+    assert_eq!(latest[0]["device_id"], device.to_string());
+    assert_eq!(latest[0]["user_id"], user.to_string());
+    assert_eq!(latest[0]["nanos"], 500_000_000);
+    assert_eq!(latest[0]["metadata"], serde_json::json!({"order": 19}));
     let pool = db.pool().await;
     assert_eq!(count_rows(&pool).await, 19);
     let order: Option<Value> = sqlx::query_scalar(

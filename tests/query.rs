@@ -46,12 +46,10 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
         })
         .await
         .unwrap()
-        .into_inner();
-    let times: Vec<i64> = resp
-        .locations
-        .iter()
-        .map(|l| l.time.unwrap().seconds)
-        .collect();
+        .into_inner()
+        .locations()
+        .unwrap();
+    let times: Vec<i64> = resp.iter().map(|l| l.time.unwrap().seconds).collect();
     assert_eq!(
         times,
         vec![start + 109, start + 4],
@@ -64,7 +62,7 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
         })
         .await
         .unwrap();
-    assert_eq!(by_app.into_inner().locations.len(), 2);
+    assert_eq!(by_app.into_inner().locations().unwrap().len(), 2);
     server.stop().await;
 
     // A new server fills the map from the database.
@@ -77,9 +75,11 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
         })
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(resp.locations[0].time.unwrap().seconds, start + 109);
-    assert_eq!(resp.locations[0].latitude, a.point(109).latitude);
+        .into_inner()
+        .locations()
+        .unwrap();
+    assert_eq!(resp[0].time.unwrap().seconds, start + 109);
+    assert_eq!(resp[0].latitude, a.point(109).latitude);
     server.stop().await;
     db.drop_db().await;
 }
@@ -271,7 +271,7 @@ async fn a_live_subscriber_sees_what_others_stream() {
             .unwrap()
             .unwrap();
         updates += 1;
-        for p in update.locations {
+        for p in update.locations().unwrap() {
             assert_eq!(p.device_id, a.device_id.to_string());
             assert!(got.insert(p.time.unwrap().seconds), "no point twice");
         }

@@ -6,10 +6,15 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{QueryError, QueryState, invalid, live::Filter, parse_uuid, stats, track};
+use super::{
+    QueryError, QueryState,
+    encoded::{EncodedLocations, SharedLocation, timestamp, to_proto},
+    invalid,
+    live::{Filter, LivePoint},
+    parse_uuid, stats, track,
+};
 use crate::{
     auth::Principal,
-    ingest::validate::ValidLocation,
     metrics as m,
     proto::{self, query_server::Query},
 };
@@ -28,29 +33,6 @@ impl QueryService {
 
     async fn caller<T>(&self, req: &Request<T>) -> Result<Arc<Principal>, Status> {
         Ok(self.state.auth.authenticate_grpc(req).await?)
-    }
-}
-
-pub fn to_proto(l: ValidLocation) -> proto::Location {
-    proto::Location {
-        time: Some(timestamp(l.time_us)),
-        device_id: l.device_id.to_string(),
-        user_id: l.user_id.to_string(),
-        app_source: l.app_source,
-        latitude: l.latitude,
-        longitude: l.longitude,
-        accuracy: l.accuracy.map(f64::from),
-        altitude: l.altitude.map(f64::from),
-        speed: l.speed.map(f64::from),
-        heading: l.heading.map(f64::from),
-        metadata_json: l.metadata.unwrap_or_default(),
-    }
-}
-
-pub fn timestamp(us: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: us.div_euclid(1_000_000),
-        nanos: (us.rem_euclid(1_000_000) * 1_000) as i32,
     }
 }
 
@@ -105,7 +87,7 @@ pub fn filter(req: &proto::SubscribeRequest) -> Result<Filter, QueryError> {
     })
 }
 
-type LiveStream = Pin<Box<dyn Stream<Item = Result<proto::LiveUpdate, Status>> + Send>>;
+type LiveStream = Pin<Box<dyn Stream<Item = Result<EncodedLocations, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Query for QueryService {
@@ -114,17 +96,15 @@ impl Query for QueryService {
     async fn get_latest(
         &self,
         req: Request<proto::GetLatestRequest>,
-    ) -> Result<Response<proto::GetLatestResponse>, Status> {
+    ) -> Result<Response<EncodedLocations>, Status> {
         let started = Instant::now();
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let ids: Vec<&str> = req.device_ids.iter().map(String::as_str).collect();
         let r = self
             .state
-            .latest_of(&caller, &ids, &req.app_source)
-            .map(|found| proto::GetLatestResponse {
-                locations: found.into_iter().map(to_proto).collect(),
-            });
+            .latest_of(&caller, &ids, &req.app_source, SharedLocation::encoded)
+            .map(|encoded| EncodedLocations { encoded });
         timed("GetLatest", started, r)
     }
 
@@ -150,7 +130,7 @@ impl Query for QueryService {
             )
             .await?;
             Ok(proto::GetTrackResponse {
-                locations: page.points.into_iter().map(to_proto).collect(),
+                locations: page.points.iter().map(to_proto).collect(),
                 next_cursor: page.next_cursor.unwrap_or_default(),
             })
         }
@@ -205,9 +185,7 @@ impl Query for QueryService {
         let live = updates(sub).take_until(self.shutdown.clone().cancelled_owned());
         let live = self.state.while_authorized(caller, live);
         Ok(Response::new(Box::pin(live.map(|points| {
-            Ok(proto::LiveUpdate {
-                locations: points?.into_iter().map(to_proto).collect(),
-            })
+            Ok(points?.iter().map(|p| p.encoded()).collect())
         }))))
     }
 }
@@ -215,7 +193,7 @@ impl Query for QueryService {
 /// A subscription as a stream of the matching points of each committed batch.
 pub fn updates(
     sub: super::live::Subscription,
-) -> impl Stream<Item = Vec<ValidLocation>> + Send + 'static {
+) -> impl Stream<Item = Vec<LivePoint>> + Send + 'static {
     futures::stream::unfold(
         sub,
         |mut sub| async move { sub.next().await.map(|v| (v, sub)) },
@@ -223,9 +201,7 @@ pub fn updates(
 }
 
 /// A subscription as a stream of single points.
-pub fn points(
-    sub: super::live::Subscription,
-) -> impl Stream<Item = ValidLocation> + Send + 'static {
+pub fn points(sub: super::live::Subscription) -> impl Stream<Item = LivePoint> + Send + 'static {
     use futures::StreamExt;
     updates(sub).flat_map(futures::stream::iter)
 }

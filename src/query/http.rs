@@ -59,9 +59,9 @@ pub fn router(state: Arc<QueryState>, shutdown: CancellationToken) -> Router {
 #[openapi(
     info(
         title = "locus",
-        description = "GPS telemetry: latest positions, tracks, hourly stats and a live feed."
+        description = "GPS telemetry: ingest, latest positions, tracks, hourly stats and a live feed."
     ),
-    paths(device_latest, latest, device_track, hourly_stats, live),
+    paths(crate::ingest::http::post_locations, device_latest, latest, device_track, hourly_stats, live),
     components(schemas(
         LocationJson,
         LatestJson,
@@ -184,7 +184,10 @@ pub struct ErrorJson {
 pub struct ErrorDetail {
     /// Stable: `invalid_argument`, `not_found`, `too_many_subscribers`,
     /// `unauthenticated`, `permission_denied`, `rate_limited`,
-    /// `auth_unavailable`, `internal`.
+    /// `auth_unavailable`, `internal`; and from `POST /v1/locations`:
+    /// `bad_json`, `bad_gzip`, `body_too_large`, `unsupported_encoding`,
+    /// `batch_too_large`, `buffer_full`, `shutting_down`,
+    /// `database_unavailable`.
     pub code: String,
     pub message: String,
 }
@@ -239,7 +242,7 @@ async fn device_latest(
     let started = Instant::now();
     let r = app
         .state
-        .latest_of(&caller, &[&device_id], "")
+        .latest_of(&caller, &[&device_id], "", |l| l.location.clone())
         .and_then(|found| {
             found.into_iter().next().map(Into::into).ok_or_else(|| {
                 QueryError::NotFound(format!("no points are stored for device {device_id}"))
@@ -274,7 +277,12 @@ async fn latest(
         .collect();
     let r = app
         .state
-        .latest_of(&caller, &ids, p.app_source.as_deref().unwrap_or_default())
+        .latest_of(
+            &caller,
+            &ids,
+            p.app_source.as_deref().unwrap_or_default(),
+            |l| l.location.clone(),
+        )
         .map(|found| LatestJson {
             locations: found.into_iter().map(Into::into).collect(),
         });
@@ -467,7 +475,7 @@ async fn live(
         Ok(match l {
             Ok(l) => Event::default()
                 .event("location")
-                .json_data(LocationJson::from(l))
+                .json_data(LocationJson::from(l.location.clone()))
                 .unwrap_or_default(),
             Err(e) => Event::default().event("error").data(e.to_string()),
         })

@@ -6,11 +6,12 @@ use dashmap::DashMap;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::encoded::SharedLocation;
 use crate::ingest::validate::ValidLocation;
 
 #[derive(Debug, Default)]
 pub struct Latest {
-    map: DashMap<Uuid, ValidLocation>,
+    map: DashMap<Uuid, SharedLocation>,
 }
 
 impl Latest {
@@ -19,24 +20,38 @@ impl Latest {
         self.map
             .entry(loc.device_id)
             .and_modify(|cur| {
-                if loc.time_us > cur.time_us {
-                    *cur = loc.clone();
+                if loc.time_us > cur.location.time_us {
+                    *cur = SharedLocation::new(loc.clone());
                 }
             })
-            .or_insert(loc);
+            .or_insert_with(|| SharedLocation::new(loc));
     }
 
-    pub fn get(&self, device: &Uuid) -> Option<ValidLocation> {
-        self.map.get(device).map(|e| e.value().clone())
+    /// `pick` applied to the device's newest location.
+    pub fn get<T>(&self, device: &Uuid, pick: impl FnOnce(&SharedLocation) -> T) -> Option<T> {
+        self.map.get(device).map(|e| pick(e.value()))
     }
 
-    /// Every device of `app_source`, in no particular order.
-    pub fn of_app(&self, app_source: &str) -> Vec<ValidLocation> {
+    /// `pick` applied to the newest location of every device of
+    /// `app_source`, in no particular order.
+    pub fn of_app<T>(&self, app_source: &str, pick: impl Fn(&SharedLocation) -> T) -> Vec<T> {
         self.map
             .iter()
-            .filter(|e| e.app_source == app_source)
-            .map(|e| e.value().clone())
+            .filter(|e| e.location.app_source == app_source)
+            .map(|e| pick(e.value()))
             .collect()
+    }
+
+    /// Forgets every device whose newest point is older than `cutoff_us`;
+    /// returns how many.
+    pub fn forget_older_than(&self, cutoff_us: i64) -> usize {
+        let mut forgotten = 0;
+        self.map.retain(|_, l| {
+            let keep = l.location.time_us >= cutoff_us;
+            forgotten += usize::from(!keep);
+            keep
+        });
+        forgotten
     }
 
     pub fn len(&self) -> usize {
@@ -104,11 +119,33 @@ mod tests {
         let l = Latest::default();
         l.offer(at(1, 100));
         l.offer(at(1, 50)); // late
-        assert_eq!(l.get(&Uuid::from_u128(1)).unwrap().time_us, 100);
+        let time = |d| l.get(&Uuid::from_u128(d), |s| s.location.time_us);
+        assert_eq!(time(1), Some(100));
+        let stale = l.get(&Uuid::from_u128(1), SharedLocation::encoded).unwrap();
         l.offer(at(1, 150));
-        assert_eq!(l.get(&Uuid::from_u128(1)).unwrap().time_us, 150);
+        assert_eq!(time(1), Some(150));
+        // A newer point is encoded anew, not served from the old encoding.
+        let fresh = l.get(&Uuid::from_u128(1), SharedLocation::encoded).unwrap();
+        assert_ne!(stale, fresh);
+        assert_eq!(time(3), None);
         l.offer(at(2, 10));
-        assert_eq!(l.of_app("pshop").len(), 1);
+        assert_eq!(
+            l.of_app("pshop", |s| s.location.device_id),
+            [Uuid::from_u128(2)]
+        );
         assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn forgets_devices_silent_past_the_cutoff() {
+        let l = Latest::default();
+        l.offer(at(1, 100));
+        l.offer(at(2, 200));
+        l.offer(at(3, 300));
+        assert_eq!(l.forget_older_than(200), 1);
+        assert_eq!(l.len(), 2);
+        assert!(l.get(&Uuid::from_u128(1), |_| ()).is_none());
+        assert!(l.get(&Uuid::from_u128(2), |_| ()).is_some());
+        assert_eq!(l.forget_older_than(200), 0);
     }
 }

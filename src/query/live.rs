@@ -7,10 +7,15 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, broadcast};
 use uuid::Uuid;
 
+use super::encoded::SharedLocation;
 use crate::{ingest::validate::ValidLocation, metrics as m};
 
+/// A committed point, shared by every subscriber that carries it (encoded
+/// for gRPC at most once).
+pub type LivePoint = Arc<SharedLocation>;
+
 /// Points committed together.
-pub type Committed = Arc<Vec<ValidLocation>>;
+pub type Committed = Arc<Vec<LivePoint>>;
 
 #[derive(Debug)]
 pub struct Live {
@@ -50,13 +55,13 @@ pub struct Subscription {
 
 impl Subscription {
     /// The next matching points, waiting for them; `None` when the feed ends.
-    pub async fn next(&mut self) -> Option<Vec<ValidLocation>> {
+    pub async fn next(&mut self) -> Option<Vec<LivePoint>> {
         loop {
             match self.rx.recv().await {
                 Ok(batch) => {
-                    let hits: Vec<ValidLocation> = batch
+                    let hits: Vec<LivePoint> = batch
                         .iter()
-                        .filter(|l| self.filter.matches(l))
+                        .filter(|l| self.filter.matches(&l.location))
                         .cloned()
                         .collect();
                     if !hits.is_empty() {
@@ -102,7 +107,7 @@ impl Live {
         self.tx.receiver_count() > 0
     }
 
-    pub fn publish(&self, points: Vec<ValidLocation>) {
+    pub fn publish(&self, points: Vec<LivePoint>) {
         if !points.is_empty() {
             let _ = self.tx.send(Arc::new(points));
         }

@@ -2,6 +2,7 @@
 //! tracks and hourly stats (from the database), and the live feed. The same
 //! functions serve gRPC ([`grpc`]) and HTTP JSON ([`http`]).
 
+pub mod encoded;
 pub mod grpc;
 pub mod http;
 pub mod latest;
@@ -18,7 +19,6 @@ use uuid::Uuid;
 use crate::{
     auth::{Auth, AuthError, Principal},
     config::QueryArgs,
-    ingest::validate::ValidLocation,
     pipeline::{PointKey, Submission, copy_encoder, writer::CommitSink},
 };
 
@@ -88,24 +88,28 @@ impl QueryState {
         }
     }
 
-    /// The newest positions of `device_ids`, or of every device of
-    /// `app_source` (exactly one of them is given), that `caller` may read.
-    /// A device of another app_source is as absent as an unknown one.
-    pub fn latest_of(
+    /// `pick` applied to the newest positions of `device_ids`, or of every
+    /// device of `app_source` (exactly one of them is given), that `caller`
+    /// may read. A device of another app_source is as absent as an unknown one.
+    pub fn latest_of<T>(
         &self,
         caller: &Principal,
         device_ids: &[&str],
         app_source: &str,
-    ) -> Result<Vec<ValidLocation>, QueryError> {
+        pick: impl Fn(&encoded::SharedLocation) -> T,
+    ) -> Result<Vec<T>, QueryError> {
         caller.require_read()?;
         match (device_ids.is_empty(), app_source.is_empty()) {
             (false, true) if device_ids.len() <= MAX_LATEST_IDS => {
                 let scope = caller.read_scope();
                 let mut out = Vec::with_capacity(device_ids.len());
                 for d in device_ids {
-                    if let Some(l) = self.latest.get(&parse_uuid(d, "device_id")?)
-                        && scope.is_none_or(|a| a == l.app_source)
-                    {
+                    let readable = |l: &encoded::SharedLocation| {
+                        scope
+                            .is_none_or(|a| a == l.location.app_source)
+                            .then(|| pick(l))
+                    };
+                    if let Some(Some(l)) = self.latest.get(&parse_uuid(d, "device_id")?, readable) {
                         out.push(l);
                     }
                 }
@@ -114,7 +118,7 @@ impl QueryState {
             (false, true) => Err(invalid(format!("at most {MAX_LATEST_IDS} device_ids"))),
             (true, false) => {
                 caller.require_app(app_source)?;
-                Ok(self.latest.of_app(app_source))
+                Ok(self.latest.of_app(app_source, pick))
             }
             _ => Err(invalid("give either device_ids or app_source")),
         }
@@ -199,12 +203,13 @@ impl CommitSink for QueryState {
             let new = rows()
                 .filter(|(_, k)| inserted.is_none_or(|i| i.contains(k)))
                 .filter_map(|(row, _)| copy_encoder::decode_row(row))
+                .map(|l| Arc::new(encoded::SharedLocation::new(l)))
                 .collect();
             self.live.publish(new);
         }
     }
 }
 
-/// The columns of a [`ValidLocation`], for SELECTs on `location_events`.
+/// The columns of a [`ValidLocation`](crate::ingest::validate::ValidLocation), for SELECTs on `location_events`.
 pub const LOCATION_COLUMNS: &str = "(extract(epoch FROM time) * 1000000)::int8 AS time_us, device_id, user_id, \
      app_source, latitude, longitude, accuracy, altitude, speed, heading, metadata::text AS metadata";

@@ -68,8 +68,12 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
     };
     let visible = state
         .latest
-        .get(&req.device_id)
-        .is_some_and(|l| req.app_source.as_deref().is_none_or(|a| a == l.app_source));
+        .get(&req.device_id, |l| {
+            req.app_source
+                .as_deref()
+                .is_none_or(|a| a == l.location.app_source)
+        })
+        .unwrap_or(false);
     if after.is_none() && !visible {
         return Err(QueryError::NotFound(format!(
             "no points are stored for device {}",

@@ -3,7 +3,8 @@ generated from proto/ by grpcio-tools at test time.
 
 usage: stream_client.py <generated-stubs-dir> <host:port> <device_id> <user_id>
 Streams three batches (the second holds one bad point) and prints each ack as
-one JSON line.
+one JSON line; then asks for the device's latest position (an answer locus
+builds from pre-encoded locations) and prints it as one JSON line.
 """
 
 import json
@@ -51,3 +52,15 @@ with grpc.insecure_channel(target) as channel:
             "duplicates": ack.duplicates,
             "rejected": [{"index": r.index, "reason": r.reason} for r in ack.rejected],
         }), flush=True)
+    latest = locus_pb2_grpc.QueryStub(channel).GetLatest(
+        locus_pb2.GetLatestRequest(device_ids=[device_id]), timeout=30)
+    print(json.dumps({
+        "latest": [{
+            "seconds": l.time.seconds,
+            "nanos": l.time.nanos,
+            "device_id": l.device_id,
+            "user_id": l.user_id,
+            "latitude": l.latitude,
+            "metadata": json.loads(l.metadata_json),
+        } for l in latest.locations],
+    }), flush=True)

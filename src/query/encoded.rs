@@ -1,0 +1,198 @@
+//! Locations encoded once, however many answers carry them.
+//!
+//! A fleet map asks for the same 10,000 latest positions again and again, and
+//! 200 live subscribers may each carry the same committed point. Built and
+//! encoded per answer, that is a `proto::Location` (two UUID strings, an
+//! app_source, metadata) per device per call. Here each location keeps its
+//! protobuf encoding, made on first use; an answer is those encodings one
+//! after another.
+//!
+//! `GetLatestResponse` and `LiveUpdate` are both `repeated Location
+//! locations = 1`. On the wire that is each location as a length-delimited
+//! field 1, so a message made of pre-encoded locations is byte for byte the
+//! one prost would build. prost cannot splice encoded submessages, hence this
+//! small hand-written [`prost::Message`]; `build.rs` maps both proto messages
+//! to it (`extern_path`).
+
+use std::sync::OnceLock;
+
+use bytes::{Buf, BufMut, Bytes};
+use prost::{
+    DecodeError, Message,
+    encoding::{DecodeContext, WireType, skip_field},
+};
+
+use crate::{ingest::validate::ValidLocation, proto};
+
+/// A location and, once asked for, its protobuf encoding.
+#[derive(Debug)]
+pub struct SharedLocation {
+    pub location: ValidLocation,
+    encoded: OnceLock<Bytes>,
+}
+
+impl SharedLocation {
+    pub fn new(location: ValidLocation) -> Self {
+        Self {
+            location,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// The encoded `proto::Location`; a reference count, not a copy, after
+    /// the first call.
+    pub fn encoded(&self) -> Bytes {
+        self.encoded
+            .get_or_init(|| to_proto(&self.location).encode_to_vec().into())
+            .clone()
+    }
+}
+
+pub fn to_proto(l: &ValidLocation) -> proto::Location {
+    proto::Location {
+        time: Some(timestamp(l.time_us)),
+        device_id: l.device_id.to_string(),
+        user_id: l.user_id.to_string(),
+        app_source: l.app_source.clone(),
+        latitude: l.latitude,
+        longitude: l.longitude,
+        accuracy: l.accuracy.map(f64::from),
+        altitude: l.altitude.map(f64::from),
+        speed: l.speed.map(f64::from),
+        heading: l.heading.map(f64::from),
+        metadata_json: l.metadata.clone().unwrap_or_default(),
+    }
+}
+
+pub fn timestamp(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: (us.rem_euclid(1_000_000) * 1_000) as i32,
+    }
+}
+
+/// `repeated Location locations = 1`, each location already encoded: the
+/// Rust type of `GetLatestResponse` and `LiveUpdate`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EncodedLocations {
+    pub encoded: Vec<Bytes>,
+}
+
+const LOCATIONS: u32 = 1;
+
+impl EncodedLocations {
+    /// The locations, decoded (for clients).
+    pub fn locations(&self) -> Result<Vec<proto::Location>, DecodeError> {
+        self.encoded
+            .iter()
+            .map(|b| proto::Location::decode(b.as_ref()))
+            .collect()
+    }
+}
+
+impl FromIterator<Bytes> for EncodedLocations {
+    fn from_iter<I: IntoIterator<Item = Bytes>>(iter: I) -> Self {
+        Self {
+            encoded: iter.into_iter().collect(),
+        }
+    }
+}
+
+impl Message for EncodedLocations {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        for b in &self.encoded {
+            prost::encoding::bytes::encode(LOCATIONS, b, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        if tag == LOCATIONS {
+            let mut b = Bytes::new();
+            prost::encoding::bytes::merge(wire_type, &mut b, buf, ctx)?;
+            self.encoded.push(b);
+            Ok(())
+        } else {
+            skip_field(wire_type, tag, buf, ctx)
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        prost::encoding::bytes::encoded_len_repeated(LOCATIONS, &self.encoded)
+    }
+
+    fn clear(&mut self) {
+        self.encoded.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// The message prost derives for `repeated Location locations = 1`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Derived {
+        #[prost(message, repeated, tag = "1")]
+        locations: Vec<proto::Location>,
+    }
+
+    fn at(i: u128) -> ValidLocation {
+        ValidLocation {
+            time_us: 1_700_000_000_123_456 + i as i64,
+            device_id: Uuid::from_u128(i),
+            user_id: Uuid::from_u128(i + 1_000),
+            app_source: "pshop".into(),
+            latitude: 19.43,
+            longitude: -99.13,
+            accuracy: Some(5.0),
+            altitude: None,
+            speed: Some(12.5),
+            heading: Some(90.0),
+            metadata: i.is_multiple_of(2).then(|| r#"{"order":1234}"#.into()),
+        }
+    }
+
+    #[test]
+    fn same_bytes_as_the_derived_message() {
+        let shared: Vec<SharedLocation> = (0..5).map(|i| SharedLocation::new(at(i))).collect();
+        let ours: EncodedLocations = shared.iter().map(SharedLocation::encoded).collect();
+        let derived = Derived {
+            locations: shared.iter().map(|s| to_proto(&s.location)).collect(),
+        };
+        assert_eq!(ours.encode_to_vec(), derived.encode_to_vec());
+        assert_eq!(ours.encoded_len(), derived.encoded_len());
+
+        // And back: what a client decodes is what was stored.
+        let back = EncodedLocations::decode(derived.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back.locations().unwrap(), derived.locations);
+        assert_eq!(
+            EncodedLocations::default().encode_to_vec(),
+            Vec::<u8>::new()
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_bad_locations_refused() {
+        let mut wire = Derived {
+            locations: vec![to_proto(&at(1))],
+        }
+        .encode_to_vec();
+        // field 2 (varint 7), as a newer server might add
+        wire.extend_from_slice(&[2 << 3, 7]);
+        let m = EncodedLocations::decode(wire.as_slice()).unwrap();
+        assert_eq!(m.locations().unwrap().len(), 1);
+
+        let bad = EncodedLocations {
+            encoded: vec![Bytes::from_static(&[0xff])],
+        };
+        assert!(bad.locations().is_err());
+    }
+}
