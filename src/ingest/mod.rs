@@ -125,6 +125,15 @@ impl Ingestor {
         }
         self.auth.check_revoked(principal)?;
         principal.require_write()?;
+        // Under overload most unary calls are refused: refuse them before
+        // validating and encoding points that would be thrown away (that
+        // work would come out of what the writers get), and before they
+        // spend the caller's rate budget. The reservation below still
+        // decides for the calls that pass.
+        if when_full == WhenFull::Refuse && !self.pipeline.budget.has_room_for(points) {
+            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
+            return Err(IngestError::BufferFull);
+        }
         self.auth.take(principal, points)?;
         let now_us = unix_micros(SystemTime::now());
         let mut rejected = Vec::new();

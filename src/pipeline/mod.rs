@@ -170,6 +170,13 @@ impl Budget {
         Ok(Self::reserved(p, b))
     }
 
+    /// Whether `points` would fit now (as [`Budget::try_reserve`] counts
+    /// them; bytes are not known before the points are encoded). A hint: by
+    /// the time the caller reserves, others may have taken the room.
+    pub fn has_room_for(&self, points: usize) -> bool {
+        self.points.available_permits() >= permits(self.clamp(points, 0).0) as usize
+    }
+
     fn clamp(&self, points: usize, bytes: usize) -> (usize, usize) {
         (points.min(self.capacity.0), bytes.min(self.capacity.1))
     }
@@ -220,4 +227,25 @@ impl Pipeline {
 /// and a single request never exceeds them.
 fn permits(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_what_a_reservation_of_points_would_find() {
+        let budget = Budget::new(10, 1_000);
+        assert!(budget.has_room_for(10));
+        let held = budget.try_reserve(7, 1).unwrap();
+        assert!(budget.has_room_for(3));
+        assert!(!budget.has_room_for(4));
+        assert_eq!(budget.try_reserve(4, 1).unwrap_err(), Refused::BufferFull);
+        drop(held);
+        // Larger than the whole budget: it takes all of it, so it needs an
+        // empty buffer, as try_reserve.
+        assert!(budget.has_room_for(50));
+        let _one = budget.try_reserve(1, 1).unwrap();
+        assert!(!budget.has_room_for(50));
+    }
 }
