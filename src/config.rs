@@ -254,9 +254,9 @@ pub struct QueryArgs {
     /// Widest time range of one hourly-stats query.
     #[arg(long, env = "LOCUS_MAX_STATS_SPAN", default_value = "366days", value_parser = humantime::parse_duration)]
     pub max_stats_span: Duration,
-    /// Committed batches a live subscriber may fall behind before it loses the oldest.
-    #[arg(long, env = "LOCUS_LIVE_BUFFER", default_value_t = 1_024)]
-    pub live_buffer: usize,
+    /// Points a live subscriber may fall behind before it loses the oldest.
+    #[arg(long, env = "LOCUS_LIVE_QUEUE_POINTS", default_value_t = 8_192)]
+    pub live_queue_points: usize,
     /// Most live subscribers at once.
     #[arg(long, env = "LOCUS_MAX_SUBSCRIBERS", default_value_t = 1_000)]
     pub max_subscribers: usize,
@@ -270,7 +270,7 @@ impl Default for QueryArgs {
             track_page: 1_000,
             max_track_page: 10_000,
             max_stats_span: Duration::from_secs(366 * 86_400),
-            live_buffer: 1_024,
+            live_queue_points: 8_192,
             max_subscribers: 1_000,
         }
     }
@@ -424,6 +424,11 @@ impl ServeConfig {
         at_least("--flush-points", 1, p.flush_points as u64)?;
         at_least("--flush-bytes", 1024, p.flush_bytes as u64)?;
         at_least("--writers", 1, p.writers as u64)?;
+        at_least(
+            "--live-queue-points",
+            1,
+            self.query.live_queue_points as u64,
+        )?;
         at_least(
             "--db-pool-size",
             p.writers as u64 + 1,

@@ -28,7 +28,7 @@ pub const OPEN_STREAMS: &str = "locus_open_streams";
 /// Labelled by `reason` (`buffer_full`, `too_many_streams`, `batch_too_large`).
 pub const REQUESTS_REFUSED: &str = "locus_requests_refused_total";
 
-/// Committed batches a live subscriber skipped because it fell behind.
+/// Points live subscribers lost because they fell behind.
 pub const LIVE_DROPPED: &str = "locus_live_dropped_total";
 pub const LIVE_SUBSCRIBERS: &str = "locus_live_subscribers";
 /// Labelled by `rpc`.
@@ -116,7 +116,7 @@ fn describe() {
     );
     describe_counter!(
         LIVE_DROPPED,
-        "Committed batches live subscribers skipped because they fell behind."
+        "Points live subscribers lost because they fell behind (the oldest of their queue)."
     );
     describe_gauge!(LIVE_SUBSCRIBERS, "Open live subscriptions.");
     describe_histogram!(QUERY_DURATION, "Time to answer a query, by rpc.");

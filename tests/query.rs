@@ -289,3 +289,87 @@ async fn a_live_subscriber_sees_what_others_stream() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// `locus_live_dropped_total` now (0 before any drop).
+async fn live_dropped(server: &TestServer) -> u64 {
+    let text = reqwest::get(format!("http://{}/metrics", server.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("locus_live_dropped_total "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_loses_its_oldest_points_and_never_holds_up_ingest() {
+    let db = TestDb::new().await;
+    let mut cfg = config(&db);
+    cfg.query.live_queue_points = 100;
+    let server = TestServer::start(cfg).await;
+    let d = Device::new(now_secs() - 20_000);
+    // A subscriber that reads nothing: once its transport holds 64 KiB of
+    // unread updates (HTTP/2 flow control), locus can send it no more.
+    let channel = server
+        .endpoint()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut feed = QueryClient::new(channel)
+        .subscribe(SubscribeRequest {
+            device_ids: vec![d.device_id.to_string()],
+            ..SubscribeRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let before = live_dropped(&server).await;
+    let mut ingest = server.client().await;
+    const N: i64 = 10_000;
+    for b in 0..N / 500 {
+        let ack = tokio::time::timeout(
+            Duration::from_secs(10),
+            ingest.write_locations(d.batch(b as u64, b * 500, 500)),
+        )
+        .await
+        .expect("ingest is not held up by a subscriber that does not read")
+        .unwrap()
+        .into_inner();
+        assert_eq!(ack.accepted, 500);
+    }
+    let dropped = live_dropped(&server).await - before;
+    assert!(dropped > 0, "the subscriber fell behind, and lost points");
+
+    // It reads at last: what it gets is in time order and ends with the
+    // newest point; what it lost are the oldest of its queue, and every
+    // point is either received or counted as lost.
+    let last = d.start + N - 1;
+    let mut times: Vec<i64> = Vec::new();
+    while times.last() != Some(&last) {
+        let update = tokio::time::timeout(Duration::from_secs(5), feed.message())
+            .await
+            .expect("the newest points come")
+            .unwrap()
+            .unwrap();
+        times.extend(
+            update
+                .locations()
+                .unwrap()
+                .iter()
+                .map(|l| l.time.unwrap().seconds),
+        );
+    }
+    assert!(
+        times.windows(2).all(|w| w[0] < w[1]),
+        "in time order, none twice"
+    );
+    assert_eq!(times.len() as u64 + dropped, N as u64);
+    // The newest 100 (the queue) came whole.
+    assert!(times.ends_with(&(last - 99..=last).collect::<Vec<_>>()));
+    server.stop().await;
+    db.drop_db().await;
+}

@@ -72,7 +72,7 @@ pub(crate) fn parse_uuid(s: &str, field: &str) -> Result<Uuid, QueryError> {
 pub struct QueryState {
     pub pool: PgPool,
     pub latest: latest::Latest,
-    pub live: live::Live,
+    pub live: Arc<live::Live>,
     pub limits: QueryArgs,
     pub auth: Auth,
 }
@@ -82,7 +82,7 @@ impl QueryState {
         Self {
             pool,
             latest: latest::Latest::default(),
-            live: live::Live::new(limits.live_buffer, limits.max_subscribers),
+            live: live::Live::new(limits.live_queue_points, limits.max_subscribers),
             limits,
             auth,
         }
