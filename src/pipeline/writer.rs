@@ -14,7 +14,6 @@
 //! alone, so one client's bad data never fails another's.
 
 use std::{
-    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -22,6 +21,7 @@ use std::{
 use backon::{ExponentialBuilder, Retryable};
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
+use foldhash::HashSet;
 use sqlx::{PgConnection, PgPool, postgres::PgCopyIn};
 use uuid::Uuid;
 
@@ -373,7 +373,7 @@ async fn send_rows(
 
 fn has_duplicate_keys(subs: &[Submission]) -> bool {
     let total: usize = subs.iter().map(|s| s.keys.len()).sum();
-    let mut seen = HashSet::with_capacity(total);
+    let mut seen = HashSet::with_capacity_and_hasher(total, Default::default());
     subs.iter().flat_map(|s| &s.keys).any(|k| !seen.insert(*k))
 }
 

@@ -10,13 +10,14 @@
 //! never wait for it.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     sync::{
         Arc, Mutex, RwLock, Weak,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
+use foldhash::HashMap;
 use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
@@ -82,15 +83,21 @@ struct Queue {
     closed: bool,
 }
 
+/// At most this many points an update: about 450 KB encoded, within the
+/// 4 MiB a gRPC client accepts by default, whatever `--live-queue-points`.
+const MAX_UPDATE_POINTS: usize = 4_096;
+
 impl Subscription {
-    /// The matching points committed since the last call, waiting for at
-    /// least one; `None` when the feed ends.
+    /// The oldest matching points not yet taken (at most
+    /// [`MAX_UPDATE_POINTS`]), waiting for at least one; `None` when the
+    /// feed ends.
     pub async fn next(&mut self) -> Option<Vec<LivePoint>> {
         loop {
             {
                 let mut q = self.inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
                 if !q.points.is_empty() {
-                    return Some(q.points.drain(..).collect());
+                    let n = q.points.len().min(MAX_UPDATE_POINTS);
+                    return Some(q.points.drain(..n).collect());
                 }
                 if q.closed {
                     return None;
@@ -156,7 +163,7 @@ impl Live {
             return;
         }
         // Group by subscriber first: one lock and one wake-up each.
-        let mut hits: HashMap<*const Inbox, (Arc<Inbox>, Vec<LivePoint>)> = HashMap::new();
+        let mut hits: HashMap<*const Inbox, (Arc<Inbox>, Vec<LivePoint>)> = HashMap::default();
         {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
             for p in &points {
@@ -316,7 +323,7 @@ impl Index {
 
     /// Every subscriber, once.
     fn all(&self) -> Vec<Arc<Inbox>> {
-        let mut seen = HashSet::new();
+        let mut seen = foldhash::HashSet::default();
         self.by_device
             .values()
             .chain(self.by_cell.values())
@@ -460,6 +467,23 @@ mod tests {
         }
         // The newest three are kept, in order.
         assert_eq!(pending(&slow), [(2.0, 0.0), (3.0, 0.0), (4.0, 0.0)]);
+    }
+
+    #[tokio::test]
+    async fn a_long_queue_is_taken_in_bounded_updates_in_order() {
+        let live = Live::new(10_000, 1);
+        let mut sub = live.subscribe(Filter::default()).unwrap();
+        let d = Uuid::from_u128(7);
+        let n = MAX_UPDATE_POINTS + 10;
+        live.publish(
+            (0..n)
+                .map(|i| point(d, "a", 0.0, i as f64 * 1e-4))
+                .collect(),
+        );
+        let first = sub.next().await.unwrap();
+        let second = sub.next().await.unwrap();
+        assert_eq!((first.len(), second.len()), (MAX_UPDATE_POINTS, 10));
+        assert_eq!(second[9].location.longitude, (n - 1) as f64 * 1e-4);
     }
 
     #[tokio::test]

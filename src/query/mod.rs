@@ -10,7 +10,7 @@ pub mod live;
 pub mod stats;
 pub mod track;
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use sqlx::PgPool;
@@ -172,11 +172,7 @@ impl QueryState {
 pub const MAX_LATEST_IDS: usize = 10_000;
 
 impl CommitSink for QueryState {
-    fn committed(
-        &self,
-        subs: &[Submission],
-        inserted: Option<&std::collections::HashSet<PointKey>>,
-    ) {
+    fn committed(&self, subs: &[Submission], inserted: Option<&foldhash::HashSet<PointKey>>) {
         let rows = || {
             subs.iter().flat_map(|s| {
                 let starts = std::iter::once(0).chain(s.row_ends.iter().map(|e| *e as usize));
@@ -187,7 +183,7 @@ impl CommitSink for QueryState {
             })
         };
         // The latest map: only each device's newest row of the batch is decoded.
-        let mut newest: HashMap<Uuid, (i64, &[u8])> = HashMap::new();
+        let mut newest: foldhash::HashMap<Uuid, (i64, &[u8])> = Default::default();
         for (row, (device, t)) in rows() {
             let e = newest.entry(*device).or_insert((*t, row));
             if *t > e.0 {
