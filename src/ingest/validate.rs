@@ -12,7 +12,7 @@ pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 /// A point that passed validation, in the units the table stores. Also what
 /// queries read back (see `query::LOCATION_COLUMNS`).
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidLocation {
     /// Microseconds since the Unix epoch.
     pub time_us: i64,
@@ -27,6 +27,30 @@ pub struct ValidLocation {
     pub heading: Option<f32>,
     /// The JSON object, as sent; `None` for no metadata.
     pub metadata: Option<String>,
+}
+
+/// A row of `query::LOCATION_COLUMNS`. `time` is read as the timestamptz it
+/// is (microseconds on the wire): computing microseconds in SQL goes
+/// through `numeric`, and cost a day's track (8,640 rows) about 6 ms of
+/// database time here.
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ValidLocation {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let time: chrono::DateTime<chrono::Utc> = row.try_get("time")?;
+        Ok(Self {
+            time_us: time.timestamp_micros(),
+            device_id: row.try_get("device_id")?,
+            user_id: row.try_get("user_id")?,
+            app_source: row.try_get("app_source")?,
+            latitude: row.try_get("latitude")?,
+            longitude: row.try_get("longitude")?,
+            accuracy: row.try_get("accuracy")?,
+            altitude: row.try_get("altitude")?,
+            speed: row.try_get("speed")?,
+            heading: row.try_get("heading")?,
+            metadata: row.try_get("metadata")?,
+        })
+    }
 }
 
 /// Why a point was rejected. [`Reason::code`] is stable: clients and

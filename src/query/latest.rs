@@ -6,7 +6,7 @@ use dashmap::{DashMap, mapref::entry::Entry};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::encoded::SharedLocation;
+use super::{LOCATION_COLUMNS, encoded::SharedLocation};
 use crate::ingest::validate::ValidLocation;
 
 /// foldhash, randomly seeded per process: device ids come from clients, but
@@ -71,7 +71,7 @@ impl Latest {
     /// scan over `(device_id, time DESC)`: one probe per device, not a scan
     /// of every row.
     pub async fn load(&self, pool: &PgPool) -> Result<usize, sqlx::Error> {
-        let rows: Vec<ValidLocation> = sqlx::query_as(
+        let rows: Vec<ValidLocation> = sqlx::query_as(&format!(
             "WITH RECURSIVE d AS (
                  (SELECT device_id FROM location_events ORDER BY device_id LIMIT 1)
                  UNION ALL
@@ -80,11 +80,10 @@ impl Latest {
                  FROM d WHERE d.device_id IS NOT NULL
              )
              SELECT l.* FROM d CROSS JOIN LATERAL (
-                 SELECT (extract(epoch FROM time) * 1000000)::int8 AS time_us, device_id, user_id, app_source,
-                        latitude, longitude, accuracy, altitude, speed, heading, metadata::text AS metadata
+                 SELECT {LOCATION_COLUMNS}
                  FROM location_events e WHERE e.device_id = d.device_id ORDER BY time DESC LIMIT 1
-             ) l",
-        )
+             ) l"
+        ))
         .fetch_all(pool)
         .await?;
         let n = rows.len();

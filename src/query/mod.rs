@@ -207,5 +207,5 @@ impl CommitSink for QueryState {
 }
 
 /// The columns of a [`ValidLocation`](crate::ingest::validate::ValidLocation), for SELECTs on `location_events`.
-pub const LOCATION_COLUMNS: &str = "(extract(epoch FROM time) * 1000000)::int8 AS time_us, device_id, user_id, \
+pub const LOCATION_COLUMNS: &str = "time, device_id, user_id, \
      app_source, latitude, longitude, accuracy, altitude, speed, heading, metadata::text AS metadata";
