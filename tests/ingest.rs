@@ -289,6 +289,13 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
             .write_locations(d.batch(100, 1_000, 5))
             .await
             .unwrap_err();
+        // Refused before its points are looked at (what the fault suite's
+        // overload case found): even a batch of bad points is refused,
+        // not answered with their rejections.
+        let mut bad = d.batch(101, 2_000, 3);
+        bad.locations.iter_mut().for_each(|l| l.latitude = 500.0);
+        let refused = client.write_locations(bad).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
         let unlock = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             locker.rollback().await.unwrap();
