@@ -36,7 +36,9 @@ impl From<AuthError> for Status {
             AuthError::RateLimited { retry_after, .. } => {
                 retry_status(Code::ResourceExhausted, e.to_string(), retry_after)
             }
-            AuthError::Unavailable => retry_status(Code::Unavailable, e.to_string(), RETRY_AFTER),
+            AuthError::Unavailable | AuthError::Busy => {
+                retry_status(Code::Unavailable, e.to_string(), RETRY_AFTER)
+            }
         }
     }
 }
@@ -66,7 +68,7 @@ pub fn auth_response(e: AuthError) -> axum::response::Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             r
         }
-        AuthError::Unavailable => json_error(
+        AuthError::Unavailable | AuthError::Busy => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "auth_unavailable",
             msg,
@@ -117,7 +119,7 @@ pub fn http_status(e: &QueryError) -> u16 {
         QueryError::Auth(AuthError::Unauthenticated(_)) => 401,
         QueryError::Auth(AuthError::PermissionDenied(_)) => 403,
         QueryError::Auth(AuthError::RateLimited { .. }) => 429,
-        QueryError::Auth(AuthError::Unavailable) => 503,
+        QueryError::Auth(AuthError::Unavailable | AuthError::Busy) => 503,
         QueryError::InvalidArgument(_) => 400,
         QueryError::NotFound(_) => 404,
         QueryError::TooManySubscribers(_) => 429,

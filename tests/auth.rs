@@ -886,3 +886,65 @@ async fn tls_with_tokens_or_registered_client_certificates() {
     std::fs::remove_dir_all(&pki.dir).ok();
     db.drop_db().await;
 }
+
+/// Made-up tokens each cost a database lookup; however many arrive at once,
+/// those lookups hold at most two of the pool's connections, so a flood
+/// cannot take the writers' connections away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_tokens_does_not_starve_the_writers() {
+    let db = TestDb::new().await;
+    let mut cfg = auth_config(&db);
+    cfg.pipeline.writers = 1;
+    cfg.db_pool_size = 6;
+    let server = TestServer::start(cfg).await;
+    let good = create(&db, Role::Gateway, Some("mextrack"), &[]).await;
+    let d = Device::new(now_secs() - 1000);
+    let mut c = server.client().await;
+    // The good token is looked up (and cached) before the flood.
+    assert_eq!(write(&mut c, d.batch(1, 0, 10), &good).await.accepted, 10);
+
+    // Lookups now hang: the tokens table is locked.
+    let mut locker = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = locker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE locus_tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let endpoint = server.endpoint();
+    let flood: Vec<_> = (0..20)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            let bogus = format!("locus_{}_{}", Uuid::new_v4().simple(), "x".repeat(40));
+            let d = Device::new(now_secs() - 1000);
+            tokio::spawn(async move {
+                IngestClient::new(endpoint.connect().await.unwrap())
+                    .write_locations(with_token(d.batch(1, 0, 1), &bogus))
+                    .await
+                    .unwrap_err()
+                    .code()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ack = tokio::time::timeout(
+        Duration::from_secs(3),
+        write(&mut c, d.batch(2, 10, 10), &good),
+    )
+    .await
+    .expect("the writer still gets a connection during the flood");
+    assert_eq!(ack.accepted, 10);
+
+    // The flood waits no longer than its turn allows: refused as
+    // retryable, or (once the lock goes) as unknown.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tx.rollback().await.unwrap();
+    for f in flood {
+        let code = f.await.unwrap();
+        assert!(
+            matches!(code, Code::Unavailable | Code::Unauthenticated),
+            "{code:?}"
+        );
+    }
+    server.stop().await;
+    db.drop_db().await;
+}

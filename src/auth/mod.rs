@@ -31,6 +31,7 @@ use dashmap::DashSet;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -175,6 +176,13 @@ pub enum AuthError {
     },
     #[error("credentials cannot be checked now: the database is unavailable; retry later")]
     Unavailable,
+    #[error("too many unknown credentials are being checked at once; retry later")]
+    Busy,
+}
+
+fn lookup_failed(e: sqlx::Error) -> AuthError {
+    tracing::warn!(error = %e, "token lookup failed");
+    AuthError::Unavailable
 }
 
 fn denied(msg: String) -> AuthError {
@@ -201,6 +209,10 @@ struct Inner {
     revoked: DashSet<Uuid>,
     limiter: Option<DefaultKeyedRateLimiter<Uuid>>,
     refresh: Duration,
+    /// Lookups of credentials not in the cache, at most [`LOOKUPS`] at once:
+    /// a flood of made-up tokens must not take the pool's connections from
+    /// the writers.
+    lookups: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -214,6 +226,10 @@ impl std::fmt::Debug for Auth {
 /// Cached tokens, at most; each is looked up again after [`CACHE_TTL`].
 const CACHE_ENTRIES: u64 = 100_000;
 const CACHE_TTL: Duration = Duration::from_secs(300);
+/// Database lookups of credentials at once, and how long one waits for its
+/// turn before the call is refused as retryable.
+const LOOKUPS: usize = 2;
+const LOOKUP_WAIT: Duration = Duration::from_secs(5);
 
 impl Auth {
     /// No checks at all: every caller is an admin. For local development.
@@ -236,6 +252,7 @@ impl Auth {
                 revoked: DashSet::new(),
                 limiter,
                 refresh: args.auth_refresh_interval,
+                lookups: Arc::new(Semaphore::new(LOOKUPS)),
             })),
         }
     }
@@ -276,19 +293,22 @@ impl Auth {
         };
         let pool = inner.pool.clone();
         let key = credential.clone();
+        let slots = Arc::clone(&inner.lookups);
         let stored = inner
             .cache
             .try_get_with(credential, async move {
-                let mut conn = pool.acquire().await?;
+                let _slot = tokio::time::timeout(LOOKUP_WAIT, slots.acquire_owned())
+                    .await
+                    .map_err(|_| AuthError::Busy)?
+                    .map_err(|_| AuthError::Unavailable)?;
+                let mut conn = pool.acquire().await.map_err(lookup_failed)?;
                 token::lookup(&mut conn, &key)
                     .await
                     .map(|s| s.map(Arc::new))
+                    .map_err(lookup_failed)
             })
             .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "token lookup failed");
-                AuthError::Unavailable
-            })?;
+            .map_err(|e| (*e).clone())?;
         let stored = stored.ok_or_else(|| unauthenticated("unknown or revoked token"))?;
         if let Some(presented) = secret {
             let ok = stored

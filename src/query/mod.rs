@@ -48,7 +48,7 @@ impl QueryError {
             QueryError::Auth(AuthError::Unauthenticated(_)) => "unauthenticated",
             QueryError::Auth(AuthError::PermissionDenied(_)) => "permission_denied",
             QueryError::Auth(AuthError::RateLimited { .. }) => "rate_limited",
-            QueryError::Auth(AuthError::Unavailable) => "auth_unavailable",
+            QueryError::Auth(AuthError::Unavailable | AuthError::Busy) => "auth_unavailable",
         }
     }
 }
