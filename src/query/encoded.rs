@@ -43,24 +43,25 @@ impl SharedLocation {
     /// the first call.
     pub fn encoded(&self) -> Bytes {
         self.encoded
-            .get_or_init(|| to_proto(&self.location).encode_to_vec().into())
+            .get_or_init(|| to_proto(self.location.clone()).encode_to_vec().into())
             .clone()
     }
 }
 
-pub fn to_proto(l: &ValidLocation) -> proto::Location {
+/// `l` as protobuf; by value, so that a track page's strings move into it.
+pub fn to_proto(l: ValidLocation) -> proto::Location {
     proto::Location {
         time: Some(timestamp(l.time_us)),
         device_id: l.device_id.to_string(),
         user_id: l.user_id.to_string(),
-        app_source: l.app_source.clone(),
+        app_source: l.app_source,
         latitude: l.latitude,
         longitude: l.longitude,
         accuracy: l.accuracy.map(f64::from),
         altitude: l.altitude.map(f64::from),
         speed: l.speed.map(f64::from),
         heading: l.heading.map(f64::from),
-        metadata_json: l.metadata.clone().unwrap_or_default(),
+        metadata_json: l.metadata.unwrap_or_default(),
     }
 }
 
@@ -165,7 +166,10 @@ mod tests {
         let shared: Vec<SharedLocation> = (0..5).map(|i| SharedLocation::new(at(i))).collect();
         let ours: EncodedLocations = shared.iter().map(SharedLocation::encoded).collect();
         let derived = Derived {
-            locations: shared.iter().map(|s| to_proto(&s.location)).collect(),
+            locations: shared
+                .iter()
+                .map(|s| to_proto(s.location.clone()))
+                .collect(),
         };
         assert_eq!(ours.encode_to_vec(), derived.encode_to_vec());
         assert_eq!(ours.encoded_len(), derived.encoded_len());
@@ -182,7 +186,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_skipped_and_bad_locations_refused() {
         let mut wire = Derived {
-            locations: vec![to_proto(&at(1))],
+            locations: vec![to_proto(at(1))],
         }
         .encode_to_vec();
         // field 2 (varint 7), as a newer server might add

@@ -130,7 +130,7 @@ impl Query for QueryService {
             )
             .await?;
             Ok(proto::GetTrackResponse {
-                locations: page.points.iter().map(to_proto).collect(),
+                locations: page.points.into_iter().map(to_proto).collect(),
                 next_cursor: page.next_cursor.unwrap_or_default(),
             })
         }
