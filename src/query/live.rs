@@ -11,10 +11,7 @@
 
 use std::{
     collections::{HashSet, VecDeque},
-    sync::{
-        Arc, Mutex, RwLock, Weak,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, RwLock, Weak},
 };
 
 use foldhash::HashMap;
@@ -54,8 +51,9 @@ impl Filter {
 #[derive(Debug)]
 pub struct Live {
     index: RwLock<Index>,
-    subscribers: AtomicUsize,
+    /// A subscription holds one slot for as long as it is in the index.
     slots: Arc<Semaphore>,
+    max_subscribers: usize,
     queue_points: usize,
 }
 
@@ -124,8 +122,8 @@ impl Live {
     pub fn new(queue_points: usize, max_subscribers: usize) -> Arc<Self> {
         Arc::new(Self {
             index: RwLock::default(),
-            subscribers: AtomicUsize::new(0),
             slots: Arc::new(Semaphore::new(max_subscribers)),
+            max_subscribers,
             queue_points: queue_points.max(1),
         })
     }
@@ -138,7 +136,6 @@ impl Live {
             ready: Notify::new(),
         });
         self.write().insert(&inbox);
-        self.subscribers.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(m::LIVE_SUBSCRIBERS).increment(1.0);
         Some(Subscription {
             inbox,
@@ -149,12 +146,11 @@ impl Live {
 
     fn remove(&self, inbox: &Arc<Inbox>) {
         self.write().remove(inbox);
-        self.subscribers.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Whether anyone listens: committed rows are decoded only then.
     pub fn has_subscribers(&self) -> bool {
-        self.subscribers.load(Ordering::Relaxed) > 0
+        self.slots.available_permits() < self.max_subscribers
     }
 
     /// Hands each of `points` to the subscribers it matches.
