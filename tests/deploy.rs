@@ -11,7 +11,7 @@ mod common;
 use std::{collections::BTreeSet, time::Duration, time::Instant};
 
 use clap::CommandFactory;
-use common::{Device, TestDb, TestServer, block_writes, config, get_json, now_secs};
+use common::{Device, TestDb, TestServer, block_writes, config, get_json, now_secs, scrape};
 use locus::cli::Cli;
 use serde_json::Value;
 
@@ -198,15 +198,6 @@ fn dashboard_queries(d: &Value) -> (BTreeSet<String>, Vec<String>) {
         }
     }
     (metrics, sql)
-}
-
-async fn scrape(server: &TestServer) -> String {
-    reqwest::get(format!("http://{}/metrics", server.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

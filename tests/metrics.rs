@@ -5,20 +5,8 @@
 
 mod common;
 
-use common::{Device, TestDb, TestServer, config, now_secs};
+use common::{Device, TestDb, TestServer, config, now_secs, scrape};
 use locus::metrics as m;
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened() {
@@ -31,7 +19,7 @@ async fn metrics_count_what_happened() {
     client.write_locations(batch.clone()).await.unwrap();
     client.write_locations(batch).await.unwrap(); // all duplicates now
 
-    let text = scrape(server.metrics).await;
+    let text = scrape(&server).await;
     let value = |line_start: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(line_start))

@@ -7,7 +7,7 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{Device, TestDb, TestServer, config, now_secs};
+use common::{Device, TestDb, TestServer, config, now_secs, scrape};
 use locus::{
     proto::{
         GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, SubscribeRequest,
@@ -292,13 +292,9 @@ async fn a_live_subscriber_sees_what_others_stream() {
 
 /// `locus_live_dropped_total` now (0 before any drop).
 async fn live_dropped(server: &TestServer) -> u64 {
-    let text = reqwest::get(format!("http://{}/metrics", server.metrics))
+    scrape(server)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find_map(|l| l.strip_prefix("locus_live_dropped_total "))
         .map_or(0, |v| v.trim().parse().unwrap())
 }

@@ -335,3 +335,12 @@ pub async fn get_json(server: &TestServer, path: &str) -> (u16, serde_json::Valu
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap())
 }
+
+/// The metrics endpoint's Prometheus text.
+pub async fn scrape(server: &TestServer) -> String {
+    let resp = reqwest::get(format!("http://{}/metrics", server.metrics))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap()
+}
