@@ -4,8 +4,10 @@
 //! 200 live subscribers may each carry the same committed point. Built and
 //! encoded per answer, that is a `proto::Location` (two UUID strings, an
 //! app_source, metadata) per device per call. Here each location keeps its
-//! protobuf encoding, made on first use; an answer is those encodings one
-//! after another.
+//! protobuf encoding, made on first use; an answer is those encodings copied
+//! one after another into one buffer, as they are found (a copy of bytes the
+//! answer has to carry anyway, where holding each by a reference count cost
+//! two atomic operations on a cold cache line per location).
 //!
 //! `GetLatestResponse` and `LiveUpdate` are both `repeated Location
 //! locations = 1`. On the wire that is each location as a length-delimited
@@ -16,10 +18,10 @@
 
 use std::sync::OnceLock;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::{
     DecodeError, Message,
-    encoding::{DecodeContext, WireType, skip_field},
+    encoding::{DecodeContext, WireType, encode_key, encode_varint, skip_field},
 };
 
 use crate::{ingest::validate::ValidLocation, proto};
@@ -28,7 +30,7 @@ use crate::{ingest::validate::ValidLocation, proto};
 #[derive(Debug)]
 pub struct SharedLocation {
     pub location: ValidLocation,
-    encoded: OnceLock<Bytes>,
+    encoded: OnceLock<Box<[u8]>>,
 }
 
 impl SharedLocation {
@@ -39,12 +41,10 @@ impl SharedLocation {
         }
     }
 
-    /// The encoded `proto::Location`; a reference count, not a copy, after
-    /// the first call.
-    pub fn encoded(&self) -> Bytes {
+    /// The encoded `proto::Location`, made on the first call.
+    pub fn encoded(&self) -> &[u8] {
         self.encoded
             .get_or_init(|| to_proto(self.location.clone()).encode_to_vec().into())
-            .clone()
     }
 }
 
@@ -76,34 +76,69 @@ pub fn timestamp(us: i64) -> prost_types::Timestamp {
 /// Rust type of `GetLatestResponse` and `LiveUpdate`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EncodedLocations {
-    pub encoded: Vec<Bytes>,
+    /// Each location as field 1 (key, length, encoding), one after another:
+    /// the message's wire form.
+    wire: BytesMut,
+    count: usize,
 }
 
 const LOCATIONS: u32 = 1;
 
 impl EncodedLocations {
+    /// Room for `locations` of a typical size.
+    pub fn with_capacity(locations: usize) -> Self {
+        Self {
+            wire: BytesMut::with_capacity(locations * 128),
+            count: 0,
+        }
+    }
+
+    /// Appends one encoded `proto::Location`.
+    pub fn push(&mut self, encoded: &[u8]) {
+        encode_key(LOCATIONS, WireType::LengthDelimited, &mut self.wire);
+        encode_varint(encoded.len() as u64, &mut self.wire);
+        self.wire.put_slice(encoded);
+        self.count += 1;
+    }
+
+    /// How many locations.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// The locations, decoded (for clients).
     pub fn locations(&self) -> Result<Vec<proto::Location>, DecodeError> {
-        self.encoded
-            .iter()
-            .map(|b| proto::Location::decode(b.as_ref()))
-            .collect()
+        let mut wire = &self.wire[..];
+        let mut out = Vec::with_capacity(self.count);
+        while wire.has_remaining() {
+            // Written by push, or checked by merge_field: key, length, bytes.
+            prost::encoding::decode_key(&mut wire)?;
+            let len = prost::encoding::decode_varint(&mut wire)? as usize;
+            out.push(proto::Location::decode(&wire[..len])?);
+            wire.advance(len);
+        }
+        Ok(out)
     }
 }
 
-impl FromIterator<Bytes> for EncodedLocations {
-    fn from_iter<I: IntoIterator<Item = Bytes>>(iter: I) -> Self {
-        Self {
-            encoded: iter.into_iter().collect(),
+impl<'a> FromIterator<&'a SharedLocation> for EncodedLocations {
+    fn from_iter<I: IntoIterator<Item = &'a SharedLocation>>(iter: I) -> Self {
+        let iter = iter.into_iter();
+        let mut out = Self::with_capacity(iter.size_hint().0);
+        for l in iter {
+            out.push(l.encoded());
         }
+        out
     }
 }
 
 impl Message for EncodedLocations {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        for b in &self.encoded {
-            prost::encoding::bytes::encode(LOCATIONS, b, buf);
-        }
+        buf.put_slice(&self.wire);
     }
 
     fn merge_field(
@@ -116,7 +151,7 @@ impl Message for EncodedLocations {
         if tag == LOCATIONS {
             let mut b = Bytes::new();
             prost::encoding::bytes::merge(wire_type, &mut b, buf, ctx)?;
-            self.encoded.push(b);
+            self.push(&b);
             Ok(())
         } else {
             skip_field(wire_type, tag, buf, ctx)
@@ -124,11 +159,12 @@ impl Message for EncodedLocations {
     }
 
     fn encoded_len(&self) -> usize {
-        prost::encoding::bytes::encoded_len_repeated(LOCATIONS, &self.encoded)
+        self.wire.len()
     }
 
     fn clear(&mut self) {
-        self.encoded.clear();
+        self.wire.clear();
+        self.count = 0;
     }
 }
 
@@ -164,7 +200,7 @@ mod tests {
     #[test]
     fn same_bytes_as_the_derived_message() {
         let shared: Vec<SharedLocation> = (0..5).map(|i| SharedLocation::new(at(i))).collect();
-        let ours: EncodedLocations = shared.iter().map(SharedLocation::encoded).collect();
+        let ours: EncodedLocations = shared.iter().collect();
         let derived = Derived {
             locations: shared
                 .iter()
@@ -194,9 +230,8 @@ mod tests {
         let m = EncodedLocations::decode(wire.as_slice()).unwrap();
         assert_eq!(m.locations().unwrap().len(), 1);
 
-        let bad = EncodedLocations {
-            encoded: vec![Bytes::from_static(&[0xff])],
-        };
+        let mut bad = EncodedLocations::default();
+        bad.push(&[0xff]);
         assert!(bad.locations().is_err());
     }
 }

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     QueryError, QueryState,
-    encoded::{EncodedLocations, SharedLocation, timestamp, to_proto},
+    encoded::{EncodedLocations, timestamp, to_proto},
     invalid,
     live::{Filter, LivePoint},
     parse_uuid, stats, track,
@@ -101,10 +101,11 @@ impl Query for QueryService {
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let ids: Vec<&str> = req.device_ids.iter().map(String::as_str).collect();
+        let mut answer = EncodedLocations::with_capacity(ids.len());
         let r = self
             .state
-            .latest_of(&caller, &ids, &req.app_source, SharedLocation::encoded)
-            .map(|encoded| EncodedLocations { encoded });
+            .latest_of(&caller, &ids, &req.app_source, |l| answer.push(l.encoded()))
+            .map(|()| answer);
         timed("GetLatest", started, r)
     }
 
@@ -185,7 +186,7 @@ impl Query for QueryService {
         let live = updates(sub).take_until(self.shutdown.clone().cancelled_owned());
         let live = self.state.while_authorized(caller, live);
         Ok(Response::new(Box::pin(live.map(|points| {
-            Ok(points?.iter().map(|p| p.encoded()).collect())
+            Ok(points?.iter().map(|p| &**p).collect())
         }))))
     }
 }

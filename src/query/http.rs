@@ -122,20 +122,23 @@ pub fn rfc3339(us: i64) -> String {
         .to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-impl From<ValidLocation> for LocationJson {
-    fn from(l: ValidLocation) -> Self {
+impl From<&ValidLocation> for LocationJson {
+    fn from(l: &ValidLocation) -> Self {
         LocationJson {
             time: rfc3339(l.time_us),
             device_id: l.device_id.to_string(),
             user_id: l.user_id.to_string(),
-            app_source: l.app_source,
+            app_source: l.app_source.clone(),
             latitude: l.latitude,
             longitude: l.longitude,
             accuracy: l.accuracy,
             altitude: l.altitude,
             speed: l.speed,
             heading: l.heading,
-            metadata: l.metadata.and_then(|m| serde_json::from_str(&m).ok()),
+            metadata: l
+                .metadata
+                .as_deref()
+                .and_then(|m| serde_json::from_str(m).ok()),
         }
     }
 }
@@ -240,11 +243,14 @@ async fn device_latest(
     Path(device_id): Path<String>,
 ) -> HttpResult<LocationJson> {
     let started = Instant::now();
+    let mut found = None;
     let r = app
         .state
-        .latest_of(&caller, &[&device_id], "", |l| l.location.clone())
-        .and_then(|found| {
-            found.into_iter().next().map(Into::into).ok_or_else(|| {
+        .latest_of(&caller, &[&device_id], "", |l| {
+            found = Some(LocationJson::from(&l.location));
+        })
+        .and_then(|()| {
+            found.ok_or_else(|| {
                 QueryError::NotFound(format!("no points are stored for device {device_id}"))
             })
         });
@@ -275,17 +281,16 @@ async fn latest(
         .split(',')
         .filter(|s| !s.is_empty())
         .collect();
+    let mut locations = Vec::new();
     let r = app
         .state
         .latest_of(
             &caller,
             &ids,
             p.app_source.as_deref().unwrap_or_default(),
-            |l| l.location.clone(),
+            |l| locations.push(LocationJson::from(&l.location)),
         )
-        .map(|found| LatestJson {
-            locations: found.into_iter().map(Into::into).collect(),
-        });
+        .map(|()| LatestJson { locations });
     timed("http_latest", started, r)
 }
 
@@ -334,7 +339,7 @@ async fn device_track(
         )
         .await?;
         Ok(TrackJson {
-            locations: page.points.into_iter().map(Into::into).collect(),
+            locations: page.points.iter().map(LocationJson::from).collect(),
             next_cursor: page.next_cursor,
         })
     }
@@ -475,7 +480,7 @@ async fn live(
         Ok(match l {
             Ok(l) => Event::default()
                 .event("location")
-                .json_data(LocationJson::from(l.location.clone()))
+                .json_data(LocationJson::from(&l.location))
                 .unwrap_or_default(),
             Err(e) => Event::default().event("error").data(e.to_string()),
         })

@@ -37,14 +37,13 @@ impl Latest {
         self.map.get(device).map(|e| pick(e.value()))
     }
 
-    /// `pick` applied to the newest location of every device of
+    /// `found` called with the newest location of every device of
     /// `app_source`, in no particular order.
-    pub fn of_app<T>(&self, app_source: &str, pick: impl Fn(&SharedLocation) -> T) -> Vec<T> {
+    pub fn of_app(&self, app_source: &str, mut found: impl FnMut(&SharedLocation)) {
         self.map
             .iter()
             .filter(|e| e.location.app_source == app_source)
-            .map(|e| pick(e.value()))
-            .collect()
+            .for_each(|e| found(e.value()));
     }
 
     /// Forgets every device whose newest point is older than `cutoff_us`;
@@ -125,18 +124,17 @@ mod tests {
         l.offer(at(1, 50)); // late
         let time = |d| l.get(&Uuid::from_u128(d), |s| s.location.time_us);
         assert_eq!(time(1), Some(100));
-        let stale = l.get(&Uuid::from_u128(1), SharedLocation::encoded).unwrap();
+        let stale = l.get(&Uuid::from_u128(1), |s| s.encoded().to_vec()).unwrap();
         l.offer(at(1, 150));
         assert_eq!(time(1), Some(150));
         // A newer point is encoded anew, not served from the old encoding.
-        let fresh = l.get(&Uuid::from_u128(1), SharedLocation::encoded).unwrap();
+        let fresh = l.get(&Uuid::from_u128(1), |s| s.encoded().to_vec()).unwrap();
         assert_ne!(stale, fresh);
         assert_eq!(time(3), None);
         l.offer(at(2, 10));
-        assert_eq!(
-            l.of_app("pshop", |s| s.location.device_id),
-            [Uuid::from_u128(2)]
-        );
+        let mut of_app = Vec::new();
+        l.of_app("pshop", |s| of_app.push(s.location.device_id));
+        assert_eq!(of_app, [Uuid::from_u128(2)]);
         assert_eq!(l.len(), 2);
     }
 

@@ -88,37 +88,34 @@ impl QueryState {
         }
     }
 
-    /// `pick` applied to the newest positions of `device_ids`, or of every
-    /// device of `app_source` (exactly one of them is given), that `caller`
+    /// `found` called with the newest position of each of `device_ids`, or of
+    /// every device of `app_source` (exactly one of them is given), that `caller`
     /// may read. A device of another app_source is as absent as an unknown one.
-    pub fn latest_of<T>(
+    pub fn latest_of(
         &self,
         caller: &Principal,
         device_ids: &[&str],
         app_source: &str,
-        pick: impl Fn(&encoded::SharedLocation) -> T,
-    ) -> Result<Vec<T>, QueryError> {
+        mut found: impl FnMut(&encoded::SharedLocation),
+    ) -> Result<(), QueryError> {
         caller.require_read()?;
         match (device_ids.is_empty(), app_source.is_empty()) {
             (false, true) if device_ids.len() <= MAX_LATEST_IDS => {
                 let scope = caller.read_scope();
-                let mut out = Vec::with_capacity(device_ids.len());
                 for d in device_ids {
-                    let readable = |l: &encoded::SharedLocation| {
-                        scope
-                            .is_none_or(|a| a == l.location.app_source)
-                            .then(|| pick(l))
-                    };
-                    if let Some(Some(l)) = self.latest.get(&parse_uuid(d, "device_id")?, readable) {
-                        out.push(l);
-                    }
+                    self.latest.get(&parse_uuid(d, "device_id")?, |l| {
+                        if scope.is_none_or(|a| a == l.location.app_source) {
+                            found(l);
+                        }
+                    });
                 }
-                Ok(out)
+                Ok(())
             }
             (false, true) => Err(invalid(format!("at most {MAX_LATEST_IDS} device_ids"))),
             (true, false) => {
                 caller.require_app(app_source)?;
-                Ok(self.latest.of_app(app_source, pick))
+                self.latest.of_app(app_source, found);
+                Ok(())
             }
             _ => Err(invalid("give either device_ids or app_source")),
         }
