@@ -9,8 +9,9 @@ use bytes::BytesMut;
 use common::TestDb;
 use futures::TryStreamExt;
 use locus::{
-    ingest::validate::ValidLocation,
+    ingest::validate::{LocationReader, ValidLocation},
     pipeline::copy_encoder::{COLUMNS, encode_header, encode_row, encode_trailer},
+    query::LOCATION_COLUMNS,
 };
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -157,6 +158,39 @@ async fn encoded_rows_load_and_read_back_unchanged() {
         );
         assert_eq!(got.10, want.metadata);
     }
+
+    // The same rows as the queries read them: by position, the column types
+    // checked on the first row only.
+    let mut reader = LocationReader::default();
+    let read: Vec<ValidLocation> = sqlx::query(&format!(
+        "SELECT {LOCATION_COLUMNS} FROM location_events ORDER BY time DESC"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| reader.read(r).unwrap())
+    .collect();
+    assert_eq!(read, rows());
+
+    // A column of another type (a table that drifted: accuracy as float8)
+    // is an error naming it, not a float4 read from half a float8.
+    let drifted = sqlx::query(
+        "SELECT time, device_id, user_id, app_source, latitude, longitude, accuracy::float8 AS accuracy,
+                altitude, speed, heading, metadata::text AS metadata
+         FROM location_events",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let err = LocationReader::default()
+        .read(&drifted[0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("location column 6 is FLOAT8, not FLOAT4"),
+        "{err}"
+    );
     drop(conn);
     db.drop_db().await;
 }

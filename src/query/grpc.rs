@@ -185,9 +185,9 @@ impl Query for QueryService {
         // One message per committed batch: far fewer frames than one a point.
         let live = updates(sub).take_until(self.shutdown.clone().cancelled_owned());
         let live = self.state.while_authorized(caller, live);
-        Ok(Response::new(Box::pin(live.map(|points| {
-            Ok(points?.iter().map(|p| &**p).collect())
-        }))))
+        Ok(Response::new(Box::pin(
+            live.map(|points| Ok(points?.iter().map(|p| &**p).collect())),
+        )))
     }
 }
 

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{LOCATION_COLUMNS, encoded::SharedLocation};
-use crate::ingest::validate::ValidLocation;
+use crate::ingest::validate::{LocationReader, ValidLocation};
 
 /// foldhash, randomly seeded per process: device ids come from clients, but
 /// one lookup per device of a batch and 10,000 per fleet query make SipHash
@@ -70,7 +70,7 @@ impl Latest {
     /// scan over `(device_id, time DESC)`: one probe per device, not a scan
     /// of every row.
     pub async fn load(&self, pool: &PgPool) -> Result<usize, sqlx::Error> {
-        let rows: Vec<ValidLocation> = sqlx::query_as(&format!(
+        let rows = sqlx::query(&format!(
             "WITH RECURSIVE d AS (
                  (SELECT device_id FROM location_events ORDER BY device_id LIMIT 1)
                  UNION ALL
@@ -86,7 +86,9 @@ impl Latest {
         .fetch_all(pool)
         .await?;
         let n = rows.len();
-        for r in rows {
+        let mut reader = LocationReader::default();
+        for r in &rows {
+            let r = reader.read(r)?;
             self.offer(r);
         }
         Ok(n)
@@ -124,11 +126,15 @@ mod tests {
         l.offer(at(1, 50)); // late
         let time = |d| l.get(&Uuid::from_u128(d), |s| s.location.time_us);
         assert_eq!(time(1), Some(100));
-        let stale = l.get(&Uuid::from_u128(1), |s| s.encoded().to_vec()).unwrap();
+        let stale = l
+            .get(&Uuid::from_u128(1), |s| s.encoded().to_vec())
+            .unwrap();
         l.offer(at(1, 150));
         assert_eq!(time(1), Some(150));
         // A newer point is encoded anew, not served from the old encoding.
-        let fresh = l.get(&Uuid::from_u128(1), |s| s.encoded().to_vec()).unwrap();
+        let fresh = l
+            .get(&Uuid::from_u128(1), |s| s.encoded().to_vec())
+            .unwrap();
         assert_ne!(stale, fresh);
         assert_eq!(time(3), None);
         l.offer(at(2, 10));

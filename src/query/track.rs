@@ -5,7 +5,9 @@
 use uuid::Uuid;
 
 use super::{LOCATION_COLUMNS, QueryError, QueryState, invalid, ts};
-use crate::ingest::validate::ValidLocation;
+use futures::TryStreamExt;
+
+use crate::ingest::validate::{LocationReader, ValidLocation};
 
 pub struct TrackRequest {
     pub device_id: Uuid,
@@ -80,20 +82,26 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
             req.device_id
         )));
     }
-    let mut rows: Vec<ValidLocation> = sqlx::query_as(&format!(
+    let mut reader = LocationReader::default();
+    let mut rows = Vec::new();
+    let sql = format!(
         "SELECT {LOCATION_COLUMNS} FROM location_events
          WHERE device_id = $1 AND time >= $2 AND time < $3 AND time > $4
            AND ($6::text IS NULL OR app_source = $6)
          ORDER BY time LIMIT $5"
-    ))
-    .bind(req.device_id)
-    .bind(ts(req.from_us)?)
-    .bind(ts(req.to_us)?)
-    .bind(ts(after.unwrap_or(req.from_us - 1))?)
-    .bind(i64::from(limit) + 1)
-    .bind(req.app_source.as_deref())
-    .fetch_all(&state.pool)
-    .await?;
+    );
+    let mut found = sqlx::query(&sql)
+        .bind(req.device_id)
+        .bind(ts(req.from_us)?)
+        .bind(ts(req.to_us)?)
+        .bind(ts(after.unwrap_or(req.from_us - 1))?)
+        .bind(i64::from(limit) + 1)
+        .bind(req.app_source.as_deref())
+        .fetch(&state.pool);
+    while let Some(row) = found.try_next().await? {
+        rows.push(reader.read(&row)?);
+    }
+    drop(found);
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let next_cursor = if more {
