@@ -247,10 +247,10 @@ async fn device_latest(
     let r = app
         .state
         .latest_of(&caller, &[&device_id], "", |l| {
-            found = Some(LocationJson::from(&l.location));
+            found = Some(l.location.clone());
         })
         .and_then(|()| {
-            found.ok_or_else(|| {
+            found.as_ref().map(LocationJson::from).ok_or_else(|| {
                 QueryError::NotFound(format!("no points are stored for device {device_id}"))
             })
         });
@@ -281,16 +281,21 @@ async fn latest(
         .split(',')
         .filter(|s| !s.is_empty())
         .collect();
-    let mut locations = Vec::new();
+    // Cloned while the map's shard is locked, converted (strings formatted,
+    // metadata parsed) after: a commit updating the map waits for the first,
+    // not for the second.
+    let mut found = Vec::new();
     let r = app
         .state
         .latest_of(
             &caller,
             &ids,
             p.app_source.as_deref().unwrap_or_default(),
-            |l| locations.push(LocationJson::from(&l.location)),
+            |l| found.push(l.location.clone()),
         )
-        .map(|()| LatestJson { locations });
+        .map(|()| LatestJson {
+            locations: found.iter().map(LocationJson::from).collect(),
+        });
     timed("http_latest", started, r)
 }
 
