@@ -111,6 +111,17 @@ fn proc_times(pid: u32) -> Option<(f64, f64, u32, String)> {
     ))
 }
 
+/// The pid of the postmaster serving `url` (on this machine).
+async fn postmaster(url: &str) -> anyhow::Result<u32> {
+    let mut c = PgConnection::connect(url).await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut c)
+        .await?;
+    proc_times(backend as u32)
+        .map(|t| t.2)
+        .context("read the postmaster's pid from /proc")
+}
+
 /// CPU seconds of one PostgreSQL cluster so far: the postmaster, its live
 /// children, and the children that exited (counted in its cutime/cstime).
 fn pg_cpu(postmaster: u32) -> f64 {
@@ -479,16 +490,11 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         .unwrap_or_default()
         .to_string();
     let mut c = PgConnection::connect(url).await?;
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut c)
-        .await?;
     let version: String = sqlx::query_scalar("SHOW server_version")
         .fetch_one(&mut c)
         .await?;
     drop(c);
-    let postmaster = proc_times(backend as u32)
-        .map(|t| t.2)
-        .context("read the postmaster's pid from /proc")?;
+    let postmaster = postmaster(url).await?;
 
     eprintln!(
         "locus-bench: generating {} rows from {} devices ...",

@@ -191,7 +191,14 @@ pub async fn run(
     writers: usize,
     half_rate: u64,
 ) -> anyhow::Result<()> {
-    let (mut server, _pid, target) = crate::start_locus(locus, url, writers).await?;
+    let (mut server, pid, target) = crate::start_locus(locus, url, writers).await?;
+    let postmaster = crate::postmaster(url).await?;
+    // CPU seconds so far of locus, PostgreSQL and this benchmark's own
+    // clients (the ingest streams, and the subscribers when they run).
+    let cpu = move || {
+        let own = |p| crate::proc_times(p).map_or(0.0, |t| t.0);
+        [own(pid), crate::pg_cpu(postmaster), own(std::process::id())]
+    };
     // Devices and dashboards are different clients: ingest and queries each
     // get their own connections, so an answer does not queue behind ingest
     // frames on one HTTP/2 connection.
@@ -343,10 +350,24 @@ pub async fn run(
     // without, with, with, without: the table grows run by run, and this
     // order cancels that drift out of the ratio.
     let full = |seed| batches(fleet_points("mextrack", 1_000, seed, 300, 1.0), 500);
-    let rate = async |seed| -> anyhow::Result<f64> {
-        let t = Instant::now();
-        let n = ingest(channel.clone(), full(seed), 50, None, no_stop.clone()).await?;
-        Ok(n as f64 / t.elapsed().as_secs_f64())
+    // Points/s, points, and CPU seconds of locus, PostgreSQL and this process.
+    type Run = (f64, f64, [f64; 3]);
+    let rate = async |seed| -> anyhow::Result<Run> {
+        let (t, before) = (Instant::now(), cpu());
+        let n = ingest(channel.clone(), full(seed), 50, None, no_stop.clone()).await? as f64;
+        let after = cpu();
+        Ok((
+            n / t.elapsed().as_secs_f64(),
+            n,
+            std::array::from_fn(|i| after[i] - before[i]),
+        ))
+    };
+    let add = |a: Run, b: Run| -> Run {
+        (
+            a.0 + b.0,
+            a.1 + b.1,
+            std::array::from_fn(|i| a.2[i] + b.2[i]),
+        )
     };
     let mut without = rate(10).await?;
     let received = Arc::new(AtomicU64::new(0));
@@ -381,9 +402,22 @@ pub async fn run(
             }
         }));
     }
-    let with = rate(11).await? + rate(12).await?;
+    let with = add(rate(11).await?, rate(12).await?);
     subs.iter().for_each(|s| s.abort());
-    without += rate(13).await?;
+    without = add(without, rate(13).await?);
+    // CPU seconds per million points ingested, by process.
+    let per_m = |r: Run, i: usize| r.2[i] / (r.1 / 1e6);
+    let cpu_line = format!(
+        "CPU s per million points ingested, without / with the subscribers: locus {:.2} / {:.2}, \
+         PostgreSQL {:.2} / {:.2}, this benchmark's clients {:.2} / {:.2}",
+        per_m(without, 0),
+        per_m(with, 0),
+        per_m(without, 1),
+        per_m(with, 1),
+        per_m(without, 2),
+        per_m(with, 2),
+    );
+    let (with, without) = (with.0, without.0);
     let _ = server.child.start_kill();
     let _ = server.child.wait().await;
 
@@ -433,6 +467,7 @@ pub async fn run(
         updates.load(Relaxed),
         with / without
     );
+    println!("{cpu_line}");
     println!("live_subscribers_ingest_ratio={:.3}", with / without);
     Ok(())
 }
