@@ -271,31 +271,27 @@ pub async fn run(
     let q = QueryClient::new(connect().await?);
     let buckets = async |rpc| handler_buckets(&server, rpc).await;
     let before = buckets("GetLatest").await;
-    let latest = timed(200, || {
-        let mut q = q.clone();
-        let req = GetLatestRequest {
-            device_ids: ids.clone(),
-            app_source: String::new(),
-        };
-        async move {
-            let n = q.get_latest(req).await?.into_inner().locations()?.len();
-            anyhow::ensure!(n == 10_000, "{n} latest positions");
-            Ok(())
-        }
+    // 200 calls of `req`, each answered with the 10,000 positions.
+    let latest_calls = |req: GetLatestRequest| {
+        let q = q.clone();
+        timed(200, move || {
+            let (mut q, req) = (q.clone(), req.clone());
+            async move {
+                let n = q.get_latest(req).await?.into_inner().locations()?.len();
+                anyhow::ensure!(n == 10_000, "{n} latest positions");
+                Ok(())
+            }
+        })
+    };
+    let latest = latest_calls(GetLatestRequest {
+        device_ids: ids,
+        app_source: String::new(),
     })
     .await?;
     let after_ids = buckets("GetLatest").await;
-    let latest_app = timed(200, || {
-        let mut q = q.clone();
-        let req = GetLatestRequest {
-            device_ids: vec![],
-            app_source: FLEET_MAP.into(),
-        };
-        async move {
-            let n = q.get_latest(req).await?.into_inner().locations()?.len();
-            anyhow::ensure!(n == 10_000, "{n} latest positions");
-            Ok(())
-        }
+    let latest_app = latest_calls(GetLatestRequest {
+        device_ids: vec![],
+        app_source: FLEET_MAP.into(),
     })
     .await?;
     let after_app = buckets("GetLatest").await;
