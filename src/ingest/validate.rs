@@ -34,9 +34,10 @@ pub struct ValidLocation {
 /// them for a day's track). The columns' types are the statement's, the same
 /// in every row: they are checked once, on the first row, and the cells are
 /// then decoded without sqlx's check per cell (3-13% of locus's CPU for a
-/// day's track, measured). `time` is read as the timestamptz it is (microseconds on
-/// the wire): computing microseconds in SQL goes through `numeric`, and cost
-/// a day's track (8,640 rows) about 6 ms of database time here.
+/// day's track, measured). `time` is read as the timestamptz it is
+/// (microseconds on the wire): computing microseconds in SQL goes through
+/// `numeric`, and cost a day's track (8,640 rows) about 6 ms of database
+/// time here.
 #[derive(Debug, Default)]
 pub struct LocationReader {
     checked: bool,

@@ -2,11 +2,10 @@
 //! `(device_id, time)` is unique, so the cursor (the last time returned)
 //! makes pages without gaps or repeats.
 
+use futures::TryStreamExt;
 use uuid::Uuid;
 
 use super::{LOCATION_COLUMNS, QueryError, QueryState, invalid, ts};
-use futures::TryStreamExt;
-
 use crate::ingest::validate::{LocationReader, ValidLocation};
 
 pub struct TrackRequest {
@@ -101,7 +100,6 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
     while let Some(row) = found.try_next().await? {
         rows.push(reader.read(&row)?);
     }
-    drop(found);
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let next_cursor = if more {
