@@ -29,6 +29,60 @@ pub struct ValidLocation {
     pub metadata: Option<String>,
 }
 
+/// A [`ValidLocation`] borrowed, from one or from a committed COPY row (see
+/// `copy_encoder::read_row`): what the live feed matches and encodes
+/// without an allocation per point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocationRef<'a> {
+    pub time_us: i64,
+    pub device_id: Uuid,
+    pub user_id: Uuid,
+    pub app_source: &'a str,
+    pub latitude: f64,
+    pub longitude: f64,
+    pub accuracy: Option<f32>,
+    pub altitude: Option<f32>,
+    pub speed: Option<f32>,
+    pub heading: Option<f32>,
+    pub metadata: Option<&'a str>,
+}
+
+impl ValidLocation {
+    pub fn as_ref(&self) -> LocationRef<'_> {
+        LocationRef {
+            time_us: self.time_us,
+            device_id: self.device_id,
+            user_id: self.user_id,
+            app_source: &self.app_source,
+            latitude: self.latitude,
+            longitude: self.longitude,
+            accuracy: self.accuracy,
+            altitude: self.altitude,
+            speed: self.speed,
+            heading: self.heading,
+            metadata: self.metadata.as_deref(),
+        }
+    }
+}
+
+impl LocationRef<'_> {
+    pub fn to_owned(&self) -> ValidLocation {
+        ValidLocation {
+            time_us: self.time_us,
+            device_id: self.device_id,
+            user_id: self.user_id,
+            app_source: self.app_source.to_owned(),
+            latitude: self.latitude,
+            longitude: self.longitude,
+            accuracy: self.accuracy,
+            altitude: self.altitude,
+            speed: self.speed,
+            heading: self.heading,
+            metadata: self.metadata.map(str::to_owned),
+        }
+    }
+}
+
 /// Reads rows of `query::LOCATION_COLUMNS` into [`ValidLocation`]s, by
 /// position (by name, each column of each row is a hash lookup: 95,000 of
 /// them for a day's track). The columns' types are the statement's, the same

@@ -6,7 +6,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::ingest::validate::{PG_EPOCH_OFFSET_US, ValidLocation};
+use crate::ingest::validate::{LocationRef, PG_EPOCH_OFFSET_US, ValidLocation};
 
 /// The columns every COPY names, in the order [`encode_row`] writes them.
 pub const COLUMNS: &str = "time, device_id, user_id, app_source, latitude, longitude, accuracy, altitude, speed, heading, metadata";
@@ -83,6 +83,11 @@ pub fn encode_row(buf: &mut BytesMut, loc: &ValidLocation) {
 /// Committed rows are decoded this way for the latest-position map and the
 /// live feed, so the pipeline keeps only the encoded bytes.
 pub fn decode_row(row: &[u8]) -> Option<ValidLocation> {
+    read_row(row).map(|l| l.to_owned())
+}
+
+/// [`decode_row`], borrowing the row's strings.
+pub fn read_row(row: &[u8]) -> Option<LocationRef<'_>> {
     let mut r = Reader(row);
     if r.i16()? != FIELD_COUNT {
         return None;
@@ -90,7 +95,7 @@ pub fn decode_row(row: &[u8]) -> Option<ValidLocation> {
     let time_us = i64::from_be_bytes(r.field_exact::<8>()?) + PG_EPOCH_OFFSET_US;
     let device_id = uuid::Uuid::from_bytes(r.field_exact::<16>()?);
     let user_id = uuid::Uuid::from_bytes(r.field_exact::<16>()?);
-    let app_source = String::from_utf8(r.field()??.to_vec()).ok()?;
+    let app_source = std::str::from_utf8(r.field()??).ok()?;
     let latitude = f64::from_be_bytes(r.field_exact::<8>()?);
     let longitude = f64::from_be_bytes(r.field_exact::<8>()?);
     let mut opt = || -> Option<Option<f32>> {
@@ -102,10 +107,10 @@ pub fn decode_row(row: &[u8]) -> Option<ValidLocation> {
     let (accuracy, altitude, speed, heading) = (opt()?, opt()?, opt()?, opt()?);
     let metadata = match r.field()? {
         None => None,
-        Some([JSONB_VERSION, json @ ..]) => Some(String::from_utf8(json.to_vec()).ok()?),
+        Some([JSONB_VERSION, json @ ..]) => Some(std::str::from_utf8(json).ok()?),
         Some(_) => return None,
     };
-    Some(ValidLocation {
+    Some(LocationRef {
         time_us,
         device_id,
         user_id,

@@ -10,11 +10,12 @@ use super::{
     QueryError, QueryState,
     encoded::{EncodedLocations, timestamp, to_proto},
     invalid,
-    live::{Filter, LivePoint},
+    live::{Filter, Update},
     parse_uuid, stats, track,
 };
 use crate::{
     auth::Principal,
+    ingest::validate::ValidLocation,
     metrics as m,
     proto::{self, query_server::Query},
 };
@@ -186,15 +187,13 @@ impl Query for QueryService {
         let live = updates(sub).take_until(self.shutdown.clone().cancelled_owned());
         let live = self.state.while_authorized(caller, live);
         Ok(Response::new(Box::pin(
-            live.map(|points| Ok(points?.iter().map(|p| &**p).collect())),
+            live.map(|update| Ok(update?.encoded())),
         )))
     }
 }
 
 /// A subscription as a stream of the matching points of each committed batch.
-pub fn updates(
-    sub: super::live::Subscription,
-) -> impl Stream<Item = Vec<LivePoint>> + Send + 'static {
+pub fn updates(sub: super::live::Subscription) -> impl Stream<Item = Update> + Send + 'static {
     futures::stream::unfold(
         sub,
         |mut sub| async move { sub.next().await.map(|v| (v, sub)) },
@@ -202,9 +201,11 @@ pub fn updates(
 }
 
 /// A subscription as a stream of single points.
-pub fn points(sub: super::live::Subscription) -> impl Stream<Item = LivePoint> + Send + 'static {
+pub fn points(
+    sub: super::live::Subscription,
+) -> impl Stream<Item = ValidLocation> + Send + 'static {
     use futures::StreamExt;
-    updates(sub).flat_map(futures::stream::iter)
+    updates(sub).flat_map(|u| futures::stream::iter(u.locations()))
 }
 
 pub fn hour_to_proto(h: stats::HourStats) -> proto::HourlyStats {

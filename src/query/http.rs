@@ -485,7 +485,7 @@ async fn live(
         Ok(match l {
             Ok(l) => Event::default()
                 .event("location")
-                .json_data(LocationJson::from(&l.location))
+                .json_data(LocationJson::from(&l))
                 .unwrap_or_default(),
             Err(e) => Event::default().event("error").data(e.to_string()),
         })

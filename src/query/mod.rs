@@ -170,21 +170,16 @@ pub const MAX_LATEST_IDS: usize = 10_000;
 
 impl CommitSink for QueryState {
     fn committed(&self, subs: &[Submission], inserted: Option<&foldhash::HashSet<PointKey>>) {
-        let rows = || {
-            subs.iter().flat_map(|s| {
-                let starts = std::iter::once(0).chain(s.row_ends.iter().map(|e| *e as usize));
-                starts
-                    .zip(s.row_ends.iter())
-                    .zip(&s.keys)
-                    .map(move |((a, b), k)| (&s.rows[a..*b as usize], k))
-            })
-        };
         // The latest map: only each device's newest row of the batch is decoded.
         let mut newest: foldhash::HashMap<Uuid, (i64, &[u8])> = Default::default();
-        for (row, (device, t)) in rows() {
-            let e = newest.entry(*device).or_insert((*t, row));
-            if *t > e.0 {
-                *e = (*t, row);
+        for s in subs {
+            for (range, (device, t)) in rows(s) {
+                let e = newest
+                    .entry(*device)
+                    .or_insert((*t, &s.rows[range.clone()]));
+                if *t > e.0 {
+                    *e = (*t, &s.rows[range]);
+                }
             }
         }
         for (_, row) in newest.into_values() {
@@ -193,14 +188,27 @@ impl CommitSink for QueryState {
             }
         }
         if self.live.has_subscribers() {
-            let new = rows()
-                .filter(|(_, k)| inserted.is_none_or(|i| i.contains(k)))
-                .filter_map(|(row, _)| copy_encoder::decode_row(row))
-                .map(|l| Arc::new(encoded::SharedLocation::new(l)))
-                .collect();
-            self.live.publish(new);
+            let mut batch = live::LiveBatch::default();
+            for s in subs {
+                let rows_of_s = batch.add_rows(s.rows.clone());
+                for (range, k) in rows(s) {
+                    if inserted.is_none_or(|i| i.contains(k)) {
+                        batch.push(rows_of_s, range.start as u32..range.end as u32);
+                    }
+                }
+            }
+            self.live.publish(batch);
         }
     }
+}
+
+/// Each row of `s`: its byte range in `s.rows`, and its key.
+fn rows(s: &Submission) -> impl Iterator<Item = (std::ops::Range<usize>, &PointKey)> {
+    let starts = std::iter::once(0).chain(s.row_ends.iter().map(|e| *e as usize));
+    starts
+        .zip(s.row_ends.iter().map(|e| *e as usize))
+        .map(|(a, b)| a..b)
+        .zip(&s.keys)
 }
 
 /// The columns of a [`ValidLocation`](crate::ingest::validate::ValidLocation), for SELECTs on
