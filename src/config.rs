@@ -260,6 +260,11 @@ pub struct QueryArgs {
     /// Most live subscribers at once.
     #[arg(long, env = "LOCUS_MAX_SUBSCRIBERS", default_value_t = 1_000)]
     pub max_subscribers: usize,
+    /// Least time between two live updates to one subscriber; points
+    /// committed meanwhile go in the next update (0 for an update per
+    /// committed batch).
+    #[arg(long, env = "LOCUS_LIVE_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub live_interval: Duration,
 }
 
 impl Default for QueryArgs {
@@ -272,6 +277,7 @@ impl Default for QueryArgs {
             max_stats_span: Duration::from_secs(366 * 86_400),
             live_queue_points: 8_192,
             max_subscribers: 1_000,
+            live_interval: Duration::from_millis(100),
         }
     }
 }

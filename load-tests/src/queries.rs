@@ -399,6 +399,15 @@ pub async fn run(
         }));
     }
     let with = add(rate(11).await?, rate(12).await?);
+    // What is still on its way (an update waits up to --live-interval) is
+    // counted before the subscribers go: until a second passes with none.
+    loop {
+        let seen = received.load(Relaxed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if received.load(Relaxed) == seen {
+            break;
+        }
+    }
     subs.iter().for_each(|s| s.abort());
     without = add(without, rate(13).await?);
     // CPU seconds per million points ingested, by process.

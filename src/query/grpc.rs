@@ -183,7 +183,7 @@ impl Query for QueryService {
         let filter = filter(req.get_ref())?;
         let sub = self.state.subscribe(&caller, filter)?;
         use futures::StreamExt;
-        // One message per committed batch: far fewer frames than one a point.
+        // One message per --live-interval at most: far fewer frames than one a point.
         let live = updates(sub).take_until(self.shutdown.clone().cancelled_owned());
         let live = self.state.while_authorized(caller, live);
         Ok(Response::new(Box::pin(
@@ -192,7 +192,8 @@ impl Query for QueryService {
     }
 }
 
-/// A subscription as a stream of the matching points of each committed batch.
+/// A subscription as a stream of updates: the matching points committed
+/// since the last.
 pub fn updates(sub: super::live::Subscription) -> impl Stream<Item = Update> + Send + 'static {
     futures::stream::unfold(
         sub,

@@ -13,12 +13,16 @@ use std::{
     collections::{HashSet, VecDeque},
     ops::Range,
     sync::{Arc, Mutex, OnceLock, RwLock, Weak},
+    time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
 use prost::encoding::{WireType, encode_key, encode_varint};
-use tokio::sync::{Notify, Semaphore};
+use tokio::{
+    sync::{Notify, Semaphore},
+    time::Instant,
+};
 use uuid::Uuid;
 
 use super::encoded::{EncodedLocations, encode_location};
@@ -99,11 +103,17 @@ impl LiveBatch {
         self.points.is_empty()
     }
 
+    /// Point `i`'s COPY row.
+    fn row(&self, i: usize) -> Option<&[u8]> {
+        let (rows, range) = self.points.get(i)?;
+        self.rows
+            .get(*rows as usize)?
+            .get(range.start as usize..range.end as usize)
+    }
+
     /// Point `i`, borrowed from its row; `None` if the row is not one.
     fn location(&self, i: usize) -> Option<LocationRef<'_>> {
-        let (rows, range) = self.points.get(i)?;
-        let rows = self.rows.get(*rows as usize)?;
-        read_row(rows.get(range.start as usize..range.end as usize)?)
+        read_row(self.row(i)?)
     }
 
     fn wire(&self) -> &Wire {
@@ -146,6 +156,44 @@ impl LiveBatch {
 struct Chunk {
     batch: Arc<LiveBatch>,
     points: Vec<u32>,
+    /// Whether `batch` is the committed batch, shared with other
+    /// subscribers, rather than a copy of just these points.
+    shared: bool,
+}
+
+impl Chunk {
+    fn new(batch: Arc<LiveBatch>, points: Vec<u32>) -> Self {
+        Self {
+            batch,
+            points,
+            shared: true,
+        }
+    }
+
+    /// These points, copied out of their batch into one of their own.
+    fn compacted(&self) -> Self {
+        let mut rows = BytesMut::new();
+        let mut batch = LiveBatch::default();
+        let mut ranges = Vec::with_capacity(self.points.len());
+        for row in self
+            .points
+            .iter()
+            .filter_map(|i| self.batch.row(*i as usize))
+        {
+            let start = rows.len() as u32;
+            rows.extend_from_slice(row);
+            ranges.push(start..rows.len() as u32);
+        }
+        let all = batch.add_rows(rows.freeze());
+        ranges.into_iter().for_each(|r| batch.push(all, r));
+        batch.wanted = vec![true; batch.len()];
+        let points = (0..batch.len() as u32).collect();
+        Self {
+            batch: Arc::new(batch),
+            points,
+            shared: false,
+        }
+    }
 }
 
 /// What a subscriber takes at once: its oldest points not yet taken, at most
@@ -196,6 +244,7 @@ pub struct Live {
     slots: Arc<Semaphore>,
     max_subscribers: usize,
     queue_points: usize,
+    interval: Duration,
 }
 
 /// A subscription: holds one of the `--max-subscribers` slots, and leaves
@@ -206,6 +255,9 @@ pub struct Subscription {
     /// Weak: the feed's end (its owner dropping it) ends the subscription.
     live: Weak<Live>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// When the next update may be taken (`--live-interval` after the last).
+    next_at: Option<Instant>,
+    interval: Duration,
 }
 
 /// One subscriber's filter and queue.
@@ -227,9 +279,22 @@ struct Queue {
 impl Queue {
     /// Appends `chunk`, then drops the oldest points beyond `limit`;
     /// returns how many were dropped.
+    ///
+    /// A chunk holds its whole committed batch. A subscriber that falls
+    /// behind keeps only its newest [`SHARED_CHUNKS`] so; older chunks are
+    /// copied down to their own points, so that what it holds stays bounded
+    /// by its points (`--live-queue-points`), not by the batches they came
+    /// in.
     fn push(&mut self, chunk: Chunk, limit: usize) -> usize {
         self.points += chunk.points.len();
         self.chunks.push_back(chunk);
+        let older = self.chunks.len().saturating_sub(SHARED_CHUNKS);
+        for c in self.chunks.iter_mut().take(older).rev() {
+            if !c.shared {
+                break; // and every older one is copied already
+            }
+            *c = c.compacted();
+        }
         let dropped = self.points.saturating_sub(limit);
         let mut over = dropped;
         while over > 0
@@ -262,6 +327,7 @@ impl Queue {
                 out.push(Chunk {
                     batch: Arc::clone(&oldest.batch),
                     points: oldest.points.drain(..room).collect(),
+                    shared: oldest.shared,
                 });
                 n = max;
             }
@@ -271,19 +337,29 @@ impl Queue {
     }
 }
 
+/// Chunks of a queue that may hold their whole committed batch.
+const SHARED_CHUNKS: usize = 4;
+
 /// At most this many points an update: about 450 KB encoded, within the
 /// 4 MiB a gRPC client accepts by default, whatever `--live-queue-points`.
 const MAX_UPDATE_POINTS: usize = 4_096;
 
 impl Subscription {
     /// The oldest matching points not yet taken (at most
-    /// [`MAX_UPDATE_POINTS`]), waiting for at least one; `None` when the
-    /// feed ends.
+    /// [`MAX_UPDATE_POINTS`]), waiting for at least one, and for
+    /// `--live-interval` since the last update: what commits meanwhile goes
+    /// in the next update whole. `None` when the feed ends.
     pub async fn next(&mut self) -> Option<Update> {
+        if let Some(at) = self.next_at {
+            tokio::time::sleep_until(at).await;
+        }
         loop {
             {
                 let mut q = self.inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
                 if q.points > 0 {
+                    if !self.interval.is_zero() {
+                        self.next_at = Some(Instant::now() + self.interval);
+                    }
                     return Some(q.take(MAX_UPDATE_POINTS));
                 }
                 if q.closed {
@@ -307,13 +383,15 @@ impl Drop for Subscription {
 }
 
 impl Live {
-    /// `queue_points`: the most points a subscriber may fall behind.
-    pub fn new(queue_points: usize, max_subscribers: usize) -> Arc<Self> {
+    /// `queue_points`: the most points a subscriber may fall behind;
+    /// `interval`: the least time between two updates to one subscriber.
+    pub fn new(queue_points: usize, max_subscribers: usize, interval: Duration) -> Arc<Self> {
         Arc::new(Self {
             index: RwLock::default(),
             slots: Arc::new(Semaphore::new(max_subscribers)),
             max_subscribers,
             queue_points: queue_points.max(1),
+            interval,
         })
     }
 
@@ -330,6 +408,8 @@ impl Live {
             inbox,
             live: Arc::downgrade(self),
             _slot: slot,
+            next_at: None,
+            interval: self.interval,
         })
     }
 
@@ -369,10 +449,7 @@ impl Live {
         let batch = Arc::new(batch);
         let mut dropped = 0;
         for (inbox, points) in hits.into_values() {
-            let chunk = Chunk {
-                batch: Arc::clone(&batch),
-                points,
-            };
+            let chunk = Chunk::new(Arc::clone(&batch), points);
             dropped += inbox
                 .queue
                 .lock()
@@ -556,8 +633,6 @@ fn cells((min_lat, max_lat, min_lon, max_lon): (f64, f64, f64, f64)) -> (u8, Vec
 
 #[cfg(test)]
 mod tests {
-    use bytes::BytesMut;
-
     use super::*;
     use crate::{pipeline::copy_encoder::encode_row, query::encoded::to_proto};
 
@@ -605,10 +680,7 @@ mod tests {
         let update = Update(
             q.chunks
                 .iter()
-                .map(|c| Chunk {
-                    batch: Arc::clone(&c.batch),
-                    points: c.points.clone(),
-                })
+                .map(|c| Chunk::new(Arc::clone(&c.batch), c.points.clone()))
                 .collect(),
         );
         assert_eq!(update.len(), q.points, "the queue counts its points");
@@ -624,7 +696,7 @@ mod tests {
     /// scan finds, and no more.
     #[test]
     fn the_index_matches_as_a_scan_of_every_filter() {
-        let live = Live::new(1_000_000, 100);
+        let live = Live::new(1_000_000, 100, Duration::ZERO);
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let filters = vec![
             Filter::default(),
@@ -680,7 +752,7 @@ mod tests {
 
     #[test]
     fn a_subscriber_that_falls_behind_loses_its_oldest_points() {
-        let live = Live::new(3, 10);
+        let live = Live::new(3, 10, Duration::ZERO);
         let slow = live.subscribe(Filter::default()).unwrap();
         let d = Uuid::from_u128(7);
         for lat in 0..5 {
@@ -697,9 +769,46 @@ mod tests {
         assert_eq!(pending(&slow), [(12.0, 0.0), (13.0, 0.0), (14.0, 0.0)]);
     }
 
+    /// A subscriber that falls behind holds the whole committed batch of
+    /// only its newest chunks; older ones are copies of its own points.
+    #[tokio::test]
+    async fn a_stalled_subscriber_holds_its_points_not_their_batches() {
+        let live = Live::new(1_000, 1, Duration::ZERO);
+        let mut stalled = live.subscribe(bbox((0.0, 1.0, 0.0, 1.0))).unwrap();
+        let d = Uuid::from_u128(7);
+        let lon = |b: i32| f64::from(b) / 10.0;
+        let mut want = Vec::new();
+        for b in 0..10 {
+            // 100 points a batch, one of them in the box.
+            let points: Vec<_> = (0..100)
+                .map(|i| point(d, "a", if i == b { 0.5 } else { 50.0 }, lon(b)))
+                .collect();
+            live.publish(batch(&points));
+            want.push((0.5, lon(b)));
+        }
+        {
+            let q = stalled.inbox.queue.lock().unwrap();
+            let held: Vec<_> = q.chunks.iter().map(|c| (c.shared, c.batch.len())).collect();
+            let copied = 10 - SHARED_CHUNKS;
+            assert_eq!(
+                held,
+                [vec![(false, 1); copied], vec![(true, 100); SHARED_CHUNKS]].concat()
+            );
+        }
+        assert_eq!(pending(&stalled), want);
+        let update = stalled.next().await.unwrap();
+        let lons: Vec<_> = update.locations().iter().map(|l| l.longitude).collect();
+        assert_eq!(lons, want.iter().map(|w| w.1).collect::<Vec<_>>());
+        let encoded = update.encoded().locations().unwrap();
+        assert_eq!(
+            encoded.iter().map(|l| l.longitude).collect::<Vec<_>>(),
+            lons
+        );
+    }
+
     #[tokio::test]
     async fn a_long_queue_is_taken_in_bounded_updates_in_order() {
-        let live = Live::new(10_000, 1);
+        let live = Live::new(10_000, 1, Duration::ZERO);
         let mut sub = live.subscribe(Filter::default()).unwrap();
         let d = Uuid::from_u128(7);
         let n = MAX_UPDATE_POINTS + 10;
@@ -723,7 +832,7 @@ mod tests {
     /// come in runs of a batch or one by one, from one batch or several.
     #[tokio::test]
     async fn an_update_encodes_its_points_in_order() {
-        let live = Live::new(1_000, 1);
+        let live = Live::new(1_000, 1, Duration::ZERO);
         let mut sub = live.subscribe(bbox((0.0, 10.0, 0.0, 10.0))).unwrap();
         let d = Uuid::from_u128(7);
         let mut sent = Vec::new();
@@ -751,9 +860,35 @@ mod tests {
         assert_eq!(update.encoded().len(), 7);
     }
 
+    /// Updates to one subscriber come at most every interval; what commits
+    /// meanwhile waits for the next, whole and in order.
+    #[tokio::test(start_paused = true)]
+    async fn updates_come_at_most_every_interval() {
+        let live = Live::new(1_000, 1, Duration::from_millis(100));
+        let mut sub = live.subscribe(Filter::default()).unwrap();
+        let d = Uuid::from_u128(7);
+        let at = |lat: f64| batch(&[point(d, "a", lat, 0.0)]);
+        let lats = |u: Update| u.locations().iter().map(|l| l.latitude).collect::<Vec<_>>();
+        let start = Instant::now();
+        live.publish(at(1.0));
+        assert_eq!(lats(sub.next().await.unwrap()), [1.0]);
+        assert_eq!(start.elapsed(), Duration::ZERO, "the first comes at once");
+        live.publish(at(2.0));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        live.publish(at(3.0));
+        assert_eq!(lats(sub.next().await.unwrap()), [2.0, 3.0]);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        // After a quiet spell longer than the interval, a point goes at once.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let quiet = Instant::now();
+        live.publish(at(4.0));
+        assert_eq!(lats(sub.next().await.unwrap()), [4.0]);
+        assert_eq!(quiet.elapsed(), Duration::ZERO);
+    }
+
     #[tokio::test]
     async fn subscriptions_leave_the_index_and_end_with_the_feed() {
-        let live = Live::new(10, 2);
+        let live = Live::new(10, 2, Duration::ZERO);
         let d = Uuid::from_u128(7);
         let s1 = live.subscribe(bbox((0.0, 1.0, 0.0, 1.0))).unwrap();
         let mut s2 = live

@@ -82,7 +82,11 @@ impl QueryState {
         Self {
             pool,
             latest: latest::Latest::default(),
-            live: live::Live::new(limits.live_queue_points, limits.max_subscribers),
+            live: live::Live::new(
+                limits.live_queue_points,
+                limits.max_subscribers,
+                limits.live_interval,
+            ),
             limits,
             auth,
         }
