@@ -11,14 +11,18 @@ use crate::{config::ValidationArgs, proto};
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 /// A point that passed validation, in the units the table stores. Also what
-/// queries read back (see `query::LOCATION_COLUMNS`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidLocation {
+/// queries read back (see `query::LOCATION_COLUMNS`). Generic over its
+/// strings: [`ValidLocation`] owns them; [`LocationRef`] borrows them, from
+/// a `ValidLocation` or from a committed COPY row (see
+/// `copy_encoder::read_row`), which is what the live feed matches and
+/// encodes without an allocation per point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocationOf<S> {
     /// Microseconds since the Unix epoch.
     pub time_us: i64,
     pub device_id: Uuid,
     pub user_id: Uuid,
-    pub app_source: String,
+    pub app_source: S,
     pub latitude: f64,
     pub longitude: f64,
     pub accuracy: Option<f32>,
@@ -26,60 +30,40 @@ pub struct ValidLocation {
     pub speed: Option<f32>,
     pub heading: Option<f32>,
     /// The JSON object, as sent; `None` for no metadata.
-    pub metadata: Option<String>,
+    pub metadata: Option<S>,
 }
 
-/// A [`ValidLocation`] borrowed, from one or from a committed COPY row (see
-/// `copy_encoder::read_row`): what the live feed matches and encodes
-/// without an allocation per point.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LocationRef<'a> {
-    pub time_us: i64,
-    pub device_id: Uuid,
-    pub user_id: Uuid,
-    pub app_source: &'a str,
-    pub latitude: f64,
-    pub longitude: f64,
-    pub accuracy: Option<f32>,
-    pub altitude: Option<f32>,
-    pub speed: Option<f32>,
-    pub heading: Option<f32>,
-    pub metadata: Option<&'a str>,
-}
+pub type ValidLocation = LocationOf<String>;
+pub type LocationRef<'a> = LocationOf<&'a str>;
 
-impl ValidLocation {
-    pub fn as_ref(&self) -> LocationRef<'_> {
-        LocationRef {
+impl<S> LocationOf<S> {
+    /// The same location, each string passed through `f`.
+    fn map<'a, T>(&'a self, f: impl Fn(&'a S) -> T) -> LocationOf<T> {
+        LocationOf {
             time_us: self.time_us,
             device_id: self.device_id,
             user_id: self.user_id,
-            app_source: &self.app_source,
+            app_source: f(&self.app_source),
             latitude: self.latitude,
             longitude: self.longitude,
             accuracy: self.accuracy,
             altitude: self.altitude,
             speed: self.speed,
             heading: self.heading,
-            metadata: self.metadata.as_deref(),
+            metadata: self.metadata.as_ref().map(f),
         }
+    }
+}
+
+impl ValidLocation {
+    pub fn as_ref(&self) -> LocationRef<'_> {
+        self.map(String::as_str)
     }
 }
 
 impl LocationRef<'_> {
     pub fn to_owned(&self) -> ValidLocation {
-        ValidLocation {
-            time_us: self.time_us,
-            device_id: self.device_id,
-            user_id: self.user_id,
-            app_source: self.app_source.to_owned(),
-            latitude: self.latitude,
-            longitude: self.longitude,
-            accuracy: self.accuracy,
-            altitude: self.altitude,
-            speed: self.speed,
-            heading: self.heading,
-            metadata: self.metadata.map(str::to_owned),
-        }
+        self.map(|s| (*s).to_owned())
     }
 }
 
