@@ -262,7 +262,7 @@ pub struct QueryArgs {
     pub max_subscribers: usize,
     /// Least time between two live updates to one subscriber; points
     /// committed meanwhile go in the next update (0 for an update per
-    /// committed batch).
+    /// committed batch; at most 10s).
     #[arg(long, env = "LOCUS_LIVE_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub live_interval: Duration,
 }
@@ -474,6 +474,11 @@ impl ServeConfig {
                 a.rate_limit_burst, l.max_batch_points
             )));
         }
+        if self.query.live_interval > Duration::from_secs(10) {
+            return Err(ConfigError::Inconsistent(
+                "--live-interval must be at most 10s: a live feed holds points that long".into(),
+            ));
+        }
         if a.auth_refresh_interval < Duration::from_millis(100) {
             return Err(ConfigError::Inconsistent(
                 "--auth-refresh-interval must be at least 100ms".into(),
@@ -535,6 +540,16 @@ mod tests {
         s.hourly_refresh_window = Some(Duration::from_secs(30 * 86_400));
         let err = s.validate().unwrap_err();
         assert!(err.to_string().contains("erase their aggregates"), "{err}");
+    }
+
+    #[test]
+    fn a_live_interval_of_more_than_ten_seconds_is_refused() {
+        let mut c = ServeConfig::with_database("postgres://localhost/locus");
+        c.query.live_interval = Duration::from_secs(11);
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("--live-interval"), "{err}");
+        c.query.live_interval = Duration::from_secs(10);
+        c.validate().unwrap();
     }
 
     #[test]

@@ -116,6 +116,9 @@ impl LiveBatch {
         read_row(self.row(i)?)
     }
 
+    /// The wanted points' encoding. Made by the first subscriber to ask; one
+    /// asking meanwhile blocks its worker thread until it is made (a batch's
+    /// few thousand points) rather than encode them again.
     fn wire(&self) -> &Wire {
         self.wire.get_or_init(|| {
             let mut wire = Wire {
@@ -804,6 +807,65 @@ mod tests {
             encoded.iter().map(|l| l.longitude).collect::<Vec<_>>(),
             lons
         );
+    }
+
+    /// A queue, through any mix of batches, drops and partial takes (and
+    /// the copying of older chunks), behaves as a plain bounded list of its
+    /// points: the newest `limit` kept, taken oldest first.
+    #[test]
+    fn a_queue_is_a_bounded_list_of_its_points() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(7);
+        let d = Uuid::from_u128(7);
+        for limit in [1, 5, 37, 200] {
+            let mut queue = Queue::default();
+            let mut model = VecDeque::new();
+            let mut next = 0u32;
+            for _ in 0..300 {
+                if rng.random_bool(0.6) {
+                    // A batch of up to 50 points, of which the subscriber
+                    // wants some, in order.
+                    let n = rng.random_range(1..50);
+                    let points: Vec<_> = (next..next + n)
+                        .map(|i| point(d, "a", 0.0, f64::from(i)))
+                        .collect();
+                    next += n;
+                    let wanted: Vec<u32> = (0..n).filter(|_| rng.random_bool(0.3)).collect();
+                    if wanted.is_empty() {
+                        continue;
+                    }
+                    model.extend(wanted.iter().map(|i| points[*i as usize].longitude));
+                    let mut b = batch(&points);
+                    b.wanted = vec![true; b.len()];
+                    let dropped = queue.push(Chunk::new(Arc::new(b), wanted), limit);
+                    let over = model.len().saturating_sub(limit);
+                    model.drain(..over);
+                    assert_eq!(dropped, over);
+                } else {
+                    let max = rng.random_range(1..60);
+                    let update = queue.take(max);
+                    let want: Vec<_> = model.drain(..max.min(model.len())).collect();
+                    let got: Vec<_> = update.locations().iter().map(|l| l.longitude).collect();
+                    assert_eq!(got, want);
+                    let encoded = update.encoded().locations().unwrap();
+                    assert_eq!(
+                        encoded.iter().map(|l| l.longitude).collect::<Vec<_>>(),
+                        want
+                    );
+                }
+                assert_eq!(queue.points, model.len());
+                let held: usize = queue.chunks.iter().map(|c| c.points.len()).sum();
+                assert_eq!(held, model.len());
+                assert!(
+                    queue
+                        .chunks
+                        .iter()
+                        .rev()
+                        .skip(SHARED_CHUNKS)
+                        .all(|c| !c.shared)
+                );
+            }
+        }
     }
 
     #[tokio::test]
