@@ -26,6 +26,7 @@ use locus_load::{
     proc::{Locus, rss_peak_mib},
 };
 
+mod live_match;
 mod queries;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
@@ -72,8 +73,9 @@ struct Args {
     /// Keep the benchmark database.
     #[arg(long)]
     keep: bool,
-    /// `ingest` (the four write paths) or `queries` (query latency under
-    /// ingest, and ingest with live subscribers).
+    /// `ingest` (the four write paths), `queries` (query latency under
+    /// ingest, and ingest with live subscribers) or `live` (the live feed's
+    /// matching and encoding in process, without a database).
     #[arg(long, default_value = "ingest")]
     suite: String,
     /// Queries suite: the ingest rate kept up while queries run (points/s),
@@ -446,6 +448,9 @@ pub async fn start_locus(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.suite == "live" {
+        return live_match::run().await;
+    }
     let name = format!("locus_bench_{}", std::process::id());
     let mut admin = PgConnection::connect(&a.database_url)
         .await
