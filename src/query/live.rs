@@ -7,7 +7,8 @@
 //! app_source, or (no filter) everyone. Each subscriber has its own queue,
 //! bounded in points (`--live-queue-points`); one that falls behind loses
 //! its oldest points, counted in `locus_live_dropped_total`, and the writers
-//! never wait for it.
+//! never wait for it. It takes an update at most every `--live-interval`:
+//! what commits meanwhile goes in the next one.
 
 use std::{
     collections::{HashSet, VecDeque},
