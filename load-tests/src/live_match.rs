@@ -13,6 +13,7 @@ use locus::{
     pipeline::copy_encoder::encode_row,
     query::live::{Filter, Live, LiveBatch},
 };
+use locus_load::fleet::Rng;
 use uuid::Uuid;
 
 const BATCHES: usize = 40;
@@ -42,9 +43,7 @@ pub async fn run() -> anyhow::Result<()> {
     // The first round warms up and is not counted.
     for round in 0..ROUNDS {
         for (rows, ranges) in &batches {
-            let mut batch = LiveBatch::default();
-            let all = batch.add_rows(rows.clone());
-            ranges.iter().for_each(|r| batch.push(all, r.clone()));
+            let batch = LiveBatch::of_rows(rows.clone(), ranges.iter().cloned());
             let t = Instant::now();
             live.publish(batch);
             let p = t.elapsed();
@@ -77,14 +76,8 @@ pub async fn run() -> anyhow::Result<()> {
 
 /// COPY rows of points spread evenly over the boxes' area, as committed.
 fn batches() -> Vec<(Bytes, Vec<std::ops::Range<u32>>)> {
-    // xorshift: the same points every run.
-    let mut seed = 12_345u64;
-    let mut unit = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 11) as f64 / (1u64 << 53) as f64
-    };
+    // The same points every run.
+    let mut rng = Rng::new(12_345);
     (0..BATCHES as u32)
         .map(|b| {
             let mut rows = BytesMut::new();
@@ -95,8 +88,8 @@ fn batches() -> Vec<(Bytes, Vec<std::ops::Range<u32>>)> {
                     device_id: Uuid::from_u128(u128::from(i % 1_000)),
                     user_id: Uuid::from_u128(7),
                     app_source: "mextrack".into(),
-                    latitude: 19.2 + unit() * 0.575,
-                    longitude: -99.4 + unit() * 0.55,
+                    latitude: 19.2 + rng.unit() * 0.575,
+                    longitude: -99.4 + rng.unit() * 0.55,
                     accuracy: Some(5.0),
                     altitude: None,
                     speed: Some(30.0),

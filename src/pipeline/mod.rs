@@ -47,6 +47,17 @@ pub struct Submission {
     pub reservation: Reservation,
 }
 
+impl Submission {
+    /// Each row: its byte range in `rows`, and its key.
+    pub fn rows(&self) -> impl Iterator<Item = (std::ops::Range<usize>, &PointKey)> {
+        let starts = std::iter::once(0).chain(self.row_ends.iter().map(|e| *e as usize));
+        starts
+            .zip(self.row_ends.iter().map(|e| *e as usize))
+            .map(|(a, b)| a..b)
+            .zip(&self.keys)
+    }
+}
+
 /// Encodes accepted points into a [`Submission`]'s parts.
 #[derive(Debug, Default)]
 pub struct SubmissionBuilder {

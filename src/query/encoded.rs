@@ -140,14 +140,12 @@ impl EncodedLocations {
 
     /// Appends one encoded `proto::Location`.
     pub fn push(&mut self, encoded: &[u8]) {
-        encode_key(LOCATIONS, WireType::LengthDelimited, &mut self.wire);
-        encode_varint(encoded.len() as u64, &mut self.wire);
-        self.wire.put_slice(encoded);
+        put_framed(&mut self.wire, encoded);
         self.count += 1;
     }
 
-    /// Appends `count` locations already framed as [`push`](Self::push)
-    /// frames them (see `live::LiveBatch`).
+    /// Appends `count` locations already framed by [`put_framed`] (see
+    /// `live::LiveBatch`).
     pub fn extend_framed(&mut self, framed: &[u8], count: usize) {
         self.wire.put_slice(framed);
         self.count += count;
@@ -175,6 +173,14 @@ impl EncodedLocations {
         }
         Ok(out)
     }
+}
+
+/// Appends one encoded `proto::Location` framed as a location of
+/// [`EncodedLocations`]: field 1, its length, its bytes.
+pub fn put_framed(buf: &mut impl BufMut, encoded: &[u8]) {
+    encode_key(LOCATIONS, WireType::LengthDelimited, buf);
+    encode_varint(encoded.len() as u64, buf);
+    buf.put_slice(encoded);
 }
 
 impl<'a> FromIterator<&'a SharedLocation> for EncodedLocations {

@@ -19,14 +19,13 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
-use prost::encoding::{WireType, encode_key, encode_varint};
 use tokio::{
     sync::{Notify, Semaphore},
     time::Instant,
 };
 use uuid::Uuid;
 
-use super::encoded::{EncodedLocations, encode_location};
+use super::encoded::{EncodedLocations, encode_location, put_framed};
 use crate::{
     ingest::validate::{LocationRef, ValidLocation},
     metrics as m,
@@ -84,6 +83,14 @@ struct Wire {
 }
 
 impl LiveBatch {
+    /// A batch of one buffer's rows, at `ranges` of it.
+    pub fn of_rows(rows: Bytes, ranges: impl IntoIterator<Item = Range<u32>>) -> Self {
+        let mut batch = Self::default();
+        let all = batch.add_rows(rows);
+        ranges.into_iter().for_each(|r| batch.push(all, r));
+        batch
+    }
+
     /// Adds a committed submission's rows; returns their number, for
     /// [`push`](Self::push).
     pub fn add_rows(&mut self, rows: Bytes) -> u32 {
@@ -133,9 +140,7 @@ impl LiveBatch {
                 {
                     location.clear();
                     encode_location(&l, &mut location);
-                    encode_key(1, WireType::LengthDelimited, &mut wire.bytes);
-                    encode_varint(location.len() as u64, &mut wire.bytes);
-                    wire.bytes.extend_from_slice(&location);
+                    put_framed(&mut wire.bytes, &location);
                 }
                 wire.ends
                     .push(u32::try_from(wire.bytes.len()).unwrap_or(u32::MAX));
@@ -177,7 +182,6 @@ impl Chunk {
     /// These points, copied out of their batch into one of their own.
     fn compacted(&self) -> Self {
         let mut rows = BytesMut::new();
-        let mut batch = LiveBatch::default();
         let mut ranges = Vec::with_capacity(self.points.len());
         for row in self
             .points
@@ -188,8 +192,7 @@ impl Chunk {
             rows.extend_from_slice(row);
             ranges.push(start..rows.len() as u32);
         }
-        let all = batch.add_rows(rows.freeze());
-        ranges.into_iter().for_each(|r| batch.push(all, r));
+        let mut batch = LiveBatch::of_rows(rows.freeze(), ranges);
         batch.wanted = vec![true; batch.len()];
         let points = (0..batch.len() as u32).collect();
         Self {
@@ -675,10 +678,7 @@ mod tests {
             encode_row(&mut rows, p);
             ranges.push(start..rows.len() as u32);
         }
-        let mut b = LiveBatch::default();
-        let r = b.add_rows(rows.freeze());
-        ranges.into_iter().for_each(|range| b.push(r, range));
-        b
+        LiveBatch::of_rows(rows.freeze(), ranges)
     }
 
     fn bbox(b: (f64, f64, f64, f64)) -> Filter {

@@ -177,7 +177,7 @@ impl CommitSink for QueryState {
         // The latest map: only each device's newest row of the batch is decoded.
         let mut newest: foldhash::HashMap<Uuid, (i64, &[u8])> = Default::default();
         for s in subs {
-            for (range, (device, t)) in rows(s) {
+            for (range, (device, t)) in s.rows() {
                 let e = newest
                     .entry(*device)
                     .or_insert((*t, &s.rows[range.clone()]));
@@ -195,7 +195,7 @@ impl CommitSink for QueryState {
             let mut batch = live::LiveBatch::default();
             for s in subs {
                 let rows_of_s = batch.add_rows(s.rows.clone());
-                for (range, k) in rows(s) {
+                for (range, k) in s.rows() {
                     if inserted.is_none_or(|i| i.contains(k)) {
                         batch.push(rows_of_s, range.start as u32..range.end as u32);
                     }
@@ -204,15 +204,6 @@ impl CommitSink for QueryState {
             self.live.publish(batch);
         }
     }
-}
-
-/// Each row of `s`: its byte range in `s.rows`, and its key.
-fn rows(s: &Submission) -> impl Iterator<Item = (std::ops::Range<usize>, &PointKey)> {
-    let starts = std::iter::once(0).chain(s.row_ends.iter().map(|e| *e as usize));
-    starts
-        .zip(s.row_ends.iter().map(|e| *e as usize))
-        .map(|(a, b)| a..b)
-        .zip(&s.keys)
 }
 
 /// The columns of a [`ValidLocation`](crate::ingest::validate::ValidLocation), for SELECTs on
