@@ -491,8 +491,8 @@ const FINEST: u8 = 16;
 /// A box is indexed this many levels finer than the coarsest whose cells
 /// hold it, in cells of a quarter to a half of its size, so that a point's
 /// cell names few boxes beyond those that hold it. For the benchmark's 200
-/// overlapping boxes, matching a 5,000-point batch took 0.8-1.1 ms so,
-/// against 1.2-1.7 ms at the coarsest level (`locus-bench --suite live`);
+/// overlapping boxes, matching a 5,000-point batch took 0.8-1.2 ms so,
+/// against 1.4-1.9 ms at the coarsest level (`locus-bench --suite live`);
 /// three levels finer did no better.
 const REFINE: u8 = 2;
 
