@@ -23,7 +23,7 @@ use locus::{
 };
 use locus_load::{
     fleet::Device,
-    proc::{Locus, rss_peak_mib},
+    proc::{Locus, pg_cpu, postmaster, proc_times, rss_peak_mib},
 };
 
 mod live_match;
@@ -91,54 +91,6 @@ struct Row {
     service_cpu: Option<f64>,
     pg_cpu: f64,
     rss_mib: Option<f64>,
-}
-
-fn ticks_per_sec() -> f64 {
-    100.0 // USER_HZ on Linux
-}
-
-/// (utime + stime, cutime + cstime, ppid) of a process, in seconds.
-fn proc_times(pid: u32) -> Option<(f64, f64, u32, String)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (head, rest) = stat.rsplit_once(')')?;
-    let comm = head.split_once('(')?.1.to_string();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // After the comm: state=0, ppid=1, ..., utime=11, stime=12, cutime=13, cstime=14.
-    Some((
-        (n(11) + n(12)) / ticks_per_sec(),
-        (n(13) + n(14)) / ticks_per_sec(),
-        n(1) as u32,
-        comm,
-    ))
-}
-
-/// The pid of the postmaster serving `url` (on this machine).
-async fn postmaster(url: &str) -> anyhow::Result<u32> {
-    let mut c = PgConnection::connect(url).await?;
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut c)
-        .await?;
-    proc_times(backend as u32)
-        .map(|t| t.2)
-        .context("read the postmaster's pid from /proc")
-}
-
-/// CPU seconds of one PostgreSQL cluster so far: the postmaster, its live
-/// children, and the children that exited (counted in its cutime/cstime).
-fn pg_cpu(postmaster: u32) -> f64 {
-    let mut total = proc_times(postmaster).map_or(0.0, |(own, reaped, _, _)| own + reaped);
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
-                && let Some((own, _, ppid, _)) = proc_times(pid)
-                && ppid == postmaster
-            {
-                total += own;
-            }
-        }
-    }
-    total
 }
 
 fn generate(devices: u64, rows: usize) -> anyhow::Result<(Vec<Location>, Vec<ValidLocation>)> {

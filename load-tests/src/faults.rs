@@ -21,7 +21,7 @@ use clap::{Parser, ValueEnum};
 use locus::proto::{Location, LocationBatch, ingest_client::IngestClient};
 use locus_load::{
     pg::Cluster,
-    proc::{Locus, open_fds, rss_mib, sibling_locus},
+    proc::{Locus, open_fds, pg_cpu, postmaster, proc_times, rss_mib, sibling_locus},
 };
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -460,14 +460,25 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         ]);
         f
     };
+    let postmaster = postmaster(&db.url).await?;
     let fleet = |callers: &'static str| {
         let flags = run(callers);
         let locus = &locus;
         async move {
             let before = refused(locus).await;
-            let (verified, summary) = Fleet::start(locus, db, &strs(&flags))?
+            let cpu = || {
+                let own = proc_times(locus.pid).map_or(0.0, |t| t.0);
+                (own, pg_cpu(postmaster))
+            };
+            let cpu0 = cpu();
+            let (verified, mut summary) = Fleet::start(locus, db, &strs(&flags))?
                 .finish(Duration::from_secs(secs + 120))
                 .await?;
+            // PostgreSQL's includes the verify's queries; the clients'
+            // is what they spent driving, before them.
+            let cpu1 = cpu();
+            summary["locus_cpu_s"] = (cpu1.0 - cpu0.0).into();
+            summary["pg_cpu_s"] = (cpu1.1 - cpu0.1).into();
             anyhow::Ok((verified, summary, refused(locus).await - before))
         }
     };
@@ -489,6 +500,14 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         n(&base2, "ack_p99_ms"),
         refused1 + refused2
     ));
+    for (name, s) in [("16", &base1), ("128", &over), ("16", &base2)] {
+        out.figure(format!(
+            "CPU s per s with {name} callers: clients {:.2}, locus {:.2}, PostgreSQL {:.2}",
+            n(s, "cpu_s") / secs as f64,
+            n(s, "locus_cpu_s") / secs as f64,
+            n(s, "pg_cpu_s") / secs as f64,
+        ));
+    }
     out.figure(format!(
         "overload: 128 callers offered {offered:.0} points/s ({:.1}x), {accepted:.0} accepted ({:.2} of sustainable), ack p99 {:.0} ms; {} calls refused with a retry hint",
         offered / sustained,

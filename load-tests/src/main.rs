@@ -320,6 +320,10 @@ mod report {
         p99: f64,
         max: f64,
         elapsed: Duration,
+        /// CPU seconds this process spent driving the fleet (before
+        /// --verify), so that a run on the machine under test can say how
+        /// much of it the clients took.
+        cpu: Option<f64>,
     }
 
     impl Summary {
@@ -346,6 +350,7 @@ mod report {
                 p99: pct(0.99),
                 max: l.last().map_or(0.0, |us| *us as f64 / 1000.0),
                 elapsed,
+                cpu: locus_load::proc::proc_times(std::process::id()).map(|t| t.0),
             }
         }
 
@@ -376,6 +381,7 @@ mod report {
                 "ack_p50_ms": (self.p50 * 100.0).round() / 100.0,
                 "ack_p99_ms": (self.p99 * 100.0).round() / 100.0,
                 "ack_max_ms": (self.max * 100.0).round() / 100.0,
+                "cpu_s": self.cpu,
             })
             .to_string()
         }

@@ -192,12 +192,16 @@ pub async fn run(
     half_rate: u64,
 ) -> anyhow::Result<()> {
     let (mut server, pid, target) = crate::start_locus(locus, url, writers).await?;
-    let postmaster = crate::postmaster(url).await?;
+    let postmaster = locus_load::proc::postmaster(url).await?;
     // CPU seconds so far of locus, PostgreSQL and this benchmark's own
     // clients (the ingest streams, and the subscribers when they run).
     let cpu = move || {
-        let own = |p| crate::proc_times(p).map_or(0.0, |t| t.0);
-        [own(pid), crate::pg_cpu(postmaster), own(std::process::id())]
+        let own = |p| locus_load::proc::proc_times(p).map_or(0.0, |t| t.0);
+        [
+            own(pid),
+            locus_load::proc::pg_cpu(postmaster),
+            own(std::process::id()),
+        ]
     };
     // Devices and dashboards are different clients: ingest and queries each
     // get their own connections, so an answer does not queue behind ingest
