@@ -20,13 +20,18 @@ use crate::{
     auth::Auth,
     config::{AuthMode, ConfigError, ServeConfig},
     health::Health,
-    ingest::{Ingestor, grpc::IngestService, unix_micros, validate::Validator},
+    ingest::{
+        Ingestor,
+        grpc::{IngestRoutes, IngestService},
+        unix_micros,
+        validate::Validator,
+    },
     metrics,
     pipeline::{
         Budget, Pipeline,
         writer::{CommitSink, Writer},
     },
-    proto::{self, ingest_server::IngestServer, query_server::QueryServer},
+    proto::{self, query_server::QueryServer},
     query::{QueryState, grpc::QueryService},
     storage::{
         catalog, maintain,
@@ -213,9 +218,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            IngestServer::new(ingest).max_decoding_message_size(config.limits.max_message_bytes),
-        )
+        .add_service(IngestRoutes::new(ingest, config.limits.max_message_bytes))
         .add_service(QueryServer::new(QueryService::new(
             query.clone(),
             shutdown.clone(),

@@ -7,11 +7,16 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
+use bytes::Bytes;
 use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs};
-use locus::proto::{BatchAck, Location, LocationBatch};
+use locus::{
+    ingest::grpc::write_encoded,
+    proto::{BatchAck, Location, LocationBatch},
+};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
+use tonic::{Code, Request};
 
 /// Streams `batches` over one stream; returns the acks received, in order,
 /// and the status that ended the stream, if it ended with an error.
@@ -296,6 +301,12 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
         bad.locations.iter_mut().for_each(|l| l.latitude = 500.0);
         let refused = client.write_locations(bad).await.unwrap_err();
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        // Nor are they decoded: a batch whose device_id is not UTF-8, which
+        // no decoder takes, is refused for the buffer too.
+        let refused = write_encoded(s.channel().await, Request::new(undecodable(&d)))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
         let unlock = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             locker.rollback().await.unwrap();
@@ -313,6 +324,25 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
         "the stream waited, then all went in"
     );
     assert_eq!(count_rows(&pool).await, 100);
+    // With room, the same bytes are decoded, and fail as such.
+    let err = write_encoded(server.channel().await, Request::new(undecodable(&d)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(err.message().contains("invalid string"), "{err:?}");
     server.stop().await;
     db.drop_db().await;
+}
+
+/// A batch of two points whose second's device_id is not UTF-8.
+fn undecodable(d: &Device) -> Bytes {
+    let mut batch = d.batch(102, 3_000, 2);
+    batch.locations[1].device_id = "\u{7f}".repeat(8);
+    let mut raw = batch.encode_to_vec();
+    let at = raw
+        .windows(8)
+        .position(|w| w == [0x7f; 8])
+        .expect("the device_id's bytes");
+    raw[at] = 0xff;
+    Bytes::from(raw)
 }

@@ -6,19 +6,35 @@
 //! ack; past that, or while the buffer is full, the stream is not read, so
 //! backpressure reaches the client through HTTP/2 flow control.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
-use futures::Stream;
+use bytes::{Buf, BufMut, Bytes};
+use futures::{Future, Stream};
+use prost::Message;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{
+    Request, Response, Status, Streaming,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    server::NamedService,
+};
+use tonic_prost::ProstEncoder;
+use tower::Service;
 
-use super::{IngestError, Ingestor, PendingAck, WhenFull};
+use super::{Admitted, IngestError, Ingestor, PendingAck, WhenFull};
 use crate::{
     auth::Principal,
     metrics as m,
-    proto::{BatchAck, LocationBatch, ingest_server::Ingest},
+    proto::{
+        BatchAck, LocationBatch,
+        ingest_server::{Ingest, IngestServer},
+    },
 };
 
 /// The gRPC face of an [`Ingestor`].
@@ -85,21 +101,234 @@ impl Ingest for IngestService {
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
     }
 
+    /// Served by [`WriteLocations`] (see [`IngestRoutes`]), which refuses
+    /// before decoding; here because the trait has it, and alike.
     async fn write_locations(
         &self,
         request: Request<LocationBatch>,
     ) -> Result<Response<BatchAck>, Status> {
         let caller = self.ingestor.auth.authenticate_grpc(&request).await?;
-        let pending = self
+        let batch = request.into_inner();
+        let admitted = self
             .ingestor
-            .ingest(
-                &caller,
-                request.into_inner(),
-                WhenFull::Refuse,
-                "grpc_unary",
-            )
-            .await?;
-        Ok(Response::new(pending.resolve().await?))
+            .admit(&caller, batch.locations.len(), WhenFull::Refuse)?;
+        write(&self.ingestor, admitted, &caller, batch).await
+    }
+}
+
+/// A unary batch once admitted: validated, queued, and answered when
+/// committed.
+async fn write(
+    ingestor: &Ingestor,
+    admitted: Admitted,
+    caller: &Principal,
+    batch: LocationBatch,
+) -> Result<Response<BatchAck>, Status> {
+    let points = batch.locations.into_iter().map(Ok).collect();
+    let pending = ingestor
+        .ingest_admitted(
+            admitted,
+            caller,
+            batch.batch_id,
+            points,
+            WhenFull::Refuse,
+            "grpc_unary",
+        )
+        .await?;
+    Ok(Response::new(pending.resolve().await?))
+}
+
+/// The path of the unary rpc.
+const WRITE_LOCATIONS: &str = "/locus.v1.Ingest/WriteLocations";
+
+/// `locus.v1.Ingest` as served: the generated server, but for
+/// `WriteLocations`, whose request it takes as bytes.
+#[derive(Clone)]
+pub struct IngestRoutes {
+    generated: IngestServer<IngestService>,
+    unary: WriteLocations,
+    max_message_bytes: usize,
+}
+
+impl IngestRoutes {
+    pub fn new(service: IngestService, max_message_bytes: usize) -> Self {
+        Self {
+            unary: WriteLocations {
+                ingestor: service.ingestor.clone(),
+            },
+            generated: IngestServer::new(service).max_decoding_message_size(max_message_bytes),
+            max_message_bytes,
+        }
+    }
+}
+
+impl NamedService for IngestRoutes {
+    const NAME: &'static str = crate::proto::ingest_server::SERVICE_NAME;
+}
+
+impl Service<axum::http::Request<tonic::body::Body>> for IngestRoutes {
+    type Response = axum::http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() != WRITE_LOCATIONS {
+            return self.generated.call(req);
+        }
+        let unary = self.unary.clone();
+        let max = self.max_message_bytes;
+        Box::pin(async move {
+            let mut grpc =
+                tonic::server::Grpc::new(UnaryCodec).apply_max_message_size_config(Some(max), None);
+            Ok(grpc.unary(unary, req).await)
+        })
+    }
+}
+
+/// `WriteLocations` with its request as bytes: the caller is authenticated
+/// and its points counted (without decoding them, see [`count_locations`])
+/// and admitted before the batch is decoded, so that a call refused under
+/// overload costs little more than its bytes' arrival.
+#[derive(Clone)]
+pub struct WriteLocations {
+    ingestor: Ingestor,
+}
+
+impl tonic::server::UnaryService<Bytes> for WriteLocations {
+    type Response = BatchAck;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BatchAck>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let ingestor = self.ingestor.clone();
+        Box::pin(async move {
+            let caller = ingestor.auth.authenticate_grpc(&request).await?;
+            let raw = request.into_inner();
+            // A message that does not scan is not a batch: the decode says why.
+            let counted = count_locations(&raw);
+            let admitted = match counted {
+                Some(n) => Some(ingestor.admit(&caller, n, WhenFull::Refuse)?),
+                None => None,
+            };
+            let batch = LocationBatch::decode(raw).map_err(|e| Status::internal(e.to_string()))?;
+            let admitted = match admitted {
+                Some(a) if counted == Some(batch.locations.len()) => a,
+                _ => {
+                    return Err(Status::internal(
+                        "the batch decoded to another number of points than it was counted",
+                    ));
+                }
+            };
+            write(&ingestor, admitted, &caller, batch).await
+        })
+    }
+}
+
+/// How many `locations` (field 2) a `LocationBatch` holds, read from its
+/// fields' keys and lengths without decoding them; `None` if `raw` is not
+/// a well-formed sequence of fields. For a message that prost decodes this
+/// is its `locations.len()`: prost skips unknown fields as this does, and
+/// fails on field 2 of another wire type.
+pub fn count_locations(mut raw: &[u8]) -> Option<usize> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    let mut count = 0;
+    while !raw.is_empty() {
+        let (tag, wire) = decode_key(&mut raw).ok()?;
+        match wire {
+            WireType::Varint => {
+                decode_varint(&mut raw).ok()?;
+            }
+            WireType::SixtyFourBit => raw = raw.get(8..)?,
+            WireType::ThirtyTwoBit => raw = raw.get(4..)?,
+            WireType::LengthDelimited => {
+                let len = usize::try_from(decode_varint(&mut raw).ok()?).ok()?;
+                raw = raw.get(len..)?;
+                count += usize::from(tag == 2);
+            }
+            // Groups: prost fails on them in this message, and so does this.
+            WireType::StartGroup | WireType::EndGroup => return None,
+        }
+    }
+    Some(count)
+}
+
+/// `WriteLocations` from a client that encoded its batch beforehand, so
+/// that sending it again after a refusal costs no encoding (the load
+/// generator, whose retries under overload must not take the CPU that
+/// locus needs on the same machine).
+pub async fn write_encoded(
+    channel: tonic::transport::Channel,
+    request: Request<Bytes>,
+) -> Result<Response<BatchAck>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("the channel is not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(WRITE_LOCATIONS);
+    grpc.unary(request, path, EncodedCodec).await
+}
+
+/// The client side of [`UnaryCodec`].
+struct EncodedCodec;
+
+impl Codec for EncodedCodec {
+    type Encode = Bytes;
+    type Decode = BatchAck;
+    type Encoder = RawBytes;
+    type Decoder = tonic_prost::ProstDecoder<BatchAck>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// The codec of [`WriteLocations`]: the request as it came, the answer
+/// encoded by prost.
+struct UnaryCodec;
+
+impl Codec for UnaryCodec {
+    type Encode = BatchAck;
+    type Decode = Bytes;
+    type Encoder = ProstEncoder<BatchAck>;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytes
+    }
+}
+
+/// A message as its bytes, either way: received without a copy (the
+/// buffer's slice), or sent as encoded beforehand.
+#[derive(Debug, Default, Clone, Copy)]
+struct RawBytes;
+
+impl Decoder for RawBytes {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Encoder for RawBytes {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
     }
 }
 
@@ -155,5 +384,76 @@ async fn acknowledge(
         if acks.send(ack).await.is_err() || last {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Location;
+
+    fn batch(points: usize) -> LocationBatch {
+        LocationBatch {
+            batch_id: 7,
+            locations: (0..points)
+                .map(|i| Location {
+                    device_id: format!("d{i}"),
+                    latitude: i as f64,
+                    metadata_json: "{}".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn counting_the_locations_agrees_with_prost() {
+        for points in [0, 1, 2, 500] {
+            let raw = batch(points).encode_to_vec();
+            assert_eq!(count_locations(&raw), Some(points));
+            assert_eq!(
+                LocationBatch::decode(&raw[..]).unwrap().locations.len(),
+                points
+            );
+        }
+        // Unknown fields of every wire type are skipped, by both.
+        let mut raw = batch(3).encode_to_vec();
+        for (key, body) in [
+            (3 << 3, &[0x96, 0x01][..]),       // varint
+            ((4 << 3) | 1, &[0; 8][..]),       // 64-bit
+            ((5 << 3) | 5, &[0; 4][..]),       // 32-bit
+            ((6 << 3) | 2, &[2, 0xff, 0][..]), // bytes, not UTF-8
+        ] {
+            raw.push(key);
+            raw.extend_from_slice(body);
+        }
+        assert_eq!(count_locations(&raw), Some(3));
+        assert_eq!(LocationBatch::decode(&raw[..]).unwrap().locations.len(), 3);
+    }
+
+    #[test]
+    fn what_does_not_scan_does_not_decode() {
+        let raw = batch(2).encode_to_vec();
+        // Cut inside the last location.
+        let cut = &raw[..raw.len() - 3];
+        assert_eq!(count_locations(cut), None);
+        assert!(LocationBatch::decode(cut).is_err());
+        // A length past the end.
+        let long = [(2 << 3) | 2, 10, 0];
+        assert_eq!(count_locations(&long), None);
+        assert!(LocationBatch::decode(&long[..]).is_err());
+        // A group.
+        let group = [(2 << 3) | 3];
+        assert_eq!(count_locations(&group), None);
+        assert!(LocationBatch::decode(&group[..]).is_err());
+    }
+
+    /// Field 2 of another wire type: prost fails on it, so the count (which
+    /// passes over it) is never used for a batch.
+    #[test]
+    fn field_two_of_another_wire_type_does_not_decode() {
+        let raw = [2 << 3, 1];
+        assert_eq!(count_locations(&raw), Some(0));
+        assert!(LocationBatch::decode(&raw[..]).is_err());
     }
 }

@@ -62,6 +62,14 @@ pub struct Ingestor {
     pub auth: Auth,
 }
 
+/// A batch that passed [`Ingestor::admit`], of so many points.
+#[derive(Debug)]
+#[must_use]
+pub struct Admitted {
+    points: usize,
+    received: Instant,
+}
+
 /// A client batch whose good points are in the pipeline; resolves to its ack.
 #[derive(Debug)]
 pub struct PendingAck {
@@ -102,9 +110,6 @@ impl Ingestor {
 
     /// As [`Ingestor::ingest`], for points of which some were already found
     /// bad while decoding (HTTP JSON): those keep their index and reason.
-    ///
-    /// The caller is checked first (revoked, role, rate limit), and each
-    /// point against what its token covers, before anything is buffered.
     pub async fn ingest_points(
         &self,
         principal: &Principal,
@@ -113,8 +118,29 @@ impl Ingestor {
         when_full: WhenFull,
         transport: &'static str,
     ) -> Result<PendingAck, IngestError> {
+        let admitted = self.admit(principal, locations.len(), when_full)?;
+        self.ingest_admitted(
+            admitted, principal, batch_id, locations, when_full, transport,
+        )
+        .await
+    }
+
+    /// The checks that need only the caller and how many points it sends:
+    /// the batch's size, the token (revoked, role) and, for a unary call,
+    /// room in the buffer. Under overload most unary calls are refused
+    /// here: before their points are validated and encoded (that work
+    /// would come out of what the writers get), before they spend the
+    /// caller's rate budget, and where the transport can count the points
+    /// without decoding them (gRPC unary, [`grpc::WriteLocations`]), before
+    /// they are decoded. The reservation in [`Ingestor::ingest_admitted`]
+    /// still decides for the calls that pass.
+    pub fn admit(
+        &self,
+        principal: &Principal,
+        points: usize,
+        when_full: WhenFull,
+    ) -> Result<Admitted, IngestError> {
         let received = Instant::now();
-        let points = locations.len();
         metrics::counter!(m::POINTS_RECEIVED).increment(points as u64);
         if points > self.max_batch_points {
             metrics::counter!(m::REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
@@ -125,15 +151,26 @@ impl Ingestor {
         }
         self.auth.check_revoked(principal)?;
         principal.require_write()?;
-        // Under overload most unary calls are refused: refuse them before
-        // validating and encoding points that would be thrown away (that
-        // work would come out of what the writers get), and before they
-        // spend the caller's rate budget. The reservation below still
-        // decides for the calls that pass.
         if when_full == WhenFull::Refuse && !self.pipeline.budget.has_room_for(points) {
             metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
             return Err(IngestError::BufferFull);
         }
+        Ok(Admitted { points, received })
+    }
+
+    /// Validates the points of a batch that [`Ingestor::admit`] let in, each
+    /// against what the caller's token covers, and queues the good ones.
+    pub async fn ingest_admitted(
+        &self,
+        admitted: Admitted,
+        principal: &Principal,
+        batch_id: u64,
+        locations: Vec<Result<proto::Location, validate::Rejection>>,
+        when_full: WhenFull,
+        transport: &'static str,
+    ) -> Result<PendingAck, IngestError> {
+        let Admitted { points, received } = admitted;
+        debug_assert_eq!(points, locations.len(), "admitted for another count");
         self.auth.take(principal, points)?;
         let now_us = unix_micros(SystemTime::now());
         let mut rejected = Vec::new();
