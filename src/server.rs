@@ -14,7 +14,6 @@ use sqlx::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 use crate::{
     auth::Auth,
@@ -224,10 +223,7 @@ pub async fn run(
             shutdown.clone(),
         )))
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY a small answer (an ack, an hourly-stats
-            // page) can wait for the peer's delayed ACK: about 40 ms. The
-            // builder's `tcp_nodelay` does not reach an incoming given here.
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            crate::tls::grpc_incoming(listeners.grpc),
             shutdown.clone().cancelled_owned(),
         );
     let mut grpc = tokio::spawn(grpc);
