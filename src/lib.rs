@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod health;
 pub mod ingest;

@@ -10,7 +10,8 @@ use std::{collections::HashMap, time::Duration};
 use bytes::Bytes;
 use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs};
 use locus::{
-    ingest::grpc::write_encoded,
+    codec::call_encoded,
+    ingest::grpc::WRITE_LOCATIONS,
     proto::{BatchAck, Location, LocationBatch},
 };
 use prost::Message;
@@ -303,9 +304,13 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
         // Nor are they decoded: a batch whose device_id is not UTF-8, which
         // no decoder takes, is refused for the buffer too.
-        let refused = write_encoded(s.channel().await, Request::new(undecodable(&d)))
-            .await
-            .unwrap_err();
+        let refused = call_encoded::<BatchAck>(
+            s.channel().await,
+            WRITE_LOCATIONS,
+            Request::new(undecodable(&d)),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
         let unlock = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -325,9 +330,13 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
     );
     assert_eq!(count_rows(&pool).await, 100);
     // With room, the same bytes are decoded, and fail as such.
-    let err = write_encoded(server.channel().await, Request::new(undecodable(&d)))
-        .await
-        .unwrap_err();
+    let err = call_encoded::<BatchAck>(
+        server.channel().await,
+        WRITE_LOCATIONS,
+        Request::new(undecodable(&d)),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(err.message().contains("invalid string"), "{err:?}");
     server.stop().await;

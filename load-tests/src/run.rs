@@ -13,7 +13,8 @@ use std::{
 
 use bytes::Bytes;
 use locus::{
-    ingest::grpc::write_encoded,
+    codec::call_encoded,
+    ingest::grpc::WRITE_LOCATIONS,
     proto::{BatchAck, Location, LocationBatch, ingest_client::IngestClient},
 };
 use prost::Message;
@@ -333,7 +334,12 @@ pub async fn unary(
             // The latency of the call that was answered, not of the refused
             // attempts before it.
             let at = Instant::now();
-            match write_encoded(channel.clone(), request(encoded.clone(), &token)).await {
+            let call = call_encoded::<BatchAck>(
+                channel.clone(),
+                WRITE_LOCATIONS,
+                request(encoded.clone(), &token),
+            );
+            match call.await {
                 Ok(ack) => {
                     stats.record(&batch, &ack.into_inner(), at);
                     break;

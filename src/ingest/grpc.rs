@@ -13,23 +13,19 @@ use std::{
     task::{Context, Poll},
 };
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use futures::{Future, Stream};
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    Request, Response, Status, Streaming,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    server::NamedService,
-};
-use tonic_prost::ProstEncoder;
+use tonic::{Request, Response, Status, Streaming, server::NamedService};
 use tower::Service;
 
 use super::{Admitted, IngestError, Ingestor, PendingAck, WhenFull};
 use crate::{
     auth::Principal,
+    codec::RawRequests,
     metrics as m,
     proto::{
         BatchAck, LocationBatch,
@@ -139,7 +135,7 @@ async fn write(
 }
 
 /// The path of the unary rpc.
-const WRITE_LOCATIONS: &str = "/locus.v1.Ingest/WriteLocations";
+pub const WRITE_LOCATIONS: &str = "/locus.v1.Ingest/WriteLocations";
 
 /// `locus.v1.Ingest` as served: the generated server, but for
 /// `WriteLocations`, whose request it takes as bytes.
@@ -182,8 +178,8 @@ impl Service<axum::http::Request<tonic::body::Body>> for IngestRoutes {
         let unary = self.unary.clone();
         let max = self.max_message_bytes;
         Box::pin(async move {
-            let mut grpc =
-                tonic::server::Grpc::new(UnaryCodec).apply_max_message_size_config(Some(max), None);
+            let mut grpc = tonic::server::Grpc::new(RawRequests::<BatchAck>::default())
+                .apply_max_message_size_config(Some(max), None);
             Ok(grpc.unary(unary, req).await)
         })
     }
@@ -253,83 +249,6 @@ pub fn count_locations(mut raw: &[u8]) -> Option<usize> {
         }
     }
     Some(count)
-}
-
-/// `WriteLocations` from a client that encoded its batch beforehand, so
-/// that sending it again after a refusal costs no encoding (the load
-/// generator, whose retries under overload must not take the CPU that
-/// locus needs on the same machine).
-pub async fn write_encoded(
-    channel: tonic::transport::Channel,
-    request: Request<Bytes>,
-) -> Result<Response<BatchAck>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("the channel is not ready: {e}")))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(WRITE_LOCATIONS);
-    grpc.unary(request, path, EncodedCodec).await
-}
-
-/// The client side of [`UnaryCodec`].
-struct EncodedCodec;
-
-impl Codec for EncodedCodec {
-    type Encode = Bytes;
-    type Decode = BatchAck;
-    type Encoder = RawBytes;
-    type Decoder = tonic_prost::ProstDecoder<BatchAck>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawBytes
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
-}
-
-/// The codec of [`WriteLocations`]: the request as it came, the answer
-/// encoded by prost.
-struct UnaryCodec;
-
-impl Codec for UnaryCodec {
-    type Encode = BatchAck;
-    type Decode = Bytes;
-    type Encoder = ProstEncoder<BatchAck>;
-    type Decoder = RawBytes;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::default()
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawBytes
-    }
-}
-
-/// A message as its bytes, either way: received without a copy (the
-/// buffer's slice), or sent as encoded beforehand.
-#[derive(Debug, Default, Clone, Copy)]
-struct RawBytes;
-
-impl Decoder for RawBytes {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-impl Encoder for RawBytes {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
 }
 
 /// What the reader hands the acker, in stream order.
