@@ -304,13 +304,7 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
         // Nor are they decoded: a batch whose device_id is not UTF-8, which
         // no decoder takes, is refused for the buffer too.
-        let refused = call_encoded::<BatchAck>(
-            s.channel().await,
-            WRITE_LOCATIONS,
-            Request::new(undecodable(&d)),
-        )
-        .await
-        .unwrap_err();
+        let refused = write_undecodable(s, &d).await;
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
         let unlock = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -330,17 +324,19 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
     );
     assert_eq!(count_rows(&pool).await, 100);
     // With room, the same bytes are decoded, and fail as such.
-    let err = call_encoded::<BatchAck>(
-        server.channel().await,
-        WRITE_LOCATIONS,
-        Request::new(undecodable(&d)),
-    )
-    .await
-    .unwrap_err();
+    let err = write_undecodable(&server, &d).await;
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(err.message().contains("invalid string"), "{err:?}");
     server.stop().await;
     db.drop_db().await;
+}
+
+/// WriteLocations with a batch that does not decode: its answer.
+async fn write_undecodable(server: &TestServer, d: &Device) -> tonic::Status {
+    let raw = Request::new(undecodable(d));
+    call_encoded::<BatchAck>(server.channel().await, WRITE_LOCATIONS, raw)
+        .await
+        .unwrap_err()
 }
 
 /// A batch of two points whose second's device_id is not UTF-8.

@@ -122,14 +122,7 @@ async fn write(
 ) -> Result<Response<BatchAck>, Status> {
     let points = batch.locations.into_iter().map(Ok).collect();
     let pending = ingestor
-        .ingest_admitted(
-            admitted,
-            caller,
-            batch.batch_id,
-            points,
-            WhenFull::Refuse,
-            "grpc_unary",
-        )
+        .ingest_admitted(admitted, caller, batch.batch_id, points, "grpc_unary")
         .await?;
     Ok(Response::new(pending.resolve().await?))
 }

@@ -62,11 +62,13 @@ pub struct Ingestor {
     pub auth: Auth,
 }
 
-/// A batch that passed [`Ingestor::admit`], of so many points.
+/// A batch that passed [`Ingestor::admit`]: of so many points, and what
+/// it does when the buffer is full.
 #[derive(Debug)]
 #[must_use]
 pub struct Admitted {
     points: usize,
+    when_full: WhenFull,
     received: Instant,
 }
 
@@ -119,10 +121,8 @@ impl Ingestor {
         transport: &'static str,
     ) -> Result<PendingAck, IngestError> {
         let admitted = self.admit(principal, locations.len(), when_full)?;
-        self.ingest_admitted(
-            admitted, principal, batch_id, locations, when_full, transport,
-        )
-        .await
+        self.ingest_admitted(admitted, principal, batch_id, locations, transport)
+            .await
     }
 
     /// The checks that need only the caller and how many points it sends:
@@ -155,7 +155,11 @@ impl Ingestor {
             metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
             return Err(IngestError::BufferFull);
         }
-        Ok(Admitted { points, received })
+        Ok(Admitted {
+            points,
+            when_full,
+            received,
+        })
     }
 
     /// Validates the points of a batch that [`Ingestor::admit`] let in, each
@@ -166,10 +170,13 @@ impl Ingestor {
         principal: &Principal,
         batch_id: u64,
         locations: Vec<Result<proto::Location, validate::Rejection>>,
-        when_full: WhenFull,
         transport: &'static str,
     ) -> Result<PendingAck, IngestError> {
-        let Admitted { points, received } = admitted;
+        let Admitted {
+            points,
+            when_full,
+            received,
+        } = admitted;
         debug_assert_eq!(points, locations.len(), "admitted for another count");
         self.auth.take(principal, points)?;
         let now_us = unix_micros(SystemTime::now());
