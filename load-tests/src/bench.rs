@@ -82,6 +82,11 @@ struct Args {
     /// about half of the maximum the ingest suite measured.
     #[arg(long, default_value_t = 100_000)]
     half_rate: u64,
+    /// Queries suite: rounds of ingest without, with, with and without the
+    /// 200 live subscribers. One run is seconds long on this machine, and
+    /// its noise is of the size of what is measured.
+    #[arg(long, default_value_t = 3)]
+    live_rounds: usize,
 }
 
 struct Row {
@@ -429,7 +434,7 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         None => std::env::current_exe()?.with_file_name("locus"),
     };
     if a.suite == "queries" {
-        return queries::run(&locus, url, a.connections, a.half_rate).await;
+        return queries::run(&locus, url, a.connections, a.half_rate, a.live_rounds).await;
     }
     let setup = tokio::process::Command::new(&locus)
         .args(["setup", "--database-url", url])
