@@ -85,7 +85,7 @@ struct Args {
     /// Queries suite: rounds of ingest without, with, with and without the
     /// 200 live subscribers. One run is seconds long on this machine, and
     /// its noise is of the size of what is measured.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     live_rounds: usize,
 }
 

@@ -155,7 +155,11 @@ where
         f().await?;
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    Ok((percentile(ms.clone(), 0.5), percentile(ms, 0.99)))
+    Ok(p50_p99(ms))
+}
+
+fn p50_p99(ms: Vec<f64>) -> (f64, f64) {
+    (percentile(ms.clone(), 0.5), percentile(ms, 0.99))
 }
 
 /// Cumulative counts of locus's `locus_query_duration_seconds` buckets for
@@ -306,8 +310,7 @@ pub async fn run(
                 decoded.push(t.elapsed().as_secs_f64() * 1000.0);
                 anyhow::ensure!(n == 10_000, "{n} latest positions");
             }
-            let p = |ms: Vec<f64>| (percentile(ms.clone(), 0.5), percentile(ms, 0.99));
-            anyhow::Ok((p(decoded), p(received)))
+            anyhow::Ok((p50_p99(decoded), p50_p99(received)))
         }
     };
     let (latest, latest_received) = latest_calls(GetLatestRequest {

@@ -196,21 +196,24 @@ impl tonic::server::UnaryService<Bytes> for WriteLocations {
         Box::pin(async move {
             let caller = ingestor.auth.authenticate_grpc(&request).await?;
             let raw = request.into_inner();
+            let decode = |raw| {
+                LocationBatch::decode(raw)
+                    .map_err(|e: prost::DecodeError| Status::internal(e.to_string()))
+            };
             // A message that does not scan is not a batch: the decode says why.
-            let counted = count_locations(&raw);
-            let admitted = match counted {
-                Some(n) => Some(ingestor.admit(&caller, n, WhenFull::Refuse)?),
-                None => None,
+            let Some(points) = count_locations(&raw) else {
+                decode(raw)?;
+                return Err(Status::internal(
+                    "the batch scanned as malformed but decoded",
+                ));
             };
-            let batch = LocationBatch::decode(raw).map_err(|e| Status::internal(e.to_string()))?;
-            let admitted = match admitted {
-                Some(a) if counted == Some(batch.locations.len()) => a,
-                _ => {
-                    return Err(Status::internal(
-                        "the batch decoded to another number of points than it was counted",
-                    ));
-                }
-            };
+            let admitted = ingestor.admit(&caller, points, WhenFull::Refuse)?;
+            let batch = decode(raw)?;
+            if batch.locations.len() != points {
+                return Err(Status::internal(
+                    "the batch decoded to another number of points than it was counted",
+                ));
+            }
             write(&ingestor, admitted, &caller, batch).await
         })
     }
