@@ -203,8 +203,21 @@ async fn a_full_buffer_and_a_missing_database_say_when_to_retry() {
         (status, retry.as_deref(), body["error"]["code"].as_str()),
         (429, Some("1"), Some("buffer_full"))
     );
+    // Refused before it is parsed: a body that is not JSON is refused for
+    // the buffer too, and told it is not JSON once there is room.
+    let not_json = || b"{\"locations\": [".to_vec();
+    let (status, _, body) = post(&server, not_json(), false).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("buffer_full"))
+    );
     locker.rollback().await.unwrap();
     assert_eq!(first.await.unwrap(), 200);
+    let (status, _, body) = post(&server, not_json(), false).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_json"))
+    );
 
     // The database refuses connections for longer than the retry deadline.
     db.cut_off().await;

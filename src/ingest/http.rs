@@ -270,6 +270,10 @@ async fn post_locations(
             );
         }
     };
+    // Refused under overload before the body is decompressed and parsed.
+    if let Err(e) = app.ingestor.admit_unparsed(&caller) {
+        return ingest_error(e);
+    }
     let body = match decode_body(&headers, body, app.max_decompressed) {
         Ok(b) => b,
         Err(e) => return e.into_response(),

@@ -149,17 +149,33 @@ impl Ingestor {
                 limit: self.max_batch_points,
             });
         }
-        self.auth.check_revoked(principal)?;
-        principal.require_write()?;
-        if when_full == WhenFull::Refuse && !self.pipeline.budget.has_room_for(points) {
-            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
-            return Err(IngestError::BufferFull);
-        }
+        self.may_write(principal, (when_full == WhenFull::Refuse).then_some(points))?;
         Ok(Admitted {
             points,
             when_full,
             received,
         })
+    }
+
+    /// For a unary call whose points cannot be counted before it is parsed
+    /// (HTTP JSON): whether the caller may write at all, and whether the
+    /// buffer has room for a point, before the body is decompressed and
+    /// parsed. Under overload that refuses most calls for the cost of their
+    /// bytes' arrival, as [`Ingestor::admit`] does for gRPC.
+    pub fn admit_unparsed(&self, principal: &Principal) -> Result<(), IngestError> {
+        self.may_write(principal, Some(1))
+    }
+
+    /// The token (revoked, role) and, given a number of points, room for
+    /// them in the buffer.
+    fn may_write(&self, principal: &Principal, room_for: Option<usize>) -> Result<(), IngestError> {
+        self.auth.check_revoked(principal)?;
+        principal.require_write()?;
+        if room_for.is_some_and(|points| !self.pipeline.budget.has_room_for(points)) {
+            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
+            return Err(IngestError::BufferFull);
+        }
+        Ok(())
     }
 
     /// Validates the points of a batch that [`Ingestor::admit`] let in, each
