@@ -78,10 +78,11 @@ struct Args {
     /// matching and encoding in process, without a database).
     #[arg(long, default_value = "ingest")]
     suite: String,
-    /// Queries suite: the ingest rate kept up while queries run (points/s),
-    /// about half of the maximum the ingest suite measured.
-    #[arg(long, default_value_t = 100_000)]
-    half_rate: u64,
+    /// Queries suite: the ingest rate kept up while queries run (points/s).
+    /// By default half of the maximum, measured first in the same run
+    /// (`--half-rate 1000` runs the queries with ingest all but idle).
+    #[arg(long)]
+    half_rate: Option<u64>,
     /// Queries suite: rounds of ingest without, with, with and without the
     /// 200 live subscribers. One run is seconds long on this machine, and
     /// its noise is of the size of what is measured.
