@@ -26,6 +26,7 @@ use locus_load::{
     proc::{Locus, pg_cpu, postmaster, proc_times, rss_peak_mib},
 };
 
+mod latest_map;
 mod live_match;
 mod queries;
 use sqlx::{Connection, PgConnection};
@@ -74,8 +75,9 @@ struct Args {
     #[arg(long)]
     keep: bool,
     /// `ingest` (the four write paths), `queries` (query latency under
-    /// ingest, and ingest with live subscribers) or `live` (the live feed's
-    /// matching and encoding in process, without a database).
+    /// ingest, and ingest with live subscribers), `live` (the live feed's
+    /// matching and encoding in process, without a database) or `latest`
+    /// (GetLatest's answer built in process).
     #[arg(long, default_value = "ingest")]
     suite: String,
     /// Queries suite: the ingest rate kept up while queries run (points/s).
@@ -406,8 +408,10 @@ pub async fn start_locus(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    if a.suite == "live" {
-        return live_match::run().await;
+    match a.suite.as_str() {
+        "live" => return live_match::run().await,
+        "latest" => return latest_map::run(),
+        _ => {}
     }
     let name = format!("locus_bench_{}", std::process::id());
     let mut admin = PgConnection::connect(&a.database_url)

@@ -37,6 +37,16 @@ impl Latest {
         self.map.get(device).map(|e| pick(e.value()))
     }
 
+    /// `found` called with the newest location of each of `devices` that
+    /// has one, in their order.
+    pub fn of_devices(&self, devices: &[Uuid], mut found: impl FnMut(&SharedLocation)) {
+        for d in devices {
+            if let Some(e) = self.map.get(d) {
+                found(e.value());
+            }
+        }
+    }
+
     /// `found` called with the newest location of every device of
     /// `app_source`, in no particular order.
     pub fn of_app(&self, app_source: &str, mut found: impl FnMut(&SharedLocation)) {
@@ -141,6 +151,11 @@ mod tests {
         let mut of_app = Vec::new();
         l.of_app("pshop", |s| of_app.push(s.location.device_id));
         assert_eq!(of_app, [Uuid::from_u128(2)]);
+        // In the order asked, without the devices it does not know.
+        let mut of_devices = Vec::new();
+        let asked = [2, 3, 1].map(Uuid::from_u128);
+        l.of_devices(&asked, |s| of_devices.push(s.location.device_id));
+        assert_eq!(of_devices, [Uuid::from_u128(2), Uuid::from_u128(1)]);
         assert_eq!(l.len(), 2);
     }
 

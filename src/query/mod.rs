@@ -106,13 +106,20 @@ impl QueryState {
         match (device_ids.is_empty(), app_source.is_empty()) {
             (false, true) if device_ids.len() <= MAX_LATEST_IDS => {
                 let scope = caller.read_scope();
-                for d in device_ids {
-                    self.latest.get(&parse_uuid(d, "device_id")?, |l| {
-                        if scope.is_none_or(|a| a == l.location.app_source) {
-                            found(l);
-                        }
-                    });
-                }
+                // Every id parsed first, then looked up in a loop of lookups
+                // alone: each lookup is a cache miss in a map of thousands,
+                // and a parse between two of them keeps the processor from
+                // overlapping them (10,000 ids: 4.4-4.5 ms interleaved,
+                // 1.9-2.6 parsed first; `locus-bench --suite latest`).
+                let devices = device_ids
+                    .iter()
+                    .map(|d| parse_uuid(d, "device_id"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.latest.of_devices(&devices, |l| {
+                    if scope.is_none_or(|a| a == l.location.app_source) {
+                        found(l);
+                    }
+                });
                 Ok(())
             }
             (false, true) => Err(invalid(format!("at most {MAX_LATEST_IDS} device_ids"))),
