@@ -101,13 +101,65 @@ pub enum TokenCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct HealthArgs {
-    /// The gRPC address of the locus to ask.
+    /// The gRPC address of the locus to ask (plain gRPC, no TLS).
     #[arg(
         long,
         env = "LOCUS_HEALTH_TARGET",
         default_value = "http://127.0.0.1:50051"
     )]
     target: String,
+    /// Ask `GET <URL>` instead, ready on 200: the metrics listener's
+    /// readiness (`http://127.0.0.1:9000/readyz`), which stays plain HTTP
+    /// when --tls-cert puts the gRPC and HTTP listeners behind TLS.
+    #[arg(long, env = "LOCUS_HEALTH_HTTP", value_name = "URL")]
+    http: Option<String>,
+}
+
+/// How long `locus health` waits for an answer.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `GET url` over plain HTTP/1.1: whether it answered 200.
+async fn http_ready(url: &str) -> anyhow::Result<bool> {
+    use hyper_util::rt::TokioIo;
+    let uri: hyper::Uri = url.parse().with_context(|| format!("--http {url:?}"))?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http"),
+        "--http takes an http:// URL (the metrics listener's /readyz), not {url:?}"
+    );
+    let authority = uri
+        .authority()
+        .with_context(|| format!("--http {url:?} names no host"))?
+        .clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((authority.host(), port))
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(hyper::header::HOST, authority.as_str())
+        .body(axum::body::Body::empty())?;
+    Ok(sender.send_request(request).await?.status() == hyper::StatusCode::OK)
+}
+
+/// Asks gRPC health at `target`: whether it is SERVING.
+async fn grpc_ready(target: &str) -> anyhow::Result<bool> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(target.to_string())?
+        .connect_timeout(HEALTH_TIMEOUT)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {target}"))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    Ok(status == ServingStatus::Serving as i32)
 }
 
 #[derive(Debug, clap::Args)]
@@ -203,23 +255,16 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Health(args) => {
-            use tonic_health::pb::{
-                HealthCheckRequest, health_check_response::ServingStatus,
-                health_client::HealthClient,
+            let ready = async {
+                match &args.http {
+                    Some(url) => http_ready(url).await,
+                    None => grpc_ready(&args.target).await,
+                }
             };
-            let channel = tonic::transport::Endpoint::from_shared(args.target.clone())?
-                .connect_timeout(std::time::Duration::from_secs(3))
-                .connect()
+            let ready = tokio::time::timeout(HEALTH_TIMEOUT, ready)
                 .await
-                .with_context(|| format!("cannot reach {}", args.target))?;
-            let status = HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await?
-                .into_inner()
-                .status;
-            if status != ServingStatus::Serving as i32 {
+                .map_err(|_| anyhow::anyhow!("no answer within {HEALTH_TIMEOUT:?}"))??;
+            if !ready {
                 println!("not ready");
                 return Err(Exit(1).into());
             }

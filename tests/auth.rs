@@ -875,6 +875,36 @@ async fn tls_with_tokens_or_registered_client_certificates() {
     let plain = reqwest::get(format!("http://{}/healthz", server.http)).await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 
+    // The container health check: plain gRPC cannot ask a TLS port; the
+    // metrics listener's readiness, plain HTTP, answers.
+    let health = |args: &[String]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+            .arg("health")
+            .args(args)
+            .env_remove("LOCUS_HEALTH_HTTP")
+            .env_remove("LOCUS_HEALTH_TARGET")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    let grpc = health(&["--target".into(), format!("http://{}", server.grpc)]);
+    assert_ne!(grpc.0, Some(0), "{grpc:?}");
+    let readyz = format!("http://{}/readyz", server.metrics);
+    assert_eq!(
+        health(&["--http".into(), readyz.clone()]),
+        (Some(0), "ready".into())
+    );
+    let absent = format!("http://{}/nowhere", server.metrics);
+    assert_eq!(
+        health(&["--http".into(), absent]),
+        (Some(1), "not ready".into())
+    );
+    let https = format!("https://{}/readyz", server.metrics);
+    assert_ne!(health(&["--http".into(), https]).0, Some(0));
+
     let stored: i64 =
         sqlx::query_scalar("SELECT count(*) FROM location_events WHERE device_id = $1")
             .bind(d.device_id)
@@ -883,6 +913,7 @@ async fn tls_with_tokens_or_registered_client_certificates() {
             .unwrap();
     assert_eq!(stored, 7);
     server.stop().await;
+    assert_ne!(health(&["--http".into(), readyz]).0, Some(0), "stopped");
     std::fs::remove_dir_all(&pki.dir).ok();
     db.drop_db().await;
 }

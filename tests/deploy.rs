@@ -292,13 +292,41 @@ async fn until(server: &TestServer, want: u16) {
     }
 }
 
+/// `locus health` (the container's health check), asking gRPC health or,
+/// with `--http`, the metrics listener's /readyz: its exit code and output.
+fn locus_health(server: &TestServer, http: bool) -> (Option<i32>, String) {
+    let args = if http {
+        [
+            "--http".to_string(),
+            format!("http://{}/readyz", server.metrics),
+        ]
+    } else {
+        ["--target".to_string(), format!("http://{}", server.grpc)]
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+        .arg("health")
+        .args(args)
+        .env_remove("LOCUS_HEALTH_HTTP")
+        .env_remove("LOCUS_HEALTH_TARGET")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.code(), stdout)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_database() {
     let db = TestDb::new().await;
     let server = TestServer::start(config(&db)).await;
     assert_eq!(readyz(&server).await, 200);
+    for http in [false, true] {
+        assert_eq!(locus_health(&server, http), (Some(0), "ready".into()));
+    }
     db.cut_off().await;
     until(&server, 503).await;
+    for http in [false, true] {
+        assert_eq!(locus_health(&server, http), (Some(1), "not ready".into()));
+    }
     let (_, body) = get_json(&server, "/readyz").await;
     assert_eq!(body["reason"], "database unreachable");
     let live = reqwest::get(format!("http://{}/healthz", server.http))
