@@ -1,14 +1,16 @@
 //! gRPC messages as bytes on one side of a call: a server that looks at a
-//! request before decoding it ([`RawRequests`], for `WriteLocations`), and
-//! a client that sends a request it encoded beforehand ([`call_encoded`]:
-//! the load generator's retries, the benchmark's repeated queries).
+//! request before decoding it ([`RawRequests`], for `WriteLocations`), a
+//! client that sends a request it encoded beforehand ([`call_encoded`]:
+//! the load generator's retries, the benchmark's repeated queries), and one
+//! that takes a stream's answers as bytes ([`stream_raw`]: the benchmark's
+//! live subscribers, which count locations without copying them).
 
 use std::marker::PhantomData;
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
 use tonic::{
-    Request, Response, Status,
+    Request, Response, Status, Streaming,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     transport::Channel,
 };
@@ -96,4 +98,84 @@ pub async fn call_encoded<R: Message + Default + Send + 'static>(
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
     grpc.unary(request, path, EncodedRequests(PhantomData))
         .await
+}
+
+/// The server-streaming rpc at `path` with its answers as their bytes,
+/// each a slice of the receive buffer (see [`count_field`]).
+pub async fn stream_raw<Q: Message + Send + 'static>(
+    channel: Channel,
+    path: &'static str,
+    request: Request<Q>,
+) -> Result<Response<Streaming<Bytes>>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("the channel is not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    // Encodes the request with prost, decodes answers as bytes: the
+    // server's codec of `WriteLocations` is the same pair.
+    grpc.server_streaming(request, path, RawRequests::<Q>::default())
+        .await
+}
+
+/// How many length-delimited fields `tag` the encoded message `raw` holds,
+/// read from its fields' keys and lengths without decoding them; `None` if
+/// `raw` is not a well-formed sequence of fields. For a message that prost
+/// decodes, with `tag` a repeated message or string field, this is its
+/// length: prost skips unknown fields as this does, and fails on field
+/// `tag` of another wire type.
+pub fn count_field(mut raw: &[u8], tag: u32) -> Option<usize> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    let mut count = 0;
+    while !raw.is_empty() {
+        let (key, wire) = decode_key(&mut raw).ok()?;
+        match wire {
+            WireType::Varint => {
+                decode_varint(&mut raw).ok()?;
+            }
+            WireType::SixtyFourBit => raw = raw.get(8..)?,
+            WireType::ThirtyTwoBit => raw = raw.get(4..)?,
+            WireType::LengthDelimited => {
+                let len = usize::try_from(decode_varint(&mut raw).ok()?).ok()?;
+                raw = raw.get(len..)?;
+                count += usize::from(key == tag);
+            }
+            // Groups: prost fails on them in locus's messages, and so does this.
+            WireType::StartGroup | WireType::EndGroup => return None,
+        }
+    }
+    Some(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Location, SubscribeRequest};
+
+    /// A LiveUpdate's locations (field 1), as the benchmark's subscribers
+    /// count them, against what prost decodes.
+    #[test]
+    fn count_field_counts_one_field_of_any_message() {
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Update {
+            #[prost(message, repeated, tag = "1")]
+            locations: Vec<Location>,
+        }
+        for n in [0, 1, 3] {
+            let raw = Update {
+                locations: vec![Location::default(); n],
+            }
+            .encode_to_vec();
+            assert_eq!(count_field(&raw, 1), Some(n));
+            assert_eq!(count_field(&raw, 2), Some(0));
+            assert_eq!(Update::decode(&raw[..]).unwrap().locations.len(), n);
+        }
+        let raw = SubscribeRequest {
+            device_ids: vec!["a".into(), "b".into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(count_field(&raw, 2), Some(2));
+        assert_eq!(count_field(&raw[..raw.len() - 1], 2), None);
+    }
 }

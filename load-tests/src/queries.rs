@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use locus::{
-    codec::call_encoded,
+    codec::{call_encoded, count_field, stream_raw},
     proto::{
         BoundingBox, GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, Location,
         LocationBatch, SubscribeRequest, get_hourly_stats_request::Key,
@@ -406,6 +406,7 @@ pub async fn run(
     // because a run is seconds long, and one says little on this machine.
     let received = Arc::new(AtomicU64::new(0));
     let updates = Arc::new(AtomicU64::new(0));
+    let malformed = Arc::new(AtomicU64::new(0));
     let subscribe = async || -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
         let mut subs = Vec::new();
         for i in 0..200 {
@@ -417,22 +418,30 @@ pub async fn run(
                 min_longitude: lon,
                 max_longitude: lon + 0.1,
             };
-            let mut stream = QueryClient::new(connect().await?)
-                .subscribe(SubscribeRequest {
+            // Each update is taken as its bytes and its locations are
+            // counted from the fields' keys, neither copied nor decoded:
+            // these clients share the machine's two cores with the service
+            // and PostgreSQL, and what is measured is what serving them
+            // costs ingest. (tests/query.rs decodes what the feed sends.)
+            let mut stream = stream_raw(
+                connect().await?,
+                "/locus.v1.Query/Subscribe",
+                tonic::Request::new(SubscribeRequest {
                     app_source: String::new(),
                     device_ids: vec![],
                     bbox: Some(bbox),
-                })
-                .await?
-                .into_inner();
-            let (received, updates) = (received.clone(), updates.clone());
+                }),
+            )
+            .await?
+            .into_inner();
+            let (received, updates, malformed) =
+                (received.clone(), updates.clone(), malformed.clone());
             subs.push(tokio::spawn(async move {
-                // Each update is read whole, but its locations are counted, not
-                // decoded: these clients share the machine's two cores with the
-                // service and PostgreSQL, and what is measured is what serving
-                // them costs ingest. (tests/query.rs decodes what the feed sends.)
                 while let Ok(Some(update)) = stream.message().await {
-                    received.fetch_add(update.len() as u64, Relaxed);
+                    match count_field(&update, 1) {
+                        Some(n) => received.fetch_add(n as u64, Relaxed),
+                        None => malformed.fetch_add(1, Relaxed),
+                    };
                     updates.fetch_add(1, Relaxed);
                 }
             }));
@@ -463,6 +472,8 @@ pub async fn run(
         without = add(without, after);
         with = add(with, during);
     }
+    let malformed = malformed.load(Relaxed);
+    anyhow::ensure!(malformed == 0, "{malformed} live updates did not scan");
     // CPU seconds per million points ingested, by process.
     let per_m = |r: Run, i: usize| r.2[i] / (r.1 / 1e6);
     let cpu_line = format!(

@@ -224,27 +224,8 @@ impl tonic::server::UnaryService<Bytes> for WriteLocations {
 /// a well-formed sequence of fields. For a message that prost decodes this
 /// is its `locations.len()`: prost skips unknown fields as this does, and
 /// fails on field 2 of another wire type.
-pub fn count_locations(mut raw: &[u8]) -> Option<usize> {
-    use prost::encoding::{WireType, decode_key, decode_varint};
-    let mut count = 0;
-    while !raw.is_empty() {
-        let (tag, wire) = decode_key(&mut raw).ok()?;
-        match wire {
-            WireType::Varint => {
-                decode_varint(&mut raw).ok()?;
-            }
-            WireType::SixtyFourBit => raw = raw.get(8..)?,
-            WireType::ThirtyTwoBit => raw = raw.get(4..)?,
-            WireType::LengthDelimited => {
-                let len = usize::try_from(decode_varint(&mut raw).ok()?).ok()?;
-                raw = raw.get(len..)?;
-                count += usize::from(tag == 2);
-            }
-            // Groups: prost fails on them in this message, and so does this.
-            WireType::StartGroup | WireType::EndGroup => return None,
-        }
-    }
-    Some(count)
+pub fn count_locations(raw: &[u8]) -> Option<usize> {
+    crate::codec::count_field(raw, 2)
 }
 
 /// What the reader hands the acker, in stream order.
