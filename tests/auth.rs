@@ -8,7 +8,7 @@ mod common;
 
 use std::{process::Stdio, time::Duration};
 
-use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
+use common::{Device, TestDb, TestServer, config, count_rows, locus_health, now_secs};
 use locus::{
     auth::{
         Role,
@@ -877,33 +877,20 @@ async fn tls_with_tokens_or_registered_client_certificates() {
 
     // The container health check: plain gRPC cannot ask a TLS port; the
     // metrics listener's readiness, plain HTTP, answers.
-    let health = |args: &[String]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
-            .arg("health")
-            .args(args)
-            .env_remove("LOCUS_HEALTH_HTTP")
-            .env_remove("LOCUS_HEALTH_TARGET")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        )
-    };
-    let grpc = health(&["--target".into(), format!("http://{}", server.grpc)]);
+    let grpc = locus_health(&["--target", &format!("http://{}", server.grpc)]);
     assert_ne!(grpc.0, Some(0), "{grpc:?}");
     let readyz = format!("http://{}/readyz", server.metrics);
     assert_eq!(
-        health(&["--http".into(), readyz.clone()]),
+        locus_health(&["--http", &readyz]),
         (Some(0), "ready".into())
     );
     let absent = format!("http://{}/nowhere", server.metrics);
     assert_eq!(
-        health(&["--http".into(), absent]),
+        locus_health(&["--http", &absent]),
         (Some(1), "not ready".into())
     );
     let https = format!("https://{}/readyz", server.metrics);
-    assert_ne!(health(&["--http".into(), https]).0, Some(0));
+    assert_ne!(locus_health(&["--http", &https]).0, Some(0));
 
     let stored: i64 =
         sqlx::query_scalar("SELECT count(*) FROM location_events WHERE device_id = $1")
@@ -913,7 +900,7 @@ async fn tls_with_tokens_or_registered_client_certificates() {
             .unwrap();
     assert_eq!(stored, 7);
     server.stop().await;
-    assert_ne!(health(&["--http".into(), readyz]).0, Some(0), "stopped");
+    assert_ne!(locus_health(&["--http", &readyz]).0, Some(0), "stopped");
     std::fs::remove_dir_all(&pki.dir).ok();
     db.drop_db().await;
 }

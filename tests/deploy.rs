@@ -292,26 +292,14 @@ async fn until(server: &TestServer, want: u16) {
     }
 }
 
-/// `locus health` (the container's health check), asking gRPC health or,
-/// with `--http`, the metrics listener's /readyz: its exit code and output.
+/// `locus health` asking gRPC health or, with `--http`, the metrics
+/// listener's /readyz.
 fn locus_health(server: &TestServer, http: bool) -> (Option<i32>, String) {
-    let args = if http {
-        [
-            "--http".to_string(),
-            format!("http://{}/readyz", server.metrics),
-        ]
+    if http {
+        common::locus_health(&["--http", &format!("http://{}/readyz", server.metrics)])
     } else {
-        ["--target".to_string(), format!("http://{}", server.grpc)]
-    };
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
-        .arg("health")
-        .args(args)
-        .env_remove("LOCUS_HEALTH_HTTP")
-        .env_remove("LOCUS_HEALTH_TARGET")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.code(), stdout)
+        common::locus_health(&["--target", &format!("http://{}", server.grpc)])
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

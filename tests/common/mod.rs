@@ -344,3 +344,17 @@ pub async fn scrape(server: &TestServer) -> String {
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap()
 }
+
+/// `locus health` (the container's health check) run with `args`, without
+/// the environment's `LOCUS_HEALTH_*`: its exit code and output.
+pub fn locus_health(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+        .arg("health")
+        .args(args)
+        .env_remove("LOCUS_HEALTH_HTTP")
+        .env_remove("LOCUS_HEALTH_TARGET")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.code(), stdout)
+}
