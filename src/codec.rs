@@ -12,6 +12,7 @@ use prost::Message;
 use tonic::{
     Request, Response, Status, Streaming,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::http::uri::PathAndQuery,
     transport::Channel,
 };
 use tonic_prost::{ProstDecoder, ProstEncoder};
@@ -91,13 +92,21 @@ pub async fn call_encoded<R: Message + Default + Send + 'static>(
     path: &'static str,
     request: Request<Bytes>,
 ) -> Result<Response<R>, Status> {
+    let (mut grpc, path) = ready(channel, path).await?;
+    grpc.unary(request, path, EncodedRequests(PhantomData))
+        .await
+}
+
+/// A client on `channel` once it is ready, and `path` as tonic takes it.
+async fn ready(
+    channel: Channel,
+    path: &'static str,
+) -> Result<(tonic::client::Grpc<Channel>, PathAndQuery), Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(format!("the channel is not ready: {e}")))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-    grpc.unary(request, path, EncodedRequests(PhantomData))
-        .await
+    Ok((grpc, PathAndQuery::from_static(path)))
 }
 
 /// The server-streaming rpc at `path` with its answers as their bytes,
@@ -107,11 +116,7 @@ pub async fn stream_raw<Q: Message + Send + 'static>(
     path: &'static str,
     request: Request<Q>,
 ) -> Result<Response<Streaming<Bytes>>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("the channel is not ready: {e}")))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let (mut grpc, path) = ready(channel, path).await?;
     // Encodes the request with prost, decodes answers as bytes: the
     // server's codec of `WriteLocations` is the same pair.
     grpc.server_streaming(request, path, RawRequests::<Q>::default())

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use locus::{
     ingest::validate::ValidLocation,
-    query::{encoded::EncodedLocations, latest::Latest},
+    query::{encoded::EncodedLocations, latest::Latest, parse_device_ids},
 };
 use locus_load::fleet::Rng;
 use uuid::Uuid;
@@ -43,38 +43,37 @@ pub fn run() -> anyhow::Result<()> {
             metadata: None,
         });
     }
-    let timed = |answer: &dyn Fn() -> EncodedLocations| -> anyhow::Result<(f64, f64)> {
+    let timed = |answer: &dyn Fn() -> anyhow::Result<EncodedLocations>| {
         let mut ms = Vec::with_capacity(CALLS);
         for _ in 0..CALLS {
             let t = Instant::now();
-            let n = answer().len();
+            let n = answer()?.len();
             ms.push(t.elapsed().as_secs_f64() * 1000.0);
             anyhow::ensure!(n == 10_000, "{n} latest positions");
         }
-        ms.sort_by(f64::total_cmp);
-        Ok((ms[CALLS / 2], ms[CALLS * 99 / 100 - 1]))
+        anyhow::Ok(crate::queries::p50_p99(ms))
     };
     let by_app = timed(&|| {
         let mut answer = EncodedLocations::with_capacity(0);
         latest.of_app("fleetmap", |l| answer.push(l.encoded()));
-        answer
+        Ok(answer)
     })?;
-    // As locus finds them: every id parsed, then looked up.
+    // As locus finds them (`QueryState::latest_of`): every id parsed, then
+    // looked up.
     let by_id = timed(&|| {
         let mut answer = EncodedLocations::with_capacity(ids.len());
-        let devices: Vec<Uuid> = ids.iter().filter_map(|i| Uuid::try_parse(i).ok()).collect();
+        let devices: Vec<Uuid> = parse_device_ids(&ids)?;
         latest.of_devices(&devices, |l| answer.push(l.encoded()));
-        answer
+        Ok(answer)
     })?;
     // As it did before 2026-12-02: each id parsed, then looked up.
     let interleaved = timed(&|| {
         let mut answer = EncodedLocations::with_capacity(ids.len());
         for id in &ids {
-            if let Ok(d) = Uuid::try_parse(id) {
-                latest.get(&d, |l| answer.push(l.encoded()));
-            }
+            let d = Uuid::try_parse(id)?;
+            latest.get(&d, |l| answer.push(l.encoded()));
         }
-        answer
+        Ok(answer)
     })?;
     println!("GetLatest's answer built in process, {CALLS} calls each, 10,000 of 11,000 devices:");
     println!();

@@ -158,7 +158,7 @@ where
     Ok(p50_p99(ms))
 }
 
-fn p50_p99(ms: Vec<f64>) -> (f64, f64) {
+pub(crate) fn p50_p99(ms: Vec<f64>) -> (f64, f64) {
     (percentile(ms.clone(), 0.5), percentile(ms, 0.99))
 }
 
@@ -490,17 +490,16 @@ pub async fn run(
     let _ = server.child.wait().await;
 
     println!();
-    match maximum {
-        Some(max) => println!(
-            "Queries, while ingest is kept at {half_rate} points/s, half of the {max:.0} points/s measured first \
-             (300,000 points over 50 streams); it reached {:.0} points/s:",
-            during as f64 / querying
-        ),
-        None => println!(
-            "Queries, while ingest is kept at {half_rate} points/s (--half-rate); it reached {:.0} points/s:",
-            during as f64 / querying
-        ),
-    }
+    let kept = match maximum {
+        Some(max) => {
+            format!("half of the {max:.0} points/s measured first (300,000 points over 50 streams)")
+        }
+        None => "--half-rate".to_string(),
+    };
+    println!(
+        "Queries, while ingest is kept at {half_rate} points/s ({kept}); it reached {:.0} points/s:",
+        during as f64 / querying
+    );
     println!();
     println!(
         "p50 and p99: the client's, from sending the call to the answer decoded. For GetLatest also to the answer \

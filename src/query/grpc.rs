@@ -11,7 +11,7 @@ use super::{
     encoded::{EncodedLocations, timestamp, to_proto},
     invalid,
     live::{Filter, Update},
-    parse_uuid, stats, track,
+    parse_device_ids, parse_uuid, stats, track,
 };
 use crate::{
     auth::Principal,
@@ -62,12 +62,7 @@ pub fn filter(req: &proto::SubscribeRequest) -> Result<Filter, QueryError> {
     let devices = if req.device_ids.is_empty() {
         None
     } else {
-        Some(
-            req.device_ids
-                .iter()
-                .map(|d| parse_uuid(d, "device_id"))
-                .collect::<Result<_, _>>()?,
-        )
+        Some(parse_device_ids(&req.device_ids)?)
     };
     let bbox = match &req.bbox {
         None => None,
