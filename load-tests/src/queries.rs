@@ -40,6 +40,31 @@ fn ts(us: i64) -> Option<prost_types::Timestamp> {
     })
 }
 
+async fn dial(target: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(target.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// Runs `work` on a thread and a runtime of its own, as a dashboard is a
+/// process apart from the devices: a measured answer never waits for a
+/// worker of the runtime that drives the ingest streams (the benchmark's
+/// own load, not locus's time).
+async fn apart<T, Fut>(work: impl FnOnce() -> Fut + Send + 'static) -> anyhow::Result<T>
+where
+    Fut: Future<Output = anyhow::Result<T>>,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(work())
+    })
+    .await?
+}
+
 /// Sends `batches` over `streams` streams, each keeping 8 unacknowledged;
 /// paced to `rate` points/s overall when given. Returns points acknowledged.
 async fn ingest(
@@ -217,13 +242,7 @@ pub async fn run(
     // Devices and dashboards are different clients: ingest and queries each
     // get their own connections, so an answer does not queue behind ingest
     // frames on one HTTP/2 connection.
-    let connect = async || {
-        Endpoint::from_shared(target.clone())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(anyhow::Error::from)
-    };
+    let connect = async || dial(&target).await;
     let channel = connect().await?;
     let no_stop = Arc::new(AtomicBool::new(false));
 
@@ -311,18 +330,17 @@ pub async fn run(
         stop.clone(),
     ));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let q = QueryClient::new(connect().await?);
     let buckets = async |rpc| handler_buckets(&server, rpc).await;
     let before = buckets("GetLatest").await;
     // 200 calls of `req`, each answered with the 10,000 positions, each
     // timed twice: to the answer received (its framing checked, as
     // EncodedLocations does) and to its locations decoded. The request is
     // encoded once, as a map that polls would keep it.
-    let query_channel = connect().await?;
     let latest_calls = |req: GetLatestRequest| {
         let encoded = Bytes::from(req.encode_to_vec());
-        let channel = query_channel.clone();
-        async move {
+        let target = target.clone();
+        apart(move || async move {
+            let channel = dial(&target).await?;
             let (mut received, mut decoded) = (Vec::new(), Vec::new());
             for _ in 0..200 {
                 let t = Instant::now();
@@ -339,7 +357,7 @@ pub async fn run(
                 anyhow::ensure!(n == 10_000, "{n} latest positions");
             }
             anyhow::Ok((p50_p99(decoded), p50_p99(received)))
-        }
+        })
     };
     let (latest, latest_received) = latest_calls(GetLatestRequest {
         device_ids: ids,
@@ -358,35 +376,49 @@ pub async fn run(
         p99_bound(&after_ids, &after_app),
     );
     let before = buckets("GetTrack").await;
-    let track = timed(50, || {
-        let mut q = q.clone();
-        let req = GetTrackRequest {
-            device_id: day_device.clone(),
-            from: ts(day_from),
-            to: ts(day_to),
-            limit: 10_000,
-            cursor: String::new(),
-        };
-        async move {
-            let n = q.get_track(req).await?.into_inner().locations.len();
-            anyhow::ensure!(n == 8_640, "{n} track points");
-            Ok(())
+    let track = apart({
+        let (target, day_device) = (target.clone(), day_device.clone());
+        move || async move {
+            let q = QueryClient::new(dial(&target).await?);
+            timed(50, || {
+                let mut q = q.clone();
+                let req = GetTrackRequest {
+                    device_id: day_device.clone(),
+                    from: ts(day_from),
+                    to: ts(day_to),
+                    limit: 10_000,
+                    cursor: String::new(),
+                };
+                async move {
+                    let n = q.get_track(req).await?.into_inner().locations.len();
+                    anyhow::ensure!(n == 8_640, "{n} track points");
+                    Ok(())
+                }
+            })
+            .await
         }
     })
     .await?;
     let own_track = p99_bound(&before, &buckets("GetTrack").await);
     let before = buckets("GetHourlyStats").await;
-    let stats = timed(200, || {
-        let mut q = q.clone();
-        let req = GetHourlyStatsRequest {
-            key: Some(Key::DeviceId(stats_device.to_string())),
-            from: ts(now_us() - 30 * 86_400_000_000),
-            to: ts(now_us()),
-        };
-        async move {
-            let n = q.get_hourly_stats(req).await?.into_inner().hours.len();
-            anyhow::ensure!(n >= 719, "{n} hours");
-            Ok(())
+    let stats = apart({
+        let target = target.clone();
+        move || async move {
+            let q = QueryClient::new(dial(&target).await?);
+            timed(200, || {
+                let mut q = q.clone();
+                let req = GetHourlyStatsRequest {
+                    key: Some(Key::DeviceId(stats_device.to_string())),
+                    from: ts(now_us() - 30 * 86_400_000_000),
+                    to: ts(now_us()),
+                };
+                async move {
+                    let n = q.get_hourly_stats(req).await?.into_inner().hours.len();
+                    anyhow::ensure!(n >= 719, "{n} hours");
+                    Ok(())
+                }
+            })
+            .await
         }
     })
     .await?;
