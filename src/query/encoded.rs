@@ -129,11 +129,23 @@ pub struct EncodedLocations {
 
 const LOCATIONS: u32 = 1;
 
+/// A framed location with two UUIDs, an app_source, the four optional
+/// numbers and a little metadata: about 160 bytes; metadata makes it more.
+const TYPICAL_FRAMED_BYTES: usize = 192;
+
 impl EncodedLocations {
-    /// Room for `locations` of a typical size.
+    /// Room for `locations` of a typical size: a guess on the generous
+    /// side, as a buffer that runs out of room is copied whole into one
+    /// twice its size, while room never written is, in a large answer,
+    /// pages never touched.
     pub fn with_capacity(locations: usize) -> Self {
+        Self::with_wire_capacity(locations * TYPICAL_FRAMED_BYTES)
+    }
+
+    /// Room for `bytes` of framed locations, when the caller knows them.
+    pub fn with_wire_capacity(bytes: usize) -> Self {
         Self {
-            wire: BytesMut::with_capacity(locations * 128),
+            wire: BytesMut::with_capacity(bytes),
             count: 0,
         }
     }
@@ -149,6 +161,13 @@ impl EncodedLocations {
     pub fn extend_framed(&mut self, framed: &[u8], count: usize) {
         self.wire.put_slice(framed);
         self.count += count;
+    }
+
+    /// Room left in the buffer (a test checks that an update is sized
+    /// exactly).
+    #[cfg(test)]
+    pub(crate) fn spare_capacity(&self) -> usize {
+        self.wire.capacity() - self.wire.len()
     }
 
     /// How many locations.

@@ -220,12 +220,18 @@ impl Update {
     /// As a `LiveUpdate`: each run of consecutive points of a batch is one
     /// copy of their frames.
     pub fn encoded(&self) -> EncodedLocations {
-        let mut out = EncodedLocations::with_capacity(self.len());
-        for c in &self.0 {
-            for run in c.points.chunk_by(|a, b| *a + 1 == *b) {
-                let (first, last) = (run[0] as usize, run[run.len() - 1] as usize);
-                out.extend_framed(c.batch.frames(first, last), run.len());
-            }
+        let runs = || {
+            self.0.iter().flat_map(|c| {
+                c.points.chunk_by(|a, b| *a + 1 == *b).map(|run| {
+                    let (first, last) = (run[0] as usize, run[run.len() - 1] as usize);
+                    (c.batch.frames(first, last), run.len())
+                })
+            })
+        };
+        // Sized exactly: grown as it fills, most of it would be copied twice.
+        let mut out = EncodedLocations::with_wire_capacity(runs().map(|(f, _)| f.len()).sum());
+        for (frames, n) in runs() {
+            out.extend_framed(frames, n);
         }
         out
     }
@@ -902,7 +908,8 @@ mod tests {
     }
 
     /// An update's encoding is its points' encodings, in order, whether they
-    /// come in runs of a batch or one by one, from one batch or several.
+    /// come in runs of a batch or one by one, from one batch or several, in a
+    /// buffer of exactly their size.
     #[tokio::test]
     async fn an_update_encodes_its_points_in_order() {
         let live = Live::new(1_000, 1, Duration::ZERO);
@@ -929,8 +936,10 @@ mod tests {
         let update = sub.next().await.unwrap();
         assert_eq!(update.locations(), sent);
         let want: Vec<_> = sent.into_iter().map(to_proto).collect();
-        assert_eq!(update.encoded().locations().unwrap(), want);
-        assert_eq!(update.encoded().len(), 7);
+        let encoded = update.encoded();
+        assert_eq!(encoded.locations().unwrap(), want);
+        assert_eq!(encoded.len(), 7);
+        assert_eq!(encoded.spare_capacity(), 0, "an update is sized exactly");
     }
 
     /// Updates to one subscriber come at most every interval; what commits
