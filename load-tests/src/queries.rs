@@ -65,6 +65,21 @@ where
     .await?
 }
 
+/// `n` calls, timed as `timed` does, by a query client of their own
+/// (`apart`): each call is handed a clone of it.
+async fn timed_apart<F, Fut>(target: &str, n: usize, mut call: F) -> anyhow::Result<(f64, f64)>
+where
+    F: FnMut(QueryClient<Channel>) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let target = target.to_string();
+    apart(move || async move {
+        let q = QueryClient::new(dial(&target).await?);
+        timed(n, || call(q.clone())).await
+    })
+    .await
+}
+
 /// Sends `batches` over `streams` streams, each keeping 8 unacknowledged;
 /// paced to `rate` points/s overall when given. Returns points acknowledged.
 async fn ingest(
@@ -242,8 +257,7 @@ pub async fn run(
     // Devices and dashboards are different clients: ingest and queries each
     // get their own connections, so an answer does not queue behind ingest
     // frames on one HTTP/2 connection.
-    let connect = async || dial(&target).await;
-    let channel = connect().await?;
+    let channel = dial(&target).await?;
     let no_stop = Arc::new(AtomicBool::new(false));
 
     // The data the queries read.
@@ -376,49 +390,33 @@ pub async fn run(
         p99_bound(&after_ids, &after_app),
     );
     let before = buckets("GetTrack").await;
-    let track = apart({
-        let (target, day_device) = (target.clone(), day_device.clone());
-        move || async move {
-            let q = QueryClient::new(dial(&target).await?);
-            timed(50, || {
-                let mut q = q.clone();
-                let req = GetTrackRequest {
-                    device_id: day_device.clone(),
-                    from: ts(day_from),
-                    to: ts(day_to),
-                    limit: 10_000,
-                    cursor: String::new(),
-                };
-                async move {
-                    let n = q.get_track(req).await?.into_inner().locations.len();
-                    anyhow::ensure!(n == 8_640, "{n} track points");
-                    Ok(())
-                }
-            })
-            .await
+    let track = timed_apart(&target, 50, move |mut q| {
+        let req = GetTrackRequest {
+            device_id: day_device.clone(),
+            from: ts(day_from),
+            to: ts(day_to),
+            limit: 10_000,
+            cursor: String::new(),
+        };
+        async move {
+            let n = q.get_track(req).await?.into_inner().locations.len();
+            anyhow::ensure!(n == 8_640, "{n} track points");
+            Ok(())
         }
     })
     .await?;
     let own_track = p99_bound(&before, &buckets("GetTrack").await);
     let before = buckets("GetHourlyStats").await;
-    let stats = apart({
-        let target = target.clone();
-        move || async move {
-            let q = QueryClient::new(dial(&target).await?);
-            timed(200, || {
-                let mut q = q.clone();
-                let req = GetHourlyStatsRequest {
-                    key: Some(Key::DeviceId(stats_device.to_string())),
-                    from: ts(now_us() - 30 * 86_400_000_000),
-                    to: ts(now_us()),
-                };
-                async move {
-                    let n = q.get_hourly_stats(req).await?.into_inner().hours.len();
-                    anyhow::ensure!(n >= 719, "{n} hours");
-                    Ok(())
-                }
-            })
-            .await
+    let stats = timed_apart(&target, 200, move |mut q| {
+        let req = GetHourlyStatsRequest {
+            key: Some(Key::DeviceId(stats_device.to_string())),
+            from: ts(now_us() - 30 * 86_400_000_000),
+            to: ts(now_us()),
+        };
+        async move {
+            let n = q.get_hourly_stats(req).await?.into_inner().hours.len();
+            anyhow::ensure!(n >= 719, "{n} hours");
+            Ok(())
         }
     })
     .await?;
@@ -456,7 +454,7 @@ pub async fn run(
             // and PostgreSQL, and what is measured is what serving them
             // costs ingest. (tests/query.rs decodes what the feed sends.)
             let mut stream = stream_raw(
-                connect().await?,
+                dial(&target).await?,
                 "/locus.v1.Query/Subscribe",
                 tonic::Request::new(SubscribeRequest {
                     app_source: String::new(),
