@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
             valid
                 .metadata
                 .as_ref()
-                .is_none_or(|m| !m.contains("\\u0000") && m.len() <= 4096)
+                .is_none_or(|m| !escapes_nul(m) && m.len() <= 4096)
         );
         let mut row = BytesMut::new();
         copy_encoder::encode_row(&mut row, &valid);
@@ -45,3 +45,17 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(copy_encoder::decode_row(&row).as_ref(), Some(&valid));
     }
 });
+
+/// Whether JSON text writes U+0000 (which PostgreSQL's jsonb refuses): a
+/// `\u0000` escape whose backslash is not itself escaped, i.e. preceded by
+/// an even number of backslashes. (`{"\\u0000":1}` is a backslash and the
+/// text `u0000`, which jsonb takes.) Raw control bytes are not valid JSON,
+/// so the escape is the only way to write it. Deliberately not the
+/// validator's own check, which walks the parsed value.
+fn escapes_nul(json: &str) -> bool {
+    let b = json.as_bytes();
+    b.windows(6).enumerate().any(|(i, w)| {
+        w.eq_ignore_ascii_case(b"\\u0000")
+            && b[..i].iter().rev().take_while(|&&c| c == b'\\').count() % 2 == 0
+    })
+}

@@ -536,6 +536,8 @@ mod tests {
         check(|l| l.latitude = 0.0).unwrap();
         check(|l| l.metadata_json.clear()).unwrap();
         check(|l| l.speed = Some(1200.0)).unwrap();
+        // An escaped backslash and the text `u0000`: no U+0000, jsonb takes it.
+        check(|l| l.metadata_json = r#"{"\\u0000": "a\\u0000"}"#.into()).unwrap();
     }
 
     #[test]
@@ -622,6 +624,10 @@ mod tests {
             (
                 Reason::MetadataInvalid,
                 Box::new(|l| l.metadata_json = r#"{"a":"\u0000"}"#.into()),
+            ),
+            (
+                Reason::MetadataInvalid,
+                Box::new(|l| l.metadata_json = r#"{"\\\u0000": 1}"#.into()),
             ),
             (
                 Reason::MetadataInvalid,
