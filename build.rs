@@ -11,10 +11,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out.join("locus_descriptor.bin"), fds.encode_to_vec())?;
     // Answers made of locations encoded once (see src/query/encoded.rs).
-    let encoded = "crate::query::encoded::EncodedLocations";
     tonic_prost_build::configure()
-        .extern_path(".locus.v1.GetLatestResponse", encoded)
-        .extern_path(".locus.v1.LiveUpdate", encoded)
+        .extern_path(
+            ".locus.v1.GetLatestResponse",
+            "crate::query::encoded::LatestPage",
+        )
+        .extern_path(
+            ".locus.v1.LiveUpdate",
+            "crate::query::encoded::EncodedLocations",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

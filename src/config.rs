@@ -251,6 +251,19 @@ pub struct QueryArgs {
     /// Most points per track page.
     #[arg(long, env = "LOCUS_MAX_TRACK_PAGE", default_value_t = 10_000)]
     pub max_track_page: u32,
+    /// Devices per page of a latest-positions query by app_source when the
+    /// client asks none.
+    #[arg(long, env = "LOCUS_LATEST_PAGE", default_value_t = 1_000)]
+    pub latest_page: u32,
+    /// Most positions in one latest-positions answer: devices per page, and
+    /// device_ids per request.
+    #[arg(long, env = "LOCUS_MAX_LATEST_PAGE", default_value_t = 10_000)]
+    pub max_latest_page: u32,
+    /// Most bytes of locations (as protobuf) in one latest-positions answer;
+    /// a page ends early rather than pass it. The default stays under the
+    /// 4 MiB that gRPC clients accept unless told otherwise.
+    #[arg(long, env = "LOCUS_MAX_LATEST_BYTES", default_value_t = 4_000_000)]
+    pub max_latest_bytes: usize,
     /// Widest time range of one hourly-stats query.
     #[arg(long, env = "LOCUS_MAX_STATS_SPAN", default_value = "366days", value_parser = humantime::parse_duration)]
     pub max_stats_span: Duration,
@@ -274,6 +287,9 @@ impl Default for QueryArgs {
             max_track_span: Duration::from_secs(31 * 86_400),
             track_page: 1_000,
             max_track_page: 10_000,
+            latest_page: 1_000,
+            max_latest_page: 10_000,
+            max_latest_bytes: 4_000_000,
             max_stats_span: Duration::from_secs(366 * 86_400),
             live_queue_points: 8_192,
             max_subscribers: 1_000,
@@ -445,6 +461,32 @@ impl ServeConfig {
             1,
             self.validation.max_app_source_len as u64,
         )?;
+        let q = &self.query;
+        at_least("--track-page", 1, q.track_page.into())?;
+        at_least("--latest-page", 1, q.latest_page.into())?;
+        // A location is at most a few KiB (metadata is bounded), so a page
+        // of this many bytes always has room for one.
+        at_least("--max-latest-bytes", 65_536, q.max_latest_bytes as u64)?;
+        for (page, max, default, most) in [
+            (
+                "--track-page",
+                "--max-track-page",
+                q.track_page,
+                q.max_track_page,
+            ),
+            (
+                "--latest-page",
+                "--max-latest-page",
+                q.latest_page,
+                q.max_latest_page,
+            ),
+        ] {
+            if default > most {
+                return Err(ConfigError::Inconsistent(format!(
+                    "{page} ({default}) must not exceed {max} ({most})"
+                )));
+            }
+        }
         if l.buffer_points < l.max_batch_points {
             return Err(ConfigError::Inconsistent(format!(
                 "--buffer-points ({}) must hold at least one full batch (--max-batch-points {})",
@@ -549,6 +591,24 @@ mod tests {
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("--live-interval"), "{err}");
         c.query.live_interval = Duration::from_secs(10);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_default_page_fits_within_the_most_a_page_holds() {
+        let mut c = ServeConfig::with_database("postgres://localhost/locus");
+        c.query.latest_page = 10_001;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("--max-latest-page"), "{err}");
+        c.query.latest_page = 10_000;
+        c.query.track_page = 20_000;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("--max-track-page"), "{err}");
+        c.query.track_page = 10_000;
+        c.query.max_latest_bytes = 1_000;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("--max-latest-bytes"), "{err}");
+        c.query.max_latest_bytes = 65_536;
         c.validate().unwrap();
     }
 

@@ -55,7 +55,48 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
     conforms(&doc, "LocationJson", &latest);
     let (_, by_app) = get(&server, "/v1/latest?app_source=mextrack").await;
     assert_eq!(by_app["locations"].as_array().unwrap().len(), 1);
+    assert!(by_app.get("next_cursor").is_none(), "{by_app}");
     conforms(&doc, "LatestJson", &by_app);
+
+    // An app's devices in pages of 2, in device_id order: 6 devices, 3 pages.
+    let others: Vec<Device> = (0..5).map(|_| Device::new(hour)).collect();
+    for o in &others {
+        server
+            .client()
+            .await
+            .write_locations(o.batch(1, 0, 1))
+            .await
+            .unwrap();
+    }
+    let mut want: Vec<String> = others
+        .iter()
+        .chain([&d])
+        .map(|d| d.device_id.to_string())
+        .collect();
+    want.sort();
+    let (mut seen, mut pages, mut path) = (Vec::new(), 0, String::new());
+    loop {
+        let (status, page) = get(
+            &server,
+            &format!("/v1/latest?app_source=mextrack&limit=2{path}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        conforms(&doc, "LatestJson", &page);
+        pages += 1;
+        seen.extend(
+            page["locations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["device_id"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!((seen, pages), (want, 3));
 
     // Pages of 100 over the 250 points: 100, 100, 50, no repeats.
     let (from, to) = (
@@ -139,6 +180,16 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
             "invalid_argument",
         ),
         ("/v1/latest".to_string(), 400, "invalid_argument"),
+        (
+            "/v1/latest?app_source=mextrack&cursor=zzz".to_string(),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "/v1/latest?app_source=mextrack&limit=ten".to_string(),
+            400,
+            "invalid_argument",
+        ),
     ] {
         let (status, body) = get(&server, &path.replace('+', "%2B")).await;
         assert_eq!(

@@ -10,11 +10,12 @@ use std::{collections::HashSet, time::Duration};
 use common::{Device, TestDb, TestServer, config, now_secs, scrape};
 use locus::{
     proto::{
-        GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, SubscribeRequest,
-        get_hourly_stats_request::Key, query_client::QueryClient,
+        GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, Location, LocationBatch,
+        SubscribeRequest, get_hourly_stats_request::Key, query_client::QueryClient,
     },
     storage::{maintain, setup},
 };
+use prost::Message;
 use prost_types::Timestamp;
 use tonic::{Code, transport::Channel};
 
@@ -42,7 +43,7 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
     let resp = q
         .get_latest(GetLatestRequest {
             device_ids: vec![a.device_id.to_string(), b.device_id.to_string()],
-            app_source: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -57,8 +58,8 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
     );
     let by_app = q
         .get_latest(GetLatestRequest {
-            device_ids: vec![],
             app_source: "mextrack".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -71,7 +72,7 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
     let resp = q
         .get_latest(GetLatestRequest {
             device_ids: vec![a.device_id.to_string()],
-            app_source: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -80,6 +81,231 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
         .unwrap();
     assert_eq!(resp[0].time.unwrap().seconds, start + 109);
     assert_eq!(resp[0].latitude, a.point(109).latitude);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// One point for each of `n` new devices of `app`, with `metadata_bytes`
+/// of metadata each (0 for none).
+fn fleet(n: usize, app: &str, metadata_bytes: usize) -> (Vec<uuid::Uuid>, LocationBatch) {
+    let start = now_secs() - 1_000;
+    let locations: Vec<Location> = (0..n)
+        .map(|_| {
+            let mut l = Device::new(start).point(1);
+            l.app_source = app.into();
+            if metadata_bytes > 0 {
+                l.metadata_json = format!(r#"{{"pad":"{}"}}"#, "x".repeat(metadata_bytes - 10));
+            }
+            l
+        })
+        .collect();
+    let ids = locations
+        .iter()
+        .map(|l| l.device_id.parse().unwrap())
+        .collect();
+    (
+        ids,
+        LocationBatch {
+            batch_id: 1,
+            locations,
+        },
+    )
+}
+
+/// Ids of a page's locations, each checked to be of `app` if one is given.
+fn ids_of(page: &locus::query::encoded::LatestPage, app: Option<&str>) -> Vec<uuid::Uuid> {
+    page.locations()
+        .unwrap()
+        .iter()
+        .inspect(|l| assert!(app.is_none_or(|a| a == l.app_source), "{l:?}"))
+        .map(|l| l.device_id.parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_pages_have_no_gaps_or_repeats_while_devices_join() {
+    let db = TestDb::new().await;
+    let mut cfg = config(&db);
+    cfg.query.max_latest_bytes = 65_536;
+    let server = TestServer::start(cfg).await;
+    let mut ingest = server.client().await;
+    let (before, batch) = fleet(230, "mextrack", 0);
+    ingest.write_locations(batch).await.unwrap();
+    // Another app's devices, each with 3,000 bytes of metadata.
+    let (heavy, batch) = fleet(30, "pshop", 3_000);
+    ingest.write_locations(batch).await.unwrap();
+    let mut q = query_client(&server).await;
+
+    // An app's devices in pages of 40, 50 more joining after the second.
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), String::new(), 0);
+    let mut joined = (Vec::new(), None);
+    loop {
+        let page = q
+            .get_latest(GetLatestRequest {
+                app_source: "mextrack".into(),
+                limit: 40,
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let ids = ids_of(&page, Some("mextrack"));
+        assert!(ids.len() <= 40);
+        seen.extend(ids);
+        pages += 1;
+        if pages == 2 {
+            let (ids, batch) = fleet(50, "mextrack", 0);
+            ingest.write_locations(batch).await.unwrap();
+            joined = (ids, seen.last().copied());
+        }
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "in device_id order, none twice"
+    );
+    assert!(before.iter().all(|d| seen.contains(d)), "none left out");
+    let (joined, cursor_then) = joined;
+    let cursor_then = cursor_then.unwrap();
+    for d in &joined {
+        assert_eq!(
+            seen.contains(d),
+            *d > cursor_then,
+            "a device that joins is in a later page iff its id sorts after the cursor"
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        before.len() + joined.iter().filter(|d| **d > cursor_then).count()
+    );
+    assert!(pages >= 6, "{pages} pages");
+
+    // Pages end before 64 KiB of locations: the heavy app's 30 (about 3 KB
+    // each) take two pages though the default limit is 1,000.
+    let mut sizes = Vec::new();
+    let (mut seen, mut cursor) = (Vec::new(), String::new());
+    loop {
+        let page = q
+            .get_latest(GetLatestRequest {
+                app_source: "pshop".into(),
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.locations.encoded_len() <= 65_536);
+        sizes.push(page.locations.len());
+        seen.extend(ids_of(&page, Some("pshop")));
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    let mut want = heavy.clone();
+    want.sort();
+    assert_eq!(seen, want);
+
+    // Device ids are answered in the order asked, unknown ones left out,
+    // pages ending by bytes too.
+    let mut asked: Vec<String> = heavy.iter().map(|d| d.to_string()).collect();
+    asked.insert(7, uuid::Uuid::new_v4().to_string());
+    asked.insert(20, before[3].to_string());
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let page = q
+            .get_latest(GetLatestRequest {
+                device_ids: asked.clone(),
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.locations.encoded_len() <= 65_536);
+        seen.extend(ids_of(&page, None));
+        pages += 1;
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    let mut want: Vec<uuid::Uuid> = heavy.clone();
+    want.insert(19, before[3]);
+    assert_eq!(seen, want);
+    assert_eq!(pages, 2);
+    // And by limit.
+    let page = q
+        .get_latest(GetLatestRequest {
+            device_ids: asked.clone(),
+            limit: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids_of(&page, None), want[..5]);
+    assert_eq!(page.next_cursor, "i5");
+
+    // Cursors that this server did not give for the request.
+    for (req, text) in [
+        (
+            GetLatestRequest {
+                app_source: "mextrack".into(),
+                cursor: "garbage".into(),
+                ..Default::default()
+            },
+            "cursor",
+        ),
+        (
+            GetLatestRequest {
+                app_source: "mextrack".into(),
+                cursor: "i5".into(),
+                ..Default::default()
+            },
+            "cursor",
+        ),
+        (
+            GetLatestRequest {
+                device_ids: asked.clone(),
+                cursor: format!("i{}", asked.len()),
+                ..Default::default()
+            },
+            "cursor",
+        ),
+        (
+            GetLatestRequest {
+                device_ids: asked.clone(),
+                cursor: format!("d{}", before[0]),
+                ..Default::default()
+            },
+            "cursor",
+        ),
+        (
+            GetLatestRequest {
+                app_source: "mextrack".into(),
+                limit: 10_001,
+                ..Default::default()
+            },
+            "over the maximum",
+        ),
+        (
+            GetLatestRequest {
+                device_ids: vec![uuid::Uuid::new_v4().to_string(); 10_001],
+                ..Default::default()
+            },
+            "at most 10000",
+        ),
+    ] {
+        let err = q.get_latest(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(text), "{err:?}");
+    }
     server.stop().await;
     db.drop_db().await;
 }

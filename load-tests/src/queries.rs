@@ -18,7 +18,7 @@ use locus::{
         LocationBatch, SubscribeRequest, get_hourly_stats_request::Key,
         ingest_client::IngestClient, query_client::QueryClient,
     },
-    query::encoded::EncodedLocations,
+    query::encoded::LatestPage,
 };
 use locus_load::{fleet::Device, proc::Locus};
 use prost::Message;
@@ -348,7 +348,7 @@ pub async fn run(
     let before = buckets("GetLatest").await;
     // 200 calls of `req`, each answered with the 10,000 positions, each
     // timed twice: to the answer received (its framing checked, as
-    // EncodedLocations does) and to its locations decoded. The request is
+    // LatestPage does) and to its locations decoded. The request is
     // encoded once, as a map that polls would keep it.
     let latest_calls = |req: GetLatestRequest| {
         let encoded = Bytes::from(req.encode_to_vec());
@@ -358,7 +358,7 @@ pub async fn run(
             let (mut received, mut decoded) = (Vec::new(), Vec::new());
             for _ in 0..200 {
                 let t = Instant::now();
-                let answer = call_encoded::<EncodedLocations>(
+                let answer = call_encoded::<LatestPage>(
                     channel.clone(),
                     "/locus.v1.Query/GetLatest",
                     tonic::Request::new(encoded.clone()),
@@ -369,19 +369,22 @@ pub async fn run(
                 let n = answer.locations()?.len();
                 decoded.push(t.elapsed().as_secs_f64() * 1000.0);
                 anyhow::ensure!(n == 10_000, "{n} latest positions");
+                anyhow::ensure!(answer.next_cursor.is_empty(), "a page of all 10,000");
             }
             anyhow::Ok((p50_p99(decoded), p50_p99(received)))
         })
     };
     let (latest, latest_received) = latest_calls(GetLatestRequest {
         device_ids: ids,
-        app_source: String::new(),
+        ..Default::default()
     })
     .await?;
     let after_ids = buckets("GetLatest").await;
+    // The app's 10,000 devices as one page of the most a page may hold.
     let (latest_app, latest_app_received) = latest_calls(GetLatestRequest {
-        device_ids: vec![],
         app_source: FLEET_MAP.into(),
+        limit: 10_000,
+        ..Default::default()
     })
     .await?;
     let after_app = buckets("GetLatest").await;

@@ -10,12 +10,13 @@
 //! to carry anyway, where holding each by a reference count cost two atomic
 //! operations on a cold cache line per location).
 //!
-//! `GetLatestResponse` and `LiveUpdate` are both `repeated Location
-//! locations = 1`. On the wire that is each location as a length-delimited
-//! field 1, so a message made of pre-encoded locations is byte for byte the
-//! one prost would build. prost cannot splice encoded submessages, hence this
-//! small hand-written [`prost::Message`]; `build.rs` maps both proto messages
-//! to it (`extern_path`).
+//! `LiveUpdate` is `repeated Location locations = 1`, and
+//! `GetLatestResponse` that and a `string next_cursor = 2`. On the wire
+//! that is each location as a length-delimited field 1, so a message made
+//! of pre-encoded locations is byte for byte the one prost would build.
+//! prost cannot splice encoded submessages, hence these small hand-written
+//! [`prost::Message`]s; `build.rs` maps the proto messages to them
+//! (`extern_path`).
 
 use std::sync::OnceLock;
 
@@ -194,12 +195,75 @@ impl EncodedLocations {
     }
 }
 
+/// The bytes `encoded` takes framed by [`put_framed`].
+pub fn framed_len(encoded: &[u8]) -> usize {
+    prost::encoding::key_len(LOCATIONS)
+        + prost::encoding::encoded_len_varint(encoded.len() as u64)
+        + encoded.len()
+}
+
 /// Appends one encoded `proto::Location` framed as a location of
 /// [`EncodedLocations`]: field 1, its length, its bytes.
 pub fn put_framed(buf: &mut impl BufMut, encoded: &[u8]) {
     encode_key(LOCATIONS, WireType::LengthDelimited, buf);
     encode_varint(encoded.len() as u64, buf);
     buf.put_slice(encoded);
+}
+
+/// `GetLatestResponse`: `repeated Location locations = 1` encoded once (see
+/// [`EncodedLocations`]), then `string next_cursor = 2`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatestPage {
+    pub locations: EncodedLocations,
+    /// Empty on the last page.
+    pub next_cursor: String,
+}
+
+const NEXT_CURSOR: u32 = 2;
+
+impl LatestPage {
+    /// The locations, decoded (for clients).
+    pub fn locations(&self) -> Result<Vec<proto::Location>, DecodeError> {
+        self.locations.locations()
+    }
+}
+
+impl Message for LatestPage {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.locations.encode_raw(buf);
+        if !self.next_cursor.is_empty() {
+            prost::encoding::string::encode(NEXT_CURSOR, &self.next_cursor, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            NEXT_CURSOR => {
+                prost::encoding::string::merge(wire_type, &mut self.next_cursor, buf, ctx)
+            }
+            _ => self.locations.merge_field(tag, wire_type, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.locations.encoded_len()
+            + if self.next_cursor.is_empty() {
+                0
+            } else {
+                prost::encoding::string::encoded_len(NEXT_CURSOR, &self.next_cursor)
+            }
+    }
+
+    fn clear(&mut self) {
+        self.locations.clear();
+        self.next_cursor.clear();
+    }
 }
 
 impl<'a> FromIterator<&'a SharedLocation> for EncodedLocations {
@@ -332,6 +396,41 @@ mod tests {
             encode_location(&l.as_ref(), &mut ours);
             assert_eq!(ours, to_proto(l.clone()).encode_to_vec(), "{l:?}");
         }
+    }
+
+    /// The message prost derives for `GetLatestResponse`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct DerivedPage {
+        #[prost(message, repeated, tag = "1")]
+        locations: Vec<proto::Location>,
+        #[prost(string, tag = "2")]
+        next_cursor: String,
+    }
+
+    #[test]
+    fn a_latest_page_is_the_derived_message_byte_for_byte() {
+        let shared: Vec<SharedLocation> = (0..3).map(|i| SharedLocation::new(at(i))).collect();
+        for cursor in ["", "d00000000-0000-0000-0000-000000000002"] {
+            let ours = LatestPage {
+                locations: shared.iter().collect(),
+                next_cursor: cursor.into(),
+            };
+            let derived = DerivedPage {
+                locations: shared
+                    .iter()
+                    .map(|s| to_proto(s.location.clone()))
+                    .collect(),
+                next_cursor: cursor.into(),
+            };
+            assert_eq!(ours.encode_to_vec(), derived.encode_to_vec());
+            assert_eq!(ours.encoded_len(), derived.encoded_len());
+            let back = LatestPage::decode(derived.encode_to_vec().as_slice()).unwrap();
+            assert_eq!(back.locations().unwrap(), derived.locations);
+            assert_eq!(back.next_cursor, cursor);
+        }
+        let framed: usize = shared.iter().map(|s| framed_len(s.encoded())).sum();
+        let all: EncodedLocations = shared.iter().collect();
+        assert_eq!(framed, all.encoded_len());
     }
 
     #[test]

@@ -7,8 +7,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
-    QueryError, QueryState,
-    encoded::{EncodedLocations, timestamp, to_proto},
+    LatestRequest, QueryError, QueryState,
+    encoded::{EncodedLocations, LatestPage, timestamp, to_proto},
     invalid,
     live::{Filter, Update},
     parse_device_ids, parse_uuid, stats, track,
@@ -92,16 +92,25 @@ impl Query for QueryService {
     async fn get_latest(
         &self,
         req: Request<proto::GetLatestRequest>,
-    ) -> Result<Response<EncodedLocations>, Status> {
+    ) -> Result<Response<LatestPage>, Status> {
         let started = Instant::now();
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let ids: Vec<&str> = req.device_ids.iter().map(String::as_str).collect();
-        let mut answer = EncodedLocations::with_capacity(ids.len());
+        let req = LatestRequest {
+            device_ids: &ids,
+            app_source: &req.app_source,
+            limit: req.limit,
+            cursor: &req.cursor,
+        };
+        let mut locations = EncodedLocations::with_capacity(self.state.latest_page_len(&req));
         let r = self
             .state
-            .latest_of(&caller, &ids, &req.app_source, |l| answer.push(l.encoded()))
-            .map(|()| answer);
+            .latest_page(&caller, &req, |l| locations.push(l.encoded()))
+            .map(|next_cursor| LatestPage {
+                locations,
+                next_cursor: next_cursor.unwrap_or_default(),
+            });
         timed("GetLatest", started, r)
     }
 

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{
-    QueryError, QueryState, grpc::points, invalid, live::Filter, parse_uuid, stats, track,
+    LatestRequest, QueryError, QueryState, grpc::points, invalid, live::Filter, parse_uuid, stats,
+    track,
 };
 use crate::{
     auth::{Auth, Caller},
@@ -146,12 +147,17 @@ impl From<&ValidLocation> for LocationJson {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LatestJson {
     pub locations: Vec<LocationJson>,
+    /// Pass as `cursor` (with the same `device_ids` or `app_source`) for the
+    /// next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TrackJson {
     pub locations: Vec<LocationJson>,
     /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
 }
 
@@ -226,6 +232,15 @@ fn timed<T>(route: &'static str, started: Instant, r: Result<T, QueryError>) -> 
     r.map(Json).map_err(HttpError)
 }
 
+/// A page size from the query string: absent for the default.
+fn parse_limit(s: Option<&str>) -> Result<Option<u32>, QueryError> {
+    s.map(|l| {
+        l.parse()
+            .map_err(|_| invalid(format!("limit {l:?} is not a number")))
+    })
+    .transpose()
+}
+
 fn parse_time(s: Option<&str>, field: &str) -> Result<i64, QueryError> {
     let s = s.ok_or_else(|| invalid(format!("{field} is required (RFC 3339)")))?;
     DateTime::parse_from_rfc3339(s)
@@ -244,12 +259,16 @@ async fn device_latest(
 ) -> HttpResult<LocationJson> {
     let started = Instant::now();
     let mut found = None;
+    let req = LatestRequest {
+        device_ids: &[&device_id],
+        ..Default::default()
+    };
     let r = app
         .state
-        .latest_of(&caller, &[&device_id], "", |l| {
+        .latest_page(&caller, &req, |l| {
             found = Some(l.location.clone());
         })
-        .and_then(|()| {
+        .and_then(|_| {
             found.as_ref().map(LocationJson::from).ok_or_else(|| {
                 QueryError::NotFound(format!("no points are stored for device {device_id}"))
             })
@@ -261,11 +280,17 @@ async fn device_latest(
 struct LatestParams {
     /// Every device of this app_source.
     app_source: Option<String>,
-    /// Or these devices: comma-separated UUIDs.
+    /// Or these devices: comma-separated UUIDs, answered in this order.
     device_ids: Option<String>,
+    /// Most locations in this page. Default: every device asked, or
+    /// `--latest-page` (1,000) of an app_source's, in device_id order.
+    limit: Option<String>,
+    /// From the previous page's next_cursor.
+    cursor: Option<String>,
 }
 
-/// The newest position of every device of an app_source, or of a list of devices.
+/// The newest position of every device of an app_source, or of a list of
+/// devices, one page at a time.
 #[utoipa::path(get, path = "/v1/latest", params(LatestParams),
     responses((status = 200, body = LatestJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson)))]
 async fn latest(
@@ -285,17 +310,22 @@ async fn latest(
     // metadata parsed) after: a commit updating the map waits for the first,
     // not for the second.
     let mut found = Vec::new();
-    let r = app
-        .state
-        .latest_of(
-            &caller,
-            &ids,
-            p.app_source.as_deref().unwrap_or_default(),
-            |l| found.push(l.location.clone()),
-        )
-        .map(|()| LatestJson {
+    let r = parse_limit(p.limit.as_deref()).and_then(|limit| {
+        let req = LatestRequest {
+            device_ids: &ids,
+            app_source: p.app_source.as_deref().unwrap_or_default(),
+            limit: limit.unwrap_or_default(),
+            cursor: p.cursor.as_deref().unwrap_or_default(),
+        };
+        found.reserve(app.state.latest_page_len(&req));
+        let next_cursor = app
+            .state
+            .latest_page(&caller, &req, |l| found.push(l.location.clone()))?;
+        Ok(LatestJson {
             locations: found.iter().map(LocationJson::from).collect(),
-        });
+            next_cursor,
+        })
+    });
     timed("http_latest", started, r)
 }
 
@@ -324,13 +354,7 @@ async fn device_track(
     let started = Instant::now();
     let r = async {
         caller.require_read()?;
-        let limit = match p.limit.as_deref() {
-            None => None,
-            Some(l) => Some(
-                l.parse()
-                    .map_err(|_| invalid(format!("limit {l:?} is not a number")))?,
-            ),
-        };
+        let limit = parse_limit(p.limit.as_deref())?;
         let page = track::track(
             &app.state,
             track::TrackRequest {

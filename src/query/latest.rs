@@ -2,6 +2,12 @@
 //! query, answered without the database. Updated as batches commit; filled
 //! from the database at start. It only moves forward.
 
+use std::{
+    collections::{BTreeSet, HashMap},
+    ops::Bound,
+    sync::{PoisonError, RwLock},
+};
+
 use dashmap::{DashMap, mapref::entry::Entry};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -15,21 +21,42 @@ use crate::ingest::validate::{LocationReader, ValidLocation};
 #[derive(Debug, Default)]
 pub struct Latest {
     map: DashMap<Uuid, SharedLocation, foldhash::fast::RandomState>,
+    /// Each app_source's devices in id order, for an app's fleet a page at a
+    /// time. Written only when a device is new, changes app_source or is
+    /// forgotten, and then while its entry of `map` is held, so that the two
+    /// agree once it is released. Lock order: a `map` shard, then this;
+    /// readers copy ids out of it before they look any up.
+    by_app: RwLock<HashMap<String, BTreeSet<Uuid>>>,
 }
+
+/// Ids copied out of `by_app` at a time while a page is read.
+const IDS_AT_A_TIME: usize = 1_024;
 
 impl Latest {
     /// Keeps `loc` if it is newer than what the map has for its device.
     pub fn offer(&self, loc: ValidLocation) {
         match self.map.entry(loc.device_id) {
             Entry::Occupied(mut e) => {
-                if loc.time_us > e.get().location.time_us {
+                let old = &e.get().location;
+                if loc.time_us > old.time_us {
+                    if old.app_source != loc.app_source {
+                        let mut by_app = self.by_app_mut();
+                        forget_in(&mut by_app, &old.app_source, loc.device_id);
+                        remember_in(&mut by_app, &loc.app_source, loc.device_id);
+                    }
                     e.insert(SharedLocation::new(loc));
                 }
             }
             Entry::Vacant(e) => {
+                remember_in(&mut self.by_app_mut(), &loc.app_source, loc.device_id);
                 e.insert(SharedLocation::new(loc));
             }
         }
+    }
+
+    fn by_app_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, BTreeSet<Uuid>>> {
+        // Nothing panics while it is held: a poisoned lock's set is whole.
+        self.by_app.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `pick` applied to the device's newest location.
@@ -37,32 +64,70 @@ impl Latest {
         self.map.get(device).map(|e| pick(e.value()))
     }
 
-    /// `found` called with the newest location of each of `devices` that
-    /// has one, in their order.
-    pub fn of_devices(&self, devices: &[Uuid], mut found: impl FnMut(&SharedLocation)) {
-        for d in devices {
-            if let Some(e) = self.map.get(d) {
-                found(e.value());
+    /// `take` called with the index in `devices` and the newest location of
+    /// each of them that has one, in their order, until it returns false.
+    pub fn of_devices(
+        &self,
+        devices: &[Uuid],
+        mut take: impl FnMut(usize, &SharedLocation) -> bool,
+    ) {
+        for (i, d) in devices.iter().enumerate() {
+            if let Some(e) = self.map.get(d)
+                && !take(i, e.value())
+            {
+                return;
             }
         }
     }
 
-    /// `found` called with the newest location of every device of
-    /// `app_source`, in no particular order.
-    pub fn of_app(&self, app_source: &str, mut found: impl FnMut(&SharedLocation)) {
-        self.map
-            .iter()
-            .filter(|e| e.location.app_source == app_source)
-            .for_each(|e| found(e.value()));
+    /// `take` called with the newest location of each device of
+    /// `app_source` whose id is above `after`, in id order, until it
+    /// returns false. A device that joins the app meanwhile is seen if its
+    /// id is above the last one read.
+    pub fn of_app_after(
+        &self,
+        app_source: &str,
+        mut after: Option<Uuid>,
+        mut take: impl FnMut(&SharedLocation) -> bool,
+    ) {
+        loop {
+            let ids: Vec<Uuid> = {
+                let by_app = self.by_app.read().unwrap_or_else(PoisonError::into_inner);
+                let Some(ids) = by_app.get(app_source) else {
+                    return;
+                };
+                let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+                ids.range((from, Bound::Unbounded))
+                    .take(IDS_AT_A_TIME)
+                    .copied()
+                    .collect()
+            };
+            for id in &ids {
+                // Moved to another app or forgotten since the copy: skipped.
+                if let Some(e) = self.map.get(id)
+                    && e.location.app_source == app_source
+                    && !take(e.value())
+                {
+                    return;
+                }
+            }
+            if ids.len() < IDS_AT_A_TIME {
+                return;
+            }
+            after = ids.last().copied();
+        }
     }
 
     /// Forgets every device whose newest point is older than `cutoff_us`;
     /// returns how many.
     pub fn forget_older_than(&self, cutoff_us: i64) -> usize {
         let mut forgotten = 0;
-        self.map.retain(|_, l| {
+        self.map.retain(|device, l| {
             let keep = l.location.time_us >= cutoff_us;
-            forgotten += usize::from(!keep);
+            if !keep {
+                forget_in(&mut self.by_app_mut(), &l.location.app_source, *device);
+                forgotten += 1;
+            }
             keep
         });
         forgotten
@@ -102,6 +167,26 @@ impl Latest {
             self.offer(r);
         }
         Ok(n)
+    }
+}
+
+fn remember_in(by_app: &mut HashMap<String, BTreeSet<Uuid>>, app_source: &str, device: Uuid) {
+    match by_app.get_mut(app_source) {
+        Some(ids) => {
+            ids.insert(device);
+        }
+        None => {
+            by_app.insert(app_source.to_string(), BTreeSet::from([device]));
+        }
+    }
+}
+
+fn forget_in(by_app: &mut HashMap<String, BTreeSet<Uuid>>, app_source: &str, device: Uuid) {
+    if let Some(ids) = by_app.get_mut(app_source) {
+        ids.remove(&device);
+        if ids.is_empty() {
+            by_app.remove(app_source);
+        }
     }
 }
 
@@ -148,15 +233,73 @@ mod tests {
         assert_ne!(stale, fresh);
         assert_eq!(time(3), None);
         l.offer(at(2, 10));
-        let mut of_app = Vec::new();
-        l.of_app("pshop", |s| of_app.push(s.location.device_id));
-        assert_eq!(of_app, [Uuid::from_u128(2)]);
+        assert_eq!(of_app(&l, "pshop", None, usize::MAX), [2]);
         // In the order asked, without the devices it does not know.
         let mut of_devices = Vec::new();
         let asked = [2, 3, 1].map(Uuid::from_u128);
-        l.of_devices(&asked, |s| of_devices.push(s.location.device_id));
-        assert_eq!(of_devices, [Uuid::from_u128(2), Uuid::from_u128(1)]);
+        l.of_devices(&asked, |i, s| {
+            of_devices.push((i, s.location.device_id.as_u128()));
+            true
+        });
+        assert_eq!(of_devices, [(0, 2), (2, 1)]);
+        // Until told to stop.
+        let mut first = Vec::new();
+        l.of_devices(&asked, |i, _| {
+            first.push(i);
+            false
+        });
+        assert_eq!(first, [0]);
         assert_eq!(l.len(), 2);
+    }
+
+    /// The ids (as numbers) `of_app_after` gives, taking at most `most`.
+    fn of_app(l: &Latest, app: &str, after: Option<u128>, most: usize) -> Vec<u128> {
+        let mut got = Vec::new();
+        l.of_app_after(app, after.map(Uuid::from_u128), |s| {
+            got.len() < most && {
+                got.push(s.location.device_id.as_u128());
+                true
+            }
+        });
+        got
+    }
+
+    #[test]
+    fn an_app_is_read_in_id_order_from_any_device_on() {
+        let l = Latest::default();
+        // More than are copied out of the index at a time, offered backwards.
+        let n = 2 * IDS_AT_A_TIME as u128 + 7;
+        for d in (1..=2 * n).rev() {
+            l.offer(at(d, 100));
+        }
+        let odd: Vec<u128> = (1..=2 * n).filter(|d| d % 2 == 1).collect();
+        assert_eq!(of_app(&l, "mextrack", None, usize::MAX), odd);
+        assert_eq!(of_app(&l, "mextrack", Some(2), 3), [3, 5, 7]);
+        // After an id that is not the app's, or not known at all.
+        assert_eq!(of_app(&l, "mextrack", Some(1_000), 2), [1_001, 1_003]);
+        assert_eq!(of_app(&l, "mextrack", Some(2 * n), 5), Vec::<u128>::new());
+        assert_eq!(of_app(&l, "nobody", None, 5), Vec::<u128>::new());
+
+        // A device whose newest point is of another app moves to it; an
+        // older point of another app moves nothing.
+        l.offer(ValidLocation {
+            app_source: "pshop".into(),
+            ..at(1, 200)
+        });
+        l.offer(ValidLocation {
+            app_source: "other".into(),
+            ..at(3, 50)
+        });
+        assert_eq!(of_app(&l, "mextrack", None, 2), [3, 5]);
+        assert_eq!(of_app(&l, "pshop", None, 3), [1, 2, 4]);
+        assert_eq!(of_app(&l, "other", None, 3), Vec::<u128>::new());
+
+        // Forgotten devices leave their app.
+        l.offer(at(5, 300));
+        assert_eq!(l.forget_older_than(150), 2 * n as usize - 2);
+        assert_eq!(of_app(&l, "mextrack", None, 9), [5]);
+        assert_eq!(of_app(&l, "pshop", None, 9), [1]);
+        assert!(l.by_app.read().unwrap().len() == 2, "empty apps dropped");
     }
 
     #[test]

@@ -102,41 +102,107 @@ impl QueryState {
         }
     }
 
-    /// `found` called with the newest position of each of `device_ids`, or of
-    /// every device of `app_source` (exactly one of them is given), that `caller`
-    /// may read. A device of another app_source is as absent as an unknown one.
-    pub fn latest_of(
+    /// One page of newest positions, `found` called with each, in order:
+    /// of `device_ids` (in the order asked; unknown devices left out), or of
+    /// every device of `app_source` (in device_id order); exactly one of the
+    /// two is given. Only what `caller` may read: a device of another
+    /// app_source is as absent as an unknown one. A page ends at its limit or
+    /// before its locations would pass `--max-latest-bytes`; the cursor for
+    /// the next page is returned if there is one.
+    pub fn latest_page(
         &self,
         caller: &Principal,
-        device_ids: &[&str],
-        app_source: &str,
+        req: &LatestRequest,
         mut found: impl FnMut(&encoded::SharedLocation),
-    ) -> Result<(), QueryError> {
+    ) -> Result<Option<String>, QueryError> {
         caller.require_read()?;
-        match (device_ids.is_empty(), app_source.is_empty()) {
-            (false, true) if device_ids.len() <= MAX_LATEST_IDS => {
+        let most = self.limits.max_latest_page;
+        if req.limit > most {
+            return Err(invalid(format!(
+                "limit {} is over the maximum of {most}",
+                req.limit
+            )));
+        }
+        let mut page = PageRoom {
+            left: self.latest_page_len(req),
+            bytes_left: self.limits.max_latest_bytes,
+            empty: true,
+        };
+        let bad_cursor = || {
+            invalid(format!(
+                "cursor {:?} is not one this server gave for this request",
+                req.cursor
+            ))
+        };
+        match (req.device_ids.is_empty(), req.app_source.is_empty()) {
+            (false, true) if req.device_ids.len() <= most as usize => {
+                let start = match req.cursor {
+                    "" => 0,
+                    c => c
+                        .strip_prefix('i')
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .filter(|n| (1..req.device_ids.len()).contains(n))
+                        .ok_or_else(bad_cursor)?,
+                };
                 let scope = caller.read_scope();
                 // Every id parsed first, then looked up in a loop of lookups
                 // alone: each lookup is a cache miss in a map of thousands,
                 // and a parse between two of them keeps the processor from
                 // overlapping them (10,000 ids: 4.3-4.6 ms interleaved,
                 // 2.0-2.1 parsed first; `locus-bench --suite latest`).
-                let devices: Vec<Uuid> = parse_device_ids(device_ids)?;
-                self.latest.of_devices(&devices, |l| {
-                    if scope.is_none_or(|a| a == l.location.app_source) {
-                        found(l);
+                let devices: Vec<Uuid> = parse_device_ids(&req.device_ids[start..])?;
+                let mut next = None;
+                self.latest.of_devices(&devices, |i, l| {
+                    if scope.is_some_and(|a| a != l.location.app_source) {
+                        return true;
                     }
+                    let fits = page.take(l);
+                    if fits {
+                        found(l);
+                    } else {
+                        next = Some(format!("i{}", start + i));
+                    }
+                    fits
                 });
-                Ok(())
+                Ok(next)
             }
-            (false, true) => Err(invalid(format!("at most {MAX_LATEST_IDS} device_ids"))),
+            (false, true) => Err(invalid(format!("at most {most} device_ids"))),
             (true, false) => {
-                caller.require_app(app_source)?;
-                self.latest.of_app(app_source, found);
-                Ok(())
+                caller.require_app(req.app_source)?;
+                let after = match req.cursor {
+                    "" => None,
+                    c => Some(
+                        c.strip_prefix('d')
+                            .and_then(|d| Uuid::try_parse(d).ok())
+                            .ok_or_else(bad_cursor)?,
+                    ),
+                };
+                let (mut last, mut more) = (None, false);
+                self.latest.of_app_after(req.app_source, after, |l| {
+                    more = !page.take(l);
+                    if !more {
+                        found(l);
+                        last = Some(l.location.device_id);
+                    }
+                    !more
+                });
+                Ok(last.filter(|_| more).map(|d| format!("d{d}")))
             }
             _ => Err(invalid("give either device_ids or app_source")),
         }
+    }
+
+    /// The most positions a page for `req` holds: its limit, or by default
+    /// every device asked, or `--latest-page` of an app's.
+    pub fn latest_page_len(&self, req: &LatestRequest) -> usize {
+        let most = self.limits.max_latest_page as usize;
+        match (req.limit, req.device_ids.len()) {
+            (0, 0) => self.limits.latest_page as usize,
+            (0, asked) => asked,
+            (limit, 0) => limit as usize,
+            (limit, asked) => asked.min(limit as usize),
+        }
+        .min(most)
     }
 
     /// A live subscription for `caller`, confined to its app_source.
@@ -183,8 +249,38 @@ impl QueryState {
     }
 }
 
-/// At most this many device ids in one latest-position query.
-pub const MAX_LATEST_IDS: usize = 10_000;
+/// A latest-positions request, as both transports carry it.
+#[derive(Debug, Default)]
+pub struct LatestRequest<'a> {
+    pub device_ids: &'a [&'a str],
+    pub app_source: &'a str,
+    /// Most positions in the page; 0 for the default.
+    pub limit: u32,
+    /// The previous page's next cursor; empty for the first page.
+    pub cursor: &'a str,
+}
+
+/// What is left of a page of latest positions.
+struct PageRoom {
+    left: usize,
+    bytes_left: usize,
+    empty: bool,
+}
+
+impl PageRoom {
+    /// Whether `l` fits, and if so counts it in. The first always fits, so
+    /// that every page moves on, however large one location is.
+    fn take(&mut self, l: &encoded::SharedLocation) -> bool {
+        let bytes = encoded::framed_len(l.encoded());
+        if !self.empty && (self.left == 0 || bytes > self.bytes_left) {
+            return false;
+        }
+        self.empty = false;
+        self.left = self.left.saturating_sub(1);
+        self.bytes_left = self.bytes_left.saturating_sub(bytes);
+        true
+    }
+}
 
 impl CommitSink for QueryState {
     fn committed(&self, subs: &[Submission], inserted: Option<&foldhash::HashSet<PointKey>>) {
