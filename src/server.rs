@@ -132,6 +132,9 @@ pub async fn run(
             tracing::warn!(error = %e, "latest positions not loaded; they fill as points arrive")
         }
     }
+    // Retention drops whole chunks, so points up to a chunk past it may
+    // still be stored: their devices are forgotten now, as upkeep would.
+    forget_past_retention(&query, config.storage.raw_retention);
     let sink: Arc<dyn CommitSink> = query.clone();
     let writer = Writer::new(
         pool.clone(),

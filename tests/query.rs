@@ -85,6 +85,53 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
     db.drop_db().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_silent_past_retention_are_not_loaded() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    server.stop().await;
+    // Stored straight away, as ingest would refuse the older: one device
+    // last heard 26 hours ago, one an hour ago.
+    let (old, recent) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let pool = db.pool().await;
+    for (device, hours) in [(old, 26), (recent, 1)] {
+        sqlx::query(
+            "INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
+             VALUES (now() - make_interval(hours => $2), $1, $1, 'mextrack', 19.4, -99.1)",
+        )
+        .bind(device)
+        .bind(hours)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // A retention of 25 hours, and no setup to drop anything meanwhile: the
+    // old point is still stored, past retention.
+    let mut cfg = config(&db);
+    cfg.storage.raw_retention = Duration::from_secs(25 * 3600);
+    cfg.no_setup = true;
+    let server = TestServer::start(cfg).await;
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM location_events WHERE device_id = $1")
+            .bind(old)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1);
+    let page = query_client(&server)
+        .await
+        .get_latest(GetLatestRequest {
+            device_ids: vec![old.to_string(), recent.to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids_of(&page, None), [recent]);
+    server.stop().await;
+    db.drop_db().await;
+}
+
 /// One point for each of `n` new devices of `app`, with `metadata_bytes`
 /// of metadata each (0 for none).
 fn fleet(n: usize, app: &str, metadata_bytes: usize) -> (Vec<uuid::Uuid>, LocationBatch) {
