@@ -15,6 +15,35 @@ use locus::{
 };
 use serde_json::Value;
 
+/// `field` of every location of every page of `path` (which ends in a
+/// query parameter), following next_cursor, and how many pages; each page
+/// checked against `schema` of the OpenAPI document.
+async fn walk(
+    server: &TestServer,
+    doc: &Value,
+    (schema, field): (&str, &str),
+    path: &str,
+) -> (Vec<String>, usize) {
+    let (mut values, mut pages, mut cursor) = (Vec::new(), 0, String::new());
+    loop {
+        let (status, page) = get(server, &format!("{path}{cursor}").replace('+', "%2B")).await;
+        assert_eq!(status, 200, "{page}");
+        conforms(doc, schema, &page);
+        pages += 1;
+        values.extend(
+            page["locations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l[field].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return (values, pages),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_queries_answer_json_and_match_the_openapi_document() {
     let db = TestDb::new().await;
@@ -74,28 +103,13 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
         .map(|d| d.device_id.to_string())
         .collect();
     want.sort();
-    let (mut seen, mut pages, mut path) = (Vec::new(), 0, String::new());
-    loop {
-        let (status, page) = get(
-            &server,
-            &format!("/v1/latest?app_source=mextrack&limit=2{path}"),
-        )
-        .await;
-        assert_eq!(status, 200, "{page}");
-        conforms(&doc, "LatestJson", &page);
-        pages += 1;
-        seen.extend(
-            page["locations"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l["device_id"].as_str().unwrap().to_string()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(c) => path = format!("&cursor={c}"),
-            None => break,
-        }
-    }
+    let (seen, pages) = walk(
+        &server,
+        &doc,
+        ("LatestJson", "device_id"),
+        "/v1/latest?app_source=mextrack&limit=2",
+    )
+    .await;
     assert_eq!((seen, pages), (want, 3));
 
     // Pages of 100 over the 250 points: 100, 100, 50, no repeats.
@@ -103,35 +117,18 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
         rfc3339(hour * 1_000_000),
         rfc3339((hour + 3600) * 1_000_000),
     );
-    let mut cursor: Option<String> = None;
-    let mut times = Vec::new();
-    loop {
-        let mut path = format!(
+    let (times, pages) = walk(
+        &server,
+        &doc,
+        ("TrackJson", "time"),
+        &format!(
             "/v1/devices/{}/track?from={from}&to={to}&limit=100",
             d.device_id
-        );
-        if let Some(c) = &cursor {
-            path += &format!("&cursor={c}");
-        }
-        let (status, page) = get(&server, &path.replace('+', "%2B")).await;
-        assert_eq!(status, 200, "{page}");
-        conforms(&doc, "TrackJson", &page);
-        times.extend(
-            page["locations"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l["time"].as_str().unwrap().to_string()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
-    assert_eq!(times.len(), 250);
-    let mut sorted = times.clone();
-    sorted.dedup();
-    assert_eq!(sorted.len(), 250);
+        ),
+    )
+    .await;
+    assert_eq!((times.len(), pages), (250, 3));
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "in time order");
 
     let (status, stats) = get(
         &server,

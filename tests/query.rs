@@ -169,6 +169,24 @@ fn ids_of(page: &locus::query::encoded::LatestPage, app: Option<&str>) -> Vec<uu
         .collect()
 }
 
+/// Every page of `req`, following next_cursor; each holds at most 64 KiB
+/// of locations (the server's `--max-latest-bytes` in these tests).
+async fn all_pages(
+    q: &mut QueryClient<Channel>,
+    mut req: GetLatestRequest,
+) -> Vec<locus::query::encoded::LatestPage> {
+    let mut pages = Vec::new();
+    loop {
+        let page = q.get_latest(req.clone()).await.unwrap().into_inner();
+        assert!(page.locations.encoded_len() <= 65_536);
+        req.cursor = page.next_cursor.clone();
+        pages.push(page);
+        if req.cursor.is_empty() {
+            return pages;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_pages_have_no_gaps_or_repeats_while_devices_join() {
     let db = TestDb::new().await;
@@ -233,26 +251,19 @@ async fn latest_pages_have_no_gaps_or_repeats_while_devices_join() {
 
     // Pages end before 64 KiB of locations: the heavy app's 30 (about 3 KB
     // each) take two pages though the default limit is 1,000.
-    let mut sizes = Vec::new();
-    let (mut seen, mut cursor) = (Vec::new(), String::new());
-    loop {
-        let page = q
-            .get_latest(GetLatestRequest {
-                app_source: "pshop".into(),
-                cursor: cursor.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.locations.encoded_len() <= 65_536);
-        sizes.push(page.locations.len());
-        seen.extend(ids_of(&page, Some("pshop")));
-        if page.next_cursor.is_empty() {
-            break;
-        }
-        cursor = page.next_cursor;
-    }
+    let pages = all_pages(
+        &mut q,
+        GetLatestRequest {
+            app_source: "pshop".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sizes: Vec<usize> = pages.iter().map(|p| p.locations.len()).collect();
+    let seen: Vec<uuid::Uuid> = pages
+        .iter()
+        .flat_map(|p| ids_of(p, Some("pshop")))
+        .collect();
     assert_eq!(sizes.len(), 2, "{sizes:?}");
     let mut want = heavy.clone();
     want.sort();
@@ -263,29 +274,19 @@ async fn latest_pages_have_no_gaps_or_repeats_while_devices_join() {
     let mut asked: Vec<String> = heavy.iter().map(|d| d.to_string()).collect();
     asked.insert(7, uuid::Uuid::new_v4().to_string());
     asked.insert(20, before[3].to_string());
-    let (mut seen, mut cursor, mut pages) = (Vec::new(), String::new(), 0);
-    loop {
-        let page = q
-            .get_latest(GetLatestRequest {
-                device_ids: asked.clone(),
-                cursor: cursor.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.locations.encoded_len() <= 65_536);
-        seen.extend(ids_of(&page, None));
-        pages += 1;
-        if page.next_cursor.is_empty() {
-            break;
-        }
-        cursor = page.next_cursor;
-    }
+    let pages = all_pages(
+        &mut q,
+        GetLatestRequest {
+            device_ids: asked.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let seen: Vec<uuid::Uuid> = pages.iter().flat_map(|p| ids_of(p, None)).collect();
     let mut want: Vec<uuid::Uuid> = heavy.clone();
     want.insert(19, before[3]);
     assert_eq!(seen, want);
-    assert_eq!(pages, 2);
+    assert_eq!(pages.len(), 2);
     // And by limit.
     let page = q
         .get_latest(GetLatestRequest {
