@@ -554,7 +554,7 @@ pub async fn run(
             5,
         ),
         (
-            "GetLatest, every device of an app_source (10,000)",
+            "GetLatest, an app_source's 10,000 devices as one page",
             200,
             latest_app,
             Some(latest_app_received),

@@ -149,7 +149,8 @@ impl QueryState {
                 // alone: each lookup is a cache miss in a map of thousands,
                 // and a parse between two of them keeps the processor from
                 // overlapping them (10,000 ids: 4.3-4.6 ms interleaved,
-                // 2.0-2.1 parsed first; `locus-bench --suite latest`).
+                // 2.0-2.1 parsed first on a slow evening, 0.75 and 0.55 on a
+                // fast morning; `locus-bench --suite latest`).
                 let devices: Vec<Uuid> = parse_device_ids(&req.device_ids[start..])?;
                 let mut next = None;
                 self.latest.of_devices(&devices, |i, l| {
