@@ -10,11 +10,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out.join("locus_descriptor.bin"), fds.encode_to_vec())?;
-    // Answers made of locations encoded once (see src/query/encoded.rs).
+    // Answers made of encoded locations (see src/query/encoded.rs).
     tonic_prost_build::configure()
         .extern_path(
             ".locus.v1.GetLatestResponse",
-            "crate::query::encoded::LatestPage",
+            "crate::query::encoded::LocationPage",
+        )
+        .extern_path(
+            ".locus.v1.GetTrackResponse",
+            "crate::query::encoded::LocationPage",
         )
         .extern_path(
             ".locus.v1.LiveUpdate",

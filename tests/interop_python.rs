@@ -51,7 +51,7 @@ async fn a_python_client_generated_from_the_proto_streams_points() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON ack per line"))
         .collect();
-    assert_eq!(acks.len(), 4);
+    assert_eq!(acks.len(), 5);
     assert_eq!(acks[0]["accepted"], 10);
     assert_eq!(acks[1]["accepted"], 9);
     assert_eq!(
@@ -69,6 +69,31 @@ async fn a_python_client_generated_from_the_proto_streams_points() {
     assert_eq!(latest[0]["user_id"], user.to_string());
     assert_eq!(latest[0]["nanos"], 500_000_000);
     assert_eq!(latest[0]["metadata"], serde_json::json!({"order": 19}));
+    // A track page of 7, likewise: the first seven points, in time order.
+    let track = &acks[4]["track"];
+    let orders: Vec<&Value> = track
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["order"])
+        .collect();
+    assert_eq!(
+        orders,
+        (0..7)
+            .map(Value::from)
+            .collect::<Vec<_>>()
+            .iter()
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        track
+            .as_array()
+            .unwrap()
+            .windows(2)
+            .all(|w| w[0]["seconds"].as_i64() < w[1]["seconds"].as_i64()),
+        "{track}"
+    );
+    assert!(!acks[4]["next_cursor"].as_str().unwrap().is_empty());
     let pool = db.pool().await;
     assert_eq!(count_rows(&pool).await, 19);
     let order: Option<Value> = sqlx::query_scalar(

@@ -160,7 +160,7 @@ fn fleet(n: usize, app: &str, metadata_bytes: usize) -> (Vec<uuid::Uuid>, Locati
 }
 
 /// Ids of a page's locations, each checked to be of `app` if one is given.
-fn ids_of(page: &locus::query::encoded::LatestPage, app: Option<&str>) -> Vec<uuid::Uuid> {
+fn ids_of(page: &locus::query::encoded::LocationPage, app: Option<&str>) -> Vec<uuid::Uuid> {
     page.locations()
         .unwrap()
         .iter()
@@ -174,7 +174,7 @@ fn ids_of(page: &locus::query::encoded::LatestPage, app: Option<&str>) -> Vec<uu
 async fn all_pages(
     q: &mut QueryClient<Channel>,
     mut req: GetLatestRequest,
-) -> Vec<locus::query::encoded::LatestPage> {
+) -> Vec<locus::query::encoded::LocationPage> {
     let mut pages = Vec::new();
     loop {
         let page = q.get_latest(req.clone()).await.unwrap().into_inner();
@@ -385,8 +385,9 @@ async fn track_pages_have_no_gaps_or_repeats() {
             .await
             .unwrap()
             .into_inner();
-        assert!(page.locations.len() <= 300);
-        seen.extend(page.locations.iter().map(|l| l.time.unwrap().seconds));
+        let locations = page.locations().unwrap();
+        assert!(locations.len() <= 300);
+        seen.extend(locations.iter().map(|l| l.time.unwrap().seconds));
         if page.next_cursor.is_empty() {
             break;
         }

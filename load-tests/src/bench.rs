@@ -29,6 +29,7 @@ use locus_load::{
 mod latest_map;
 mod live_match;
 mod queries;
+mod track_page;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -76,8 +77,9 @@ struct Args {
     keep: bool,
     /// `ingest` (the four write paths), `queries` (query latency under
     /// ingest, and ingest with live subscribers), `live` (the live feed's
-    /// matching and encoding in process, without a database) or `latest`
-    /// (GetLatest's answer built in process).
+    /// matching and encoding in process, without a database), `latest`
+    /// (GetLatest's answer built in process) or `track` (a day's track page
+    /// in process, in its parts).
     #[arg(long, default_value = "ingest")]
     suite: String,
     /// Queries suite: the ingest rate kept up while queries run (points/s).
@@ -438,8 +440,12 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("locus"),
     };
-    if a.suite == "queries" {
-        return queries::run(&locus, url, a.connections, a.half_rate, a.live_rounds).await;
+    match a.suite.as_str() {
+        "queries" => {
+            return queries::run(&locus, url, a.connections, a.half_rate, a.live_rounds).await;
+        }
+        "track" => return track_page::run(url).await,
+        _ => {}
     }
     let setup = tokio::process::Command::new(&locus)
         .args(["setup", "--database-url", url])

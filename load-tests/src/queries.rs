@@ -18,7 +18,7 @@ use locus::{
         LocationBatch, SubscribeRequest, get_hourly_stats_request::Key,
         ingest_client::IngestClient, query_client::QueryClient,
     },
-    query::encoded::LatestPage,
+    query::encoded::LocationPage,
 };
 use locus_load::{fleet::Device, proc::Locus};
 use prost::Message;
@@ -65,17 +65,17 @@ where
     .await?
 }
 
-/// `n` calls, timed as `timed` does, by a query client of their own
-/// (`apart`): each call is handed a clone of it.
+/// `n` calls, timed as `timed` does, by a client of their own (`apart`):
+/// each call is handed a clone of its channel.
 async fn timed_apart<F, Fut>(target: &str, n: usize, mut call: F) -> anyhow::Result<(f64, f64)>
 where
-    F: FnMut(QueryClient<Channel>) -> Fut + Send + 'static,
+    F: FnMut(Channel) -> Fut + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let target = target.to_string();
     apart(move || async move {
-        let q = QueryClient::new(dial(&target).await?);
-        timed(n, || call(q.clone())).await
+        let channel = dial(&target).await?;
+        timed(n, || call(channel.clone())).await
     })
     .await
 }
@@ -196,6 +196,16 @@ where
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(p50_p99(ms))
+}
+
+/// `GetTrackResponse` as prost derives it (locus maps it to its own
+/// `LocationPage`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct ProstTrackResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub locations: Vec<Location>,
+    #[prost(string, tag = "2")]
+    pub next_cursor: String,
 }
 
 pub(crate) fn p50_p99(ms: Vec<f64>) -> (f64, f64) {
@@ -348,7 +358,7 @@ pub async fn run(
     let before = buckets("GetLatest").await;
     // 200 calls of `req`, each answered with the 10,000 positions, each
     // timed twice: to the answer received (its framing checked, as
-    // LatestPage does) and to its locations decoded. The request is
+    // LocationPage does) and to its locations decoded. The request is
     // encoded once, as a map that polls would keep it.
     let latest_calls = |req: GetLatestRequest| {
         let encoded = Bytes::from(req.encode_to_vec());
@@ -358,7 +368,7 @@ pub async fn run(
             let (mut received, mut decoded) = (Vec::new(), Vec::new());
             for _ in 0..200 {
                 let t = Instant::now();
-                let answer = call_encoded::<LatestPage>(
+                let answer = call_encoded::<LocationPage>(
                     channel.clone(),
                     "/locus.v1.Query/GetLatest",
                     tonic::Request::new(encoded.clone()),
@@ -393,16 +403,26 @@ pub async fn run(
         p99_bound(&after_ids, &after_app),
     );
     let before = buckets("GetTrack").await;
-    let track = timed_apart(&target, 50, move |mut q| {
-        let req = GetTrackRequest {
+    // Decoded in one pass into prost's own types, as a client generated
+    // from the proto does (locus's `LocationPage` would copy each location
+    // out of the receive buffer first).
+    let track_req = Bytes::from(
+        GetTrackRequest {
             device_id: day_device.clone(),
             from: ts(day_from),
             to: ts(day_to),
             limit: 10_000,
             cursor: String::new(),
-        };
+        }
+        .encode_to_vec(),
+    );
+    let track = timed_apart(&target, 50, move |channel| {
+        let req = tonic::Request::new(track_req.clone());
         async move {
-            let n = q.get_track(req).await?.into_inner().locations.len();
+            let answer =
+                call_encoded::<ProstTrackResponse>(channel, "/locus.v1.Query/GetTrack", req)
+                    .await?;
+            let n = answer.into_inner().locations.len();
             anyhow::ensure!(n == 8_640, "{n} track points");
             Ok(())
         }
@@ -410,13 +430,14 @@ pub async fn run(
     .await?;
     let own_track = p99_bound(&before, &buckets("GetTrack").await);
     let before = buckets("GetHourlyStats").await;
-    let stats = timed_apart(&target, 200, move |mut q| {
+    let stats = timed_apart(&target, 200, move |channel| {
         let req = GetHourlyStatsRequest {
             key: Some(Key::DeviceId(stats_device.to_string())),
             from: ts(now_us() - 30 * 86_400_000_000),
             to: ts(now_us()),
         };
         async move {
+            let mut q = QueryClient::new(channel);
             let n = q.get_hourly_stats(req).await?.into_inner().hours.len();
             anyhow::ensure!(n >= 719, "{n} hours");
             Ok(())

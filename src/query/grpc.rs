@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     LatestRequest, QueryError, QueryState,
-    encoded::{EncodedLocations, LatestPage, timestamp, to_proto},
+    encoded::{EncodedLocations, LocationPage, timestamp},
     invalid,
     live::{Filter, Update},
     parse_device_ids, parse_uuid, stats, track,
@@ -92,7 +92,7 @@ impl Query for QueryService {
     async fn get_latest(
         &self,
         req: Request<proto::GetLatestRequest>,
-    ) -> Result<Response<LatestPage>, Status> {
+    ) -> Result<Response<LocationPage>, Status> {
         let started = Instant::now();
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
@@ -107,7 +107,7 @@ impl Query for QueryService {
         let r = self
             .state
             .latest_page(&caller, &req, |l| locations.push(l.encoded()))
-            .map(|next_cursor| LatestPage {
+            .map(|next_cursor| LocationPage {
                 locations,
                 next_cursor: next_cursor.unwrap_or_default(),
             });
@@ -117,7 +117,7 @@ impl Query for QueryService {
     async fn get_track(
         &self,
         req: Request<proto::GetTrackRequest>,
-    ) -> Result<Response<proto::GetTrackResponse>, Status> {
+    ) -> Result<Response<LocationPage>, Status> {
         let started = Instant::now();
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
@@ -135,8 +135,8 @@ impl Query for QueryService {
                 },
             )
             .await?;
-            Ok(proto::GetTrackResponse {
-                locations: page.points.into_iter().map(to_proto).collect(),
+            Ok(LocationPage {
+                locations: page.points.iter().collect(),
                 next_cursor: page.next_cursor.unwrap_or_default(),
             })
         }

@@ -3,8 +3,9 @@ generated from proto/ by grpcio-tools at test time.
 
 usage: stream_client.py <generated-stubs-dir> <host:port> <device_id> <user_id>
 Streams three batches (the second holds one bad point) and prints each ack as
-one JSON line; then asks for the device's latest position (an answer locus
-builds from pre-encoded locations) and prints it as one JSON line.
+one JSON line; then asks for the device's latest position and a page of its
+track (answers locus builds from encoded locations, not by prost) and prints
+each as one JSON line.
 """
 
 import json
@@ -63,4 +64,16 @@ with grpc.insecure_channel(target) as channel:
             "latitude": l.latitude,
             "metadata": json.loads(l.metadata_json),
         } for l in latest.locations],
+    }), flush=True)
+    track = locus_pb2_grpc.QueryStub(channel).GetTrack(
+        locus_pb2.GetTrackRequest(
+            device_id=device_id,
+            **{"from": Timestamp(seconds=start)},
+            to=Timestamp(seconds=start + 60),
+            limit=7,
+        ), timeout=30)
+    print(json.dumps({
+        "track": [{"seconds": l.time.seconds, "order": json.loads(l.metadata_json)["order"]}
+                  for l in track.locations],
+        "next_cursor": track.next_cursor,
     }), flush=True)
