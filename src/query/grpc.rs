@@ -103,7 +103,10 @@ impl Query for QueryService {
             limit: req.limit,
             cursor: &req.cursor,
         };
-        let mut locations = EncodedLocations::with_capacity(self.state.latest_page_len(&req));
+        // Sized for the page; a refused limit is latest_page's to report,
+        // after the caller's rights.
+        let page_len = self.state.latest_page_len(&req).unwrap_or_default();
+        let mut locations = EncodedLocations::with_capacity(page_len);
         let r = self
             .state
             .latest_page(&caller, &req, |l| locations.push(l.encoded()))

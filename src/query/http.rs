@@ -317,7 +317,8 @@ async fn latest(
             limit: limit.unwrap_or_default(),
             cursor: p.cursor.as_deref().unwrap_or_default(),
         };
-        found.reserve(app.state.latest_page_len(&req));
+        // A refused limit is latest_page's to report, after the caller's rights.
+        found.reserve(app.state.latest_page_len(&req).unwrap_or_default());
         let next_cursor = app
             .state
             .latest_page(&caller, &req, |l| found.push(l.location.clone()))?;

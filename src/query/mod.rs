@@ -117,16 +117,10 @@ impl QueryState {
     ) -> Result<Option<String>, QueryError> {
         caller.require_read()?;
         let most = self.limits.max_latest_page;
-        if req.limit > most {
-            return Err(invalid(format!(
-                "limit {} is over the maximum of {most}",
-                req.limit
-            )));
-        }
         let mut page = PageRoom {
-            left: self.latest_page_len(req),
+            limit: self.latest_page_len(req)?,
+            taken: 0,
             bytes_left: self.limits.max_latest_bytes,
-            empty: true,
         };
         let bad_cursor = || {
             invalid(format!(
@@ -194,16 +188,14 @@ impl QueryState {
     }
 
     /// The most positions a page for `req` holds: its limit, or by default
-    /// every device asked, or `--latest-page` of an app's.
-    pub fn latest_page_len(&self, req: &LatestRequest) -> usize {
-        let most = self.limits.max_latest_page as usize;
-        match (req.limit, req.device_ids.len()) {
-            (0, 0) => self.limits.latest_page as usize,
-            (0, asked) => asked,
-            (limit, 0) => limit as usize,
-            (limit, asked) => asked.min(limit as usize),
-        }
-        .min(most)
+    /// every device asked, or `--latest-page` of an app's; a limit over
+    /// `--max-latest-page` is refused.
+    pub fn latest_page_len(&self, req: &LatestRequest) -> Result<usize, QueryError> {
+        let most = self.limits.max_latest_page;
+        Ok(match req.device_ids.len() {
+            0 => page_limit(req.limit, self.limits.latest_page, most)? as usize,
+            asked => (page_limit(req.limit, most, most)? as usize).min(asked),
+        })
     }
 
     /// A live subscription for `caller`, confined to its app_source.
@@ -261,11 +253,21 @@ pub struct LatestRequest<'a> {
     pub cursor: &'a str,
 }
 
-/// What is left of a page of latest positions.
+/// A page size: `asked`, or `default` for 0 (none asked); one over `most`
+/// is refused.
+pub(crate) fn page_limit(asked: u32, default: u32, most: u32) -> Result<u32, QueryError> {
+    match asked {
+        0 => Ok(default),
+        n if n > most => Err(invalid(format!("limit {n} is over the maximum of {most}"))),
+        n => Ok(n),
+    }
+}
+
+/// A page of latest positions as it fills.
 struct PageRoom {
-    left: usize,
+    limit: usize,
+    taken: usize,
     bytes_left: usize,
-    empty: bool,
 }
 
 impl PageRoom {
@@ -273,11 +275,10 @@ impl PageRoom {
     /// that every page moves on, however large one location is.
     fn take(&mut self, l: &encoded::SharedLocation) -> bool {
         let bytes = encoded::framed_len(l.encoded());
-        if !self.empty && (self.left == 0 || bytes > self.bytes_left) {
+        if self.taken > 0 && (self.taken == self.limit || bytes > self.bytes_left) {
             return false;
         }
-        self.empty = false;
-        self.left = self.left.saturating_sub(1);
+        self.taken += 1;
         self.bytes_left = self.bytes_left.saturating_sub(bytes);
         true
     }

@@ -5,7 +5,7 @@
 use futures::TryStreamExt;
 use uuid::Uuid;
 
-use super::{LOCATION_COLUMNS, QueryError, QueryState, invalid, ts};
+use super::{LOCATION_COLUMNS, QueryError, QueryState, invalid, page_limit, ts};
 use crate::ingest::validate::{LocationReader, ValidLocation};
 
 pub struct TrackRequest {
@@ -53,16 +53,11 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
             humantime::format_duration(limits.max_track_span)
         )));
     }
-    let limit = match req.limit {
-        None | Some(0) => limits.track_page,
-        Some(n) if n > limits.max_track_page => {
-            return Err(invalid(format!(
-                "limit {n} is over the maximum of {}",
-                limits.max_track_page
-            )));
-        }
-        Some(n) => n,
-    };
+    let limit = page_limit(
+        req.limit.unwrap_or(0),
+        limits.track_page,
+        limits.max_track_page,
+    )?;
     let after = match req.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => Some(decode_cursor(c, req.from_us, req.to_us)?),
