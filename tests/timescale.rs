@@ -11,14 +11,21 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Device, TestDb, TestServer, config, count_rows, now_secs, now_us, setup_opts};
+use common::{
+    Device, TestDb, TestServer, config, count_rows, get_json, now_secs, now_us, setup_opts,
+};
 use locus::{
-    proto::LocationBatch,
+    proto::{
+        GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, LocationBatch, SubscribeRequest,
+        get_hourly_stats_request::Key, query_client::QueryClient,
+    },
+    query::http::rfc3339,
     storage::{
         Tier, doctor, maintain,
         setup::{self, SetupOptions},
     },
 };
+use prost_types::Timestamp;
 use sqlx::PgPool;
 
 const DAY_US: i64 = 86_400_000_000;
@@ -45,6 +52,23 @@ async fn pause_jobs(pool: &PgPool) {
         .execute(pool)
         .await
         .unwrap();
+}
+
+/// Runs now the job of `proc` on `target` (the aggregate's jobs are on its
+/// materialization hypertable, named `location_hourly` here).
+async fn run_job(pool: &PgPool, proc: &str, target: &str) {
+    let job = scalar_i64(
+        pool,
+        &format!(
+            "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = '{proc}'
+             AND (hypertable_name = '{target}' OR ('{target}' = 'location_hourly' AND hypertable_name <> 'location_events'))"
+        ),
+    )
+    .await;
+    sqlx::raw_sql(&format!("CALL run_job({job})"))
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{proc} on {target}: {e}"));
 }
 
 /// Setup from empty, idempotence, and a reconcile, on either edition.
@@ -198,16 +222,7 @@ async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
             1_000
         );
     }
-    let job = scalar_i64(
-        &pool,
-        "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = 'policy_compression'
-         AND hypertable_name = 'location_events'",
-    )
-    .await;
-    sqlx::raw_sql(&format!("CALL run_job({job})"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    run_job(&pool, "policy_compression", "location_events").await;
     let report = doctor::examine(&db.url, &setup_opts(), now_us())
         .await
         .unwrap();
@@ -252,15 +267,12 @@ async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
         .await
         .unwrap();
     assert_eq!(count_rows(&pool).await, 0);
-    let refresh = scalar_i64(
+    run_job(
         &pool,
-        "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = 'policy_refresh_continuous_aggregate'",
+        "policy_refresh_continuous_aggregate",
+        "location_hourly",
     )
     .await;
-    sqlx::raw_sql(&format!("CALL run_job({refresh})"))
-        .execute(&pool)
-        .await
-        .unwrap();
     let hourly_after = scalar_i64(
         &pool,
         "SELECT coalesce(sum(point_count), 0)::int8 FROM location_hourly",
@@ -422,39 +434,29 @@ async fn community_edition_late_points_and_retention_policy() {
     let server = TestServer::start(config(&db)).await;
     let pool = db.pool().await;
     pause_jobs(&pool).await;
-    let job = |proc: &'static str, target: &'static str| {
-        let pool = pool.clone();
-        async move {
-            scalar_i64(
-                &pool,
-                &format!(
-                    "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = '{proc}'
-                     AND (hypertable_name = '{target}' OR ('{target}' = 'location_hourly' AND hypertable_name <> 'location_events'))"
-                ),
-            )
-            .await
-        }
-    };
-    let refresh = job("policy_refresh_continuous_aggregate", "location_hourly").await;
     // Two days ago, so its daily chunk ends well before any cutoff below.
     let hour = (now_secs() - 2 * 86_400) / 3600 * 3600;
     let d = Device::new(hour);
     let mut client = server.client().await;
     client.write_locations(d.batch(1, 0, 300)).await.unwrap();
-    sqlx::raw_sql(&format!("CALL run_job({refresh})"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    run_job(
+        &pool,
+        "policy_refresh_continuous_aggregate",
+        "location_hourly",
+    )
+    .await;
     let materialized =
         "SELECT coalesce(sum(point_count), 0)::int8 FROM location_hourly WHERE device_id = '";
     let q = format!("{materialized}{}'", d.device_id);
     assert_eq!(scalar_i64(&pool, &q).await, 300);
     // The rest of that hour, late.
     client.write_locations(d.batch(2, 300, 300)).await.unwrap();
-    sqlx::raw_sql(&format!("CALL run_job({refresh})"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    run_job(
+        &pool,
+        "policy_refresh_continuous_aggregate",
+        "location_hourly",
+    )
+    .await;
     let only_materialized = format!(
         "SELECT coalesce(sum(point_count), 0)::int8 FROM _timescaledb_internal.{} WHERE device_id = '{}'",
         scalar_text(&pool, "SELECT materialization_hypertable_name FROM timescaledb_information.continuous_aggregates WHERE view_name = 'location_hourly'").await,
@@ -473,11 +475,7 @@ async fn community_edition_late_points_and_retention_policy() {
     o.storage.hourly_refresh_window = Some(Duration::from_secs(4 * 3600));
     setup::run(&db.url, &o, false, now_us()).await.unwrap();
     pause_jobs(&pool).await;
-    let retention = job("policy_retention", "location_events").await;
-    sqlx::raw_sql(&format!("CALL run_job({retention})"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    run_job(&pool, "policy_retention", "location_events").await;
     assert_eq!(
         count_rows(&pool).await,
         0,
@@ -553,4 +551,219 @@ async fn setup_updates_an_old_timescaledb_on_a_fresh_connection() {
     );
     drop(pool);
     db.drop_db().await;
+}
+
+fn at(seconds: i64) -> Option<Timestamp> {
+    Some(Timestamp { seconds, nanos: 0 })
+}
+
+/// Every query on this edition, over gRPC and HTTP: a live subscriber;
+/// latest from the map and, after a restart, from the database; a device's
+/// track paged through a ten-day-old chunk (compressed on the community
+/// edition) and through today's; hourly stats from `location_hourly` as
+/// the edition keeps it (the refresh policy's job, or locus's rollup).
+async fn queries_on(admin: &str, want: Tier) {
+    let db = TestDb::on(admin).await;
+    let server = TestServer::start(config(&db)).await;
+    let pool = db.pool().await;
+    if want == Tier::Timescale {
+        pause_jobs(&pool).await;
+    }
+    let hour = (now_secs() - 10 * 86_400) / 3600 * 3600;
+    let old = Device::new(hour);
+    let recent = Device {
+        start: now_secs() - 600,
+        ..old
+    };
+    let id = old.device_id;
+    let mut q = QueryClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let mut feed = q
+        .subscribe(SubscribeRequest {
+            device_ids: vec![id.to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Ten days ago, 1,000 points 4 s apart: 900 in its first hour, 100 in
+    // the next. Then the last 100 of ten minutes ago, one a second.
+    let mut ingest = server.client().await;
+    let batch = LocationBatch {
+        batch_id: 1,
+        locations: (0..1_000).map(|k| old.point(k * 4)).collect(),
+    };
+    let ack = ingest.write_locations(batch).await.unwrap().into_inner();
+    assert_eq!(ack.accepted, 1_000);
+    let ack = ingest
+        .write_locations(recent.batch(2, 0, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 100);
+    let mut fed = std::collections::HashSet::new();
+    while fed.len() < 1_100 {
+        let update = tokio::time::timeout(Duration::from_secs(10), feed.message())
+            .await
+            .expect("the live feed carries every committed point")
+            .unwrap()
+            .unwrap();
+        for l in update.locations().unwrap() {
+            assert_eq!(l.device_id, id.to_string());
+            assert!(fed.insert(l.time.unwrap().seconds), "a point fed twice");
+        }
+    }
+
+    if want == Tier::Timescale {
+        run_job(&pool, "policy_compression", "location_events").await;
+        assert!(
+            scalar_i64(
+                &pool,
+                "SELECT count(*) FROM timescaledb_information.chunks
+                 WHERE hypertable_name = 'location_events' AND is_compressed"
+            )
+            .await
+                >= 1,
+            "the ten-day-old chunk is compressed"
+        );
+        run_job(
+            &pool,
+            "policy_refresh_continuous_aggregate",
+            "location_hourly",
+        )
+        .await;
+    } else {
+        let mut conn = setup::connect(&db.url).await.unwrap();
+        maintain::rollup(&mut conn).await.unwrap();
+    }
+
+    let latest_of = |page: locus::query::encoded::LocationPage| {
+        page.locations()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let t = l.time.unwrap();
+                (l.device_id.clone(), t.seconds, t.nanos)
+            })
+            .collect::<Vec<_>>()
+    };
+    let latest = vec![(id.to_string(), recent.start + 99, 250_000_000)];
+    let by_id = GetLatestRequest {
+        device_ids: vec![id.to_string()],
+        ..Default::default()
+    };
+    let by_app = GetLatestRequest {
+        app_source: "mextrack".into(),
+        ..Default::default()
+    };
+    for req in [&by_id, &by_app] {
+        let page = q.get_latest(req.clone()).await.unwrap().into_inner();
+        assert_eq!(latest_of(page), latest);
+    }
+
+    let mut times = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = q
+            .get_track(GetTrackRequest {
+                device_id: id.to_string(),
+                from: at(hour),
+                to: at(hour + 4_000),
+                limit: 300,
+                cursor,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        times.extend(
+            page.locations()
+                .unwrap()
+                .iter()
+                .map(|l| l.time.unwrap().seconds),
+        );
+        cursor = page.next_cursor;
+        if cursor.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(times, (0..1_000).map(|k| hour + k * 4).collect::<Vec<_>>());
+
+    let stats = q
+        .get_hourly_stats(GetHourlyStatsRequest {
+            key: Some(Key::DeviceId(id.to_string())),
+            from: at(hour),
+            to: at(hour + 3 * 3600),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let counts: Vec<(i64, u64)> = stats
+        .hours
+        .iter()
+        .map(|h| (h.hour.unwrap().seconds, h.point_count))
+        .collect();
+    assert_eq!(counts, vec![(hour, 900), (hour + 3600, 100)]);
+
+    let (from, to) = (
+        rfc3339((now_secs() - 700) * 1_000_000),
+        rfc3339(now_secs() * 1_000_000),
+    );
+    let (status, track) = get_json(
+        &server,
+        &format!("/v1/devices/{id}/track?from={from}&to={to}&limit=1000").replace('+', "%2B"),
+    )
+    .await;
+    assert_eq!(status, 200, "{track}");
+    assert_eq!(track["locations"].as_array().unwrap().len(), 100);
+    let (from, to) = (
+        rfc3339(hour * 1_000_000),
+        rfc3339((hour + 3 * 3600) * 1_000_000),
+    );
+    let (status, hourly) = get_json(
+        &server,
+        &format!("/v1/stats/hourly?app_source=mextrack&from={from}&to={to}").replace('+', "%2B"),
+    )
+    .await;
+    assert_eq!(status, 200, "{hourly}");
+    let counts: Vec<i64> = hourly["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["point_count"].as_i64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![900, 100]);
+    let (status, one) = get_json(&server, &format!("/v1/devices/{id}/latest")).await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["device_id"], id.to_string());
+
+    // A new server fills its map from this edition's storage.
+    server.stop().await;
+    let server = TestServer::start(config(&db)).await;
+    let mut q = QueryClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    for req in [by_id, by_app] {
+        let page = q.get_latest(req).await.unwrap().into_inner();
+        assert_eq!(latest_of(page), latest);
+    }
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_query_on_the_community_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    queries_on(&admin, Tier::Timescale).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_query_on_the_apache_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    queries_on(&admin, Tier::TimescaleApache).await;
 }
