@@ -1,9 +1,11 @@
 //! gRPC messages as bytes on one side of a call: a server that looks at a
 //! request before decoding it ([`RawRequests`], for `WriteLocations`), a
 //! client that sends a request it encoded beforehand ([`call_encoded`]:
-//! the load generator's retries, the benchmark's repeated queries), and one
-//! that takes a stream's answers as bytes ([`stream_raw`]: the benchmark's
-//! live subscribers, which count locations without copying them).
+//! the load generator's retries, the benchmark's repeated queries), one that
+//! also takes the answer as bytes ([`call_raw`]: the benchmark times an
+//! answer received apart from it decoded), and one that takes a stream's
+//! answers as bytes ([`stream_raw`]: the benchmark's live subscribers, which
+//! count locations without copying them).
 
 use std::marker::PhantomData;
 
@@ -95,6 +97,35 @@ pub async fn call_encoded<R: Message + Default + Send + 'static>(
     let (mut grpc, path) = ready(channel, path).await?;
     grpc.unary(request, path, EncodedRequests(PhantomData))
         .await
+}
+
+/// Both ways as bytes: the request encoded beforehand, the answer as received.
+struct RawBoth;
+
+impl Codec for RawBoth {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytes
+    }
+}
+
+/// The unary rpc at `path` with a request encoded beforehand, its answer
+/// as the bytes received, for the caller to decode.
+pub async fn call_raw(
+    channel: Channel,
+    path: &'static str,
+    request: Request<Bytes>,
+) -> Result<Response<Bytes>, Status> {
+    let (mut grpc, path) = ready(channel, path).await?;
+    grpc.unary(request, path, RawBoth).await
 }
 
 /// A client on `channel` once it is ready, and `path` as tonic takes it.

@@ -12,13 +12,12 @@ use std::{
 
 use bytes::Bytes;
 use locus::{
-    codec::{call_encoded, count_field, stream_raw},
+    codec::{call_encoded, call_raw, count_field, stream_raw},
     proto::{
         BoundingBox, GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, Location,
         LocationBatch, SubscribeRequest, get_hourly_stats_request::Key,
         ingest_client::IngestClient, query_client::QueryClient,
     },
-    query::encoded::LocationPage,
 };
 use locus_load::{fleet::Device, proc::Locus};
 use prost::Message;
@@ -198,10 +197,11 @@ where
     Ok(p50_p99(ms))
 }
 
-/// `GetTrackResponse` as prost derives it (locus maps it to its own
-/// `LocationPage`).
+/// `GetTrackResponse` and `GetLatestResponse` (the same fields) as prost
+/// derives them, as a client generated from the proto decodes them in one
+/// pass (locus maps both to its own `LocationPage`).
 #[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct ProstTrackResponse {
+pub(crate) struct ProstPage {
     #[prost(message, repeated, tag = "1")]
     pub locations: Vec<Location>,
     #[prost(string, tag = "2")]
@@ -356,11 +356,11 @@ pub async fn run(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let buckets = async |rpc| handler_buckets(&server, rpc).await;
     let before = buckets("GetLatest").await;
-    // 200 calls of `req`, each answered with the 10,000 positions, each
-    // timed twice: to the answer received (its framing checked, as
-    // LocationPage does) and to its locations decoded. The request is
-    // encoded once, as a map that polls would keep it.
-    let latest_calls = |req: GetLatestRequest| {
+    // 200 calls of `req`, each answered with `want` positions, each timed
+    // twice: to the answer's bytes received, and to it decoded into prost's
+    // types in one pass, as a client generated from the proto does. The
+    // request is encoded once, as a map that polls would keep it.
+    let latest_calls = |req: GetLatestRequest, want: usize| {
         let encoded = Bytes::from(req.encode_to_vec());
         let target = target.clone();
         apart(move || async move {
@@ -368,7 +368,7 @@ pub async fn run(
             let (mut received, mut decoded) = (Vec::new(), Vec::new());
             for _ in 0..200 {
                 let t = Instant::now();
-                let answer = call_encoded::<LocationPage>(
+                let answer = call_raw(
                     channel.clone(),
                     "/locus.v1.Query/GetLatest",
                     tonic::Request::new(encoded.clone()),
@@ -376,30 +376,49 @@ pub async fn run(
                 .await?
                 .into_inner();
                 received.push(t.elapsed().as_secs_f64() * 1000.0);
-                let n = answer.locations()?.len();
+                let page = ProstPage::decode(answer)?;
                 decoded.push(t.elapsed().as_secs_f64() * 1000.0);
-                anyhow::ensure!(n == 10_000, "{n} latest positions");
-                anyhow::ensure!(answer.next_cursor.is_empty(), "a page of all 10,000");
+                let n = page.locations.len();
+                anyhow::ensure!(n == want, "{n} latest positions, not {want}");
+                anyhow::ensure!(page.next_cursor.is_empty(), "a page of all {want}");
             }
             anyhow::Ok((p50_p99(decoded), p50_p99(received)))
         })
     };
-    let (latest, latest_received) = latest_calls(GetLatestRequest {
-        device_ids: ids,
-        ..Default::default()
-    })
+    // The floor: the same call for one device, a 200-byte answer. What it
+    // takes at p99 is this machine's, under this load, for any call.
+    let (one, one_received) = latest_calls(
+        GetLatestRequest {
+            device_ids: ids[..1].to_vec(),
+            ..Default::default()
+        },
+        1,
+    )
+    .await?;
+    let after_one = buckets("GetLatest").await;
+    let (latest, latest_received) = latest_calls(
+        GetLatestRequest {
+            device_ids: ids,
+            ..Default::default()
+        },
+        10_000,
+    )
     .await?;
     let after_ids = buckets("GetLatest").await;
     // The app's 10,000 devices as one page of the most a page may hold.
-    let (latest_app, latest_app_received) = latest_calls(GetLatestRequest {
-        app_source: FLEET_MAP.into(),
-        limit: 10_000,
-        ..Default::default()
-    })
+    let (latest_app, latest_app_received) = latest_calls(
+        GetLatestRequest {
+            app_source: FLEET_MAP.into(),
+            limit: 10_000,
+            ..Default::default()
+        },
+        10_000,
+    )
     .await?;
     let after_app = buckets("GetLatest").await;
     let own_latest = (
-        p99_bound(&before, &after_ids),
+        p99_bound(&before, &after_one),
+        p99_bound(&after_one, &after_ids),
         p99_bound(&after_ids, &after_app),
     );
     let before = buckets("GetTrack").await;
@@ -420,8 +439,7 @@ pub async fn run(
         let req = tonic::Request::new(track_req.clone());
         async move {
             let answer =
-                call_encoded::<ProstTrackResponse>(channel, "/locus.v1.Query/GetTrack", req)
-                    .await?;
+                call_encoded::<ProstPage>(channel, "/locus.v1.Query/GetTrack", req).await?;
             let n = answer.into_inner().locations.len();
             anyhow::ensure!(n == 8_640, "{n} track points");
             Ok(())
@@ -557,7 +575,7 @@ pub async fn run(
     println!();
     println!(
         "p50 and p99: the client's, from sending the call to the answer decoded. For GetLatest also to the answer \
-         received, before its 10,000 locations are decoded (the client's decoding shares the two cores). locus's own \
+         received, before its locations are decoded (the client's decoding shares the two cores). locus's own \
          p99: the bucket of locus_query_duration_seconds (the handler, without transport) holding 99% of the calls."
     );
     println!();
@@ -567,20 +585,28 @@ pub async fn run(
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, calls, (p50, p99), received, own, target) in [
         (
+            "GetLatest, one device by id (the floor)",
+            200,
+            one,
+            Some(one_received),
+            own_latest.0,
+            None,
+        ),
+        (
             "GetLatest, 10,000 devices by id",
             200,
             latest,
             Some(latest_received),
-            own_latest.0,
-            5,
+            own_latest.1,
+            Some(5),
         ),
         (
             "GetLatest, an app_source's 10,000 devices as one page",
             200,
             latest_app,
             Some(latest_app_received),
-            own_latest.1,
-            5,
+            own_latest.2,
+            Some(5),
         ),
         (
             "GetTrack, one day (8,640 points)",
@@ -588,7 +614,7 @@ pub async fn run(
             track,
             None,
             own_track,
-            50,
+            Some(50),
         ),
         (
             "GetHourlyStats, 30 days of one device",
@@ -596,12 +622,13 @@ pub async fn run(
             stats,
             None,
             own_stats,
-            50,
+            Some(50),
         ),
     ] {
         let received = received.map_or("".to_string(), |(a, b)| format!("{a:.2} / {b:.2}"));
+        let target = target.map_or("none".to_string(), |t| format!("{t} ms"));
         println!(
-            "| {name} | {calls} | {p50:.2} | {p99:.2} | {received} | at most {own} ms | {target} ms |"
+            "| {name} | {calls} | {p50:.2} | {p99:.2} | {received} | at most {own} ms | {target} |"
         );
     }
     println!();

@@ -20,7 +20,7 @@ use locus::{
 };
 use prost::Message;
 
-use crate::queries::ProstTrackResponse;
+use crate::queries::ProstPage;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -100,7 +100,7 @@ pub async fn run(url: &str) -> anyhow::Result<()> {
         direct.push(ms(t.elapsed()));
 
         let t = Instant::now();
-        let wire = ProstTrackResponse {
+        let wire = ProstPage {
             locations: page.points.into_iter().map(to_proto).collect(),
             next_cursor: String::new(),
         }
@@ -110,7 +110,7 @@ pub async fn run(url: &str) -> anyhow::Result<()> {
         bytes = wire.len();
 
         let t = Instant::now();
-        let back = ProstTrackResponse::decode(wire.as_slice())?;
+        let back = ProstPage::decode(wire.as_slice())?;
         decode.push(ms(t.elapsed()));
         anyhow::ensure!(back.locations.len() == 8_640);
     }
