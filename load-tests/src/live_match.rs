@@ -1,17 +1,23 @@
 //! `locus-bench --suite live`: the live feed's own work, in process, without
 //! a database or a network: matching committed batches to the queries
 //! suite's 200 subscribers (`Live::publish`, on the writer's path before its
-//! acks), and the subscribers taking and encoding their updates. What it
-//! times is locus's library code, so to compare two versions of it, build
-//! `locus-bench` at each.
+//! acks), the subscribers taking and encoding their updates, and the same
+//! updates as Server-Sent Events: each point's JSON written once a batch
+//! (locus now) and, side by side, once per subscriber (locus before
+//! 2026-12-03). What it times is locus's library code, so to compare two
+//! versions of it, build `locus-bench` at each.
 
 use std::time::{Duration, Instant};
 
+use axum::response::sse::Event;
 use bytes::{Bytes, BytesMut};
 use locus::{
     ingest::validate::ValidLocation,
     pipeline::copy_encoder::encode_row,
-    query::live::{Filter, Live, LiveBatch},
+    query::{
+        http::{LocationJson, sse_events},
+        live::{Filter, Live, LiveBatch, Update},
+    },
 };
 use locus_load::fleet::Rng;
 use uuid::Uuid;
@@ -40,6 +46,7 @@ pub async fn run() -> anyhow::Result<()> {
     }
     let batches = batches();
     let (mut publish, mut take, mut delivered) = (Duration::ZERO, Duration::ZERO, 0);
+    let (mut sse_once, mut sse_each) = (Duration::ZERO, Duration::ZERO);
     // The first round warms up and is not counted.
     for round in 0..ROUNDS {
         for (rows, ranges) in &batches {
@@ -49,15 +56,28 @@ pub async fn run() -> anyhow::Result<()> {
             let p = t.elapsed();
             let t = Instant::now();
             let mut n = 0;
+            let mut updates = Vec::with_capacity(subs.len());
             for s in subs.iter_mut() {
                 if let Some(update) = s.next().await {
                     n += update.encoded().len();
+                    updates.push(update);
                 }
             }
+            let took = t.elapsed();
+            // Alternated by round, so that neither always runs first.
+            let (once, each) = if round % 2 == 0 {
+                let once = sse(&updates, sse_events, n);
+                (once?, sse(&updates, sse_events_each, n)?)
+            } else {
+                let each = sse(&updates, sse_events_each, n);
+                (sse(&updates, sse_events, n)?, each?)
+            };
             if round > 0 {
                 publish += p;
-                take += t.elapsed();
+                take += took;
                 delivered += n;
+                sse_once += once;
+                sse_each += each;
             }
         }
     }
@@ -71,7 +91,43 @@ pub async fn run() -> anyhow::Result<()> {
         per_batch(take),
         delivered as f64 / counted
     );
+    println!(
+        "The same updates as Server-Sent Events: {:.0} µs a batch with each point's JSON written once a batch, \
+         {:.0} µs written once per subscriber (ratio {:.2})",
+        per_batch(sse_once),
+        per_batch(sse_each),
+        sse_each.as_secs_f64() / sse_once.as_secs_f64()
+    );
     Ok(())
+}
+
+/// How long `events` takes to turn every update into its events; checks
+/// that they are `want` in all.
+fn sse(
+    updates: &[Update],
+    events: fn(&Update) -> Vec<Event>,
+    want: usize,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let n: usize = updates.iter().map(|u| events(u).len()).sum();
+    let took = t.elapsed();
+    anyhow::ensure!(n == want, "{n} events for {want} points");
+    Ok(took)
+}
+
+/// The Server-Sent Events of locus before 2026-12-03: each subscriber's
+/// points decoded and written as JSON for it alone.
+fn sse_events_each(update: &Update) -> Vec<Event> {
+    update
+        .locations()
+        .iter()
+        .map(|l| {
+            Event::default()
+                .event("location")
+                .json_data(LocationJson::from(l))
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// COPY rows of points spread evenly over the boxes' area, as committed.

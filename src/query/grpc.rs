@@ -15,7 +15,6 @@ use super::{
 };
 use crate::{
     auth::Principal,
-    ingest::validate::ValidLocation,
     metrics as m,
     proto::{self, query_server::Query},
 };
@@ -206,14 +205,6 @@ pub fn updates(sub: super::live::Subscription) -> impl Stream<Item = Update> + S
         sub,
         |mut sub| async move { sub.next().await.map(|v| (v, sub)) },
     )
-}
-
-/// A subscription as a stream of single points.
-pub fn points(
-    sub: super::live::Subscription,
-) -> impl Stream<Item = ValidLocation> + Send + 'static {
-    use futures::StreamExt;
-    updates(sub).flat_map(|u| futures::stream::iter(u.locations()))
 }
 
 pub fn hour_to_proto(h: stats::HourStats) -> proto::HourlyStats {

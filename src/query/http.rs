@@ -20,12 +20,15 @@ use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{
-    LatestRequest, QueryError, QueryState, grpc::points, invalid, live::Filter, parse_uuid, stats,
-    track,
+    LatestRequest, QueryError, QueryState,
+    grpc::updates,
+    invalid,
+    live::{Filter, Update},
+    parse_uuid, stats, track,
 };
 use crate::{
     auth::{Auth, Caller},
-    ingest::validate::ValidLocation,
+    ingest::validate::{LocationOf, LocationRef},
     metrics as m, proto, status,
 };
 
@@ -123,13 +126,13 @@ pub fn rfc3339(us: i64) -> String {
         .to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-impl From<&ValidLocation> for LocationJson {
-    fn from(l: &ValidLocation) -> Self {
+impl<S: AsRef<str>> From<&LocationOf<S>> for LocationJson {
+    fn from(l: &LocationOf<S>) -> Self {
         LocationJson {
             time: rfc3339(l.time_us),
             device_id: l.device_id.to_string(),
             user_id: l.user_id.to_string(),
-            app_source: l.app_source.clone(),
+            app_source: l.app_source.as_ref().to_owned(),
             latitude: l.latitude,
             longitude: l.longitude,
             accuracy: l.accuracy,
@@ -138,8 +141,8 @@ impl From<&ValidLocation> for LocationJson {
             heading: l.heading,
             metadata: l
                 .metadata
-                .as_deref()
-                .and_then(|m| serde_json::from_str(m).ok()),
+                .as_ref()
+                .and_then(|m| serde_json::from_str(m.as_ref()).ok()),
         }
     }
 }
@@ -504,16 +507,90 @@ async fn live(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
     let filter = live_filter(p)?;
     let sub = app.state.subscribe(&caller, filter)?;
-    let points = points(sub).take_until(app.shutdown.cancelled_owned());
+    let events = updates(sub)
+        .flat_map(|u| futures::stream::iter(sse_events(&u)))
+        .take_until(app.shutdown.cancelled_owned());
     // A revoked token's feed ends with one `error` event.
-    let events = app.state.while_authorized(caller, points).map(|l| {
-        Ok(match l {
-            Ok(l) => Event::default()
-                .event("location")
-                .json_data(LocationJson::from(&l))
-                .unwrap_or_default(),
-            Err(e) => Event::default().event("error").data(e.to_string()),
-        })
-    });
+    let events = app
+        .state
+        .while_authorized(caller, events)
+        .map(|e| Ok(e.unwrap_or_else(|e| Event::default().event("error").data(e.to_string()))));
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// A point as its `LocationJson`.
+fn location_json(l: &LocationRef<'_>, out: &mut Vec<u8>) {
+    // Serializing these fields into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, &LocationJson::from(l));
+}
+
+/// An update's points as events, `event: location` and `data:` a
+/// LocationJson. Each point is written as JSON once for all the
+/// subscribers that take it (its batch keeps it), not once each.
+pub fn sse_events(update: &Update) -> Vec<Event> {
+    update
+        .json(location_json)
+        .filter_map(|json| std::str::from_utf8(json).ok().filter(|j| !j.is_empty()))
+        .map(|json| Event::default().event("location").data(json))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::{
+        ingest::validate::ValidLocation,
+        pipeline::copy_encoder::encode_row,
+        query::live::{Live, LiveBatch},
+    };
+
+    /// The live feed's JSON is what `LocationJson` serializes to, metadata
+    /// included, and two subscribers taking the same points share one
+    /// encoding of them.
+    #[tokio::test]
+    async fn sse_points_are_their_location_json_written_once_a_batch() {
+        let live = Live::new(1_000, 10, Duration::ZERO);
+        let mut subs: Vec<_> = (0..2)
+            .map(|_| live.subscribe(Filter::default()).unwrap())
+            .collect();
+        let points: Vec<ValidLocation> = (0..5)
+            .map(|i| ValidLocation {
+                time_us: 1_700_000_000_123_456 + i,
+                device_id: Uuid::from_u128(i as u128),
+                user_id: Uuid::from_u128(7),
+                app_source: "pshop".into(),
+                latitude: 19.4,
+                longitude: -99.1,
+                accuracy: Some(5.0),
+                altitude: (i % 2 == 0).then_some(2_240.5),
+                speed: None,
+                heading: Some(90.0),
+                metadata: (i == 3).then(|| r#"{"battery": 0.9, "note": "a\nb"}"#.to_string()),
+            })
+            .collect();
+        let (mut rows, mut ranges) = (BytesMut::new(), Vec::new());
+        for p in &points {
+            let start = rows.len() as u32;
+            encode_row(&mut rows, p);
+            ranges.push(start..rows.len() as u32);
+        }
+        live.publish(LiveBatch::of_rows(rows.freeze(), ranges));
+        let (a, b) = (subs[0].next().await.unwrap(), subs[1].next().await.unwrap());
+        let want: Vec<Vec<u8>> = points
+            .iter()
+            .map(|p| serde_json::to_vec(&LocationJson::from(p)).unwrap())
+            .collect();
+        let got: Vec<&[u8]> = a.json(location_json).collect();
+        assert_eq!(got, want);
+        assert!(String::from_utf8_lossy(got[3]).contains(r#""note":"a\nb""#));
+        for (x, y) in a.json(location_json).zip(b.json(location_json)) {
+            assert_eq!(x.as_ptr(), y.as_ptr(), "one encoding for both");
+        }
+        assert_eq!(sse_events(&a).len(), 5);
+    }
 }

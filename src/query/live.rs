@@ -70,17 +70,34 @@ pub struct LiveBatch {
     points: Vec<(u32, Range<u32>)>,
     /// Per point: whether a subscriber matched it (only those are encoded).
     wanted: Vec<bool>,
+    /// The wanted points for gRPC subscribers.
     wire: OnceLock<Wire>,
+    /// The wanted points as JSON, for Server-Sent Events.
+    json: OnceLock<Wire>,
 }
 
+/// Each wanted point's encoding, one after another; an unwanted point has
+/// none.
 #[derive(Debug, Default)]
 struct Wire {
-    /// Each wanted point framed as `LiveUpdate`'s field 1 (key, length,
-    /// `Location`); an unwanted point has no frame.
     bytes: Vec<u8>,
-    /// Per point, where its frame ends in `bytes`.
+    /// Per point, where its encoding ends in `bytes`.
     ends: Vec<u32>,
 }
+
+impl Wire {
+    /// The encodings of points `first..=last`.
+    fn of(&self, first: usize, last: usize) -> &[u8] {
+        let start = match first {
+            0 => 0,
+            _ => self.ends[first - 1] as usize,
+        };
+        &self.bytes[start..self.ends[last] as usize]
+    }
+}
+
+/// How the Server-Sent Events feed writes a point as JSON.
+pub type JsonEncoder = fn(&LocationRef<'_>, &mut Vec<u8>);
 
 impl LiveBatch {
     /// A batch of one buffer's rows, at `ranges` of it.
@@ -124,23 +141,25 @@ impl LiveBatch {
         read_row(self.row(i)?)
     }
 
-    /// The wanted points' encoding. Made by the first subscriber to ask; one
-    /// asking meanwhile blocks its worker thread until it is made (a batch's
-    /// few thousand points) rather than encode them again.
-    fn wire(&self) -> &Wire {
-        self.wire.get_or_init(|| {
+    /// The wanted points, each written by `encode` into `cell`. Made by
+    /// the first subscriber to ask; one asking meanwhile blocks its worker
+    /// thread until it is made (a batch's few thousand points) rather than
+    /// encode them again.
+    fn encoded<'a>(
+        &'a self,
+        cell: &'a OnceLock<Wire>,
+        mut encode: impl FnMut(&LocationRef<'_>, &mut Vec<u8>),
+    ) -> &'a Wire {
+        cell.get_or_init(|| {
             let mut wire = Wire {
                 bytes: Vec::with_capacity(self.points.len() * 16),
                 ends: Vec::with_capacity(self.points.len()),
             };
-            let mut location = Vec::with_capacity(160);
             for i in 0..self.points.len() {
                 if self.wanted.get(i) == Some(&true)
                     && let Some(l) = self.location(i)
                 {
-                    location.clear();
-                    encode_location(&l, &mut location);
-                    put_framed(&mut wire.bytes, &location);
+                    encode(&l, &mut wire.bytes);
                 }
                 wire.ends
                     .push(u32::try_from(wire.bytes.len()).unwrap_or(u32::MAX));
@@ -149,14 +168,23 @@ impl LiveBatch {
         })
     }
 
-    /// The frames of points `first..=last`.
+    /// The frames of points `first..=last`, each `LiveUpdate`'s field 1
+    /// (key, length, `Location`).
     fn frames(&self, first: usize, last: usize) -> &[u8] {
-        let wire = self.wire();
-        let start = match first {
-            0 => 0,
-            _ => wire.ends[first - 1] as usize,
-        };
-        &wire.bytes[start..wire.ends[last] as usize]
+        // Allocated only when the batch is encoded, then reused point to point.
+        let mut location = Vec::new();
+        self.encoded(&self.wire, |l, out| {
+            location.clear();
+            encode_location(l, &mut location);
+            put_framed(out, &location);
+        })
+        .of(first, last)
+    }
+
+    /// Point `i` as JSON, written by `encode` (the same function every
+    /// time: the first call's encodes the batch).
+    fn json(&self, i: usize, encode: JsonEncoder) -> &[u8] {
+        self.encoded(&self.json, encode).of(i, i)
     }
 }
 
@@ -236,7 +264,17 @@ impl Update {
         out
     }
 
-    /// Each point, decoded (for Server-Sent Events, and tests).
+    /// Each point as JSON, written by `encode` once per committed batch
+    /// for every subscriber that takes it (for Server-Sent Events).
+    pub fn json(&self, encode: JsonEncoder) -> impl Iterator<Item = &[u8]> {
+        self.0.iter().flat_map(move |c| {
+            c.points
+                .iter()
+                .map(move |i| c.batch.json(*i as usize, encode))
+        })
+    }
+
+    /// Each point, decoded (for tests).
     pub fn locations(&self) -> Vec<ValidLocation> {
         self.0
             .iter()
