@@ -539,14 +539,12 @@ pub fn sse_events(update: &Update) -> Vec<Event> {
 mod tests {
     use std::time::Duration;
 
-    use bytes::BytesMut;
     use uuid::Uuid;
 
     use super::*;
     use crate::{
         ingest::validate::ValidLocation,
-        pipeline::copy_encoder::encode_row,
-        query::live::{Live, LiveBatch},
+        query::live::{Live, tests::batch},
     };
 
     /// The live feed's JSON is what `LocationJson` serializes to, metadata
@@ -573,13 +571,7 @@ mod tests {
                 metadata: (i == 3).then(|| r#"{"battery": 0.9, "note": "a\nb"}"#.to_string()),
             })
             .collect();
-        let (mut rows, mut ranges) = (BytesMut::new(), Vec::new());
-        for p in &points {
-            let start = rows.len() as u32;
-            encode_row(&mut rows, p);
-            ranges.push(start..rows.len() as u32);
-        }
-        live.publish(LiveBatch::of_rows(rows.freeze(), ranges));
+        live.publish(batch(&points));
         let (a, b) = (subs[0].next().await.unwrap(), subs[1].next().await.unwrap());
         let want: Vec<Vec<u8>> = points
             .iter()

@@ -693,7 +693,7 @@ fn cells((min_lat, max_lat, min_lon, max_lon): (f64, f64, f64, f64)) -> (u8, Vec
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{pipeline::copy_encoder::encode_row, query::encoded::to_proto};
 
@@ -714,7 +714,7 @@ mod tests {
     }
 
     /// `points` as a committed batch: their COPY rows, in one buffer.
-    fn batch(points: &[ValidLocation]) -> LiveBatch {
+    pub(crate) fn batch(points: &[ValidLocation]) -> LiveBatch {
         let mut rows = BytesMut::new();
         let mut ranges = Vec::new();
         for p in points {
