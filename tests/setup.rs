@@ -188,6 +188,13 @@ async fn adopts_a_seed_layout_table_with_rows_and_keeps_them() {
     let db = TestDb::new().await;
     let pool = db.pool().await;
     seed_table(&pool, 5_000).await;
+    // An index whose name needs quoting (renamed, as every old index is, to
+    // free its name for the new table).
+    exec(
+        &pool,
+        r#"CREATE INDEX "Idx ""Speed""" ON location_events (speed)"#,
+    )
+    .await;
     let dry = setup::run(&db.url, &setup_opts(), true, now_us())
         .await
         .unwrap();
@@ -211,6 +218,12 @@ async fn adopts_a_seed_layout_table_with_rows_and_keeps_them() {
         .await
         .unwrap();
     assert_eq!(kept, 5_000, "the old table is kept for the operator");
+    let renamed: Option<String> =
+        sqlx::query_scalar(r#"SELECT to_regclass('"Idx ""Speed""_pre_locus"')::text"#)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(renamed.is_some(), "the quoted index was renamed as itself");
     let (lat_type, lat): (String, f64) = sqlx::query_as(
         "SELECT pg_typeof(latitude)::text, latitude FROM location_events ORDER BY time DESC LIMIT 1",
     )
@@ -338,6 +351,64 @@ async fn partitions_past_retention_are_dropped_and_defaults_moved() {
             .filter_map(|(_, r)| *r)
             .all(|r| r.end_us > cutoff)
     );
+    db.drop_db().await;
+}
+
+/// Retention writes names read from the catalog into SQL: a partition
+/// named "Archive2020" must be dropped as itself, never as the unrelated
+/// table archive2020 that its unquoted name would fold to.
+#[tokio::test]
+async fn retention_drops_the_partition_it_names_and_no_other() {
+    let db = TestDb::new().await;
+    let now = now_us();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    let pool = db.pool().await;
+    exec(&pool, "CREATE TABLE archive2020 (note text)").await;
+    exec(&pool, "INSERT INTO archive2020 VALUES ('keep me')").await;
+    exec(
+        &pool,
+        r#"CREATE TABLE "Archive2020" PARTITION OF location_events
+           FOR VALUES FROM ('2020-01-01 00:00:00+00') TO ('2020-01-02 00:00:00+00')"#,
+    )
+    .await;
+    exec(
+        &pool,
+        r#"CREATE TABLE "odd ""name"" 2019" PARTITION OF location_events
+           FOR VALUES FROM ('2019-01-01 00:00:00+00') TO ('2019-01-02 00:00:00+00')"#,
+    )
+    .await;
+
+    let mut conn = setup::connect(&db.url).await.unwrap();
+    let done = maintain::raw_retention(&mut conn, Tier::Postgres, &setup_opts().storage, now)
+        .await
+        .unwrap();
+    assert!(done.starts_with("dropped 2 partitions"), "{done}");
+    let exists = |name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        exists("archive2020").await,
+        "the unrelated table was dropped"
+    );
+    assert!(
+        !exists(r#""Archive2020""#).await,
+        "the old partition is still there"
+    );
+    assert!(!exists(r#""odd ""name"" 2019""#).await);
+    let kept: String = sqlx::query_scalar("SELECT note FROM archive2020")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, "keep me");
     db.drop_db().await;
 }
 

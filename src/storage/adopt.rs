@@ -113,11 +113,13 @@ pub async fn migration(
     let old_indexes = catalog::indexes(conn, "location_events").await?;
     let mut sql = vec![format!("ALTER TABLE location_events RENAME TO {KEPT_AS}")];
     // Index names are per schema: free them for the new table.
-    sql.extend(
-        old_indexes
-            .iter()
-            .map(|i| format!("ALTER INDEX {i} RENAME TO {}", pre_locus_name(i))),
-    );
+    sql.extend(old_indexes.iter().map(|i| {
+        format!(
+            "ALTER INDEX {} RENAME TO {}",
+            catalog::quote_ident(i),
+            catalog::quote_ident(&pre_locus_name(i))
+        )
+    }));
     sql.extend(
         create_events(tier, storage, now_us)
             .into_iter()
@@ -147,8 +149,28 @@ pub async fn migration(
     ))
 }
 
+/// `index` with `_pre_locus` added, cut to PostgreSQL's 63 bytes at a
+/// character boundary (a name read from the catalog may hold any character).
 fn pre_locus_name(index: &str) -> String {
     let mut name = format!("{index}_pre_locus");
-    name.truncate(63);
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
     name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pre_locus_name;
+
+    #[test]
+    fn kept_index_names_fit_and_cut_at_a_character() {
+        assert_eq!(pre_locus_name("idx"), "idx_pre_locus");
+        let long = "é".repeat(30); // 60 bytes
+        let kept = pre_locus_name(&long);
+        assert!(kept.len() <= 63, "{}", kept.len());
+        assert!(kept.starts_with(&long[..60]));
+    }
 }

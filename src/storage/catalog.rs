@@ -119,3 +119,25 @@ pub async fn indexes(conn: &mut PgConnection, table: &str) -> Result<Vec<String>
     .await
     .map_err(SetupError::sql(format!("reading the indexes of {table}")))
 }
+
+/// `name` as an SQL identifier: always double-quoted, inner quotes doubled,
+/// so that a name read from the catalog ("Archive2020", a name with a space
+/// or a quote) names exactly that object when written into SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_ident;
+
+    #[test]
+    fn identifiers_are_quoted_exactly() {
+        assert_eq!(quote_ident("location_events"), "\"location_events\"");
+        assert_eq!(quote_ident("Archive2020"), "\"Archive2020\"");
+        assert_eq!(
+            quote_ident("a\"b; DROP TABLE x"),
+            "\"a\"\"b; DROP TABLE x\""
+        );
+    }
+}

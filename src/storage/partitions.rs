@@ -102,9 +102,12 @@ fn bound(us: i64) -> String {
 }
 
 /// The partitions of `location_events`: name, and range (`None` for the default).
+/// The name is the partition's `regclass` as text: quoted and
+/// schema-qualified by PostgreSQL where it must be, so that it names that
+/// table and no other when written into SQL.
 pub async fn list(conn: &mut PgConnection) -> Result<Vec<(String, Option<Range>)>, SetupError> {
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid)
+        "SELECT c.oid::regclass::text, pg_get_expr(c.relpartbound, c.oid)
          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
          WHERE i.inhparent = 'location_events'::regclass",
     )
