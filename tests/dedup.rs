@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
+use common::{
+    Device, TestDb, TestServer, config, count_rows, hourly_mismatches, now_secs,
+    write_duplicates_and_late_points,
+};
 use locus::proto::LocationBatch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,6 +141,23 @@ async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
     }
     assert_eq!(stored, 60);
     assert_eq!(count_rows(&pool).await, 60);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// Every stored point reaches the hourly stats, whichever way its batch went
+/// in: batches with duplicates take the writer's dedup path, which must
+/// record the hours it touched for locus's rollup just as plain COPY does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hourly_stats_hold_every_point_of_batches_with_duplicates() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let pool = db.pool().await;
+    let stored = write_duplicates_and_late_points(&server).await;
+    assert_eq!(count_rows(&pool).await, stored);
+    let mut conn = locus::storage::setup::connect(&db.url).await.unwrap();
+    locus::storage::maintain::rollup(&mut conn).await.unwrap();
+    assert_eq!(hourly_mismatches(&pool).await, Vec::<String>::new());
     server.stop().await;
     db.drop_db().await;
 }

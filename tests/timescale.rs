@@ -12,7 +12,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Device, TestDb, TestServer, config, count_rows, get_json, now_secs, now_us, setup_opts,
+    Device, TestDb, TestServer, config, count_rows, get_json, hourly_mismatches, now_secs, now_us,
+    setup_opts, write_duplicates_and_late_points,
 };
 use locus::{
     proto::{
@@ -766,4 +767,48 @@ async fn every_query_on_the_apache_edition() {
         return;
     };
     queries_on(&admin, Tier::TimescaleApache).await;
+}
+
+/// `location_hourly` as this edition keeps it (the continuous aggregate
+/// refreshed by its policy's job, or locus's rollup) holds every stored
+/// point after batches with duplicates and late points.
+async fn hourly_stats_after_duplicates_on(admin: &str, want: Tier) {
+    let db = TestDb::on(admin).await;
+    let server = TestServer::start(config(&db)).await;
+    let pool = db.pool().await;
+    if want == Tier::Timescale {
+        pause_jobs(&pool).await;
+    }
+    let stored = write_duplicates_and_late_points(&server).await;
+    assert_eq!(count_rows(&pool).await, stored);
+    if want == Tier::Timescale {
+        run_job(
+            &pool,
+            "policy_refresh_continuous_aggregate",
+            "location_hourly",
+        )
+        .await;
+    } else {
+        let mut conn = setup::connect(&db.url).await.unwrap();
+        maintain::rollup(&mut conn).await.unwrap();
+    }
+    assert_eq!(hourly_mismatches(&pool).await, Vec::<String>::new());
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hourly_stats_after_duplicates_on_the_community_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    hourly_stats_after_duplicates_on(&admin, Tier::Timescale).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hourly_stats_after_duplicates_on_the_apache_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    hourly_stats_after_duplicates_on(&admin, Tier::TimescaleApache).await;
 }

@@ -151,7 +151,8 @@ pub struct Writer {
 struct Inner {
     pool: PgPool,
     retry_deadline: Duration,
-    /// Record touched hours for locus's own hourly rollup (no continuous aggregate).
+    /// Record touched hours for locus's own hourly rollup (no continuous
+    /// aggregate), on both paths.
     track_hours: bool,
     sink: Option<Arc<dyn CommitSink>>,
     copy_sql: String,
@@ -271,6 +272,12 @@ impl Writer {
         let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(&self.inner.staging_insert_sql)
             .fetch_all(&mut *tx)
             .await?;
+        // The hours of what was stored, in the same transaction, as the
+        // COPY path does: duplicates changed no hour.
+        if self.inner.track_hours && !rows.is_empty() {
+            let hours = hourly::hours_of(rows.iter().map(|(_, t)| t.timestamp_micros()));
+            hourly::mark_pending(&mut tx, hours).await?;
+        }
         tx.commit().await?;
         Ok(rows
             .into_iter()

@@ -358,3 +358,95 @@ pub fn locus_health(args: &[&str]) -> (Option<i32>, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (out.status.code(), stdout)
 }
+
+/// Writes, through `server`, points that take the writer's dedup path and
+/// points late for hours already written: a batch over three hours with one
+/// point repeated in it, then a batch that repeats some of those points and
+/// adds new ones to the first two hours, then late points of an hour before
+/// them, with a repeat. Returns the points the table should hold.
+pub async fn write_duplicates_and_late_points(server: &TestServer) -> i64 {
+    let hour = (now_secs() - 2 * 86_400) / 3600 * 3600;
+    let d = Device::new(hour + 3600);
+    let other = Device::new(hour + 3600);
+    let mut client = server.client().await;
+    let mut send = async |batch: LocationBatch| {
+        client
+            .write_locations(batch)
+            .await
+            .expect("written")
+            .into_inner()
+    };
+    let every = |d: &Device, ks: std::ops::Range<i64>, step: i64| {
+        ks.map(|k| d.point(k * step)).collect::<Vec<_>>()
+    };
+    // 0..3 h, every 60 s, one point twice; another device's first hour.
+    let mut first = LocationBatch {
+        batch_id: 1,
+        locations: every(&d, 0..180, 60),
+    };
+    first.locations.push(d.point(60));
+    first.locations.extend(every(&other, 0..60, 60));
+    let ack = send(first).await;
+    assert_eq!((ack.accepted, ack.duplicates), (240, 1));
+    // A resend of 20 of them with 40 new points, 30 s apart, in its first hours.
+    let mut second = LocationBatch {
+        batch_id: 2,
+        locations: every(&d, 100..120, 60),
+    };
+    second
+        .locations
+        .extend((0..40).map(|k| d.point(1 + k * 150)));
+    let ack = send(second).await;
+    assert_eq!((ack.accepted, ack.duplicates), (40, 20));
+    // Late: an hour before, with one point twice.
+    let late = Device {
+        device_id: d.device_id,
+        user_id: d.user_id,
+        start: hour,
+    };
+    let mut third = LocationBatch {
+        batch_id: 3,
+        locations: every(&late, 0..30, 100),
+    };
+    third.locations.push(late.point(500));
+    let ack = send(third).await;
+    assert_eq!((ack.accepted, ack.duplicates), (30, 1));
+    240 + 40 + 30
+}
+
+/// Rows where `location_hourly` and an hourly aggregate of
+/// `location_events` differ, in either direction (empty when they agree).
+pub async fn hourly_mismatches(pool: &PgPool) -> Vec<String> {
+    let of = |table: &str| {
+        format!(
+            "SELECT {hour} AS hour, device_id, user_id, app_source, {count}::bigint AS n,
+                    round(avg_latitude::numeric, 9) AS lat, round(avg_longitude::numeric, 9) AS lon,
+                    round(avg_speed::numeric, 6) AS speed, max_speed, first_event, last_event
+             FROM {table}",
+            hour = if table == "location_hourly" {
+                "hour"
+            } else {
+                "h"
+            },
+            count = if table == "location_hourly" {
+                "point_count"
+            } else {
+                "n"
+            },
+        )
+    };
+    let raw = "(SELECT to_timestamp(floor(extract(epoch FROM time) / 3600) * 3600) AS h, device_id, user_id,
+                       app_source, count(*) AS n, avg(latitude) AS avg_latitude,
+                       avg(longitude) AS avg_longitude, avg(speed) AS avg_speed, max(speed) AS max_speed,
+                       min(time) AS first_event, max(time) AS last_event
+                FROM location_events GROUP BY 1, 2, 3, 4) AS raw";
+    let (hourly, raw) = (of("location_hourly"), of(raw));
+    sqlx::query_scalar(&format!(
+        "SELECT 'only in location_hourly: ' || x::text FROM ({hourly} EXCEPT {raw}) AS x
+         UNION ALL
+         SELECT 'only in the raw points: ' || x::text FROM ({raw} EXCEPT {hourly}) AS x"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("compare location_hourly with the raw points")
+}
