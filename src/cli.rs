@@ -61,10 +61,28 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct TokenArgs {
-    #[command(flatten)]
-    database: DatabaseArgs,
+    /// PostgreSQL or TimescaleDB URL of the tracking database. Accepted
+    /// before or after the token subcommand (`locus token create
+    /// --database-url ...`); clap cannot make a global argument required,
+    /// so its absence is reported when the command runs.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: TokenCommand,
+}
+
+impl TokenArgs {
+    fn database(&self) -> anyhow::Result<DatabaseArgs> {
+        let url = self.database_url.clone().ok_or_else(|| {
+            anyhow::anyhow!("no database URL: give --database-url URL or set DATABASE_URL")
+        })?;
+        Ok(DatabaseArgs { url })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +211,28 @@ pub struct SetupArgs {
     /// Fail unless the database offers this tier.
     #[arg(long, env = "LOCUS_REQUIRE_TIER", value_enum)]
     require_tier: Option<Tier>,
+    /// Create the database named by --database-url if the server has no
+    /// such database yet, as `createdb` would.
+    #[arg(long, env = "LOCUS_CREATE_DATABASE")]
+    create_database: bool,
+}
+
+/// The error and its causes on one line, each cause said once: a cause
+/// whose text its parent already holds (sqlx's database errors print their
+/// source inside their own text) is left out.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Ends the process with this code, after printing what was asked.
@@ -220,6 +260,12 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Setup(args) => {
             args.database.validate()?;
             args.storage.validate()?;
+            if args.create_database
+                && !args.dry_run
+                && let Some(name) = setup::create_database_if_missing(&args.database.url).await?
+            {
+                println!("-- created database {name:?}");
+            }
             let opts = SetupOptions {
                 storage: args.storage,
                 require_tier: args.require_tier,
@@ -271,8 +317,9 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             println!("ready");
         }
         Command::Token(args) => {
-            args.database.validate()?;
-            let mut conn = setup::connect(&args.database.url).await?;
+            let database = args.database()?;
+            database.validate()?;
+            let mut conn = setup::connect(&database.url).await?;
             token_command(&mut conn, args.command).await?;
         }
         Command::Maintain(args) => {

@@ -381,6 +381,10 @@ pub struct ServeConfig {
     /// Do not run `setup` at start (the schema is managed separately).
     #[arg(long, env = "LOCUS_NO_SETUP")]
     pub no_setup: bool,
+    /// Create the database named by --database-url if the server has no
+    /// such database yet (as `createdb` would), and say so in the log.
+    #[arg(long, env = "LOCUS_CREATE_DATABASE")]
+    pub create_database: bool,
     /// Time allowed, after SIGTERM/SIGINT, to flush and acknowledge what is buffered.
     #[arg(long, env = "LOCUS_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -411,6 +415,7 @@ impl ServeConfig {
             grpc_addr: ([127, 0, 0, 1], 0).into(),
             metrics_addr: ([127, 0, 0, 1], 0).into(),
             no_setup: false,
+            create_database: false,
             shutdown_grace: Duration::from_secs(20),
             db_pool_size: 10,
             storage: StorageArgs::default(),

@@ -3,11 +3,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use locus::cli::{self, Cli, Exit};
+use locus::{
+    cli::{self, Cli, Exit},
+    config::LogFormat,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::init_logging(cli.log_format);
+    let log_format = cli.log_format;
+    cli::init_logging(log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -21,8 +25,13 @@ fn main() -> ExitCode {
             if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
                 return ExitCode::from(*code);
             }
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            let report = cli::report(&e);
+            // Said once: as a log event where logs are JSON for a collector,
+            // as a plain line for a person otherwise.
+            match log_format {
+                LogFormat::Json => tracing::error!("{report}"),
+                LogFormat::Text => eprintln!("error: {report}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -95,6 +95,11 @@ pub async fn run(
         storage: config.storage.clone(),
         require_tier: None,
     };
+    if config.create_database
+        && let Some(name) = setup::create_database_if_missing(&config.database.url).await?
+    {
+        tracing::info!(database = %name, "created the database (--create-database)");
+    }
     let tier = if config.no_setup {
         let mut conn = setup::connect(&config.database.url).await?;
         catalog::read(&mut conn).await?.tier

@@ -74,6 +74,16 @@ impl FromStr for Tier {
 pub enum SetupError {
     #[error("cannot connect to the database: {0}")]
     Connect(#[source] sqlx::Error),
+    #[error(
+        "database {name:?} does not exist on {host}:{port}: create it \
+         (createdb -h {host} -p {port} -U {user} {name}), or start locus with --create-database"
+    )]
+    NoDatabase {
+        name: String,
+        host: String,
+        port: u16,
+        user: String,
+    },
     #[error("while {doing}: {source}")]
     Sql {
         doing: String,
@@ -156,7 +166,55 @@ pub async fn connect(url: &str) -> Result<PgConnection, SetupError> {
     ]);
     PgConnection::connect_with(&opts)
         .await
-        .map_err(SetupError::Connect)
+        .map_err(|e| connect_error(&opts, e))
+}
+
+/// A missing database says so, and what to do, once; any other failure to
+/// connect is reported as sqlx gives it.
+fn connect_error(opts: &PgConnectOptions, e: sqlx::Error) -> SetupError {
+    let missing = matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("3D000"));
+    if !missing {
+        return SetupError::Connect(e);
+    }
+    SetupError::NoDatabase {
+        name: opts
+            .get_database()
+            .unwrap_or(opts.get_username())
+            .to_string(),
+        host: opts.get_host().to_string(),
+        port: opts.get_port(),
+        user: opts.get_username().to_string(),
+    }
+}
+
+/// Creates the database `url` names when the server has none of that name
+/// (`--create-database`); returns its name when it did. It connects to the
+/// server's `postgres` database to do so, as `createdb` does.
+pub async fn create_database_if_missing(url: &str) -> Result<Option<String>, SetupError> {
+    let name = match connect(url).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        Err(SetupError::NoDatabase { name, .. }) => name,
+        Err(e) => return Err(e),
+    };
+    let opts: PgConnectOptions = url.parse().map_err(SetupError::Connect)?;
+    let mut conn = PgConnection::connect_with(&opts.database("postgres"))
+        .await
+        .map_err(SetupError::Connect)?;
+    let created = sqlx::Executor::execute(
+        &mut conn,
+        format!("CREATE DATABASE {}", super::catalog::quote_ident(&name)).as_str(),
+    )
+    .await;
+    let _ = conn.close().await;
+    match created {
+        Ok(_) => Ok(Some(name)),
+        // Another instance made it first.
+        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P04") => Ok(None),
+        Err(e) => Err(SetupError::sql(format!("creating database {name:?}"))(e)),
+    }
 }
 
 /// Plans and, unless `dry_run`, applies; returns the plan. `now_us` is the
