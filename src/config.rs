@@ -109,8 +109,8 @@ impl StorageArgs {
             return Err(ConfigError::Inconsistent(format!(
                 "--hourly-refresh-window ({}) must be at least 3h and shorter than --raw-retention ({}): \
                  a refresh over hours whose raw points were dropped would erase their aggregates",
-                humantime::format_duration(window),
-                humantime::format_duration(self.raw_retention)
+                human(window),
+                human(self.raw_retention)
             )));
         }
         if self.hourly_retention < self.raw_retention {
@@ -561,9 +561,51 @@ impl ServeConfig {
     }
 }
 
+/// A duration as people and `humantime::parse_duration` read it, in days,
+/// hours, minutes, seconds and milliseconds only: humantime's own format
+/// counts months of 30.44 days, so 31 days would read "1month 13h 26m 24s".
+pub fn human(d: Duration) -> String {
+    const UNITS: [(u64, &str, &str); 4] = [
+        (86_400, "day", "days"),
+        (3_600, "h", "h"),
+        (60, "m", "m"),
+        (1, "s", "s"),
+    ];
+    let mut left = d.as_secs();
+    let mut parts = Vec::new();
+    for (size, one, many) in UNITS {
+        let n = left / size;
+        left %= size;
+        if n > 0 {
+            parts.push(format!("{n}{}", if n == 1 { one } else { many }));
+        }
+    }
+    let ms = d.subsec_millis();
+    if ms > 0 || parts.is_empty() {
+        parts.push(format!("{ms}ms"));
+    }
+    parts.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_in_days_not_months() {
+        let cases = [
+            (Duration::from_secs(31 * 86_400), "31days"),
+            (Duration::from_secs(365 * 86_400), "365days"),
+            (Duration::from_secs(86_400 + 12 * 3_600), "1day 12h"),
+            (Duration::from_secs(90), "1m 30s"),
+            (Duration::from_millis(1_500), "1s 500ms"),
+            (Duration::ZERO, "0ms"),
+        ];
+        for (d, text) in cases {
+            assert_eq!(human(d), text);
+            assert_eq!(humantime::parse_duration(text).unwrap(), d, "{text}");
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

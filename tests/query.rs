@@ -445,6 +445,40 @@ async fn bad_parameters_get_clear_errors() {
             Code::InvalidArgument,
             "not a UUID",
         ),
+        // A span in days, as flags take it, not in humantime's months.
+        (
+            track(d.device_id.to_string(), now - 40 * 86_400, now, ""),
+            Code::InvalidArgument,
+            "limit of 31days",
+        ),
+        // Both ends representable, their difference past i64: refused as
+        // wide, never wrapped into a small span.
+        (
+            track(
+                d.device_id.to_string(),
+                -8_000_000_000_000,
+                8_000_000_000_000,
+                "",
+            ),
+            Code::InvalidArgument,
+            "wider",
+        ),
+        (
+            track(d.device_id.to_string(), now, i64::MAX, ""),
+            Code::InvalidArgument,
+            "out of range",
+        ),
+        (
+            GetTrackRequest {
+                to: Some(prost_types::Timestamp {
+                    seconds: i64::MAX / 1_000_000,
+                    nanos: 999_999_999,
+                }),
+                ..track(d.device_id.to_string(), now, now, "")
+            },
+            Code::InvalidArgument,
+            "to (9223372036854 s) is out of range",
+        ),
     ];
     for (req, code, text) in cases {
         let err = q.get_track(req).await.unwrap_err();
@@ -462,6 +496,16 @@ async fn bad_parameters_get_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    let err = q
+        .get_hourly_stats(GetHourlyStatsRequest {
+            key: Some(Key::DeviceId(d.device_id.to_string())),
+            from: at(-8_000_000_000_000),
+            to: at(8_000_000_000_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("wider than the limit of"), "{err:?}");
     server.stop().await;
     db.drop_db().await;
 }

@@ -43,8 +43,14 @@ fn micros(t: Option<prost_types::Timestamp>, field: &str) -> Result<i64, QueryEr
     }
     t.seconds
         .checked_mul(1_000_000)
-        .map(|s| s + i64::from(t.nanos / 1_000))
-        .ok_or_else(|| invalid(format!("{field} is out of range")))
+        .and_then(|s| s.checked_add(i64::from(t.nanos / 1_000)))
+        .filter(|&us| super::ts(us).is_ok())
+        .ok_or_else(|| {
+            invalid(format!(
+                "{field} ({} s) is out of range: a time must lie within years -262143 to 262142",
+                t.seconds
+            ))
+        })
 }
 
 fn timed<T>(

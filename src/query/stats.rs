@@ -42,10 +42,10 @@ pub async fn hourly(
         return Err(invalid("from must be before to"));
     }
     let span = i64::try_from(state.limits.max_stats_span.as_micros()).unwrap_or(i64::MAX);
-    if to_us - from_us > span {
+    if to_us.saturating_sub(from_us) > span {
         return Err(invalid(format!(
             "the range is wider than the limit of {}",
-            humantime::format_duration(state.limits.max_stats_span)
+            crate::config::human(state.limits.max_stats_span)
         )));
     }
     let column = match &key {

@@ -47,10 +47,10 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
         return Err(invalid("from must be before to"));
     }
     let span = i64::try_from(limits.max_track_span.as_micros()).unwrap_or(i64::MAX);
-    if req.to_us - req.from_us > span {
+    if req.to_us.saturating_sub(req.from_us) > span {
         return Err(invalid(format!(
             "the range is wider than the limit of {}",
-            humantime::format_duration(limits.max_track_span)
+            crate::config::human(limits.max_track_span)
         )));
     }
     let limit = page_limit(
@@ -88,7 +88,7 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
         .bind(req.device_id)
         .bind(ts(req.from_us)?)
         .bind(ts(req.to_us)?)
-        .bind(ts(after.unwrap_or(req.from_us - 1))?)
+        .bind(ts(after.unwrap_or(req.from_us.saturating_sub(1)))?)
         .bind(i64::from(limit) + 1)
         .bind(req.app_source.as_deref())
         .fetch(&state.pool);

@@ -138,7 +138,7 @@ pub async fn examine(url: &str, opts: &SetupOptions, now_us: i64) -> Result<Repo
         Some(lag) if lag > stale_after && work_waiting => attention.push(format!(
             "location_hourly was last brought up to date {} ago (refresh every {})",
             timescale::human(lag),
-            humantime::format_duration(storage.hourly_refresh_interval)
+            crate::config::human(storage.hourly_refresh_interval)
         )),
         None if work_waiting && facts.hourly.is_some() => attention.push(
             "location_hourly has never been refreshed: is `locus serve` (or the policy) running?"

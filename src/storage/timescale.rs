@@ -259,7 +259,7 @@ fn policy(
 }
 
 pub fn human(s: i64) -> String {
-    humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string()
+    crate::config::human(Duration::from_secs(s.max(0) as u64))
 }
 
 pub fn relkind_name(k: char) -> &'static str {
