@@ -582,6 +582,7 @@ async fn queries_on(admin: &str, want: Tier) {
     let mut feed = q
         .subscribe(SubscribeRequest {
             device_ids: vec![id.to_string()],
+            app_source: "mextrack".into(),
             ..Default::default()
         })
         .await
@@ -652,6 +653,7 @@ async fn queries_on(admin: &str, want: Tier) {
     let latest = vec![(id.to_string(), recent.start + 99, 250_000_000)];
     let by_id = GetLatestRequest {
         device_ids: vec![id.to_string()],
+        app_source: "mextrack".into(),
         ..Default::default()
     };
     let by_app = GetLatestRequest {
@@ -673,6 +675,7 @@ async fn queries_on(admin: &str, want: Tier) {
                 to: at(hour + 4_000),
                 limit: 300,
                 cursor,
+                app_source: "mextrack".into(),
             })
             .await
             .unwrap()
@@ -693,6 +696,7 @@ async fn queries_on(admin: &str, want: Tier) {
     let stats = q
         .get_hourly_stats(GetHourlyStatsRequest {
             key: Some(Key::DeviceId(id.to_string())),
+            app_source: "mextrack".into(),
             from: at(hour),
             to: at(hour + 3 * 3600),
         })
@@ -712,7 +716,8 @@ async fn queries_on(admin: &str, want: Tier) {
     );
     let (status, track) = get_json(
         &server,
-        &format!("/v1/devices/{id}/track?from={from}&to={to}&limit=1000").replace('+', "%2B"),
+        &format!("/v1/devices/{id}/track?app_source=mextrack&from={from}&to={to}&limit=1000")
+            .replace('+', "%2B"),
     )
     .await;
     assert_eq!(status, 200, "{track}");
@@ -734,7 +739,11 @@ async fn queries_on(admin: &str, want: Tier) {
         .map(|h| h["point_count"].as_i64().unwrap())
         .collect();
     assert_eq!(counts, vec![900, 100]);
-    let (status, one) = get_json(&server, &format!("/v1/devices/{id}/latest")).await;
+    let (status, one) = get_json(
+        &server,
+        &format!("/v1/devices/{id}/latest?app_source=mextrack"),
+    )
+    .await;
     assert_eq!(status, 200, "{one}");
     assert_eq!(one["device_id"], id.to_string());
 
@@ -766,4 +775,28 @@ async fn every_query_on_the_apache_edition() {
         return;
     };
     queries_on(&admin, Tier::TimescaleApache).await;
+}
+
+/// One device id written by two apps' gateways stays two devices on this
+/// tier too: stored, read, and filled from storage after a restart.
+async fn tenants_on(admin: &str, want: Tier) {
+    let db = TestDb::on(admin).await;
+    common::tenants::apps_never_touch_each_others_devices(&db, want != Tier::Timescale).await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_are_kept_apart_on_the_community_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    tenants_on(&admin, Tier::Timescale).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_are_kept_apart_on_the_apache_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    tenants_on(&admin, Tier::TimescaleApache).await;
 }
