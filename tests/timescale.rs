@@ -800,3 +800,119 @@ async fn apps_are_kept_apart_on_the_apache_edition() {
     };
     tenants_on(&admin, Tier::TimescaleApache).await;
 }
+
+/// A hypertable set up with the old `(device_id, time)` key, its rows in a
+/// compressed chunk where the edition compresses: setup creates the
+/// `(app_source, device_id, time)` key on it and drops the old one; then a
+/// repeat of a compressed point is still refused by the key, and the same
+/// device and time of another app stored.
+async fn old_key_replaced_on(admin: &str, want: Tier) {
+    let db = TestDb::on(admin).await;
+    let now = now_us();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    let pool = db.pool().await;
+    pause_jobs(&pool).await;
+    sqlx::raw_sql(
+        "DROP INDEX location_events_app_source_device_id_time_key;
+         CREATE UNIQUE INDEX location_events_device_id_time_key ON location_events (device_id, time DESC);
+         INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
+         SELECT now() - interval '10 days' + make_interval(secs => i), md5((i % 5)::text)::uuid,
+                gen_random_uuid(), 'mextrack', 19.4, -99.1
+         FROM generate_series(0, 999) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    if want == Tier::Timescale {
+        sqlx::raw_sql("SELECT compress_chunk(c) FROM show_chunks('location_events') c")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(
+            scalar_i64(
+                &pool,
+                "SELECT count(*) FROM timescaledb_information.chunks
+                 WHERE hypertable_name = 'location_events' AND is_compressed"
+            )
+            .await
+                >= 1
+        );
+    }
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
+    assert_eq!(report.drift.len(), 2, "{:?}", report.drift);
+    let plan = setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    assert_eq!(plan.steps.len(), 2, "{plan}");
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
+    assert!(report.drift.is_empty(), "{:?}", report.drift);
+    assert!(
+        setup::run(&db.url, &setup_opts(), true, now)
+            .await
+            .unwrap()
+            .steps
+            .is_empty()
+    );
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'location_events'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "location_events_app_source_device_id_time_key"),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "location_events_device_id_time_key"),
+        "{names:?}"
+    );
+
+    let insert = |app: &str| {
+        format!(
+            "INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
+             SELECT time, device_id, gen_random_uuid(), '{app}', 1, 1 FROM location_events
+             WHERE app_source = 'mextrack' ORDER BY time LIMIT 3
+             ON CONFLICT DO NOTHING"
+        )
+    };
+    let again = sqlx::query(&insert("mextrack"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.rows_affected(),
+        0,
+        "a repeat in a compressed chunk is refused"
+    );
+    let other = sqlx::query(&insert("pshop")).execute(&pool).await.unwrap();
+    assert_eq!(
+        other.rows_affected(),
+        3,
+        "another app's same device and times are stored"
+    );
+    assert_eq!(count_rows(&pool).await, 1_003);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_key_is_replaced_over_compressed_chunks_on_the_community_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    old_key_replaced_on(&admin, Tier::Timescale).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_key_is_replaced_on_the_apache_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    old_key_replaced_on(&admin, Tier::TimescaleApache).await;
+}
