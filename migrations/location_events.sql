@@ -1,7 +1,8 @@
 -- The raw points, one row per GPS fix. The column names are the seed
 -- architecture's (004); the types are chosen for COPY speed and size:
 -- double precision coordinates, real for the optional measurements.
--- (device_id, time) is unique: a point sent twice is stored once.
+-- (app_source, device_id, time) is unique: a point sent twice is stored
+-- once; a device id is unique only within its app_source.
 -- The setup module adds the tier's partitioning: a hypertable on
 -- TimescaleDB, or `PARTITION BY RANGE (time)` on plain PostgreSQL.
 CREATE TABLE location_events (

@@ -80,7 +80,7 @@ fn describe() {
     describe_counter!(POINTS_ACCEPTED, "Points newly stored and acknowledged.");
     describe_counter!(
         POINTS_DUPLICATE,
-        "Points whose (device_id, time) was already stored."
+        "Points whose (app_source, device_id, time) was already stored."
     );
     describe_counter!(POINTS_REJECTED, "Points rejected by validation, by reason.");
     describe_counter!(

@@ -387,6 +387,7 @@ async fn a_reader_never_sees_another_app_sources_data() {
         }),
         limit: 0,
         cursor: String::new(),
+        app_source: String::new(),
     };
     let e = q
         .get_track(with_token(track(&theirs), &reader))
@@ -404,8 +405,9 @@ async fn a_reader_never_sees_another_app_sources_data() {
     // by app_source refused; ours is there.
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     locus::storage::maintain::rollup(&mut conn).await.unwrap();
-    let stats = |key: Key| GetHourlyStatsRequest {
-        key: Some(key),
+    let stats = |key: Option<Key>, app: &str| GetHourlyStatsRequest {
+        key,
+        app_source: app.into(),
         from: Some(prost_types::Timestamp {
             seconds: now_secs() - 7200,
             nanos: 0,
@@ -417,7 +419,7 @@ async fn a_reader_never_sees_another_app_sources_data() {
     };
     let hours = |key: Key| {
         let mut q = q.clone();
-        let req = with_token(stats(key), &reader);
+        let req = with_token(stats(Some(key), ""), &reader);
         async move { q.get_hourly_stats(req).await }
     };
     let ours_hours = hours(Key::DeviceId(ours.device_id.to_string()))
@@ -432,8 +434,13 @@ async fn a_reader_never_sees_another_app_sources_data() {
     ] {
         assert!(hours(key).await.unwrap().into_inner().hours.is_empty());
     }
-    let e = hours(Key::AppSource("pshop".into())).await.unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    for key in [None, Some(Key::DeviceId(theirs.device_id.to_string()))] {
+        let e = q
+            .get_hourly_stats(with_token(stats(key, "pshop"), &reader))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+    }
 
     // The same over HTTP.
     for (path, want) in [
@@ -452,6 +459,16 @@ async fn a_reader_never_sees_another_app_sources_data() {
         assert_eq!(status, want, "{path}: {body}");
     }
     server.stop().await;
+    db.drop_db().await;
+}
+
+/// One device id, two apps' gateways (one phone running both apps, or a
+/// hostile gateway naming another app's device): each app reads and stores
+/// its own points, and after a restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_app_hides_or_takes_the_place_of_another_apps_device() {
+    let db = TestDb::new().await;
+    common::tenants::apps_never_touch_each_others_devices(&db, true).await;
     db.drop_db().await;
 }
 

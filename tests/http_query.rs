@@ -78,7 +78,11 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
         ]
     );
 
-    let (status, latest) = get(&server, &format!("/v1/devices/{}/latest", d.device_id)).await;
+    let (status, latest) = get(
+        &server,
+        &format!("/v1/devices/{}/latest?app_source=mextrack", d.device_id),
+    )
+    .await;
     assert_eq!(status, 200, "{latest}");
     assert_eq!(latest["time"], rfc3339((hour + 249) * 1_000_000 + 250_000));
     conforms(&doc, "LocationJson", &latest);
@@ -122,7 +126,7 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
         &doc,
         ("TrackJson", "time"),
         &format!(
-            "/v1/devices/{}/track?from={from}&to={to}&limit=100",
+            "/v1/devices/{}/track?app_source=mextrack&from={from}&to={to}&limit=100",
             d.device_id
         ),
     )
@@ -133,7 +137,7 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
     let (status, stats) = get(
         &server,
         &format!(
-            "/v1/stats/hourly?device_id={}&from={from}&to={to}",
+            "/v1/stats/hourly?device_id={}&app_source=mextrack&from={from}&to={to}",
             d.device_id
         )
         .replace('+', "%2B"),
@@ -147,25 +151,65 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
     // Errors: JSON with a stable code.
     let unknown = uuid::Uuid::new_v4();
     for (path, want, code) in [
-        (format!("/v1/devices/{unknown}/latest"), 404, "not_found"),
+        (
+            format!("/v1/devices/{unknown}/latest?app_source=mextrack"),
+            404,
+            "not_found",
+        ),
+        // Of another app_source: as unknown.
+        (
+            format!("/v1/devices/{}/latest?app_source=pshop", d.device_id),
+            404,
+            "not_found",
+        ),
+        // An admin (authentication is off) names the device's app_source.
+        (
+            format!("/v1/devices/{}/latest", d.device_id),
+            400,
+            "invalid_argument",
+        ),
+        (
+            format!("/v1/devices/{}/track?from={from}&to={to}", d.device_id),
+            400,
+            "invalid_argument",
+        ),
+        (
+            format!("/v1/latest?device_ids={}", d.device_id),
+            400,
+            "invalid_argument",
+        ),
+        (
+            format!(
+                "/v1/stats/hourly?device_id={}&from={from}&to={to}",
+                d.device_id
+            ),
+            400,
+            "invalid_argument",
+        ),
         (
             format!("/v1/devices/{}/latest", "truck-7"),
             400,
             "invalid_argument",
         ),
         (
-            format!("/v1/devices/{}/track?from={to}&to={from}", d.device_id),
-            400,
-            "invalid_argument",
-        ),
-        (
-            format!("/v1/devices/{}/track?from=yesterday&to={to}", d.device_id),
+            format!(
+                "/v1/devices/{}/track?app_source=mextrack&from={to}&to={from}",
+                d.device_id
+            ),
             400,
             "invalid_argument",
         ),
         (
             format!(
-                "/v1/devices/{}/track?from={from}&to={to}&cursor=zzz",
+                "/v1/devices/{}/track?app_source=mextrack&from=yesterday&to={to}",
+                d.device_id
+            ),
+            400,
+            "invalid_argument",
+        ),
+        (
+            format!(
+                "/v1/devices/{}/track?app_source=mextrack&from={from}&to={to}&cursor=zzz",
                 d.device_id
             ),
             400,

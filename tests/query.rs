@@ -43,6 +43,7 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
     let resp = q
         .get_latest(GetLatestRequest {
             device_ids: vec![a.device_id.to_string(), b.device_id.to_string()],
+            app_source: "mextrack".into(),
             ..Default::default()
         })
         .await
@@ -72,6 +73,7 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
     let resp = q
         .get_latest(GetLatestRequest {
             device_ids: vec![a.device_id.to_string()],
+            app_source: "mextrack".into(),
             ..Default::default()
         })
         .await
@@ -122,6 +124,7 @@ async fn devices_silent_past_retention_are_not_loaded() {
         .await
         .get_latest(GetLatestRequest {
             device_ids: vec![old.to_string(), recent.to_string()],
+            app_source: "mextrack".into(),
             ..Default::default()
         })
         .await
@@ -269,8 +272,8 @@ async fn latest_pages_have_no_gaps_or_repeats_while_devices_join() {
     want.sort();
     assert_eq!(seen, want);
 
-    // Device ids are answered in the order asked, unknown ones left out,
-    // pages ending by bytes too.
+    // Device ids of an app are answered in the order asked, unknown ones
+    // (and another app's) left out, pages ending by bytes too.
     let mut asked: Vec<String> = heavy.iter().map(|d| d.to_string()).collect();
     asked.insert(7, uuid::Uuid::new_v4().to_string());
     asked.insert(20, before[3].to_string());
@@ -278,19 +281,23 @@ async fn latest_pages_have_no_gaps_or_repeats_while_devices_join() {
         &mut q,
         GetLatestRequest {
             device_ids: asked.clone(),
+            app_source: "pshop".into(),
             ..Default::default()
         },
     )
     .await;
-    let seen: Vec<uuid::Uuid> = pages.iter().flat_map(|p| ids_of(p, None)).collect();
-    let mut want: Vec<uuid::Uuid> = heavy.clone();
-    want.insert(19, before[3]);
+    let seen: Vec<uuid::Uuid> = pages
+        .iter()
+        .flat_map(|p| ids_of(p, Some("pshop")))
+        .collect();
+    let want: Vec<uuid::Uuid> = heavy.clone();
     assert_eq!(seen, want);
     assert_eq!(pages.len(), 2);
     // And by limit.
     let page = q
         .get_latest(GetLatestRequest {
             device_ids: asked.clone(),
+            app_source: "pshop".into(),
             limit: 5,
             ..Default::default()
         })
@@ -321,6 +328,7 @@ async fn latest_pages_have_no_gaps_or_repeats_while_devices_join() {
         (
             GetLatestRequest {
                 device_ids: asked.clone(),
+                app_source: "pshop".into(),
                 cursor: format!("i{}", asked.len()),
                 ..Default::default()
             },
@@ -329,6 +337,7 @@ async fn latest_pages_have_no_gaps_or_repeats_while_devices_join() {
         (
             GetLatestRequest {
                 device_ids: asked.clone(),
+                app_source: "pshop".into(),
                 cursor: format!("d{}", before[0]),
                 ..Default::default()
             },
@@ -381,6 +390,7 @@ async fn track_pages_have_no_gaps_or_repeats() {
                 to: at(start + 2_000),
                 limit: 300,
                 cursor: cursor.clone(),
+                app_source: "mextrack".into(),
             })
             .await
             .unwrap()
@@ -418,6 +428,7 @@ async fn bad_parameters_get_clear_errors() {
         to: at(to),
         limit: 0,
         cursor: cursor.into(),
+        app_source: "mextrack".into(),
     };
     let cases = [
         (
@@ -479,6 +490,14 @@ async fn bad_parameters_get_clear_errors() {
             Code::InvalidArgument,
             "to (9223372036854 s) is out of range",
         ),
+        (
+            GetTrackRequest {
+                app_source: String::new(),
+                ..track(d.device_id.to_string(), now - 100, now, "")
+            },
+            Code::InvalidArgument,
+            locus::query::APP_SOURCE_REQUIRED,
+        ),
     ];
     for (req, code, text) in cases {
         let err = q.get_track(req).await.unwrap_err();
@@ -490,6 +509,7 @@ async fn bad_parameters_get_clear_errors() {
     let err = q
         .get_hourly_stats(GetHourlyStatsRequest {
             key: None,
+            app_source: String::new(),
             from: at(now - 3600),
             to: at(now),
         })
@@ -501,6 +521,7 @@ async fn bad_parameters_get_clear_errors() {
             key: Some(Key::DeviceId(d.device_id.to_string())),
             from: at(-8_000_000_000_000),
             to: at(8_000_000_000_000),
+            app_source: "mextrack".into(),
         })
         .await
         .unwrap_err();
@@ -528,6 +549,7 @@ async fn hourly_stats_by_device_user_and_app() {
     let mut q = query_client(&server).await;
     let stats = |key| GetHourlyStatsRequest {
         key: Some(key),
+        app_source: "mextrack".into(),
         from: at(hour),
         to: at(hour + 3 * 3600),
     };
@@ -543,7 +565,10 @@ async fn hourly_stats_by_device_user_and_app() {
     let bbox = by_device.hours[0].bbox.unwrap();
     assert!(bbox.min_latitude < bbox.max_latitude);
     let by_app = q
-        .get_hourly_stats(stats(Key::AppSource("mextrack".into())))
+        .get_hourly_stats(GetHourlyStatsRequest {
+            key: None,
+            ..stats(Key::UserId(String::new()))
+        })
         .await
         .unwrap()
         .into_inner();
@@ -569,7 +594,7 @@ async fn a_live_subscriber_sees_what_others_stream() {
     let mut q = query_client(&server).await;
     let mut feed = q
         .subscribe(SubscribeRequest {
-            app_source: String::new(),
+            app_source: "mextrack".into(),
             device_ids: vec![a.device_id.to_string()],
             bbox: None,
         })
@@ -637,6 +662,7 @@ async fn a_stalled_subscriber_loses_its_oldest_points_and_never_holds_up_ingest(
     let mut feed = QueryClient::new(channel)
         .subscribe(SubscribeRequest {
             device_ids: vec![d.device_id.to_string()],
+            app_source: "mextrack".into(),
             ..SubscribeRequest::default()
         })
         .await

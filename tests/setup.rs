@@ -35,7 +35,7 @@ async fn setup_from_empty_then_nothing_to_do() {
     let printed = dry.to_string();
     assert!(printed.contains("PARTITION BY RANGE (time)"), "{printed}");
     assert!(
-        printed.contains("CREATE UNIQUE INDEX location_events_device_id_time_key"),
+        printed.contains("CREATE UNIQUE INDEX location_events_app_source_device_id_time_key ON location_events (app_source, device_id, time DESC)"),
         "{printed}"
     );
     assert!(
@@ -248,10 +248,14 @@ async fn adoption_refuses_when_rows_would_be_lost() {
     let db = TestDb::new().await;
     let pool = db.pool().await;
     seed_table(&pool, 100).await;
-    // The same (device_id, time) twice: locus's unique key would merge them.
+    // The same (app_source, device_id, time) twice: locus's unique key
+    // would merge them. The same (device_id, time) of another app_source
+    // is another point (one phone, two apps), not a repeat.
     exec(
         &pool,
-        "INSERT INTO location_events SELECT * FROM location_events LIMIT 1",
+        "INSERT INTO location_events SELECT * FROM location_events LIMIT 1;
+         INSERT INTO location_events SELECT time, device_id, user_id, 'pshop', latitude, longitude,
+             accuracy, altitude, speed, heading, metadata FROM location_events LIMIT 1",
     )
     .await;
     let err = setup::run(&db.url, &setup_opts(), false, now_us())
@@ -274,7 +278,7 @@ async fn adoption_refuses_when_rows_would_be_lost() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("vehicle_plate"), "{err}");
-    assert_eq!(count_rows(&pool).await, 100, "nothing was touched");
+    assert_eq!(count_rows(&pool).await, 101, "nothing was touched");
     db.drop_db().await;
 }
 
@@ -521,6 +525,128 @@ async fn late_points_recompute_their_hours_and_retention_keeps_the_aggregate() {
         .unwrap();
     assert!(hourly_rows(&pool, d.device_id).await.is_empty());
     server.stop().await;
+    db.drop_db().await;
+}
+
+/// A database set up before the key held the app_source: setup creates the
+/// new key, then drops the old one (the new is strictly weaker, so nothing
+/// can fail on the rows); doctor reports the old key until then.
+#[tokio::test]
+async fn the_old_device_time_key_is_replaced_by_the_app_source_one() {
+    let db = TestDb::new().await;
+    let now = now_us();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    let pool = db.pool().await;
+    exec(
+        &pool,
+        "DROP INDEX location_events_app_source_device_id_time_key;
+         CREATE UNIQUE INDEX location_events_device_id_time_key ON location_events (device_id, time DESC);
+         INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
+         SELECT now() - make_interval(secs => i % 200), md5((i / 200)::text)::uuid, gen_random_uuid(),
+                CASE WHEN i % 400 < 200 THEN 'mextrack' ELSE 'pshop' END, 19.4, -99.1
+         FROM generate_series(0, 19999) i;
+         ANALYZE location_events",
+    )
+    .await;
+    let indexes = || async {
+        let mut v: Vec<String> = sqlx::query_scalar(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'location_events' ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        v.sort();
+        v
+    };
+    let old_indexes = indexes().await;
+    let new_key = "location_events_app_source_device_id_time_key";
+    let old_key = "location_events_device_id_time_key";
+
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
+    assert_eq!(report.drift.len(), 2, "{:?}", report.drift);
+    assert_eq!(report.drift[0], format!("create index {new_key}"));
+    assert!(report.drift[1].starts_with(&format!("drop the old unique key {old_key}")));
+    assert!(!report.attention.is_empty());
+
+    let dry = setup::run(&db.url, &setup_opts(), true, now).await.unwrap();
+    let printed = dry.to_string();
+    let create = printed
+        .find(&format!(
+            "CREATE UNIQUE INDEX {new_key} ON location_events (app_source, device_id, time DESC);"
+        ))
+        .unwrap_or_else(|| panic!("{printed}"));
+    let drop = printed
+        .find(&format!("DROP INDEX {old_key};"))
+        .unwrap_or_else(|| panic!("{printed}"));
+    assert!(
+        create < drop,
+        "created before the old one is dropped: {printed}"
+    );
+    assert_eq!(indexes().await, old_indexes, "a dry run changes nothing");
+
+    let applied = setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    assert_eq!(applied.steps, dry.steps);
+    let after = indexes().await;
+    assert!(after.iter().any(|i| i == new_key), "{after:?}");
+    assert!(!after.iter().any(|i| i == old_key), "{after:?}");
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
+    assert!(report.drift.is_empty(), "{:?}", report.drift);
+    assert!(report.attention.is_empty(), "{:?}", report.attention);
+    let again = setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    assert!(again.steps.is_empty(), "{again}");
+
+    // One device id in two apps at one time: two points now.
+    let (device, time): (uuid::Uuid, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+        "SELECT device_id, time FROM location_events WHERE app_source = 'mextrack' LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let insert = |app: &'static str| {
+        sqlx::query(
+            "INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
+             VALUES ($1, $2, gen_random_uuid(), $3, 1, 1) ON CONFLICT DO NOTHING",
+        )
+        .bind(time)
+        .bind(device)
+        .bind(app)
+    };
+    assert_eq!(
+        insert("pshop")
+            .execute(&pool)
+            .await
+            .unwrap()
+            .rows_affected(),
+        1
+    );
+    assert_eq!(
+        insert("mextrack")
+            .execute(&pool)
+            .await
+            .unwrap()
+            .rows_affected(),
+        0
+    );
+
+    // A track is read by the key, not a scan.
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT * FROM location_events
+         WHERE app_source = 'mextrack' AND device_id = $1 AND time >= now() - interval '1 hour'
+           AND time < now() ORDER BY time LIMIT 1000",
+    )
+    .bind(device)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
     db.drop_db().await;
 }
 

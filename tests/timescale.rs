@@ -583,6 +583,7 @@ async fn queries_on(admin: &str, want: Tier) {
     let mut feed = q
         .subscribe(SubscribeRequest {
             device_ids: vec![id.to_string()],
+            app_source: "mextrack".into(),
             ..Default::default()
         })
         .await
@@ -653,6 +654,7 @@ async fn queries_on(admin: &str, want: Tier) {
     let latest = vec![(id.to_string(), recent.start + 99, 250_000_000)];
     let by_id = GetLatestRequest {
         device_ids: vec![id.to_string()],
+        app_source: "mextrack".into(),
         ..Default::default()
     };
     let by_app = GetLatestRequest {
@@ -674,6 +676,7 @@ async fn queries_on(admin: &str, want: Tier) {
                 to: at(hour + 4_000),
                 limit: 300,
                 cursor,
+                app_source: "mextrack".into(),
             })
             .await
             .unwrap()
@@ -694,6 +697,7 @@ async fn queries_on(admin: &str, want: Tier) {
     let stats = q
         .get_hourly_stats(GetHourlyStatsRequest {
             key: Some(Key::DeviceId(id.to_string())),
+            app_source: "mextrack".into(),
             from: at(hour),
             to: at(hour + 3 * 3600),
         })
@@ -713,7 +717,8 @@ async fn queries_on(admin: &str, want: Tier) {
     );
     let (status, track) = get_json(
         &server,
-        &format!("/v1/devices/{id}/track?from={from}&to={to}&limit=1000").replace('+', "%2B"),
+        &format!("/v1/devices/{id}/track?app_source=mextrack&from={from}&to={to}&limit=1000")
+            .replace('+', "%2B"),
     )
     .await;
     assert_eq!(status, 200, "{track}");
@@ -735,7 +740,11 @@ async fn queries_on(admin: &str, want: Tier) {
         .map(|h| h["point_count"].as_i64().unwrap())
         .collect();
     assert_eq!(counts, vec![900, 100]);
-    let (status, one) = get_json(&server, &format!("/v1/devices/{id}/latest")).await;
+    let (status, one) = get_json(
+        &server,
+        &format!("/v1/devices/{id}/latest?app_source=mextrack"),
+    )
+    .await;
     assert_eq!(status, 200, "{one}");
     assert_eq!(one["device_id"], id.to_string());
 
@@ -767,6 +776,146 @@ async fn every_query_on_the_apache_edition() {
         return;
     };
     queries_on(&admin, Tier::TimescaleApache).await;
+}
+
+/// One device id written by two apps' gateways stays two devices on this
+/// tier too: stored, read, and filled from storage after a restart.
+async fn tenants_on(admin: &str, want: Tier) {
+    let db = TestDb::on(admin).await;
+    common::tenants::apps_never_touch_each_others_devices(&db, want != Tier::Timescale).await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_are_kept_apart_on_the_community_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    tenants_on(&admin, Tier::Timescale).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_are_kept_apart_on_the_apache_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    tenants_on(&admin, Tier::TimescaleApache).await;
+}
+
+/// A hypertable set up with the old `(device_id, time)` key, its rows in a
+/// compressed chunk where the edition compresses: setup creates the
+/// `(app_source, device_id, time)` key on it and drops the old one; then a
+/// repeat of a compressed point is still refused by the key, and the same
+/// device and time of another app stored.
+async fn old_key_replaced_on(admin: &str, want: Tier) {
+    let db = TestDb::on(admin).await;
+    let now = now_us();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    let pool = db.pool().await;
+    pause_jobs(&pool).await;
+    sqlx::raw_sql(
+        "DROP INDEX location_events_app_source_device_id_time_key;
+         CREATE UNIQUE INDEX location_events_device_id_time_key ON location_events (device_id, time DESC);
+         INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
+         SELECT now() - interval '10 days' + make_interval(secs => i), md5((i % 5)::text)::uuid,
+                gen_random_uuid(), 'mextrack', 19.4, -99.1
+         FROM generate_series(0, 999) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    if want == Tier::Timescale {
+        sqlx::raw_sql("SELECT compress_chunk(c) FROM show_chunks('location_events') c")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(
+            scalar_i64(
+                &pool,
+                "SELECT count(*) FROM timescaledb_information.chunks
+                 WHERE hypertable_name = 'location_events' AND is_compressed"
+            )
+            .await
+                >= 1
+        );
+    }
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
+    assert_eq!(report.drift.len(), 2, "{:?}", report.drift);
+    let plan = setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    assert_eq!(plan.steps.len(), 2, "{plan}");
+    let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
+    assert!(report.drift.is_empty(), "{:?}", report.drift);
+    assert!(
+        setup::run(&db.url, &setup_opts(), true, now)
+            .await
+            .unwrap()
+            .steps
+            .is_empty()
+    );
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'location_events'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "location_events_app_source_device_id_time_key"),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "location_events_device_id_time_key"),
+        "{names:?}"
+    );
+
+    let insert = |app: &str| {
+        format!(
+            "INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
+             SELECT time, device_id, gen_random_uuid(), '{app}', 1, 1 FROM location_events
+             WHERE app_source = 'mextrack' ORDER BY time LIMIT 3
+             ON CONFLICT DO NOTHING"
+        )
+    };
+    let again = sqlx::query(&insert("mextrack"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.rows_affected(),
+        0,
+        "a repeat in a compressed chunk is refused"
+    );
+    let other = sqlx::query(&insert("pshop")).execute(&pool).await.unwrap();
+    assert_eq!(
+        other.rows_affected(),
+        3,
+        "another app's same device and times are stored"
+    );
+    assert_eq!(count_rows(&pool).await, 1_003);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_key_is_replaced_over_compressed_chunks_on_the_community_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    old_key_replaced_on(&admin, Tier::Timescale).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_key_is_replaced_on_the_apache_edition() {
+    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
+        return;
+    };
+    old_key_replaced_on(&admin, Tier::TimescaleApache).await;
 }
 
 /// `location_hourly` as this edition keeps it (the continuous aggregate

@@ -71,7 +71,7 @@ pub fn run() -> anyhow::Result<()> {
     let by_id = timed(&|| {
         let mut answer = EncodedLocations::with_capacity(ids.len());
         let devices: Vec<Uuid> = parse_device_ids(&ids)?;
-        latest.of_devices(&devices, |_, l| {
+        latest.of_devices("fleetmap", &devices, |_, l| {
             answer.push(l.encoded());
             true
         });
@@ -82,7 +82,7 @@ pub fn run() -> anyhow::Result<()> {
         let mut answer = EncodedLocations::with_capacity(ids.len());
         for id in &ids {
             let d = Uuid::try_parse(id)?;
-            latest.get(&d, |l| answer.push(l.encoded()));
+            latest.get("fleetmap", &d, |l| answer.push(l.encoded()));
         }
         Ok(answer)
     })?;

@@ -135,7 +135,10 @@ async fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
-    let device_ids: Vec<uuid::Uuid> = devices.iter().map(|d| d.device_id).collect();
+    let device_ids: Vec<(String, uuid::Uuid)> = devices
+        .iter()
+        .map(|d| (d.app_source.clone(), d.device_id))
+        .collect();
     let shape = Shape {
         batch_size: a.batch_size,
         duplicate_share: a.duplicate_share,

@@ -390,6 +390,7 @@ pub async fn run(
     let (one, one_received) = latest_calls(
         GetLatestRequest {
             device_ids: ids[..1].to_vec(),
+            app_source: FLEET_MAP.into(),
             ..Default::default()
         },
         1,
@@ -399,6 +400,7 @@ pub async fn run(
     let (latest, latest_received) = latest_calls(
         GetLatestRequest {
             device_ids: ids,
+            app_source: FLEET_MAP.into(),
             ..Default::default()
         },
         10_000,
@@ -428,6 +430,7 @@ pub async fn run(
     let track_req = Bytes::from(
         GetTrackRequest {
             device_id: day_device.clone(),
+            app_source: "mextrack".into(),
             from: ts(day_from),
             to: ts(day_to),
             limit: 10_000,
@@ -451,6 +454,7 @@ pub async fn run(
     let stats = timed_apart(&target, 200, move |channel| {
         let req = GetHourlyStatsRequest {
             key: Some(Key::DeviceId(stats_device.to_string())),
+            app_source: "mextrack".into(),
             from: ts(now_us() - 30 * 86_400_000_000),
             to: ts(now_us()),
         };

@@ -58,7 +58,8 @@ pub async fn run(url: &str) -> anyhow::Result<()> {
     let mut fetched = vec![];
     let sql = format!(
         "SELECT {LOCATION_COLUMNS} FROM location_events
-         WHERE device_id = $1 AND time >= $2 AND time < $3 ORDER BY time LIMIT 10001"
+         WHERE app_source = 'mextrack' AND device_id = $1 AND time >= $2 AND time < $3
+         ORDER BY time LIMIT 10001"
     );
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut bytes = 0;
@@ -84,7 +85,7 @@ pub async fn run(url: &str) -> anyhow::Result<()> {
                 to_us: now_us + 1,
                 limit: Some(10_000),
                 cursor: None,
-                app_source: None,
+                app_source: "mextrack".into(),
             },
         )
         .await?;

@@ -68,17 +68,23 @@ fn compare(acked: &[i64], stored: &[i64]) -> Tally {
     t
 }
 
-/// Prints what is missing or doubled; true when nothing is. One device at
-/// a time, by its index on (device_id, time).
-pub async fn verify(url: &str, devices: &[Uuid], acked: &mut Acked) -> anyhow::Result<bool> {
+/// Prints what is missing or doubled; true when nothing is. One device
+/// (of its app_source) at a time, by the unique key (app_source, device_id,
+/// time).
+pub async fn verify(
+    url: &str,
+    devices: &[(String, Uuid)],
+    acked: &mut Acked,
+) -> anyhow::Result<bool> {
     acked.settle();
     let mut conn = PgConnection::connect(url).await?;
     let (mut found, mut missing, mut doubled) = (0usize, Vec::new(), Vec::new());
-    for device in devices {
+    for (app_source, device) in devices {
         let mut stored: Vec<i64> = sqlx::query_scalar::<_, i64>(
             "SELECT (extract(epoch FROM time) * 1000000)::int8
-             FROM location_events WHERE device_id = $1",
+             FROM location_events WHERE app_source = $1 AND device_id = $2",
         )
+        .bind(app_source)
         .bind(device)
         .fetch_all(&mut conn)
         .await?;

@@ -211,7 +211,7 @@ mod tests {
             let reservation = self.budget.try_reserve(points, points).unwrap();
             let sub = Submission {
                 rows: Bytes::from(vec![0u8; points]),
-                keys: vec![(uuid::Uuid::nil(), 0); points],
+                keys: vec![(std::sync::Arc::from("app"), uuid::Uuid::nil(), 0); points],
                 row_ends: (1..=points as u32).collect(),
                 reply,
                 reservation,

@@ -21,8 +21,12 @@ use uuid::Uuid;
 use crate::{config::PipelineArgs, ingest::validate::ValidLocation, metrics as m};
 pub use writer::WriteError;
 
-/// The identity of a stored point: duplicates share it.
-pub type PointKey = (Uuid, i64);
+/// The identity of a stored point: duplicates share it. A device id is
+/// unique only within its app_source (one phone may run two apps with the
+/// same id), so the app_source is part of it. Points of one submission share
+/// one allocation of their app_source: a key costs a reference count, not a
+/// string.
+pub type PointKey = (Arc<str>, Uuid, i64);
 
 /// What happened to the points of one submission, once committed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,6 +71,15 @@ pub struct SubmissionBuilder {
 }
 
 impl SubmissionBuilder {
+    /// The app_source of the point pushed last, shared with it when the
+    /// next is of the same app (as nearly every point of a batch is).
+    fn app_of(&self, app_source: &str) -> Arc<str> {
+        match self.keys.last() {
+            Some((app, _, _)) if **app == *app_source => Arc::clone(app),
+            _ => Arc::from(app_source),
+        }
+    }
+
     pub fn with_capacity(points: usize) -> Self {
         Self {
             rows: BytesMut::with_capacity(points * 120),
@@ -77,7 +90,8 @@ impl SubmissionBuilder {
 
     pub fn push(&mut self, loc: &ValidLocation) {
         copy_encoder::encode_row(&mut self.rows, loc);
-        self.keys.push((loc.device_id, loc.time_us));
+        let app = self.app_of(&loc.app_source);
+        self.keys.push((app, loc.device_id, loc.time_us));
         self.row_ends
             .push(u32::try_from(self.rows.len()).unwrap_or(u32::MAX));
     }

@@ -183,11 +183,13 @@ impl Writer {
                 staging_copy_sql: format!("COPY {staging} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
                 // DISTINCT ON keeps the first copy of a point sent twice in
                 // one batch: a fresh staging table is read in COPY order.
+                // The key is the table's unique key, (app_source, device_id,
+                // time): a device id is unique only within its app_source.
                 staging_insert_sql: format!(
                     "INSERT INTO {table} ({COLUMNS}) \
-                     SELECT DISTINCT ON (device_id, time) {COLUMNS} FROM {staging} \
-                     ORDER BY device_id, time, ctid \
-                     ON CONFLICT DO NOTHING RETURNING device_id, time"
+                     SELECT DISTINCT ON (app_source, device_id, time) {COLUMNS} FROM {staging} \
+                     ORDER BY app_source, device_id, time, ctid \
+                     ON CONFLICT DO NOTHING RETURNING app_source, device_id, time"
                 ),
             }),
         }
@@ -250,7 +252,7 @@ impl Writer {
                 .await
                 .map(|_| ());
         }
-        let hours = hourly::hours_of(subs.iter().flat_map(|s| s.keys.iter().map(|k| k.1)));
+        let hours = hourly::hours_of(subs.iter().flat_map(|s| s.keys.iter().map(|k| k.2)));
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         copy_rows(&mut tx, &self.inner.copy_sql, subs).await?;
         hourly::mark_pending(&mut tx, hours).await?;
@@ -269,19 +271,20 @@ impl Writer {
             .execute(&mut *tx)
             .await?;
         copy_rows(&mut tx, &self.inner.staging_copy_sql, subs).await?;
-        let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(&self.inner.staging_insert_sql)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows: Vec<(String, Uuid, DateTime<Utc>)> =
+            sqlx::query_as(&self.inner.staging_insert_sql)
+                .fetch_all(&mut *tx)
+                .await?;
         // The hours of what was stored, in the same transaction, as the
         // COPY path does: duplicates changed no hour.
         if self.inner.track_hours && !rows.is_empty() {
-            let hours = hourly::hours_of(rows.iter().map(|(_, t)| t.timestamp_micros()));
+            let hours = hourly::hours_of(rows.iter().map(|(_, _, t)| t.timestamp_micros()));
             hourly::mark_pending(&mut tx, hours).await?;
         }
         tx.commit().await?;
         Ok(rows
             .into_iter()
-            .map(|(d, t)| (d, t.timestamp_micros()))
+            .map(|(a, d, t)| (Arc::from(a), d, t.timestamp_micros()))
             .collect())
     }
 }
@@ -381,7 +384,7 @@ async fn send_rows(
 fn has_duplicate_keys(subs: &[Submission]) -> bool {
     let total: usize = subs.iter().map(|s| s.keys.len()).sum();
     let mut seen = HashSet::with_capacity_and_hasher(total, Default::default());
-    subs.iter().flat_map(|s| &s.keys).any(|k| !seen.insert(*k))
+    subs.iter().flat_map(|s| &s.keys).any(|k| !seen.insert(k))
 }
 
 fn all_accepted(subs: &[Submission]) -> Vec<WriteOutcome> {

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
-    LatestRequest, QueryError, QueryState,
+    LatestRequest, QueryError, QueryState, device_app_source,
     encoded::{EncodedLocations, LocationPage, timestamp},
     invalid,
     live::{Filter, Update},
@@ -139,7 +139,7 @@ impl Query for QueryService {
                     to_us: micros(req.to, "to")?,
                     limit: Some(req.limit),
                     cursor: Some(req.cursor),
-                    app_source: caller.read_scope().map(str::to_string),
+                    app_source: device_app_source(&caller, &req.app_source)?.to_string(),
                 },
             )
             .await?;
@@ -162,19 +162,16 @@ impl Query for QueryService {
         let req = req.into_inner();
         let r = async {
             caller.require_read()?;
-            let key = match req.key {
-                Some(Key::DeviceId(d)) => stats::StatsKey::Device(parse_uuid(&d, "device_id")?),
-                Some(Key::UserId(u)) => stats::StatsKey::User(parse_uuid(&u, "user_id")?),
-                Some(Key::AppSource(a)) if !a.is_empty() => {
-                    caller.require_app(&a)?;
-                    stats::StatsKey::AppSource(a)
-                }
-                _ => return Err(invalid("give one of device_id, user_id or app_source")),
+            let (device, user) = match &req.key {
+                Some(Key::DeviceId(d)) => (Some(d.as_str()), None),
+                Some(Key::UserId(u)) => (None, Some(u.as_str())),
+                None => (None, None),
             };
+            let (key, app) = stats::key_of(&caller, device, user, &req.app_source)?;
             let rows = stats::hourly(
                 &self.state,
                 key,
-                caller.read_scope(),
+                app.as_deref(),
                 micros(req.from, "from")?,
                 micros(req.to, "to")?,
             )

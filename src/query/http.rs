@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{
-    LatestRequest, QueryError, QueryState,
+    LatestRequest, QueryError, QueryState, device_app_source,
     grpc::updates,
     invalid,
     live::{Filter, Update},
@@ -251,19 +251,28 @@ fn parse_time(s: Option<&str>, field: &str) -> Result<i64, QueryError> {
         .map_err(|e| invalid(format!("{field} {s:?} is not an RFC 3339 time: {e}")))
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+struct DeviceParams {
+    /// The device's app_source: a device id is unique only within its
+    /// app_source. A reader's own when absent; required of an admin.
+    app_source: Option<String>,
+}
+
 /// The newest position of one device.
 #[utoipa::path(get, path = "/v1/devices/{device_id}/latest",
-    params(("device_id" = String, Path, description = "UUID")),
+    params(("device_id" = String, Path, description = "UUID"), DeviceParams),
     responses((status = 200, body = LocationJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson), (status = 404, body = ErrorJson)))]
 async fn device_latest(
     State(app): State<App>,
     Caller(caller): Caller,
     Path(device_id): Path<String>,
+    Query(p): Query<DeviceParams>,
 ) -> HttpResult<LocationJson> {
     let started = Instant::now();
     let mut found = None;
     let req = LatestRequest {
         device_ids: &[&device_id],
+        app_source: p.app_source.as_deref().unwrap_or_default(),
         ..Default::default()
     };
     let r = app
@@ -281,9 +290,12 @@ async fn device_latest(
 
 #[derive(Debug, Deserialize, IntoParams)]
 struct LatestParams {
-    /// Every device of this app_source.
+    /// Alone: every device of this app_source. With `device_ids`: the
+    /// app_source they are of (a reader's own when absent; required of an
+    /// admin).
     app_source: Option<String>,
-    /// Or these devices: comma-separated UUIDs, answered in this order.
+    /// Or these devices of `app_source`: comma-separated UUIDs, answered in
+    /// this order.
     device_ids: Option<String>,
     /// Most locations in this page. Default: every device asked, or
     /// `--latest-page` (1,000) of an app_source's, in device_id order.
@@ -335,6 +347,9 @@ async fn latest(
 
 #[derive(Debug, Deserialize, IntoParams)]
 struct TrackParams {
+    /// The device's app_source: a device id is unique only within its
+    /// app_source. A reader's own when absent; required of an admin.
+    app_source: Option<String>,
     /// RFC 3339, inclusive.
     from: Option<String>,
     /// RFC 3339, exclusive.
@@ -367,7 +382,11 @@ async fn device_track(
                 to_us: parse_time(p.to.as_deref(), "to")?,
                 limit,
                 cursor: p.cursor,
-                app_source: caller.read_scope().map(str::to_string),
+                app_source: device_app_source(
+                    &caller,
+                    p.app_source.as_deref().unwrap_or_default(),
+                )?
+                .to_string(),
             },
         )
         .await?;
@@ -384,6 +403,9 @@ async fn device_track(
 struct StatsParams {
     device_id: Option<String>,
     user_id: Option<String>,
+    /// Alone: the app_source's stats. With `device_id`: the device's
+    /// app_source (a reader's own when absent; required of an admin). With
+    /// `user_id`: only the user's rows of it.
     app_source: Option<String>,
     /// RFC 3339, inclusive.
     from: Option<String>,
@@ -391,7 +413,8 @@ struct StatsParams {
     to: Option<String>,
 }
 
-/// Hourly statistics for one device, user or app_source: one row per hour.
+/// Hourly statistics for one device or user (within an app_source), or an
+/// app_source: one row per hour.
 #[utoipa::path(get, path = "/v1/stats/hourly", params(StatsParams),
     responses((status = 200, body = HourlyJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson)))]
 async fn hourly_stats(
@@ -402,23 +425,16 @@ async fn hourly_stats(
     let started = Instant::now();
     let r = async {
         caller.require_read()?;
-        let key = match (p.device_id, p.user_id, p.app_source) {
-            (Some(d), None, None) => stats::StatsKey::Device(parse_uuid(&d, "device_id")?),
-            (None, Some(u), None) => stats::StatsKey::User(parse_uuid(&u, "user_id")?),
-            (None, None, Some(a)) if !a.is_empty() => {
-                caller.require_app(&a)?;
-                stats::StatsKey::AppSource(a)
-            }
-            _ => {
-                return Err(invalid(
-                    "give exactly one of device_id, user_id or app_source",
-                ));
-            }
-        };
+        let (key, app_source) = stats::key_of(
+            &caller,
+            p.device_id.as_deref(),
+            p.user_id.as_deref(),
+            p.app_source.as_deref().unwrap_or_default(),
+        )?;
         let rows = stats::hourly(
             &app.state,
             key,
-            caller.read_scope(),
+            app_source.as_deref(),
             parse_time(p.from.as_deref(), "from")?,
             parse_time(p.to.as_deref(), "to")?,
         )
@@ -450,8 +466,10 @@ async fn hourly_stats(
 
 #[derive(Debug, Deserialize, IntoParams)]
 struct LiveParams {
+    /// Only this app_source's points; with `device_ids`, the app_source
+    /// they are of (a reader's own when absent; required of an admin).
     app_source: Option<String>,
-    /// Comma-separated UUIDs.
+    /// Comma-separated UUIDs, of `app_source`.
     device_ids: Option<String>,
     /// min_latitude,min_longitude,max_latitude,max_longitude
     bbox: Option<String>,

@@ -103,12 +103,13 @@ impl QueryState {
     }
 
     /// One page of newest positions, `found` called with each, in order:
-    /// of `device_ids` (in the order asked; unknown devices left out), or of
-    /// every device of `app_source` (in device_id order); exactly one of the
-    /// two is given. Only what `caller` may read: a device of another
-    /// app_source is as absent as an unknown one. A page ends at its limit or
-    /// before its locations would pass `--max-latest-bytes`; the cursor for
-    /// the next page is returned if there is one.
+    /// of `device_ids` within an app_source (in the order asked; unknown
+    /// devices left out), or of every device of `app_source` (in device_id
+    /// order). With device ids, the app_source is the one asked, else the
+    /// caller's (see [`device_app_source`]). Only what `caller` may read. A
+    /// page ends at its limit or before its locations would pass
+    /// `--max-latest-bytes`; the cursor for the next page is returned if
+    /// there is one.
     pub fn latest_page(
         &self,
         caller: &Principal,
@@ -128,63 +129,60 @@ impl QueryState {
                 req.cursor
             ))
         };
-        match (req.device_ids.is_empty(), req.app_source.is_empty()) {
-            (false, true) if req.device_ids.len() <= most as usize => {
-                let start = match req.cursor {
-                    "" => 0,
-                    c => c
-                        .strip_prefix('i')
-                        .and_then(|n| n.parse::<usize>().ok())
-                        .filter(|n| (1..req.device_ids.len()).contains(n))
-                        .ok_or_else(bad_cursor)?,
-                };
-                let scope = caller.read_scope();
-                // Every id parsed first, then looked up in a loop of lookups
-                // alone: each lookup is a cache miss in a map of thousands,
-                // and a parse between two of them keeps the processor from
-                // overlapping them (10,000 ids: 4.3-4.6 ms interleaved,
-                // 2.0-2.1 parsed first on a slow evening, 0.75 and 0.55 on a
-                // fast morning; `locus-bench --suite latest`).
-                let devices: Vec<Uuid> = parse_device_ids(&req.device_ids[start..])?;
-                let mut next = None;
-                self.latest.of_devices(&devices, |i, l| {
-                    if scope.is_some_and(|a| a != l.location.app_source) {
-                        return true;
-                    }
-                    let fits = page.take(l);
-                    if fits {
-                        found(l);
-                    } else {
-                        next = Some(format!("i{}", start + i));
-                    }
-                    fits
-                });
-                Ok(next)
-            }
-            (false, true) => Err(invalid(format!("at most {most} device_ids"))),
-            (true, false) => {
-                caller.require_app(req.app_source)?;
-                let after = match req.cursor {
-                    "" => None,
-                    c => Some(
-                        c.strip_prefix('d')
-                            .and_then(|d| Uuid::try_parse(d).ok())
-                            .ok_or_else(bad_cursor)?,
-                    ),
-                };
-                let (mut last, mut more) = (None, false);
-                self.latest.of_app_after(req.app_source, after, |l| {
-                    more = !page.take(l);
-                    if !more {
-                        found(l);
-                        last = Some(l.location.device_id);
-                    }
-                    !more
-                });
-                Ok(last.filter(|_| more).map(|d| format!("d{d}")))
-            }
-            _ => Err(invalid("give either device_ids or app_source")),
+        if req.device_ids.len() > most as usize {
+            return Err(invalid(format!("at most {most} device_ids")));
         }
+        if !req.device_ids.is_empty() {
+            let app = device_app_source(caller, req.app_source)?;
+            let start = match req.cursor {
+                "" => 0,
+                c => c
+                    .strip_prefix('i')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|n| (1..req.device_ids.len()).contains(n))
+                    .ok_or_else(bad_cursor)?,
+            };
+            // Every id parsed first, then looked up in a loop of lookups
+            // alone: each lookup is a cache miss in a map of thousands,
+            // and a parse between two of them keeps the processor from
+            // overlapping them (10,000 ids: 4.3-4.6 ms interleaved,
+            // 2.0-2.1 parsed first on a slow evening, 0.75 and 0.55 on a
+            // fast morning; `locus-bench --suite latest`).
+            let devices: Vec<Uuid> = parse_device_ids(&req.device_ids[start..])?;
+            let mut next = None;
+            self.latest.of_devices(app, &devices, |i, l| {
+                let fits = page.take(l);
+                if fits {
+                    found(l);
+                } else {
+                    next = Some(format!("i{}", start + i));
+                }
+                fits
+            });
+            return Ok(next);
+        }
+        if req.app_source.is_empty() {
+            return Err(invalid("give device_ids or app_source"));
+        }
+        caller.require_app(req.app_source)?;
+        let after = match req.cursor {
+            "" => None,
+            c => Some(
+                c.strip_prefix('d')
+                    .and_then(|d| Uuid::try_parse(d).ok())
+                    .ok_or_else(bad_cursor)?,
+            ),
+        };
+        let (mut last, mut more) = (None, false);
+        self.latest.of_app_after(req.app_source, after, |l| {
+            more = !page.take(l);
+            if !more {
+                found(l);
+                last = Some(l.location.device_id);
+            }
+            !more
+        });
+        Ok(last.filter(|_| more).map(|d| format!("d{d}")))
     }
 
     /// The most positions a page for `req` holds: its limit, or by default
@@ -198,14 +196,19 @@ impl QueryState {
         })
     }
 
-    /// A live subscription for `caller`, confined to its app_source.
+    /// A live subscription for `caller`, confined to its app_source. Device
+    /// ids are matched within an app_source: the one asked, else the
+    /// caller's (see [`device_app_source`]).
     pub fn subscribe(
         &self,
         caller: &Principal,
         mut filter: live::Filter,
     ) -> Result<live::Subscription, QueryError> {
         caller.require_read()?;
-        if let Some(own) = caller.read_scope() {
+        let asked = filter.app_source.as_deref().unwrap_or_default();
+        if filter.devices.is_some() {
+            filter.app_source = Some(device_app_source(caller, asked)?.to_string());
+        } else if let Some(own) = caller.read_scope() {
             match &filter.app_source {
                 Some(asked) => caller.require_app(asked)?,
                 None => filter.app_source = Some(own.to_string()),
@@ -242,10 +245,31 @@ impl QueryState {
     }
 }
 
+/// Why a request that names a device must also name its app_source.
+pub const APP_SOURCE_REQUIRED: &str =
+    "app_source is required with device_id: a device id is unique only within its app_source";
+
+/// The app_source a request that names devices reads them in: `asked`, if
+/// given and the caller may read it; else the caller's own. A caller that
+/// reads every app_source (an admin) must name one: a device id is unique
+/// only within its app_source, and one phone may run two apps with the same
+/// id.
+pub fn device_app_source<'a>(caller: &'a Principal, asked: &'a str) -> Result<&'a str, QueryError> {
+    if !asked.is_empty() {
+        caller.require_app(asked)?;
+        return Ok(asked);
+    }
+    caller
+        .read_scope()
+        .ok_or_else(|| invalid(APP_SOURCE_REQUIRED))
+}
+
 /// A latest-positions request, as both transports carry it.
 #[derive(Debug, Default)]
 pub struct LatestRequest<'a> {
     pub device_ids: &'a [&'a str],
+    /// With `device_ids`: the app_source they are of (for a caller of
+    /// every app_source; else the caller's own). Alone: every device of it.
     pub app_source: &'a str,
     /// Most positions in the page; 0 for the default.
     pub limit: u32,
@@ -286,12 +310,13 @@ impl PageRoom {
 
 impl CommitSink for QueryState {
     fn committed(&self, subs: &[Submission], inserted: Option<&foldhash::HashSet<PointKey>>) {
-        // The latest map: only each device's newest row of the batch is decoded.
-        let mut newest: foldhash::HashMap<Uuid, (i64, &[u8])> = Default::default();
+        // The latest map: only each (app_source, device)'s newest row of
+        // the batch is decoded.
+        let mut newest: foldhash::HashMap<(&str, Uuid), (i64, &[u8])> = Default::default();
         for s in subs {
-            for (range, (device, t)) in s.rows() {
+            for (range, (app, device, t)) in s.rows() {
                 let e = newest
-                    .entry(*device)
+                    .entry((app, *device))
                     .or_insert((*t, &s.rows[range.clone()]));
                 if *t > e.0 {
                     *e = (*t, &s.rows[range]);

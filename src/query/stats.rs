@@ -3,12 +3,57 @@
 
 use uuid::Uuid;
 
-use super::{QueryError, QueryState, invalid, ts};
+use super::{QueryError, QueryState, device_app_source, invalid, parse_uuid, ts};
+use crate::auth::Principal;
 
 pub enum StatsKey {
     Device(Uuid),
     User(Uuid),
     AppSource(String),
+}
+
+/// What a stats request asks, as both transports carry it: the key, and
+/// the app_source its rows must be of (`None`: every one). A device is
+/// named within its app_source (the one asked, else the caller's); a user
+/// within the one asked, else within the caller's scope; an app_source
+/// alone only by a caller that may read it.
+pub fn key_of(
+    caller: &Principal,
+    device_id: Option<&str>,
+    user_id: Option<&str>,
+    app_source: &str,
+) -> Result<(StatsKey, Option<String>), QueryError> {
+    match (device_id, user_id) {
+        (Some(d), None) => {
+            let app = device_app_source(caller, app_source)?;
+            Ok((
+                StatsKey::Device(parse_uuid(d, "device_id")?),
+                Some(app.to_string()),
+            ))
+        }
+        (None, Some(u)) => {
+            let app = if app_source.is_empty() {
+                caller.read_scope()
+            } else {
+                caller.require_app(app_source)?;
+                Some(app_source)
+            };
+            Ok((
+                StatsKey::User(parse_uuid(u, "user_id")?),
+                app.map(str::to_string),
+            ))
+        }
+        (None, None) if !app_source.is_empty() => {
+            caller.require_app(app_source)?;
+            Ok((
+                StatsKey::AppSource(app_source.to_string()),
+                Some(app_source.to_string()),
+            ))
+        }
+        _ => Err(invalid(
+            "give device_id or user_id (each with or without app_source), or app_source alone",
+        )),
+    }
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -29,12 +74,12 @@ pub struct HourStats {
     pub max_longitude: f64,
 }
 
-/// The hours of `key` in [from, to); `scope` keeps only rows of that
-/// app_source (the caller's), `None` keeps all.
+/// The hours of `key` in [from, to); `app_source` keeps only rows of that
+/// app_source, `None` keeps all (see [`key_of`]).
 pub async fn hourly(
     state: &QueryState,
     key: StatsKey,
-    scope: Option<&str>,
+    app_source: Option<&str>,
     from_us: i64,
     to_us: i64,
 ) -> Result<Vec<HourStats>, QueryError> {
@@ -77,7 +122,7 @@ pub async fn hourly(
     };
     Ok(q.bind(ts(from_us)?)
         .bind(ts(to_us)?)
-        .bind(scope)
+        .bind(app_source)
         .fetch_all(&state.pool)
         .await?)
 }

@@ -1,6 +1,6 @@
 //! A device's raw points over a time range, in time order, paginated.
-//! `(device_id, time)` is unique, so the cursor (the last time returned)
-//! makes pages without gaps or repeats.
+//! `(app_source, device_id, time)` is unique, so the cursor (the last time
+//! returned) makes pages without gaps or repeats.
 
 use futures::TryStreamExt;
 use uuid::Uuid;
@@ -14,8 +14,8 @@ pub struct TrackRequest {
     pub to_us: i64,
     pub limit: Option<u32>,
     pub cursor: Option<String>,
-    /// Only points of this app_source (the caller's scope); `None`: all.
-    pub app_source: Option<String>,
+    /// The device's app_source: a device id is unique only within one.
+    pub app_source: String,
 }
 
 pub struct TrackPage {
@@ -62,26 +62,21 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
         None | Some("") => None,
         Some(c) => Some(decode_cursor(c, req.from_us, req.to_us)?),
     };
-    let visible = state
+    let known = state
         .latest
-        .get(&req.device_id, |l| {
-            req.app_source
-                .as_deref()
-                .is_none_or(|a| a == l.location.app_source)
-        })
-        .unwrap_or(false);
-    if after.is_none() && !visible {
+        .get(&req.app_source, &req.device_id, |_| ())
+        .is_some();
+    if after.is_none() && !known {
         return Err(QueryError::NotFound(format!(
-            "no points are stored for device {}",
-            req.device_id
+            "no points are stored for device {} of app_source {:?}",
+            req.device_id, req.app_source
         )));
     }
     let mut reader = LocationReader::default();
     let mut rows = Vec::new();
     let sql = format!(
         "SELECT {LOCATION_COLUMNS} FROM location_events
-         WHERE device_id = $1 AND time >= $2 AND time < $3 AND time > $4
-           AND ($6::text IS NULL OR app_source = $6)
+         WHERE app_source = $6 AND device_id = $1 AND time >= $2 AND time < $3 AND time > $4
          ORDER BY time LIMIT $5"
     );
     let mut found = sqlx::query(&sql)
@@ -90,7 +85,7 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
         .bind(ts(req.to_us)?)
         .bind(ts(after.unwrap_or(req.from_us.saturating_sub(1)))?)
         .bind(i64::from(limit) + 1)
-        .bind(req.app_source.as_deref())
+        .bind(&req.app_source)
         .fetch(&state.pool);
     while let Some(row) = found.try_next().await? {
         rows.push(reader.read(&row)?);

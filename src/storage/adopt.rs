@@ -90,7 +90,7 @@ pub async fn migration(
     let (nulls, duplicates): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE time IS NULL OR device_id IS NULL OR user_id IS NULL OR app_source IS NULL
                                    OR latitude IS NULL OR longitude IS NULL),
-                count(*) - count(DISTINCT (device_id, time))
+                count(*) - count(DISTINCT (app_source, device_id, time))
          FROM location_events",
     )
     .fetch_one(&mut *conn)
@@ -104,9 +104,9 @@ pub async fn migration(
     }
     if duplicates > 0 {
         return Err(SetupError::Refused(format!(
-            "location_events holds {duplicates} rows that repeat a (device_id, time) and would be merged \
-             by locus's unique key; find them with SELECT device_id, time, count(*) FROM location_events \
-             GROUP BY 1, 2 HAVING count(*) > 1, resolve them, then run setup again"
+            "location_events holds {duplicates} rows that repeat an (app_source, device_id, time) and would be \
+             merged by locus's unique key; find them with SELECT app_source, device_id, time, count(*) FROM \
+             location_events GROUP BY 1, 2, 3 HAVING count(*) > 1, resolve them, then run setup again"
         )));
     }
 

@@ -372,6 +372,18 @@ pub async fn plan(
             ));
         }
     }
+    // Dropped only after the new key exists (a step above, or already):
+    // the new key is strictly weaker, so its creation cannot fail on rows
+    // the old one let in.
+    if existing.iter().any(|i| i == OLD_EVENTS_KEY) {
+        steps.push(step(
+            format!(
+                "drop the old unique key {OLD_EVENTS_KEY} (device_id, time): it let one app's points \
+                 take another's place"
+            ),
+            format!("DROP INDEX {OLD_EVENTS_KEY}"),
+        ));
+    }
 
     if facts.pending.is_none() || facts.job_runs.is_none() {
         if facts.pending.is_some() != facts.job_runs.is_some() {
@@ -462,11 +474,14 @@ fn check_required(facts: &Facts, required: Option<Tier>) -> Result<(), SetupErro
 }
 
 /// The indexes of `location_events`: the unique key that makes duplicates
-/// impossible, and the seed's query paths.
+/// impossible, and the seed's query paths. The key is `(app_source,
+/// device_id, time)`: a device id is unique only within its app_source (one
+/// phone may run two apps with the same id), so that no app's points can
+/// take another's place.
 pub const EVENTS_INDEXES: [(&str, &str); 3] = [
     (
-        "location_events_device_id_time_key",
-        "UNIQUE INDEX location_events_device_id_time_key ON location_events (device_id, time DESC)",
+        "location_events_app_source_device_id_time_key",
+        "UNIQUE INDEX location_events_app_source_device_id_time_key ON location_events (app_source, device_id, time DESC)",
     ),
     (
         "location_events_user_id_time_idx",
@@ -477,6 +492,9 @@ pub const EVENTS_INDEXES: [(&str, &str); 3] = [
         "INDEX location_events_app_source_time_idx ON location_events (app_source, time DESC)",
     ),
 ];
+
+/// The unique key of `location_events` before it held the app_source.
+pub const OLD_EVENTS_KEY: &str = "location_events_device_id_time_key";
 
 /// The query paths of `location_hourly` where it is a table (a continuous
 /// aggregate gets TimescaleDB's own group-by indexes).

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod tenants;
+
 use std::{
     net::SocketAddr,
     sync::atomic::{AtomicU32, Ordering},

@@ -54,7 +54,7 @@ with grpc.insecure_channel(target) as channel:
             "rejected": [{"index": r.index, "reason": r.reason} for r in ack.rejected],
         }), flush=True)
     latest = locus_pb2_grpc.QueryStub(channel).GetLatest(
-        locus_pb2.GetLatestRequest(device_ids=[device_id]), timeout=30)
+        locus_pb2.GetLatestRequest(device_ids=[device_id], app_source="pshop"), timeout=30)
     print(json.dumps({
         "latest": [{
             "seconds": l.time.seconds,
@@ -68,6 +68,7 @@ with grpc.insecure_channel(target) as channel:
     track = locus_pb2_grpc.QueryStub(channel).GetTrack(
         locus_pb2.GetTrackRequest(
             device_id=device_id,
+            app_source="pshop",
             **{"from": Timestamp(seconds=start)},
             to=Timestamp(seconds=start + 60),
             limit=7,
