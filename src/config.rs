@@ -273,6 +273,10 @@ pub struct QueryArgs {
     /// Most live subscribers at once.
     #[arg(long, env = "LOCUS_MAX_SUBSCRIBERS", default_value_t = 1_000)]
     pub max_subscribers: usize,
+    /// Most live subscribers one token may hold at once (gRPC and Server-Sent
+    /// Events together), so that one token cannot take every slot.
+    #[arg(long, env = "LOCUS_MAX_SUBSCRIBERS_PER_TOKEN", default_value_t = 50)]
+    pub max_subscribers_per_token: usize,
     /// Least time between two live updates to one subscriber; points
     /// committed meanwhile go in the next update (0 for an update per
     /// committed batch; at most 10s).
@@ -293,6 +297,7 @@ impl Default for QueryArgs {
             max_stats_span: Duration::from_secs(366 * 86_400),
             live_queue_points: 8_192,
             max_subscribers: 1_000,
+            max_subscribers_per_token: 50,
             live_interval: Duration::from_millis(100),
         }
     }
@@ -519,6 +524,17 @@ impl ServeConfig {
             return Err(ConfigError::Inconsistent(format!(
                 "--rate-limit-burst ({}) must let one full batch pass (--max-batch-points {})",
                 a.rate_limit_burst, l.max_batch_points
+            )));
+        }
+        at_least(
+            "--max-subscribers-per-token",
+            1,
+            q.max_subscribers_per_token as u64,
+        )?;
+        if q.max_subscribers_per_token > q.max_subscribers {
+            return Err(ConfigError::Inconsistent(format!(
+                "--max-subscribers-per-token ({}) must not exceed --max-subscribers ({})",
+                q.max_subscribers_per_token, q.max_subscribers
             )));
         }
         if self.query.live_interval > Duration::from_secs(10) {

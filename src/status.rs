@@ -104,7 +104,9 @@ impl From<QueryError> for Status {
             QueryError::Auth(a) => a.clone().into(),
             QueryError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
             QueryError::NotFound(m) => Status::not_found(m.clone()),
-            QueryError::TooManySubscribers(_) => Status::resource_exhausted(e.to_string()),
+            QueryError::TooManySubscribers(_) | QueryError::TooManySubscribersForToken(_) => {
+                Status::resource_exhausted(e.to_string())
+            }
             QueryError::Database(db) => {
                 tracing::error!(error = %db, "query failed");
                 Status::unavailable("the query could not be answered; retry later")
@@ -122,7 +124,7 @@ pub fn http_status(e: &QueryError) -> u16 {
         QueryError::Auth(AuthError::Unavailable | AuthError::Busy) => 503,
         QueryError::InvalidArgument(_) => 400,
         QueryError::NotFound(_) => 404,
-        QueryError::TooManySubscribers(_) => 429,
+        QueryError::TooManySubscribers(_) | QueryError::TooManySubscribersForToken(_) => 429,
         QueryError::Database(_) => 503,
     }
 }

@@ -983,3 +983,96 @@ async fn a_flood_of_unknown_tokens_does_not_starve_the_writers() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// One token holds at most --max-subscribers-per-token live feeds (gRPC and
+/// Server-Sent Events together), so another app's reader still gets one;
+/// and a revoked token's idle feed ends at the next revocation poll, not at
+/// its next update (it may never have one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_feeds_are_bounded_per_token_and_a_revoked_idle_feed_ends() {
+    let db = TestDb::new().await;
+    let mut c = auth_config(&db);
+    c.query.max_subscribers = 10;
+    c.query.max_subscribers_per_token = 3;
+    let server = TestServer::start(c).await;
+    let greedy = create(&db, Role::Reader, Some("mextrack"), &[]).await;
+    let other = create(&db, Role::Reader, Some("pshop"), &[]).await;
+    let open = |token: &str| {
+        reqwest::Client::new()
+            .get(format!("http://{}/v1/live", server.http))
+            .bearer_auth(token)
+            .send()
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let r = open(&greedy).await.unwrap();
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    let mut q = QueryClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let grpc_feed = q
+        .subscribe(with_token(SubscribeRequest::default(), &greedy))
+        .await
+        .unwrap();
+    let refused = open(&greedy).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        body["error"]["code"], "too_many_subscribers_for_token",
+        "{body}"
+    );
+    let e = q
+        .subscribe(with_token(SubscribeRequest::default(), &greedy))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-subscribers-per-token"), "{e:?}");
+
+    // Another tenant is not shut out.
+    let theirs = open(&other).await.unwrap();
+    assert_eq!(theirs.status(), 200);
+
+    // A feed closed gives its slot back.
+    drop(grpc_feed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = open(&greedy).await.unwrap();
+        if r.status() == 200 {
+            held.push(r);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Revoked while idle: nothing is written, yet the feed ends with its
+    // `error` event within a few polls (--auth-refresh-interval 200ms).
+    let id = token::Token::parse(&other).unwrap().id;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    token::revoke(&mut conn, id).await.unwrap();
+    let mut body = theirs.bytes_stream();
+    let mut text = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        use futures::StreamExt;
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the revoked token's idle feed is still open: {text:?}"
+    );
+    assert!(
+        text.contains("event: error") && text.contains("revoked"),
+        "{text:?}"
+    );
+    drop(held);
+    server.stop().await;
+    db.drop_db().await;
+}

@@ -207,6 +207,10 @@ struct Inner {
     cache: moka::future::Cache<Credential, Option<Arc<token::Stored>>>,
     /// Tokens seen revoked since this process started.
     revoked: DashSet<Uuid>,
+    /// Counts the polls that found a revocation: long-lived calls (live
+    /// feeds) wait on it, so a revoked token's idle feed ends at the next
+    /// poll rather than at its next update.
+    revocations: tokio::sync::watch::Sender<u64>,
     limiter: Option<DefaultKeyedRateLimiter<Uuid>>,
     refresh: Duration,
     /// Lookups of credentials not in the cache, at most [`LOOKUPS`] at once:
@@ -250,11 +254,18 @@ impl Auth {
                     .time_to_live(CACHE_TTL)
                     .build(),
                 revoked: DashSet::new(),
+                revocations: tokio::sync::watch::Sender::new(0),
                 limiter,
                 refresh: args.auth_refresh_interval,
                 lookups: Arc::new(Semaphore::new(LOOKUPS)),
             })),
         }
+    }
+
+    /// Wakes each time a poll finds a newly revoked token; `None` when
+    /// authentication is off (nothing is ever revoked).
+    pub fn revocations(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.as_ref().map(|i| i.revocations.subscribe())
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -390,6 +401,7 @@ impl Auth {
                     }
                     if fresh {
                         inner.cache.invalidate_all();
+                        inner.revocations.send_modify(|n| *n += 1);
                     }
                     since = now - slack;
                 }

@@ -306,6 +306,8 @@ pub struct Subscription {
     /// Weak: the feed's end (its owner dropping it) ends the subscription.
     live: Weak<Live>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// The slot of its caller's token (`--max-subscribers-per-token`).
+    _token_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// When the next update may be taken (`--live-interval` after the last).
     next_at: Option<Instant>,
     interval: Duration,
@@ -396,6 +398,12 @@ const SHARED_CHUNKS: usize = 4;
 const MAX_UPDATE_POINTS: usize = 4_096;
 
 impl Subscription {
+    /// Holds `slot` (its token's) for as long as the subscription lives.
+    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._token_slot = Some(slot);
+        self
+    }
+
     /// The oldest matching points not yet taken (at most
     /// [`MAX_UPDATE_POINTS`]), waiting for at least one, and for
     /// `--live-interval` since the last update: what commits meanwhile goes
@@ -459,6 +467,7 @@ impl Live {
             inbox,
             live: Arc::downgrade(self),
             _slot: slot,
+            _token_slot: None,
             next_at: None,
             interval: self.interval,
         })

@@ -31,6 +31,11 @@ pub enum QueryError {
     NotFound(String),
     #[error("too many live subscribers (limit {0}); retry later")]
     TooManySubscribers(usize),
+    #[error(
+        "this token already holds {0} live subscriptions (--max-subscribers-per-token); \
+         close one before opening another"
+    )]
+    TooManySubscribersForToken(usize),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
@@ -44,6 +49,7 @@ impl QueryError {
             QueryError::InvalidArgument(_) => "invalid_argument",
             QueryError::NotFound(_) => "not_found",
             QueryError::TooManySubscribers(_) => "too_many_subscribers",
+            QueryError::TooManySubscribersForToken(_) => "too_many_subscribers_for_token",
             QueryError::Database(_) => "internal",
             QueryError::Auth(AuthError::Unauthenticated(_)) => "unauthenticated",
             QueryError::Auth(AuthError::PermissionDenied(_)) => "permission_denied",
@@ -85,6 +91,9 @@ pub struct QueryState {
     pub live: Arc<live::Live>,
     pub limits: QueryArgs,
     pub auth: Auth,
+    /// Each token's live-subscriber slots (`--max-subscribers-per-token`);
+    /// one entry per token that ever subscribed.
+    token_slots: dashmap::DashMap<Uuid, Arc<tokio::sync::Semaphore>>,
 }
 
 impl QueryState {
@@ -99,6 +108,7 @@ impl QueryState {
             ),
             limits,
             auth,
+            token_slots: Default::default(),
         }
     }
 
@@ -214,13 +224,34 @@ impl QueryState {
                 None => filter.app_source = Some(own.to_string()),
             }
         }
-        self.live
+        let per_token = self.limits.max_subscribers_per_token;
+        let token_slot = match caller.token_id {
+            // Authentication off: one anonymous caller is everyone.
+            None => None,
+            Some(id) => Some(
+                Arc::clone(
+                    self.token_slots
+                        .entry(id)
+                        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(per_token)))
+                        .value(),
+                )
+                .try_acquire_owned()
+                .map_err(|_| QueryError::TooManySubscribersForToken(per_token))?,
+            ),
+        };
+        let sub = self
+            .live
             .subscribe(filter)
-            .ok_or(QueryError::TooManySubscribers(self.limits.max_subscribers))
+            .ok_or(QueryError::TooManySubscribers(self.limits.max_subscribers))?;
+        Ok(match token_slot {
+            Some(slot) => sub.holding(slot),
+            None => sub,
+        })
     }
 
-    /// `stream`, ended with an error at its first item after `caller`'s
-    /// token is revoked.
+    /// `stream`, ended with an error once `caller`'s token is revoked: at
+    /// its next item, or at the revocation poll that finds it, whichever
+    /// comes first (an idle feed has no next item).
     pub fn while_authorized<T, S>(
         &self,
         caller: Arc<Principal>,
@@ -230,17 +261,45 @@ impl QueryState {
         T: Send + 'static,
         S: Stream<Item = T> + Send + 'static,
     {
+        enum Event<T> {
+            Item(T),
+            Revocation,
+            End,
+        }
         let auth = self.auth.clone();
-        stream.scan(false, move |ended, item| {
-            let next = match (*ended, auth.check_revoked(&caller)) {
-                (true, _) => None,
-                (false, Ok(())) => Some(Ok(item)),
-                (false, Err(e)) => {
-                    *ended = true;
-                    Some(Err(e))
+        let revocations = match auth.revocations() {
+            Some(rx) => futures::stream::unfold(rx, |mut rx| async move {
+                rx.changed().await.ok()?;
+                Some((Event::Revocation, rx))
+            })
+            .boxed(),
+            None => futures::stream::pending().boxed(),
+        };
+        let items = stream
+            .map(Event::Item)
+            .chain(futures::stream::once(futures::future::ready(Event::End)));
+        let events = Box::pin(futures::stream::select(items, revocations));
+        // Ends right after the error: an idle feed has no next event to
+        // end on.
+        futures::stream::unfold((events, false), move |(mut events, ended)| {
+            let (auth, caller) = (auth.clone(), Arc::clone(&caller));
+            async move {
+                if ended {
+                    return None;
                 }
-            };
-            futures::future::ready(next)
+                loop {
+                    match events.next().await? {
+                        Event::End => return None,
+                        event => match (auth.check_revoked(&caller), event) {
+                            (Ok(()), Event::Item(item)) => {
+                                return Some((Ok(item), (events, false)));
+                            }
+                            (Ok(()), _) => continue,
+                            (Err(e), _) => return Some((Err(e), (events, true))),
+                        },
+                    }
+                }
+            }
         })
     }
 }
