@@ -195,6 +195,8 @@ struct Activity {
     started: AtomicU64,
     in_flight: AtomicUsize,
     idle_since: std::sync::Mutex<Instant>,
+    /// Told when a request starts or ends, so that the deadlines are recomputed.
+    changed: tokio::sync::Notify,
 }
 
 /// One request in flight: dropped with its answer's body.
@@ -204,6 +206,7 @@ impl InFlight {
     fn new(a: &Arc<Activity>) -> Self {
         a.started.fetch_add(1, Ordering::Relaxed);
         a.in_flight.fetch_add(1, Ordering::Relaxed);
+        a.changed.notify_one();
         Self(Arc::clone(a))
     }
 }
@@ -215,6 +218,7 @@ impl Drop for InFlight {
         {
             *t = Instant::now();
         }
+        self.0.changed.notify_one();
     }
 }
 
@@ -265,6 +269,7 @@ async fn serve_connection<IO>(
         started: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         idle_since: std::sync::Mutex::new(Instant::now()),
+        changed: tokio::sync::Notify::new(),
     });
     let service = {
         let activity = Arc::clone(&activity);
@@ -318,6 +323,7 @@ async fn serve_connection<IO>(
         };
         tokio::select! {
             r = conn.as_mut() => break r,
+            _ = activity.changed.notified() => {}
             _ = shutdown.cancelled(), if !stopping => {
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
