@@ -69,19 +69,7 @@ pub enum FileLimitError {
 /// in it. Streams ride on gRPC connections and take no descriptor of their
 /// own. Returns the limit in effect.
 pub fn fit_file_limit(config: &ServeConfig) -> Result<u64, FileLimitError> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    let limit = if soft < hard {
-        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => hard,
-            Err(e) => {
-                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
-                soft
-            }
-        }
-    } else {
-        soft
-    };
+    let (limit, hard) = raise_file_limit()?;
     let c = &config.connections;
     let need = c.total() + u64::from(config.db_pool_size) + FD_MARGIN;
     if need > limit {
@@ -97,6 +85,23 @@ pub fn fit_file_limit(config: &ServeConfig) -> Result<u64, FileLimitError> {
         });
     }
     Ok(limit)
+}
+
+/// Raises the soft open-file limit to the hard one where it may: the
+/// limit in effect, and the hard one.
+pub fn raise_file_limit() -> Result<(u64, u64), nix::Error> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok((soft, hard));
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => Ok((hard, hard)),
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            Ok((soft, hard))
+        }
+    }
 }
 
 /// A listener's bound on open connections.

@@ -4,6 +4,8 @@
 //! ones are closed at the handshake or header deadline, and meanwhile
 //! readiness answers and a well-behaved client writes and gets its acks.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use std::time::{Duration, Instant};
