@@ -200,6 +200,55 @@ impl Default for LimitArgs {
     }
 }
 
+/// How many connections each listener holds, and how long one may take to
+/// start and may sit idle: so that no client, before it has even
+/// authenticated, can take every file descriptor of the process.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionArgs {
+    /// Most open connections on the gRPC address; past it a new one is closed at once.
+    #[arg(long, env = "LOCUS_MAX_CONNECTIONS_GRPC", default_value_t = 10_000)]
+    pub max_connections_grpc: usize,
+    /// Most open connections on the HTTP address.
+    #[arg(long, env = "LOCUS_MAX_CONNECTIONS_HTTP", default_value_t = 2_000)]
+    pub max_connections_http: usize,
+    /// Most open connections on the metrics address (scrapes, health checks).
+    #[arg(long, env = "LOCUS_MAX_CONNECTIONS_METRICS", default_value_t = 100)]
+    pub max_connections_metrics: usize,
+    /// Time from accepting a connection to its first request (HTTP) or to
+    /// the end of the HTTP/2 preface (gRPC), TLS handshake included.
+    #[arg(long, env = "LOCUS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Time a client has to send a request's headers, once it began one or
+    /// once the previous answer ended (HTTP/1).
+    #[arg(long, env = "LOCUS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// An HTTP connection with no request in flight for this long is closed
+    /// (HTTP/1 keep-alive, HTTP/2 without streams).
+    #[arg(long, env = "LOCUS_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionArgs {
+    fn default() -> Self {
+        Self {
+            max_connections_grpc: 10_000,
+            max_connections_http: 2_000,
+            max_connections_metrics: 100,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ConnectionArgs {
+    /// File descriptors the listeners may hold at once.
+    pub fn total(&self) -> u64 {
+        (self.max_connections_grpc + self.max_connections_http + self.max_connections_metrics)
+            as u64
+    }
+}
+
 /// How buffered points become database writes.
 #[derive(Debug, Clone, Args)]
 pub struct PipelineArgs {
@@ -403,6 +452,8 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
+    pub connections: ConnectionArgs,
+    #[command(flatten)]
     pub pipeline: PipelineArgs,
     #[command(flatten)]
     pub query: QueryArgs,
@@ -426,6 +477,7 @@ impl ServeConfig {
             storage: StorageArgs::default(),
             validation: ValidationArgs::default(),
             limits: LimitArgs::default(),
+            connections: ConnectionArgs::default(),
             pipeline: PipelineArgs::default(),
             query: QueryArgs {
                 http_addr: ([127, 0, 0, 1], 0).into(),
@@ -471,6 +523,25 @@ impl ServeConfig {
             1,
             self.validation.max_app_source_len as u64,
         )?;
+        let c = &self.connections;
+        for (name, value) in [
+            ("--max-connections-grpc", c.max_connections_grpc),
+            ("--max-connections-http", c.max_connections_http),
+            ("--max-connections-metrics", c.max_connections_metrics),
+        ] {
+            at_least(name, 1, value as u64)?;
+        }
+        for (name, value) in [
+            ("--handshake-timeout", c.handshake_timeout),
+            ("--header-read-timeout", c.header_read_timeout),
+            ("--idle-timeout", c.idle_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(ConfigError::Inconsistent(format!(
+                    "{name} must be at least 100ms"
+                )));
+            }
+        }
         let q = &self.query;
         at_least("--track-page", 1, q.track_page.into())?;
         at_least("--latest-page", 1, q.latest_page.into())?;

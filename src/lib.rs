@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod connections;
 pub mod health;
 pub mod ingest;
 pub mod metrics;

@@ -28,6 +28,22 @@ pub const OPEN_STREAMS: &str = "locus_open_streams";
 /// Labelled by `reason` (`buffer_full`, `too_many_streams`, `batch_too_large`).
 pub const REQUESTS_REFUSED: &str = "locus_requests_refused_total";
 
+/// Open connections, labelled by `listener` (`grpc`, `http`, `metrics`).
+pub const OPEN_CONNECTIONS: &str = "locus_open_connections";
+/// Connections refused or closed by a limit, labelled by `listener` and
+/// `reason` (the `CLOSED_*` values).
+pub const CONNECTIONS_CLOSED: &str = "locus_connections_closed_total";
+/// Over the listener's bound: closed as soon as accepted.
+pub const CLOSED_TOO_MANY: &str = "too_many_connections";
+/// No first request (HTTP), or no HTTP/2 preface (gRPC), TLS handshake
+/// included, within --handshake-timeout.
+pub const CLOSED_HANDSHAKE: &str = "handshake_timeout";
+/// A request's headers not read within --header-read-timeout.
+pub const CLOSED_HEADER: &str = "header_timeout";
+/// No request in flight for --idle-timeout.
+pub const CLOSED_IDLE: &str = "idle_timeout";
+const LISTENERS: [&str; 3] = ["grpc", "http", "metrics"];
+
 /// Points live subscribers lost because they fell behind.
 pub const LIVE_DROPPED: &str = "locus_live_dropped_total";
 pub const LIVE_SUBSCRIBERS: &str = "locus_live_subscribers";
@@ -125,6 +141,11 @@ fn describe() {
         "Calls refused for their credentials (unauthenticated) or role (permission_denied)."
     );
     describe_counter!(RATE_LIMITED, "Calls refused by their token's rate limit.");
+    describe_gauge!(OPEN_CONNECTIONS, "Open connections, by listener.");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections refused or closed by a limit, by listener and reason."
+    );
 }
 
 /// Series that exist from the start at zero, so that `rate()` and the
@@ -161,6 +182,23 @@ fn register_zeroes() {
     }
     for reason in ["unauthenticated", "permission_denied"] {
         metrics::counter!(AUTH_REFUSED, "reason" => reason).increment(0);
+    }
+    for listener in LISTENERS {
+        metrics::gauge!(OPEN_CONNECTIONS, "listener" => listener).increment(0.0);
+        let reasons: &[&str] = if listener == "grpc" {
+            &[CLOSED_TOO_MANY, CLOSED_HANDSHAKE]
+        } else {
+            &[
+                CLOSED_TOO_MANY,
+                CLOSED_HANDSHAKE,
+                CLOSED_HEADER,
+                CLOSED_IDLE,
+            ]
+        };
+        for reason in reasons {
+            metrics::counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => *reason)
+                .increment(0);
+        }
     }
     for name in [BUFFER_POINTS, BUFFER_BYTES, OPEN_STREAMS, LIVE_SUBSCRIBERS] {
         metrics::gauge!(name).increment(0.0);

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::Auth,
     config::{AuthMode, ConfigError, ServeConfig},
+    connections::{Gate, grpc_incoming},
     health::Health,
     ingest::{
         Ingestor,
@@ -77,6 +78,8 @@ pub enum ServeError {
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
+    FileLimit(#[from] crate::connections::FileLimitError),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -88,6 +91,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    let file_limit = crate::connections::fit_file_limit(&config)?;
+    tracing::debug!(file_limit, "open-file limit");
     let tls = crate::tls::load(&config.tls)?;
     let prometheus = metrics::install();
 
@@ -195,9 +200,17 @@ pub async fn run(
             get(move || std::future::ready(prometheus.render())),
         )
         .merge(crate::health::router(Arc::clone(&health)));
-    let metrics_server = axum::serve(crate::tls::nodelay(listeners.metrics), metrics_app)
-        .with_graceful_shutdown(background.clone().cancelled_owned());
-    let metrics_task = tokio::spawn(async move { metrics_server.await });
+    let conns = &config.connections;
+    let timeouts = crate::tls::HttpTimeouts::from_config(conns);
+    let metrics_server = crate::tls::serve_http(
+        listeners.metrics,
+        metrics_app,
+        None,
+        Gate::new("metrics", conns.max_connections_metrics),
+        timeouts,
+        background.clone(),
+    );
+    let metrics_task = tokio::spawn(metrics_server);
 
     let http_app = crate::query::http::router(query.clone(), shutdown.clone())
         .merge(crate::ingest::http::router(
@@ -210,16 +223,14 @@ pub async fn run(
         listeners.http,
         http_app,
         tls.as_ref().map(|t| Arc::clone(&t.http)),
+        Gate::new("http", conns.max_connections_http),
+        timeouts,
         shutdown.clone(),
     );
     let http_task = tokio::spawn(http_server);
 
     let grpc_addr = listeners.grpc.local_addr()?;
-    let mut grpc = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        grpc = grpc.tls_config(tls.grpc.clone())?;
-    }
-    let grpc = grpc
+    let grpc = tonic::transport::Server::builder()
         // Dead peers are noticed, and their streams freed.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
@@ -229,12 +240,34 @@ pub async fn run(
         .add_service(QueryServer::new(QueryService::new(
             query.clone(),
             shutdown.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            crate::tls::grpc_incoming(listeners.grpc),
+        )));
+    let grpc_gate = Gate::new("grpc", conns.max_connections_grpc);
+    let handshake = conns.handshake_timeout;
+    let mut grpc = match &tls {
+        None => tokio::spawn(grpc.serve_with_incoming_shutdown(
+            grpc_incoming(
+                listeners.grpc,
+                grpc_gate,
+                handshake,
+                |tcp| std::future::ready(Ok(tcp)),
+                shutdown.clone(),
+            ),
             shutdown.clone().cancelled_owned(),
-        );
-    let mut grpc = tokio::spawn(grpc);
+        )),
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.grpc));
+            tokio::spawn(grpc.serve_with_incoming_shutdown(
+                grpc_incoming(
+                    listeners.grpc,
+                    grpc_gate,
+                    handshake,
+                    move |tcp| acceptor.accept(tcp),
+                    shutdown.clone(),
+                ),
+                shutdown.clone().cancelled_owned(),
+            ))
+        }
+    };
     tracing::info!(%grpc_addr, tls = tls.is_some(), auth = ?config.auth.mode, "locus serving");
 
     let early = tokio::select! {

@@ -35,6 +35,7 @@ enum Case {
     Overload,
     Hostile,
     Soak,
+    Connections,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,7 +69,7 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile", "connections"])]
     cases: Vec<Case>,
     /// Short versions of every case (for CI).
     #[arg(long)]
@@ -685,6 +686,175 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     Ok(out)
 }
 
+/// Thousands of connections that send part of a request and hold it, and
+/// gRPC connections that never send the HTTP/2 preface, past the bounds:
+/// the well-behaved fleet keeps its rate, readiness answers, the storage
+/// job runs, the held connections are closed at the deadlines, and the
+/// descriptors and memory of locus stay bounded.
+async fn connections(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    // The client's own descriptors: every held connection is one.
+    let (own_limit, _) = locus::connections::raise_file_limit()?;
+    let (http_held, grpc_held): (usize, usize) = if quick {
+        (1_500, 1_000)
+    } else {
+        (6_000, 3_000)
+    };
+    anyhow::ensure!(
+        (http_held + grpc_held + 500) as u64 <= own_limit,
+        "this client's open-file limit ({own_limit}) is too low for {http_held} + {grpc_held} connections"
+    );
+    let (http_bound, grpc_bound) = (http_held / 3, grpc_held / 2);
+    let deadline = Duration::from_secs(if quick { 3 } else { 5 });
+    let secs: u64 = if quick { 12 } else { 30 };
+    let (hb, gb, d) = (
+        http_bound.to_string(),
+        grpc_bound.to_string(),
+        format!("{}s", deadline.as_secs()),
+    );
+    let mut flags: Vec<&str> = BOUNDS.to_vec();
+    flags.extend([
+        "--max-connections-http",
+        &hb,
+        "--max-connections-grpc",
+        &gb,
+        "--handshake-timeout",
+        &d,
+        "--header-read-timeout",
+        &d,
+        "--hourly-refresh-interval",
+        "1s",
+    ]);
+    let mut locus = Locus::start(bin, &db.url, &flags).await?;
+    let good = fleet_flags(200, 5.0, secs);
+    let (ok1, alone) = Fleet::start(&locus, db, &strs(&good))?
+        .finish(Duration::from_secs(secs + 60))
+        .await?;
+    let fds_before = open_fds(locus.pid).unwrap_or(0);
+    let rss_before = rss_mib(locus.pid).unwrap_or(0.0);
+
+    let fleet = Fleet::start(&locus, db, &strs(&good))?;
+    // Let the fleet connect before its slots are fought over.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let attack_started = chrono::Utc::now();
+    let mut fds_max = 0;
+    let mut closed_late = Vec::new();
+    let mut still_open = 0;
+    let mut held_total = 0;
+    let during = sampled(&locus, async {
+        // Waves of held connections for the fleet's run: each wave past
+        // the bounds, each held until the server closes it.
+        let started = Instant::now();
+        while started.elapsed() + deadline * 2 < Duration::from_secs(secs) {
+            let wave = Instant::now();
+            let mut held = Vec::new();
+            for i in 0..http_held + grpc_held {
+                let (port, first): (u16, &[u8]) = if i < http_held {
+                    (locus.http, b"GET / HTTP/1.1\r\n")
+                } else {
+                    (
+                        locus.grpc,
+                        if i % 2 == 0 {
+                            b""
+                        } else {
+                            b"PRI * HTTP/2.0\r\n"
+                        },
+                    )
+                };
+                if let Ok(mut c) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut c, first).await;
+                    held.push(c);
+                }
+            }
+            held_total += held.len();
+            fds_max = fds_max.max(open_fds(locus.pid).unwrap_or(0));
+            let closes = held.into_iter().map(|mut c| async move {
+                let mut buf = [0u8; 512];
+                let limit = tokio::time::Instant::from_std(wave) + deadline * 3;
+                loop {
+                    match tokio::time::timeout_at(
+                        limit,
+                        tokio::io::AsyncReadExt::read(&mut c, &mut buf),
+                    )
+                    .await
+                    {
+                        Err(_) => return None,
+                        Ok(Ok(0)) | Ok(Err(_)) => return Some(wave.elapsed()),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            });
+            for c in futures::future::join_all(closes).await {
+                match c {
+                    Some(t) => closed_late.push(t),
+                    None => still_open += 1,
+                }
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let (ok2, beside) = fleet.finish(Duration::from_secs(secs + 60)).await?;
+    let fds_after = open_fds(locus.pid).unwrap_or(0);
+    let rss_max = during.rss_max;
+    let latest = closed_late.iter().max().copied().unwrap_or_default();
+    let mut conn = PgConnection::connect(&db.url).await?;
+    let rollups: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM locus_job_runs WHERE job = 'hourly_rollup' AND ok AND started_at > $1",
+    )
+    .bind(attack_started)
+    .fetch_one(&mut conn)
+    .await?;
+    let refused = counter(&locus, "locus_connections_closed_total").await;
+    out.figure(format!(
+        "{held_total} connections held in waves of {http_held} partial HTTP requests and {grpc_held} gRPC without a preface (bounds {http_bound} and {grpc_bound}, deadlines {} s): {refused:.0} refused or closed by a limit, the last closed {:.1} s after its wave began, {still_open} still open past 3 deadlines",
+        deadline.as_secs(),
+        latest.as_secs_f64()
+    ));
+    out.figure(format!(
+        "locus: {fds_before} fds before, at most {fds_max} during, {fds_after} after; RSS {rss_before:.0} MiB before, at most {rss_max:.0} MiB during"
+    ));
+    out.figure(format!(
+        "well-behaved fleet: {:.0} points/s alone, {:.0} beside the held connections (ack p99 {:.0} / {:.0} ms); /readyz not ready or silent in {}/{} samples; {rollups} hourly rollups ran during",
+        n(&alone, "points_per_sec"),
+        n(&beside, "points_per_sec"),
+        n(&alone, "ack_p99_ms"),
+        n(&beside, "ack_p99_ms"),
+        during.not_ready,
+        during.samples
+    ));
+    out.check(
+        ok1 && ok2,
+        "an acknowledged point is missing or stored twice",
+    );
+    out.check(
+        n(&beside, "points_per_sec") >= 0.9 * n(&alone, "points_per_sec"),
+        "the well-behaved fleet lost more than 10% of its rate",
+    );
+    out.check(
+        n(&beside, "ack_p99_ms") < 1_000.0,
+        "the fleet's ack p99 passed 1 s",
+    );
+    out.check(during.not_ready == 0, "/readyz did not answer ready");
+    out.check(rollups >= 1, "the storage job did not run");
+    out.check(still_open == 0, "held connections were not closed");
+    out.check(
+        latest <= deadline + Duration::from_secs(2),
+        "held connections were closed later than the deadline",
+    );
+    out.check(
+        fds_max <= fds_before + http_bound + grpc_bound + 100,
+        "locus held more descriptors than its connection bounds",
+    );
+    out.check(
+        rss_max <= rss_before + 3.0 * BUFFER_MIB as f64,
+        "memory grew past three times the buffer bound",
+    );
+    out.check(locus.alive(), "locus died");
+    locus.kill9().await?;
+    Ok(out)
+}
+
 fn junk_batch(batch_id: u64, points: usize, metadata: &str) -> LocationBatch {
     let device = uuid::Uuid::new_v4().to_string();
     let now = std::time::SystemTime::now()
@@ -867,6 +1037,7 @@ async fn run(
             Case::Overload => overload(bin, &db, a.quick).await,
             Case::Hostile => hostile(bin, &db, a.quick).await,
             Case::Soak => soak(bin, &db, a.soak).await,
+            Case::Connections => connections(bin, &db, a.quick).await,
         };
         db.drop().await;
         let outcome = match result {
