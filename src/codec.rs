@@ -99,6 +99,23 @@ pub async fn call_encoded<R: Message + Default + Send + 'static>(
         .await
 }
 
+/// The bidirectional rpc at `path` with each request message encoded
+/// beforehand, its answers decoded by prost: messages no client of locus's
+/// types would build (the fault suite's, the tests').
+pub async fn stream_encoded<R, S>(
+    channel: Channel,
+    path: &'static str,
+    requests: S,
+) -> Result<Response<Streaming<R>>, Status>
+where
+    R: Message + Default + Send + 'static,
+    S: futures::Stream<Item = Bytes> + Send + 'static,
+{
+    let (mut grpc, path) = ready(channel, path).await?;
+    grpc.streaming(Request::new(requests), path, EncodedRequests(PhantomData))
+        .await
+}
+
 /// Both ways as bytes: the request encoded beforehand, the answer as received.
 struct RawBoth;
 

@@ -82,7 +82,9 @@ impl From<IngestError> for Status {
         let retry = |code: Code, msg: String| retry_status(code, msg, RETRY_AFTER);
         match &e {
             IngestError::Auth(a) => a.clone().into(),
-            IngestError::BatchTooLarge { .. } => Status::invalid_argument(e.to_string()),
+            IngestError::BatchTooLarge { .. } | IngestError::BatchOverLimit { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
             IngestError::BufferFull | IngestError::TooManyStreams(_) => {
                 retry(Code::ResourceExhausted, e.to_string())
             }

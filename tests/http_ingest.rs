@@ -142,6 +142,17 @@ async fn bad_and_oversized_bodies_get_clear_statuses() {
         (status, body["error"]["code"].as_str()),
         (400, Some("bad_gzip"))
     );
+    // Counted as read: past the 100th location reading stops, before the
+    // rest (here not even JSON) is looked at.
+    let mut zeros = b"{\"locations\": [".to_vec();
+    zeros.extend(b"0,".repeat(101));
+    zeros.extend(b"!!! not read");
+    let (status, _, body) = post(&server, zeros, false).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("batch_too_large")),
+        "{body}"
+    );
     let many: Vec<Value> = (0..101).map(|i| point(&d, now_secs() - 200 + i)).collect();
     let (status, _, body) = post(
         &server,
@@ -227,6 +238,106 @@ async fn a_full_buffer_and_a_missing_database_say_when_to_retry() {
         (status, retry.as_deref(), body["error"]["code"].as_str()),
         (503, Some("1"), Some("database_unavailable"))
     );
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// Each point is read on its own: a number beyond an f64, metadata nested
+/// too deep or holding what jsonb refuses, costs only its point, and its
+/// neighbours are stored. Only a body that is not an object with a
+/// `locations` array fails whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_numbers_and_deep_metadata_are_rejected_alone() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let d = uuid::Uuid::new_v4();
+    let t = now_secs() - 3 * 86_400;
+    let good = |i: i64| point(&d, t + i).to_string();
+    let with = |i: i64, field: &str, text: &str| {
+        let mut p = point(&d, t + i);
+        p.as_object_mut().unwrap().remove("metadata");
+        p[field] = json!("@@");
+        p.to_string().replace("\"@@\"", text)
+    };
+    let deep = "{\"a\":".repeat(130) + "1" + &"}".repeat(130);
+    // A leap second, yesterday's 23:59:60: RFC 3339 allows it.
+    let leap_day = chrono::DateTime::from_timestamp(now_secs() - 86_400, 0)
+        .unwrap()
+        .format("%Y-%m-%d")
+        .to_string();
+    let mut leap = point(&d, t + 7);
+    leap["time"] = json!(format!("{leap_day}T23:59:60Z"));
+    let locations = [
+        good(0),
+        with(1, "latitude", "1e400"),
+        with(2, "metadata", r#"{"big": 1e400}"#),
+        with(3, "metadata", &deep),
+        with(4, "metadata", r#"{"a": 1e-16384}"#),
+        with(5, "metadata_json", r#""{\"a\": \"\\ud800\"}""#),
+        with(6, "altitude", "3.5e38"),
+        leap.to_string(),
+    ];
+    let body = format!(
+        "{{\"batch_id\": 3, \"locations\": [{}]}}",
+        locations.join(",")
+    );
+    let (status, _, ack) = post(&server, body.into_bytes(), false).await;
+    assert_eq!(status, 200, "{ack}");
+    let reasons: Vec<(u64, &str)> = ack["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (1, "point_malformed"),
+            (3, "metadata_invalid"),
+            (4, "metadata_invalid"),
+            (5, "metadata_invalid"),
+            (6, "number_not_finite"),
+        ],
+        "{ack}"
+    );
+    assert_eq!(ack["accepted"].as_u64(), Some(3), "{ack}");
+    let pool = db.pool().await;
+    assert_eq!(count_rows(&pool).await, 3);
+    // 1e400 is kept as sent (jsonb holds it; an f64 could not).
+    let big: String =
+        sqlx::query_scalar("SELECT metadata ->> 'big' FROM location_events WHERE metadata ? 'big'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(big, format!("1{}", "0".repeat(400)));
+    // The leap second, as the last microsecond of its minute.
+    let leap_at: String = sqlx::query_scalar(
+        "SELECT to_char(max(time) AT TIME ZONE 'UTC', 'HH24:MI:SS.US') FROM location_events",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(leap_at, "23:59:59.999999");
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// A gzip body of several members (RFC 1952 allows it; `cat a.gz b.gz`
+/// makes one) is read whole, not cut after its first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gzip_member_is_read() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let d = uuid::Uuid::new_v4();
+    let body = serde_json::to_vec(
+        &json!({"locations": [point(&d, now_secs() - 9), point(&d, now_secs() - 8)]}),
+    )
+    .unwrap();
+    let (a, b) = body.split_at(body.len() / 2);
+    let mut two = gzip(a);
+    two.extend(gzip(b));
+    let (status, _, ack) = post(&server, two, true).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(2)), "{ack}");
     server.stop().await;
     db.drop_db().await;
 }

@@ -8,10 +8,10 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
-use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs};
+use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs, scrape};
 use locus::{
-    codec::call_encoded,
-    ingest::grpc::WRITE_LOCATIONS,
+    codec::{call_encoded, stream_encoded},
+    ingest::grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
     proto::{BatchAck, Location, LocationBatch},
 };
 use prost::Message;
@@ -364,4 +364,105 @@ fn undecodable(d: &Device) -> Bytes {
         .expect("the device_id's bytes");
     raw[at] = 0xff;
     Bytes::from(raw)
+}
+
+/// A batch the database refuses for some of its points' data (a CHECK
+/// locus does not know) costs only those points: found by writing the
+/// batch in parts, they are answered as refused, the others are stored,
+/// and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_the_database_refuses_are_rejected_alone_and_the_stream_goes_on() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let pool = db.pool().await;
+    sqlx::query(
+        "ALTER TABLE location_events ADD CONSTRAINT slow_only CHECK (speed IS NULL OR speed < 100)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let d = Device::new(now_secs() - 500);
+    let mut first = d.batch(0, 0, 10);
+    for i in [3, 7] {
+        first.locations[i].speed = Some(150.0);
+    }
+    first.locations[5].latitude = 123.0; // rejected by the validator, as ever
+    let (acks, status) = stream_all(&server, vec![first, d.batch(1, 10, 5)]).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(acks.len(), 2);
+    let rejected: Vec<(u32, &str)> = acks[0]
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            (3, "refused_by_database"),
+            (5, "latitude_out_of_range"),
+            (7, "refused_by_database")
+        ]
+    );
+    assert!(
+        acks[0].rejected[0].message.contains("SQLSTATE 23514")
+            && !acks[0].rejected[0].message.contains("slow_only"),
+        "{}",
+        acks[0].rejected[0].message
+    );
+    // Honest acks: every point sent is counted once.
+    assert_eq!(
+        acks[0].accepted as usize + acks[0].duplicates as usize + acks[0].rejected.len(),
+        10
+    );
+    assert_eq!((acks[0].accepted, acks[1].accepted), (7, 5));
+    assert_eq!(count_rows(&pool).await, 12);
+    let metrics = scrape(&server).await;
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("locus_points_rejected_total{reason=\"refused_by_database\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// A stream's message is counted from its fields' keys before it is
+/// decoded: one over --max-batch-points is refused as such, however its
+/// points would decode (here one would not: had it been decoded first, the
+/// answer would be INTERNAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_message_is_counted_before_it_is_decoded() {
+    let db = TestDb::new().await;
+    let mut cfg = config(&db);
+    cfg.limits.max_batch_points = 2;
+    let server = TestServer::start(cfg).await;
+    let d = Device::new(now_secs() - 500);
+    let mut raw = undecodable(&d).to_vec();
+    // A third, empty location: over the limit of 2.
+    raw.extend_from_slice(&[0x12, 0]);
+    let resp = stream_encoded::<BatchAck, _>(
+        server.channel().await,
+        STREAM_LOCATIONS,
+        tokio_stream::iter([Bytes::from(raw)]),
+    )
+    .await;
+    let status = match resp {
+        Err(s) => s,
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("limit is 2"), "{status:?}");
+    // Within the limit, the same stream decodes its messages as before.
+    let resp = stream_encoded::<BatchAck, _>(
+        server.channel().await,
+        STREAM_LOCATIONS,
+        tokio_stream::iter([Bytes::from(d.batch(4, 0, 2).encode_to_vec())]),
+    )
+    .await
+    .unwrap();
+    let ack = resp.into_inner().message().await.unwrap().unwrap();
+    assert_eq!((ack.batch_id, ack.accepted), (4, 2));
+    server.stop().await;
+    db.drop_db().await;
 }

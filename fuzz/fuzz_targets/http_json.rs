@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use locus::{config::ValidationArgs, ingest::http::parse_batch, ingest::validate::Validator};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok((_, points)) = parse_batch(data) else {
+    let Ok((_, points)) = parse_batch(data, 10_000) else {
         return;
     };
     let v = Validator::new(&ValidationArgs::default(), Duration::from_secs(30 * 86_400));

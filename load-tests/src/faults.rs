@@ -21,7 +21,7 @@ use clap::{Parser, ValueEnum};
 use locus::proto::{Location, LocationBatch, ingest_client::IngestClient};
 use locus_load::{
     pg::Cluster,
-    proc::{Locus, open_fds, pg_cpu, postmaster, proc_times, rss_mib, sibling_locus},
+    proc::{Locus, open_fds, pg_cpu, postmaster, proc_times, rss_mib, rss_peak_mib, sibling_locus},
 };
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -34,6 +34,7 @@ enum Case {
     Slow,
     Overload,
     Hostile,
+    Amplify,
     Soak,
     Connections,
 }
@@ -69,7 +70,7 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile", "connections"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile", "amplify", "connections"])]
     cases: Vec<Case>,
     /// Short versions of every case (for CI).
     #[arg(long)]
@@ -77,6 +78,10 @@ struct Args {
     /// How long the soak runs.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     soak: Duration,
+    /// How many requests of each kind the amplify case sends at once (a
+    /// build without its bounds, measured with 4, would need some 14 GB).
+    #[arg(long, default_value_t = 4)]
+    amplify_at_once: usize,
     /// The locus binary (default: beside this one).
     #[arg(long)]
     locus: Option<PathBuf>,
@@ -855,6 +860,135 @@ async fn connections(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome
     Ok(out)
 }
 
+/// Requests small on the wire that would be large once parsed, each alone
+/// and then `at_once` of each kind at once, against locus with its
+/// default limits: locus's peak RSS (VmHWM, in a fresh process each round)
+/// for each.
+async fn amplify(bin: &Path, db: &Db, at_once: usize) -> anyhow::Result<Outcome> {
+    const MIB: usize = 1 << 20;
+    // The defaults of --max-message-bytes and --max-decompressed-bytes.
+    const MAX_MESSAGE: usize = 4 * MIB;
+    const MAX_DECOMPRESSED: usize = 16 * MIB;
+    let mut out = Outcome::new();
+    let mut locus = Locus::start(bin, &db.url, &[]).await?;
+    // `{"locations":[0,0,...]}`: a body of `0,` elements, gzip-compressed
+    // (8 million of them in about 16 KB) or plain (4 MiB).
+    let zeros = |n: usize| {
+        let mut body = Vec::with_capacity(2 * n + 16);
+        body.extend_from_slice(b"{\"locations\":[");
+        for _ in 0..n - 1 {
+            body.extend_from_slice(b"0,");
+        }
+        body.extend_from_slice(b"0]}");
+        body
+    };
+    let bomb = {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&zeros(8_000_000))?;
+        bytes::Bytes::from(gz.finish()?)
+    };
+    let plain = bytes::Bytes::from(zeros((MAX_MESSAGE - 32) / 2));
+    // A stream message of empty locations (field 2, length 0: two bytes each).
+    let message = bytes::Bytes::from([0x12u8, 0].repeat(MAX_MESSAGE / 2 - 8));
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/locations", locus.http_target());
+    let post = |body: bytes::Bytes, gzip: bool| {
+        let mut req = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
+        if gzip {
+            req = req.header("content-encoding", "gzip");
+        }
+        async move { anyhow::Ok(req.send().await?.status().as_u16().to_string()) }
+    };
+    let endpoint = Endpoint::from_shared(locus.grpc_target())?;
+    let stream = |raw: bytes::Bytes| {
+        let endpoint = endpoint.clone();
+        async move {
+            let channel = endpoint.connect().await?;
+            let resp = locus::codec::stream_encoded::<locus::proto::BatchAck, _>(
+                channel,
+                locus::ingest::grpc::STREAM_LOCATIONS,
+                tokio_stream::iter([raw]),
+            )
+            .await;
+            let code = match resp {
+                Err(s) => s.code(),
+                Ok(r) => match r.into_inner().message().await {
+                    Err(s) => s.code(),
+                    Ok(_) => tonic::Code::Ok,
+                },
+            };
+            anyhow::Ok(format!("{code:?}"))
+        }
+    };
+    let reset_peak = |pid: u32| std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    let mut peaks = Vec::new();
+    for kind in ["gzip bomb", "plain", "stream", "all"] {
+        // A fresh process each time: memory freed is not always given back,
+        // and would count in the next peak.
+        locus.restart().await?;
+        if kind == "all" {
+            break;
+        }
+        reset_peak(locus.pid)?;
+        let answer = match kind {
+            "gzip bomb" => post(bomb.clone(), true).await?,
+            "plain" => post(plain.clone(), false).await?,
+            _ => stream(message.clone()).await?,
+        };
+        let peak = rss_peak_mib(locus.pid).unwrap_or(0.0);
+        peaks.push(peak);
+        out.figure(format!(
+            "{kind} ({} bytes sent): answered {answer}, peak RSS {peak:.0} MiB",
+            match kind {
+                "gzip bomb" => bomb.len(),
+                "plain" => plain.len(),
+                _ => message.len(),
+            }
+        ));
+        out.check(
+            answer == "413" || answer == "InvalidArgument",
+            format!("{kind}: answered {answer}, not refused as too many points"),
+        );
+    }
+    let idle = rss_mib(locus.pid).unwrap_or(0.0);
+    reset_peak(locus.pid)?;
+    let mut all = Vec::new();
+    for _ in 0..at_once {
+        all.push(tokio::spawn(post(bomb.clone(), true)));
+        all.push(tokio::spawn(post(plain.clone(), false)));
+        all.push(tokio::spawn(stream(message.clone())));
+    }
+    let mut answers = Vec::new();
+    for a in all {
+        answers.push(a.await??);
+    }
+    let peak_all = rss_peak_mib(locus.pid).unwrap_or(0.0);
+    // What those requests may hold at once: each gzip body decompressed up
+    // to its cap, each plain body and stream message twice (as received,
+    // and as read into one buffer), plus 8 MiB each for what parsing builds
+    // before it stops at --max-batch-points (10,000 locations).
+    let bound = idle
+        + (at_once * (MAX_DECOMPRESSED + 2 * MAX_MESSAGE + 2 * MAX_MESSAGE + 3 * 8 * MIB)) as f64
+            / MIB as f64;
+    out.figure(format!(
+        "RSS {idle:.0} MiB idle; {at_once} of each at once: peak {peak_all:.0} MiB (bound {bound:.0} MiB), answers {answers:?}"
+    ));
+    out.check(
+        answers.iter().all(|a| a == "413" || a == "InvalidArgument"),
+        "a request was not refused as too many points",
+    );
+    out.check(
+        peak_all <= bound,
+        format!("peak RSS {peak_all:.0} MiB over the bound {bound:.0} MiB"),
+    );
+    out.check(locus.alive(), "locus died");
+    locus.kill9().await?;
+    Ok(out)
+}
+
 fn junk_batch(batch_id: u64, points: usize, metadata: &str) -> LocationBatch {
     let device = uuid::Uuid::new_v4().to_string();
     let now = std::time::SystemTime::now()
@@ -1036,6 +1170,7 @@ async fn run(
             Case::Slow => slow(bin, &db, a.quick).await,
             Case::Overload => overload(bin, &db, a.quick).await,
             Case::Hostile => hostile(bin, &db, a.quick).await,
+            Case::Amplify => amplify(bin, &db, a.amplify_at_once).await,
             Case::Soak => soak(bin, &db, a.soak).await,
             Case::Connections => connections(bin, &db, a.quick).await,
         };

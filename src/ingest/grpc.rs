@@ -70,6 +70,32 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<LocationBatch>>,
     ) -> Result<Response<AckStream>, Status> {
+        self.open_stream(request).await
+    }
+
+    /// Served by [`WriteLocations`] (see [`IngestRoutes`]), which refuses
+    /// before decoding; here because the trait has it, and alike.
+    async fn write_locations(
+        &self,
+        request: Request<LocationBatch>,
+    ) -> Result<Response<BatchAck>, Status> {
+        let caller = self.ingestor.auth.authenticate_grpc(&request).await?;
+        let batch = request.into_inner();
+        let admitted = self
+            .ingestor
+            .admit(&caller, batch.locations.len(), WhenFull::Refuse)?;
+        write(&self.ingestor, admitted, &caller, batch).await
+    }
+}
+
+impl IngestService {
+    /// A stream of batches, decoded by tonic (the generated server) or as
+    /// bytes ([`IngestRoutes`] serves it so, each counted before it is
+    /// decoded).
+    async fn open_stream<M: Incoming>(
+        &self,
+        request: Request<Streaming<M>>,
+    ) -> Result<Response<AckStream>, Status> {
         if self.shutdown.is_cancelled() {
             return Err(IngestError::ShuttingDown.into());
         }
@@ -96,19 +122,63 @@ impl Ingest for IngestService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
     }
+}
 
-    /// Served by [`WriteLocations`] (see [`IngestRoutes`]), which refuses
-    /// before decoding; here because the trait has it, and alike.
-    async fn write_locations(
-        &self,
-        request: Request<LocationBatch>,
-    ) -> Result<Response<BatchAck>, Status> {
-        let caller = self.ingestor.auth.authenticate_grpc(&request).await?;
-        let batch = request.into_inner();
-        let admitted = self
-            .ingestor
-            .admit(&caller, batch.locations.len(), WhenFull::Refuse)?;
-        write(&self.ingestor, admitted, &caller, batch).await
+/// A batch as it comes off a stream: admitted for its number of points,
+/// then decoded.
+trait Incoming: Send + 'static {
+    fn admit(
+        self,
+        ingestor: &Ingestor,
+        caller: &Principal,
+        when_full: WhenFull,
+    ) -> Result<(Admitted, LocationBatch), Status>;
+}
+
+impl Incoming for LocationBatch {
+    fn admit(
+        self,
+        ingestor: &Ingestor,
+        caller: &Principal,
+        when_full: WhenFull,
+    ) -> Result<(Admitted, LocationBatch), Status> {
+        Ok((
+            ingestor.admit(caller, self.locations.len(), when_full)?,
+            self,
+        ))
+    }
+}
+
+/// Counted from its fields' keys ([`count_locations`]) and admitted before
+/// it is decoded: a message of many small locations is refused for its
+/// count before it becomes as many `Location`s (a 4 MiB message of empty
+/// ones would be 2 million of them, some 400 MB).
+impl Incoming for Bytes {
+    fn admit(
+        self,
+        ingestor: &Ingestor,
+        caller: &Principal,
+        when_full: WhenFull,
+    ) -> Result<(Admitted, LocationBatch), Status> {
+        let decode = |raw| {
+            LocationBatch::decode(raw)
+                .map_err(|e: prost::DecodeError| Status::internal(e.to_string()))
+        };
+        // A message that does not scan is not a batch: the decode says why.
+        let Some(points) = count_locations(&self) else {
+            decode(self)?;
+            return Err(Status::internal(
+                "the batch scanned as malformed but decoded",
+            ));
+        };
+        let admitted = ingestor.admit(caller, points, when_full)?;
+        let batch = decode(self)?;
+        if batch.locations.len() != points {
+            return Err(Status::internal(
+                "the batch decoded to another number of points than it was counted",
+            ));
+        }
+        Ok((admitted, batch))
     }
 }
 
@@ -129,13 +199,16 @@ async fn write(
 
 /// The path of the unary rpc.
 pub const WRITE_LOCATIONS: &str = "/locus.v1.Ingest/WriteLocations";
+/// The path of the streaming rpc.
+pub const STREAM_LOCATIONS: &str = "/locus.v1.Ingest/StreamLocations";
 
 /// `locus.v1.Ingest` as served: the generated server, but for
-/// `WriteLocations`, whose request it takes as bytes.
+/// `WriteLocations` and `StreamLocations`, whose messages it takes as bytes.
 #[derive(Clone)]
 pub struct IngestRoutes {
     generated: IngestServer<IngestService>,
     unary: WriteLocations,
+    stream: StreamLocations,
     max_message_bytes: usize,
 }
 
@@ -145,6 +218,7 @@ impl IngestRoutes {
             unary: WriteLocations {
                 ingestor: service.ingestor.clone(),
             },
+            stream: StreamLocations(service.clone()),
             generated: IngestServer::new(service).max_decoding_message_size(max_message_bytes),
             max_message_bytes,
         }
@@ -165,16 +239,22 @@ impl Service<axum::http::Request<tonic::body::Body>> for IngestRoutes {
     }
 
     fn call(&mut self, req: axum::http::Request<tonic::body::Body>) -> Self::Future {
-        if req.uri().path() != WRITE_LOCATIONS {
-            return self.generated.call(req);
-        }
-        let unary = self.unary.clone();
         let max = self.max_message_bytes;
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(RawRequests::<BatchAck>::default())
-                .apply_max_message_size_config(Some(max), None);
-            Ok(grpc.unary(unary, req).await)
-        })
+        let grpc = move || {
+            tonic::server::Grpc::new(RawRequests::<BatchAck>::default())
+                .apply_max_message_size_config(Some(max), None)
+        };
+        match req.uri().path() {
+            WRITE_LOCATIONS => {
+                let unary = self.unary.clone();
+                Box::pin(async move { Ok(grpc().unary(unary, req).await) })
+            }
+            STREAM_LOCATIONS => {
+                let stream = self.stream.clone();
+                Box::pin(async move { Ok(grpc().streaming(stream, req).await) })
+            }
+            _ => self.generated.call(req),
+        }
     }
 }
 
@@ -195,27 +275,28 @@ impl tonic::server::UnaryService<Bytes> for WriteLocations {
         let ingestor = self.ingestor.clone();
         Box::pin(async move {
             let caller = ingestor.auth.authenticate_grpc(&request).await?;
-            let raw = request.into_inner();
-            let decode = |raw| {
-                LocationBatch::decode(raw)
-                    .map_err(|e: prost::DecodeError| Status::internal(e.to_string()))
-            };
-            // A message that does not scan is not a batch: the decode says why.
-            let Some(points) = count_locations(&raw) else {
-                decode(raw)?;
-                return Err(Status::internal(
-                    "the batch scanned as malformed but decoded",
-                ));
-            };
-            let admitted = ingestor.admit(&caller, points, WhenFull::Refuse)?;
-            let batch = decode(raw)?;
-            if batch.locations.len() != points {
-                return Err(Status::internal(
-                    "the batch decoded to another number of points than it was counted",
-                ));
-            }
+            let (admitted, batch) =
+                request
+                    .into_inner()
+                    .admit(&ingestor, &caller, WhenFull::Refuse)?;
             write(&ingestor, admitted, &caller, batch).await
         })
+    }
+}
+
+/// `StreamLocations` with each message as bytes, counted before it is
+/// decoded (see [`Incoming`]).
+#[derive(Clone)]
+pub struct StreamLocations(IngestService);
+
+impl tonic::server::StreamingService<Bytes> for StreamLocations {
+    type Response = BatchAck;
+    type ResponseStream = AckStream;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<AckStream>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.open_stream(request).await })
     }
 }
 
@@ -235,8 +316,8 @@ type Pending = Result<PendingAck, Status>;
 /// queued after the acks before it, and ends the stream. Each batch is
 /// checked against `caller` as it is now: a token revoked while the stream
 /// is open ends it.
-async fn read(
-    mut inbound: Streaming<LocationBatch>,
+async fn read<M: Incoming>(
+    mut inbound: Streaming<M>,
     caller: Arc<Principal>,
     ingestor: Ingestor,
     pending: mpsc::Sender<Pending>,
@@ -251,7 +332,7 @@ async fn read(
                     biased;
                     // Nothing of this batch is acknowledged; the client sends it again.
                     _ = shutdown.cancelled() => Err(IngestError::ShuttingDown.into()),
-                    r = ingestor.ingest(&caller, batch, WhenFull::Wait, "grpc_stream") => r.map_err(Status::from),
+                    r = ingest(&ingestor, &caller, batch) => r,
                 }),
                 Ok(None) => None,
                 Err(status) => Some(Err(status)),
@@ -263,6 +344,20 @@ async fn read(
             break;
         }
     }
+}
+
+/// A stream's batch: admitted, decoded, validated and queued (waiting for
+/// room in the buffer).
+async fn ingest<M: Incoming>(
+    ingestor: &Ingestor,
+    caller: &Principal,
+    msg: M,
+) -> Result<PendingAck, Status> {
+    let (admitted, batch) = msg.admit(ingestor, caller, WhenFull::Wait)?;
+    let points = batch.locations.into_iter().map(Ok).collect();
+    Ok(ingestor
+        .ingest_admitted(admitted, caller, batch.batch_id, points, "grpc_stream")
+        .await?)
 }
 
 /// Sends each ack once its batch is committed, in order. Stops at the first

@@ -12,16 +12,21 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::cell::Cell;
+
+use serde::{
+    Deserialize, Deserializer, Serialize,
+    de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
+};
+use serde_json::{Value, value::RawValue};
 use utoipa::ToSchema;
 
 use super::{
-    IngestError, Ingestor, WhenFull,
+    IngestError, Ingestor, PendingAck, WhenFull,
     validate::{Reason, Rejection, reject},
 };
 use crate::{
-    auth::{Auth, Caller},
+    auth::{Auth, Caller, Principal},
     proto,
     query::http::ErrorJson,
     status,
@@ -55,7 +60,7 @@ pub fn router(ingestor: Ingestor, max_body: usize, max_decompressed: usize) -> R
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = IngestLocationJson)]
-struct JsonLocation {
+struct JsonLocation<'a> {
     /// RFC 3339.
     time: String,
     device_id: String,
@@ -67,17 +72,23 @@ struct JsonLocation {
     altitude: Option<f64>,
     speed: Option<f64>,
     heading: Option<f64>,
-    metadata: Option<Value>,
+    /// Kept as sent: the validator checks it as it checks `metadata_json`
+    /// (numbers beyond an f64 that jsonb takes are kept, not refused).
+    #[serde(borrow)]
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<&'a RawValue>,
     metadata_json: Option<String>,
 }
 
 /// A batch as JSON. Each location is read on its own, so that a bad one is
-/// rejected alone and its good neighbours are stored.
-#[derive(Debug, Deserialize, ToSchema)]
+/// rejected alone and its good neighbours are stored. The schema only: the
+/// body is read by [`parse_raw`].
+#[allow(dead_code)]
+#[derive(Debug, ToSchema)]
 #[schema(as = IngestBatchJson)]
 struct JsonBatch {
     /// Echoed in the ack.
-    #[serde(default)]
+    #[schema(default = 0)]
     batch_id: u64,
     #[schema(value_type = Vec<JsonLocation>)]
     locations: Vec<Value>,
@@ -115,7 +126,7 @@ fn retry_later(status: StatusCode, code: &str, message: String) -> Response {
 fn ingest_error(e: IngestError) -> Response {
     match &e {
         IngestError::Auth(a) => status::auth_response(a.clone()),
-        IngestError::BatchTooLarge { .. } => error(
+        IngestError::BatchTooLarge { .. } | IngestError::BatchOverLimit { .. } => error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
             e.to_string(),
@@ -163,7 +174,7 @@ impl IntoResponse for BodyError {
     }
 }
 
-/// The body, decompressed if it says gzip, within the caps.
+/// The body, decompressed if it says gzip (every member of it), within the caps.
 fn decode_body(
     headers: &HeaderMap,
     body: Bytes,
@@ -179,7 +190,7 @@ fn decode_body(
             let mut out = Vec::new();
             // Reading stops one byte past the cap: a gzip bomb costs at most that.
             let mut reader =
-                flate2::read::GzDecoder::new(&body[..]).take(max_decompressed as u64 + 1);
+                flate2::read::MultiGzDecoder::new(&body[..]).take(max_decompressed as u64 + 1);
             reader.read_to_end(&mut out).map_err(BodyError::BadGzip)?;
             if out.len() > max_decompressed {
                 return Err(BodyError::TooLarge(max_decompressed));
@@ -190,8 +201,8 @@ fn decode_body(
     }
 }
 
-fn to_proto(index: usize, v: Value) -> Result<proto::Location, Rejection> {
-    let l: JsonLocation = serde_json::from_value(v)
+fn to_proto(index: usize, raw: &RawValue) -> Result<proto::Location, Rejection> {
+    let l: JsonLocation = serde_json::from_str(raw.get())
         .map_err(|e| reject(Reason::PointMalformed, format!("location {index}: {e}")))?;
     let time = chrono::DateTime::parse_from_rfc3339(&l.time).map_err(|e| {
         reject(
@@ -206,14 +217,18 @@ fn to_proto(index: usize, v: Value) -> Result<proto::Location, Rejection> {
                 "give metadata or metadata_json, not both",
             ));
         }
-        (Some(Value::Null), None) | (None, None) => String::new(),
-        (Some(m), None) => m.to_string(),
+        (None, None) => String::new(),
+        (Some(m), None) => m.get().to_string(),
         (None, Some(text)) => text,
     };
     Ok(proto::Location {
         time: Some(prost_types::Timestamp {
             seconds: time.timestamp(),
-            nanos: time.timestamp_subsec_nanos() as i32,
+            // A leap second (23:59:60, which RFC 3339 allows and chrono
+            // reads as a second nanos past :59) is taken as the last
+            // microsecond of :59: PostgreSQL would make it 00:00 of the
+            // next minute, where it could collide with a point that is.
+            nanos: time.timestamp_subsec_nanos().min(999_999_999) as i32,
         }),
         device_id: l.device_id,
         user_id: l.user_id,
@@ -228,19 +243,175 @@ fn to_proto(index: usize, v: Value) -> Result<proto::Location, Rejection> {
     })
 }
 
+/// A JSON body as read before its points are: its batch id and each
+/// location as the text sent, borrowed from the body.
+#[derive(Debug)]
+pub struct RawBatch<'a> {
+    pub batch_id: u64,
+    pub locations: Vec<&'a RawValue>,
+}
+
+/// Why a body is not a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// More locations than the limit: reading stopped there.
+    #[error("more than {0} locations")]
+    TooManyPoints(usize),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// Reads a body's `batch_id` and its `locations` without parsing them, and
+/// stops at the `max_points + 1`st location: what a request costs before
+/// it is refused is its bytes and a pointer a location, up to the limit.
+pub fn parse_raw(body: &[u8], max_points: usize) -> Result<RawBatch<'_>, ParseError> {
+    let over = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let batch = de
+        .deserialize_map(BatchVisitor {
+            max_points,
+            over: &over,
+        })
+        .and_then(|b| de.end().map(|()| b));
+    match batch {
+        Err(_) if over.get() => Err(ParseError::TooManyPoints(max_points)),
+        other => Ok(other?),
+    }
+}
+
+struct BatchVisitor<'o> {
+    max_points: usize,
+    over: &'o Cell<bool>,
+}
+
+impl<'de> Visitor<'de> for BatchVisitor<'_> {
+    type Value = RawBatch<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object {\"batch_id\", \"locations\": [...]}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawBatch<'de>, A::Error> {
+        let (mut batch_id, mut locations) = (None, None);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "batch_id" if batch_id.is_none() => batch_id = Some(map.next_value()?),
+                "locations" if locations.is_none() => {
+                    locations = Some(map.next_value_seed(LocationsSeed {
+                        max_points: self.max_points,
+                        over: self.over,
+                    })?);
+                }
+                "batch_id" | "locations" => {
+                    return Err(de::Error::custom(format!("duplicate field `{key}`")));
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(RawBatch {
+            batch_id: batch_id.unwrap_or(0),
+            locations: locations.ok_or_else(|| de::Error::missing_field("locations"))?,
+        })
+    }
+}
+
+struct LocationsSeed<'o> {
+    max_points: usize,
+    over: &'o Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for LocationsSeed<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LocationsSeed<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of locations")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        loop {
+            if out.len() == self.max_points {
+                // One more is one too many: skipped, not kept.
+                if seq.next_element::<IgnoredAny>()?.is_some() {
+                    self.over.set(true);
+                    return Err(de::Error::custom(format!(
+                        "more than {} locations",
+                        self.max_points
+                    )));
+                }
+                return Ok(out);
+            }
+            match seq.next_element::<&'de RawValue>()? {
+                Some(raw) => out.push(raw),
+                None => return Ok(out),
+            }
+        }
+    }
+}
+
 /// A JSON body as its batch id and its points, each already a
 /// [`proto::Location`] or the reason it is not one. Public for the fuzzer.
 pub type ParsedBatch = (u64, Vec<Result<proto::Location, Rejection>>);
 
-pub fn parse_batch(body: &[u8]) -> Result<ParsedBatch, serde_json::Error> {
-    let batch: JsonBatch = serde_json::from_slice(body)?;
-    let points = batch
-        .locations
-        .into_iter()
+/// [`parse_raw`], then each location on its own.
+pub fn parse_batch(body: &[u8], max_points: usize) -> Result<ParsedBatch, ParseError> {
+    let raw = parse_raw(body, max_points)?;
+    Ok((raw.batch_id, to_protos(&raw)))
+}
+
+fn to_protos(raw: &RawBatch<'_>) -> Vec<Result<proto::Location, Rejection>> {
+    raw.locations
+        .iter()
         .enumerate()
         .map(|(i, v)| to_proto(i, v))
-        .collect();
-    Ok((batch.batch_id, points))
+        .collect()
+}
+
+/// Decompresses and reads the body, counts its points (refusing past the
+/// limit before building more), admits them, reads each and queues the
+/// good ones. The body is freed before the ack is awaited.
+async fn read_and_queue(
+    app: &App,
+    caller: &Principal,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<PendingAck, Response> {
+    let body = decode_body(headers, body, app.max_decompressed).map_err(|e| e.into_response())?;
+    let raw = match parse_raw(&body, app.ingestor.max_batch_points()) {
+        Ok(raw) => raw,
+        Err(ParseError::TooManyPoints(_)) => return Err(ingest_error(app.ingestor.over_limit())),
+        Err(ParseError::Json(e)) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                format!(
+                    "the body must be a JSON object {{\"batch_id\", \"locations\": [...]}}: {e}"
+                ),
+            ));
+        }
+    };
+    let admitted = app
+        .ingestor
+        .admit(caller, raw.locations.len(), WhenFull::Refuse)
+        .map_err(ingest_error)?;
+    let points = to_protos(&raw);
+    let batch_id = raw.batch_id;
+    drop(raw);
+    drop(body);
+    app.ingestor
+        .ingest_admitted(admitted, caller, batch_id, points, "http")
+        .await
+        .map_err(ingest_error)
 }
 
 /// Stores a batch of points; answers once they are committed.
@@ -274,29 +445,9 @@ async fn post_locations(
     if let Err(e) = app.ingestor.admit_unparsed(&caller) {
         return ingest_error(e);
     }
-    let body = match decode_body(&headers, body, app.max_decompressed) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let (batch_id, points) = match parse_batch(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                format!(
-                    "the body must be a JSON object {{\"batch_id\", \"locations\": [...]}}: {e}"
-                ),
-            );
-        }
-    };
-    let pending = match app
-        .ingestor
-        .ingest_points(&caller, batch_id, points, WhenFull::Refuse, "http")
-        .await
-    {
+    let pending = match read_and_queue(&app, &caller, &headers, body).await {
         Ok(p) => p,
-        Err(e) => return ingest_error(e),
+        Err(r) => return r,
     };
     match pending.resolve().await {
         Ok(ack) => Json(JsonAck {

@@ -4,6 +4,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod jsonb;
 pub mod validate;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,9 @@ use validate::Validator;
 pub enum IngestError {
     #[error("batch has {points} points; the limit is {limit} (--max-batch-points)")]
     BatchTooLarge { points: usize, limit: usize },
+    /// As `BatchTooLarge`, where the points were counted only up to the limit.
+    #[error("batch has more than {limit} points (--max-batch-points)")]
+    BatchOverLimit { limit: usize },
     #[error("the ingest buffer is full; retry later")]
     BufferFull,
     #[error("too many open streams (limit {0}); retry later")]
@@ -78,6 +82,9 @@ pub struct PendingAck {
     batch_id: u64,
     rejected: Vec<proto::Rejection>,
     outcome: Option<oneshot::Receiver<Result<WriteOutcome, WriteError>>>,
+    /// The index in the client's batch of each row written, in row order:
+    /// where a row the database refuses is answered.
+    row_index: Vec<u32>,
     received: Instant,
     transport: &'static str,
 }
@@ -126,8 +133,9 @@ impl Ingestor {
     }
 
     /// The checks that need only the caller and how many points it sends:
-    /// the batch's size, the token (revoked, role) and, for a unary call,
-    /// room in the buffer. Under overload most unary calls are refused
+    /// the batch's size, the token (revoked, role), for a unary call room in
+    /// the buffer, and the token's rate limit (the points are taken from it
+    /// here). Under overload most unary calls are refused
     /// here: before their points are validated and encoded (that work
     /// would come out of what the writers get), before they spend the
     /// caller's rate budget, and where the transport can count the points
@@ -150,6 +158,7 @@ impl Ingestor {
             });
         }
         self.may_write(principal, (when_full == WhenFull::Refuse).then_some(points))?;
+        self.auth.take(principal, points)?;
         Ok(Admitted {
             points,
             when_full,
@@ -162,6 +171,21 @@ impl Ingestor {
     /// buffer has room for a point, before the body is decompressed and
     /// parsed. Under overload that refuses most calls for the cost of their
     /// bytes' arrival, as [`Ingestor::admit`] does for gRPC.
+    /// `--max-batch-points`: transports that count points as they parse
+    /// stop there.
+    pub fn max_batch_points(&self) -> usize {
+        self.max_batch_points
+    }
+
+    /// A batch found to be over `--max-batch-points` before it was counted
+    /// whole: counted as refused.
+    pub fn over_limit(&self) -> IngestError {
+        metrics::counter!(m::REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
+        IngestError::BatchOverLimit {
+            limit: self.max_batch_points,
+        }
+    }
+
     pub fn admit_unparsed(&self, principal: &Principal) -> Result<(), IngestError> {
         self.may_write(principal, Some(1))
     }
@@ -194,10 +218,10 @@ impl Ingestor {
             received,
         } = admitted;
         debug_assert_eq!(points, locations.len(), "admitted for another count");
-        self.auth.take(principal, points)?;
         let now_us = unix_micros(SystemTime::now());
         let mut rejected = Vec::new();
         let mut rows = SubmissionBuilder::with_capacity(points);
+        let mut row_index = Vec::with_capacity(points);
         for (index, loc) in locations.into_iter().enumerate() {
             let checked = loc
                 .and_then(|loc| self.validator.validate(loc, now_us))
@@ -208,7 +232,10 @@ impl Ingestor {
                     },
                 );
             match checked {
-                Ok(valid) => rows.push(&valid),
+                Ok(valid) => {
+                    rows.push(&valid);
+                    row_index.push(index as u32);
+                }
                 Err(r) => {
                     metrics::counter!(m::POINTS_REJECTED, "reason" => r.reason.code()).increment(1);
                     rejected.push(proto::Rejection {
@@ -247,6 +274,7 @@ impl Ingestor {
             batch_id,
             rejected,
             outcome,
+            row_index,
             received,
             transport,
         })
@@ -262,6 +290,24 @@ impl PendingAck {
             // was torn down before it could.
             Some(rx) => rx.await.map_err(|_| IngestError::ShuttingDown)??,
         };
+        let mut rejected = self.rejected;
+        if !outcome.refused.is_empty() {
+            let reason = validate::Reason::RefusedByDatabase.code();
+            metrics::counter!(m::POINTS_REJECTED, "reason" => reason)
+                .increment(outcome.refused.len() as u64);
+            rejected.extend(outcome.refused.into_iter().map(|r| {
+                proto::Rejection {
+                    index: self
+                        .row_index
+                        .get(r.row as usize)
+                        .copied()
+                        .unwrap_or(u32::MAX),
+                    reason: reason.to_string(),
+                    message: r.message,
+                }
+            }));
+            rejected.sort_by_key(|r| r.index);
+        }
         metrics::counter!(m::POINTS_ACCEPTED).increment(u64::from(outcome.accepted));
         metrics::counter!(m::POINTS_DUPLICATE).increment(u64::from(outcome.duplicates));
         metrics::histogram!(m::ACK_LATENCY, "transport" => self.transport)
@@ -270,7 +316,7 @@ impl PendingAck {
             batch_id: self.batch_id,
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,
-            rejected: self.rejected,
+            rejected,
         })
     }
 }

@@ -167,10 +167,14 @@ pub enum Reason {
     PointMalformed,
     /// The caller's token does not cover this point's device or app_source.
     Forbidden,
+    /// Valid as far as locus checks, but the database refused it (a
+    /// constraint or a type's range locus does not know): found by writing
+    /// its batch in parts, so that its neighbours are stored.
+    RefusedByDatabase,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::TimeMissing,
         Reason::TimeInvalid,
         Reason::TimeInFuture,
@@ -194,6 +198,7 @@ impl Reason {
         Reason::MetadataNotObject,
         Reason::PointMalformed,
         Reason::Forbidden,
+        Reason::RefusedByDatabase,
     ];
 
     pub fn code(self) -> &'static str {
@@ -221,6 +226,7 @@ impl Reason {
             Reason::MetadataNotObject => "metadata_not_object",
             Reason::PointMalformed => "point_malformed",
             Reason::Forbidden => "forbidden",
+            Reason::RefusedByDatabase => "refused_by_database",
         }
     }
 }
@@ -323,7 +329,10 @@ impl Validator {
         if !(0..1_000_000_000).contains(&t.nanos) {
             return Err(reject(
                 Reason::TimeInvalid,
-                "time.nanos must be in [0, 1e9)",
+                format!(
+                    "time.nanos {} is outside [0, 1e9); a Timestamp has no leap second (send 23:59:60 as 23:59:59.999999999)",
+                    t.nanos
+                ),
             ));
         }
         let time_us = t
@@ -401,38 +410,28 @@ impl Validator {
                 ),
             ));
         }
-        // serde_json refuses nesting deeper than 128 levels, so hostile
-        // input cannot exhaust the stack.
-        let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
+        // JSON's syntax, with numbers read as text (serde_json's `Value`
+        // would refuse 1e400, which jsonb takes); then what jsonb refuses
+        // in valid JSON, so that one point cannot fail a whole batch in the
+        // database.
+        let invalid = |why: String| {
             reject(
                 Reason::MetadataInvalid,
-                format!("metadata_json is not valid JSON: {e}"),
+                format!("metadata_json is not valid JSON for jsonb: {why}"),
             )
-        })?;
-        if !value.is_object() {
+        };
+        serde_json::from_str::<serde::de::IgnoredAny>(&json).map_err(|e| invalid(e.to_string()))?;
+        super::jsonb::check(&json).map_err(|e| invalid(e.to_string()))?;
+        if !json
+            .trim_start_matches([' ', '\t', '\n', '\r'])
+            .starts_with('{')
+        {
             return Err(reject(
                 Reason::MetadataNotObject,
                 "metadata_json must be a JSON object",
             ));
         }
-        // PostgreSQL's jsonb cannot hold U+0000; catch it here so that one
-        // point cannot fail a whole batch in the database.
-        if contains_nul(&value) {
-            return Err(reject(
-                Reason::MetadataInvalid,
-                "metadata_json must not contain \\u0000",
-            ));
-        }
         Ok(Some(json))
-    }
-}
-
-fn contains_nul(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(a) => a.iter().any(contains_nul),
-        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
-        _ => false,
     }
 }
 
@@ -538,6 +537,13 @@ mod tests {
         check(|l| l.speed = Some(1200.0)).unwrap();
         // An escaped backslash and the text `u0000`: no U+0000, jsonb takes it.
         check(|l| l.metadata_json = r#"{"\\u0000": "a\\u0000"}"#.into()).unwrap();
+        // Numbers jsonb takes, though an f64 cannot hold them; a surrogate pair.
+        check(|l| l.metadata_json = r#"{"a": 1e400, "b": 1e-16383, "c": 9.9e131071}"#.into())
+            .unwrap();
+        check(|l| l.metadata_json = r#" {"a": "\ud83d\ude00"}"#.into()).unwrap();
+        // Beyond what PostgreSQL's real holds: refused, not stored as infinity.
+        assert_eq!(check(|l| l.altitude = Some(3.5e38)), Err(Reason::NotFinite));
+        check(|l| l.altitude = Some(3.4e38)).unwrap();
     }
 
     #[test]
@@ -636,6 +642,39 @@ mod tests {
             (
                 Reason::MetadataNotObject,
                 Box::new(|l| l.metadata_json = "[1,2]".into()),
+            ),
+            // What jsonb refuses in valid JSON (SQLSTATE 22003, 22P02, 22P05
+            // in the database, for the whole batch).
+            (
+                Reason::MetadataInvalid,
+                Box::new(|l| l.metadata_json = r#"{"a":1e-16384}"#.into()),
+            ),
+            (
+                Reason::MetadataInvalid,
+                Box::new(|l| l.metadata_json = r#"{"a":[1e131072]}"#.into()),
+            ),
+            (
+                Reason::MetadataInvalid,
+                Box::new(|l| l.metadata_json = r#"{"a":"\ud800"}"#.into()),
+            ),
+            (
+                Reason::MetadataInvalid,
+                Box::new(|l| l.metadata_json = r#"{"a":"\udc00\ud800"}"#.into()),
+            ),
+            (
+                Reason::MetadataNotObject,
+                Box::new(|l| l.metadata_json = " \"text\"".into()),
+            ),
+            // Past PostgreSQL's timestamptz (4713 BC to 294276 AD): year
+            // 294277 is past i64 microseconds too; both are outside the
+            // retention window long before.
+            (
+                Reason::TimeInvalid,
+                Box::new(|l| l.time.as_mut().unwrap().seconds = 9_224_286_393_600),
+            ),
+            (
+                Reason::TimeTooOld,
+                Box::new(|l| l.time.as_mut().unwrap().seconds = -210_898_425_600),
             ),
         ];
         for (want, f) in cases {

@@ -159,7 +159,7 @@ mod tests {
                 let n = sub.keys.len() as u32;
                 let _ = sub.reply.send(Ok(WriteOutcome {
                     accepted: n,
-                    duplicates: 0,
+                    ..Default::default()
                 }));
             }
         }

@@ -29,12 +29,25 @@ pub use writer::WriteError;
 pub type PointKey = (Arc<str>, Uuid, i64);
 
 /// What happened to the points of one submission, once committed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteOutcome {
     /// Newly stored.
     pub accepted: u32,
     /// Already stored (or sent twice in flight); not stored again.
     pub duplicates: u32,
+    /// Rows the database refused for their data (see
+    /// `WriteError::is_point_refusal`), in row order: not stored, the others were.
+    pub refused: Vec<RefusedRow>,
+}
+
+/// A row of a submission that the database refused for its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRow {
+    /// Its position among the submission's rows.
+    pub row: u32,
+    /// Why, for the client (the SQLSTATE and its condition; the database's
+    /// own message, which may name the schema's objects, stays in the log).
+    pub message: String,
 }
 
 /// Accepted points of one client batch, encoded and ready to COPY.
@@ -59,6 +72,25 @@ impl Submission {
             .zip(self.row_ends.iter().map(|e| *e as usize))
             .map(|(a, b)| a..b)
             .zip(&self.keys)
+    }
+}
+
+impl Submission {
+    /// Rows `range` as a submission of their own, sharing this one's bytes,
+    /// whose reply goes nowhere: the writer answers for the whole.
+    fn part(&self, range: std::ops::Range<usize>) -> Submission {
+        let start = match range.start {
+            0 => 0,
+            i => self.row_ends[i - 1],
+        };
+        let end = self.row_ends[range.end - 1];
+        Submission {
+            rows: self.rows.slice(start as usize..end as usize),
+            keys: self.keys[range.clone()].to_vec(),
+            row_ends: self.row_ends[range].iter().map(|e| e - start).collect(),
+            reply: oneshot::channel().0,
+            reservation: Reservation::nothing(),
+        }
     }
 }
 
@@ -128,6 +160,22 @@ impl SubmissionBuilder {
 pub struct Reservation {
     points: OwnedSemaphorePermit,
     bytes: OwnedSemaphorePermit,
+}
+
+impl Reservation {
+    /// A share of nothing: for a part of a submission that the writer writes
+    /// apart, while the whole submission holds the real share.
+    fn nothing() -> Reservation {
+        let none = || {
+            Arc::new(Semaphore::new(0))
+                .try_acquire_many_owned(0)
+                .expect("no permits are always available")
+        };
+        Reservation {
+            points: none(),
+            bytes: none(),
+        }
+    }
 }
 
 impl Drop for Reservation {

@@ -11,7 +11,9 @@
 //! The retry rule: [`WriteError::is_retryable`] names exactly which errors
 //! are retried, with exponential backoff, until `--write-retry-deadline`.
 //! A permanent error on a batch of several submissions writes each of them
-//! alone, so one client's bad data never fails another's.
+//! alone, so one client's bad data never fails another's; a refusal of some
+//! rows' data splits a submission until those rows are found, so that they
+//! alone are refused ([`WriteError::is_point_refusal`]).
 
 use std::{
     sync::Arc,
@@ -26,7 +28,7 @@ use sqlx::{PgConnection, PgPool, postgres::PgCopyIn};
 use uuid::Uuid;
 
 use super::{
-    PointKey, Submission, WriteOutcome,
+    PointKey, RefusedRow, Submission, WriteOutcome,
     batcher::{Batch, WriteBatch},
     copy_encoder::{self, COLUMNS},
 };
@@ -90,6 +92,53 @@ impl WriteError {
             WriteError::Database { .. } => "database",
             WriteError::Other(_) => "other",
         }
+    }
+
+    /// Permanent, and about some rows' data rather than the batch or the
+    /// schema: class 22 (data exception: a value out of range, text that is
+    /// not valid input for its type), class 23 (integrity constraint
+    /// violation: not null, foreign key, check, exclusion, and "no
+    /// partition for the row", which is 23514) but 23505 (unique violation,
+    /// which the dedup path answers), and 54000 (program limit exceeded: an
+    /// index row too large). Such a batch is written in parts until the
+    /// refused rows are found, and only they are refused.
+    pub fn is_point_refusal(&self) -> bool {
+        match self {
+            WriteError::Database { code, .. } => {
+                code.starts_with("22")
+                    || (code.starts_with("23") && code != "23505")
+                    || code == "54000"
+            }
+            _ => false,
+        }
+    }
+
+    /// What a client is told of a refused row: the SQLSTATE and its
+    /// condition name. The database's message can name tables and
+    /// constraints; it stays in the log.
+    fn refusal_message(&self) -> String {
+        let code = match self {
+            WriteError::Database { code, .. } => code.as_str(),
+            _ => "",
+        };
+        let condition = match code {
+            "22001" => "string_data_right_truncation",
+            "22003" => "numeric_value_out_of_range",
+            "22007" => "invalid_datetime_format",
+            "22008" => "datetime_field_overflow",
+            "22021" => "character_not_in_repertoire",
+            "22P02" => "invalid_text_representation",
+            "22P05" => "untranslatable_character",
+            "23502" => "not_null_violation",
+            "23503" => "foreign_key_violation",
+            "23514" => "check_violation",
+            "23P01" => "exclusion_violation",
+            "54000" => "program_limit_exceeded",
+            c if c.starts_with("22") => "data_exception",
+            c if c.starts_with("23") => "integrity_constraint_violation",
+            _ => "error",
+        };
+        format!("refused by the database: SQLSTATE {code} ({condition})")
     }
 
     fn is_unique_violation(&self) -> bool {
@@ -308,20 +357,31 @@ impl WriteBatch for Writer {
                     let _ = sub.reply.send(Ok(outcome));
                 }
             }
-            Err(e) if !e.is_retryable() && batch.submissions.len() > 1 => {
+            Err(e)
+                if !e.is_retryable() && (batch.submissions.len() > 1 || e.is_point_refusal()) =>
+            {
                 metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed")
                     .increment(1);
-                tracing::error!(error = %e, submissions = batch.submissions.len(), "batch refused; writing its submissions one by one");
+                tracing::error!(error = %e, submissions = batch.submissions.len(), "batch refused; writing its submissions apart");
+                // A lone submission was just refused whole: no need to try it again.
+                let refused = (batch.submissions.len() == 1).then_some(e);
                 for sub in batch.submissions {
-                    let result = self.write_with_retry(std::slice::from_ref(&sub)).await;
-                    if let Err(e) = &result {
-                        metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed").increment(1);
-                        tracing::error!(error = %e, points = sub.keys.len(), "submission refused by the database");
+                    let result = self.write_apart(&sub, refused.clone()).await;
+                    match &result {
+                        Err(e) => {
+                            metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed").increment(1);
+                            tracing::error!(error = %e, points = sub.keys.len(), "submission refused by the database");
+                        }
+                        Ok(o) if !o.refused.is_empty() => {
+                            tracing::warn!(
+                                refused = o.refused.len(),
+                                points = sub.keys.len(),
+                                "points refused by the database; the others stored"
+                            );
+                        }
+                        Ok(_) => {}
                     }
-                    if let Ok((_, _, inserted)) = &result {
-                        self.tell_sink(std::slice::from_ref(&sub), inserted.as_ref());
-                    }
-                    let _ = sub.reply.send(result.map(|(mut o, _, _)| o.remove(0)));
+                    let _ = sub.reply.send(result);
                 }
             }
             Err(e) => {
@@ -333,6 +393,60 @@ impl WriteBatch for Writer {
                 }
             }
         }
+    }
+}
+
+impl Writer {
+    /// Writes `sub` alone. If the database refuses it for some rows' data
+    /// ([`WriteError::is_point_refusal`]), writes it in halves, and the
+    /// halves of what is refused, until the refused rows are found alone:
+    /// those are answered as refused, the others are stored. `refused`: the
+    /// error the whole submission already met, if it did. Any other error
+    /// fails the whole submission, even with parts of it stored: the client
+    /// sends it again, and those come back as duplicates.
+    async fn write_apart(
+        &self,
+        sub: &Submission,
+        refused: Option<WriteError>,
+    ) -> Result<WriteOutcome, WriteError> {
+        let mut outcome = WriteOutcome::default();
+        // Ranges of rows to write, lowest first; each with the refusal it
+        // already met, if it did.
+        let mut todo = vec![(0..sub.keys.len(), refused)];
+        while let Some((range, refused)) = todo.pop() {
+            let error = match refused {
+                Some(e) => e,
+                None => {
+                    let part = sub.part(range.clone());
+                    match self.write_with_retry(std::slice::from_ref(&part)).await {
+                        Ok((outcomes, _, inserted)) => {
+                            self.tell_sink(std::slice::from_ref(&part), inserted.as_ref());
+                            for o in outcomes {
+                                outcome.accepted += o.accepted;
+                                outcome.duplicates += o.duplicates;
+                            }
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+            };
+            if !error.is_point_refusal() {
+                return Err(error);
+            }
+            if range.len() == 1 {
+                tracing::warn!(error = %error, row = range.start, "row refused by the database");
+                outcome.refused.push(RefusedRow {
+                    row: range.start as u32,
+                    message: error.refusal_message(),
+                });
+                continue;
+            }
+            let mid = range.start + range.len() / 2;
+            todo.push((mid..range.end, None));
+            todo.push((range.start..mid, None));
+        }
+        Ok(outcome)
     }
 }
 
@@ -391,7 +505,7 @@ fn all_accepted(subs: &[Submission]) -> Vec<WriteOutcome> {
     subs.iter()
         .map(|s| WriteOutcome {
             accepted: s.keys.len() as u32,
-            duplicates: 0,
+            ..Default::default()
         })
         .collect()
 }
@@ -404,6 +518,7 @@ fn attribute(subs: &[Submission], mut inserted: HashSet<PointKey>) -> Vec<WriteO
             WriteOutcome {
                 accepted,
                 duplicates: s.keys.len() as u32 - accepted,
+                ..Default::default()
             }
         })
         .collect()
@@ -427,6 +542,17 @@ mod tests {
         for code in ["23505", "22P02", "42P01", "23514", "22021"] {
             assert!(!db(code).is_retryable(), "{code}");
         }
+        // Refused for some rows' data: found by writing in parts.
+        for code in [
+            "22003", "22P02", "22P05", "22008", "23514", "23502", "54000",
+        ] {
+            assert!(db(code).is_point_refusal(), "{code}");
+        }
+        // Not about rows: the batch, the schema, or a transient state.
+        for code in ["23505", "42P01", "42501", "40001", "08006", "XX000"] {
+            assert!(!db(code).is_point_refusal(), "{code}");
+        }
+        assert!(!WriteError::Unavailable("refused".into()).is_point_refusal());
         assert!(WriteError::Unavailable("refused".into()).is_retryable());
         assert!(!WriteError::Other("protocol".into()).is_retryable());
     }
