@@ -66,6 +66,13 @@ pub struct StorageArgs {
     /// On plain PostgreSQL, how many partitions are made ahead of the current one.
     #[arg(long, env = "LOCUS_PARTITIONS_AHEAD", default_value_t = 7)]
     pub partitions_ahead: u32,
+    /// TimescaleDB community edition: once TimescaleDB's scheduler has
+    /// failed one of locus's policy jobs (compression, retention, the
+    /// aggregate's refresh and retention) this many runs in a row, locus
+    /// runs that job itself, on the job's schedule, until the scheduler
+    /// succeeds with it again (0: never).
+    #[arg(long, env = "LOCUS_COVER_FAILED_JOBS_AFTER", default_value_t = 3)]
+    pub cover_failed_jobs_after: u32,
 }
 
 impl Default for StorageArgs {
@@ -78,6 +85,7 @@ impl Default for StorageArgs {
             hourly_refresh_interval: Duration::from_secs(60),
             hourly_refresh_window: None,
             partitions_ahead: 7,
+            cover_failed_jobs_after: 3,
         }
     }
 }

@@ -320,9 +320,11 @@ fn pool(config: &ServeConfig) -> Result<PgPool, sqlx::Error> {
 }
 
 /// The storage jobs: the hourly rollup every `--hourly-refresh-interval`
-/// where locus keeps it, and every hour (or quarter chunk) a new setup plan
-/// (partitions ahead, drift) unless `--no-setup`, the retention jobs, and
-/// the latest-position map's forgetting of devices past retention.
+/// where locus keeps it (on the community edition, a pass that covers for
+/// TimescaleDB's scheduler where it keeps failing a policy job), and every
+/// hour (or quarter chunk) a new setup plan (partitions ahead, drift)
+/// unless `--no-setup`, the retention jobs, and the latest-position map's
+/// forgetting of devices past retention.
 async fn maintenance(
     config: ServeConfig,
     tier: Tier,
@@ -349,6 +351,11 @@ async fn maintenance(
         let result = match job {
             Job::Rollup if timescale::locus_runs_jobs(tier) => {
                 rollup_once(&config.database.url).await
+            }
+            // As often as the refresh policy may be due: the covering pass
+            // runs each job no more often than its own schedule.
+            Job::Rollup if storage.cover_failed_jobs_after > 0 => {
+                cover_once(&config.database.url, storage).await
             }
             Job::Rollup => Ok(()),
             Job::Upkeep => {
@@ -389,6 +396,17 @@ async fn rollup_once(url: &str) -> Result<(), SetupError> {
     let result = maintain::rollup(&mut conn).await;
     maintain::record(&mut conn, maintain::ROLLUP, started, &result).await?;
     result.map(|_| ())
+}
+
+async fn cover_once(url: &str, storage: &crate::config::StorageArgs) -> Result<(), SetupError> {
+    let mut conn = setup::connect(url).await?;
+    maintain::run_all(
+        &mut conn,
+        Tier::Timescale,
+        storage,
+        unix_micros(SystemTime::now()),
+    )
+    .await
 }
 
 async fn upkeep_once(

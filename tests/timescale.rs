@@ -961,3 +961,245 @@ async fn hourly_stats_after_duplicates_on_the_apache_edition() {
     };
     hourly_stats_after_duplicates_on(&admin, Tier::TimescaleApache).await;
 }
+
+/// The id of the policy job `proc` on `target` (as `run_job` finds it).
+async fn job_id(pool: &PgPool, proc: &str, target: &str) -> i32 {
+    scalar_i64(
+        pool,
+        &format!(
+            "SELECT job_id::int8 FROM timescaledb_information.jobs WHERE proc_name = '{proc}'
+             AND (hypertable_name = '{target}' OR ('{target}' = 'location_hourly' AND hypertable_name <> 'location_events'))"
+        ),
+    )
+    .await as i32
+}
+
+/// Has TimescaleDB's own scheduler run `job` until it has failed `runs`
+/// runs in a row: each run is started at once (`alter_job(next_start =>
+/// now())`) and waited for. Returns false, at once, when a run succeeded.
+async fn scheduler_fails(pool: &PgPool, job: i32, runs: i64) -> bool {
+    let stats = format!(
+        "SELECT coalesce(total_runs, 0)::int8, coalesce(last_run_status, '') FROM timescaledb_information.job_stats WHERE job_id = {job}"
+    );
+    for _ in 0..runs {
+        let (before, _): (i64, String) = sqlx::query_as(&stats).fetch_one(pool).await.unwrap();
+        sqlx::raw_sql(&format!("SELECT alter_job({job}, next_start => now())"))
+            .execute(pool)
+            .await
+            .unwrap();
+        // Long enough for a worker slot: the server's few are shared by
+        // every test database's scheduler and jobs.
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            let (total, status): (i64, String) =
+                sqlx::query_as(&stats).fetch_one(pool).await.unwrap();
+            if total > before && !status.is_empty() {
+                if status == "Success" {
+                    return false;
+                }
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "TimescaleDB's scheduler did not run job {job} within 180 s: is it running?"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    true
+}
+
+async fn compressed_chunks(pool: &PgPool) -> i64 {
+    scalar_i64(
+        pool,
+        "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'location_events' AND is_compressed",
+    )
+    .await
+}
+
+/// locus's covering runs of `job`: (ok, detail), the newest first.
+async fn cover_runs(pool: &PgPool, job: &str) -> Vec<(bool, String)> {
+    sqlx::query_as("SELECT ok, detail FROM locus_job_runs WHERE job = $1 ORDER BY started_at DESC")
+        .bind(job)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Community edition: TimescaleDB's scheduler fails the compression job,
+/// and locus compresses in its place. The failures are the real
+/// scheduler's: on this machine (PostgreSQL 15.20, TimescaleDB 2.28.3) it
+/// fails every job it runs, policies and a no-op job alike, with "cannot
+/// drop portal "" while it is being set up". Its failing runs still commit
+/// what they did before the error, so the ten-day-old chunk is written
+/// after them, as new data would be. On a build whose scheduler succeeds,
+/// the test checks that locus leaves the job to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locus_covers_for_a_scheduler_that_fails_the_compression_job() {
+    let Some(admin) = server_for("TIMESCALEDB_URL") else {
+        return;
+    };
+    let db = TestDb::on(&admin).await;
+    let opts = setup_opts();
+    assert_eq!(opts.storage.cover_failed_jobs_after, 3);
+    setup::run(&db.url, &opts, false, now_us()).await.unwrap();
+    let pool = db.pool().await;
+    let job = job_id(&pool, "policy_compression", "location_events").await;
+    let failed = scheduler_fails(&pool, job, 3).await;
+    // 5 devices, 1,000 points each, within one day ten days ago.
+    sqlx::raw_sql(
+        "INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
+         SELECT date_trunc('day', now() - interval '10 days') + interval '1 hour' + i * interval '10 seconds',
+                d, d, 'cover', 19.4 + i * 1e-5, -99.1
+         FROM generate_series(0, 999) AS i, (SELECT gen_random_uuid() AS d FROM generate_series(1, 5)) AS devices",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(compressed_chunks(&pool).await, 0);
+    let mut conn = setup::connect(&db.url).await.unwrap();
+    let pass = |storage: locus::config::StorageArgs| {
+        let url = db.url.clone();
+        async move {
+            let mut conn = setup::connect(&url).await.unwrap();
+            maintain::run_all(&mut conn, Tier::Timescale, &storage, now_us()).await
+        }
+    };
+    if !failed {
+        println!(
+            "TimescaleDB's scheduler ran job {job} successfully here: locus must leave it alone"
+        );
+        pass(opts.storage.clone()).await.unwrap();
+        assert!(cover_runs(&pool, "cover_compression").await.is_empty());
+        assert_eq!(compressed_chunks(&pool).await, 0);
+        db.drop_db().await;
+        return;
+    }
+
+    pass(opts.storage.clone()).await.unwrap();
+    assert_eq!(
+        compressed_chunks(&pool).await,
+        1,
+        "locus compressed the ten-day-old chunk"
+    );
+    let runs = cover_runs(&pool, "cover_compression").await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let (ok, detail) = &runs[0];
+    assert!(ok, "{detail}");
+    assert!(
+        detail.starts_with(&format!("CALL run_job({job})")),
+        "{detail}"
+    );
+    // The scheduler's last error: "cannot drop portal ..." here, or its
+    // failure to start the job when the server's worker slots are all taken.
+    let last_error = scalar_text(
+        &pool,
+        &format!("SELECT err_message FROM timescaledb_information.job_errors WHERE job_id = {job} ORDER BY start_time DESC LIMIT 1"),
+    )
+    .await;
+    // Three runs or more: the job's first run, at its creation, may fail too.
+    assert!(
+        detail.contains("TimescaleDB's scheduler failed its last") && detail.contains(&last_error),
+        "{detail}"
+    );
+
+    let report = doctor::examine(&db.url, &opts, now_us()).await.unwrap();
+    let c = report
+        .covering
+        .iter()
+        .find(|c| c.runs_as == "cover_compression")
+        .unwrap_or_else(|| panic!("covering reported: {:?}", report.covering));
+    assert_eq!(
+        c.job,
+        format!("policy_compression on location_events (job {job})")
+    );
+    assert!(c.scheduler_failures >= 3, "{c:?}");
+    let why = c.scheduler_error.as_deref().unwrap_or_default();
+    assert_eq!(why, last_error, "{c:?}");
+    assert_eq!(c.last_cover_ok, Some(true));
+    assert!(
+        !report
+            .attention
+            .iter()
+            .any(|a| a.contains("policy_compression")),
+        "covered, so no attention: {:?}",
+        report.attention
+    );
+    let text = doctor::render(&report);
+    assert!(
+        text.contains(&format!(
+            "covering: locus runs policy_compression on location_events (job {job}) itself as cover_compression"
+        )) && text.contains(why),
+        "{text}"
+    );
+    assert!(text.contains("job cover_compression: last run"), "{text}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(
+        json["covering"][0]["runs_as"], "cover_compression",
+        "{json}"
+    );
+
+    // Not again within the job's schedule (12 h).
+    sqlx::raw_sql("SELECT decompress_chunk(c) FROM show_chunks('location_events') c")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pass(opts.storage.clone()).await.unwrap();
+    assert_eq!(cover_runs(&pool, "cover_compression").await.len(), 1);
+    assert_eq!(compressed_chunks(&pool).await, 0);
+
+    // Due again, but another instance holds the job's lock: left to it.
+    sqlx::raw_sql("DELETE FROM locus_job_runs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        .bind(locus::storage::cover::LOCK_CLASS)
+        .bind(job)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    pass(opts.storage.clone()).await.unwrap();
+    assert!(cover_runs(&pool, "cover_compression").await.is_empty());
+    assert_eq!(compressed_chunks(&pool).await, 0);
+    drop(conn);
+
+    // --cover-failed-jobs-after 0: never; doctor reports the failure alone.
+    let mut never = opts.clone();
+    never.storage.cover_failed_jobs_after = 0;
+    pass(never.storage.clone()).await.unwrap();
+    assert!(cover_runs(&pool, "cover_compression").await.is_empty());
+    assert_eq!(compressed_chunks(&pool).await, 0);
+    let report = doctor::examine(&db.url, &never, now_us()).await.unwrap();
+    assert!(report.covering.is_empty(), "{:?}", report.covering);
+    assert!(
+        report
+            .attention
+            .iter()
+            .any(|a| a.contains("policy_compression") && a.contains("failed its last run")),
+        "{:?}",
+        report.attention
+    );
+
+    // A covering run that fails too needs attention: the hypertable is
+    // locked past locus's lock_timeout (10 s), so run_job fails for real.
+    let lock = common::block_writes(&pool).await;
+    let err = pass(opts.storage.clone()).await.unwrap_err();
+    drop(lock);
+    assert!(err.to_string().contains("cover_compression"), "{err}");
+    let runs = cover_runs(&pool, "cover_compression").await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert!(!runs[0].0, "{runs:?}");
+    let report = doctor::examine(&db.url, &opts, now_us()).await.unwrap();
+    assert!(
+        report
+            .attention
+            .iter()
+            .any(|a| a.contains("policy_compression") && a.contains("failed too")),
+        "{:?}",
+        report.attention
+    );
+    assert!(doctor::render(&report).contains("and FAILED"));
+    drop(pool);
+    db.drop_db().await;
+}

@@ -6,7 +6,9 @@ use serde::Serialize;
 use sqlx::PgConnection;
 
 use super::{
-    SetupError, Tier, catalog, maintain,
+    SetupError, Tier, catalog,
+    cover::{self, Covering},
+    maintain,
     partitions::DEFAULT_PARTITION,
     setup::{self, SetupOptions, micros},
     timescale,
@@ -21,6 +23,9 @@ pub struct Report {
     pub raw: Raw,
     pub compression: Option<Compression>,
     pub jobs: Vec<JobStatus>,
+    /// The policy jobs TimescaleDB's scheduler keeps failing, which locus
+    /// runs itself (`--cover-failed-jobs-after`), and why.
+    pub covering: Vec<Covering>,
     pub hourly: Hourly,
     /// Everything above that needs an operator. Doctor exits non-zero when
     /// this is not empty.
@@ -107,25 +112,61 @@ pub async fn examine(url: &str, opts: &SetupOptions, now_us: i64) -> Result<Repo
         } else {
             None
         };
-    let jobs = if facts.tier == Tier::Timescale {
-        if facts.installed.is_some() {
-            timescale_jobs(&mut conn).await?
-        } else {
-            Vec::new()
-        }
+    let (mut jobs, covering) = if facts.tier == Tier::Timescale && facts.installed.is_some() {
+        (
+            timescale_jobs(&mut conn).await?,
+            cover::coverings(&mut conn, storage, facts.job_runs.is_some()).await?,
+        )
     } else if facts.job_runs.is_some() {
-        locus_jobs(&mut conn).await?
+        (
+            locus_jobs(
+                &mut conn,
+                &[
+                    maintain::ROLLUP,
+                    maintain::RAW_RETENTION,
+                    maintain::HOURLY_RETENTION,
+                ],
+            )
+            .await?,
+            Vec::new(),
+        )
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     for j in &jobs {
-        if j.last_ok == Some(false) {
-            attention.push(format!(
-                "job {} failed its last run: {}",
-                j.job,
-                j.last_error.as_deref().unwrap_or("see the database log")
-            ));
+        if j.last_ok != Some(false) {
+            continue;
         }
+        let why = j.last_error.as_deref().unwrap_or("see the database log");
+        let Some(c) = covering.iter().find(|c| c.job == j.job) else {
+            attention.push(format!("job {} failed its last run: {why}", j.job));
+            continue;
+        };
+        match c.last_cover_ok {
+            Some(true) => {}
+            Some(false) => attention.push(format!(
+                "job {}: TimescaleDB's scheduler failed its last {} runs ({why}), and locus's own \
+                 run of it ({}) failed too: {}",
+                j.job,
+                c.scheduler_failures,
+                c.runs_as,
+                c.last_cover_detail.as_deref().unwrap_or("-")
+            )),
+            None => attention.push(format!(
+                "job {}: TimescaleDB's scheduler failed its last {} runs ({why}); locus covers for \
+                 it but has not run it yet: is `locus serve` running (or `locus maintain`)?",
+                j.job, c.scheduler_failures
+            )),
+        }
+    }
+    // locus's covering runs, listed with the other jobs.
+    if facts.tier == Tier::Timescale && facts.job_runs.is_some() {
+        jobs.extend(
+            locus_jobs(&mut conn, &cover::NAMES)
+                .await?
+                .into_iter()
+                .filter(|j| j.last_run.is_some()),
+        );
     }
     let hourly = hourly(&mut conn, &facts, &jobs, now_us).await?;
     let stale_after = 3 * storage.hourly_refresh_interval.as_secs() as i64 + 60;
@@ -153,6 +194,7 @@ pub async fn examine(url: &str, opts: &SetupOptions, now_us: i64) -> Result<Repo
         raw,
         compression,
         jobs,
+        covering,
         hourly,
         attention,
     })
@@ -254,7 +296,7 @@ async fn timescale_jobs(conn: &mut PgConnection) -> Result<Vec<JobStatus>, Setup
     .map_err(sql("reading job history"))
 }
 
-async fn locus_jobs(conn: &mut PgConnection) -> Result<Vec<JobStatus>, SetupError> {
+async fn locus_jobs(conn: &mut PgConnection, names: &[&str]) -> Result<Vec<JobStatus>, SetupError> {
     sqlx::query_as(
         "SELECT j AS job,
                 (SELECT max(started_at) FROM locus_job_runs WHERE job = j) AS last_run,
@@ -264,7 +306,7 @@ async fn locus_jobs(conn: &mut PgConnection) -> Result<Vec<JobStatus>, SetupErro
                 (SELECT detail FROM locus_job_runs WHERE job = j AND NOT ok ORDER BY started_at DESC LIMIT 1) AS last_error
          FROM unnest($1::text[]) AS j",
     )
-    .bind(vec![maintain::ROLLUP, maintain::RAW_RETENTION, maintain::HOURLY_RETENTION])
+    .bind(names)
     .fetch_all(&mut *conn)
     .await
     .map_err(sql("reading job history"))
@@ -299,14 +341,18 @@ async fn hourly(
     } else {
         None
     };
-    let refresher = if facts.tier == Tier::Timescale {
-        "policy_refresh_continuous_aggregate"
+    // On the community edition, the policy's runs, or locus's covering them.
+    let refreshers: &[&str] = if facts.tier == Tier::Timescale {
+        &[
+            "policy_refresh_continuous_aggregate",
+            "cover_hourly_refresh",
+        ]
     } else {
-        maintain::ROLLUP
+        &[maintain::ROLLUP]
     };
     let last_success = jobs
         .iter()
-        .filter(|j| j.job.starts_with(refresher))
+        .filter(|j| refreshers.iter().any(|r| j.job.starts_with(r)))
         .filter_map(|j| j.last_success)
         .max();
     let lag_seconds = last_success.map(|t| (now_us - t.timestamp_micros()) / 1_000_000);
@@ -375,6 +421,23 @@ pub fn render(r: &Report) -> String {
             j.job,
             t(j.last_run),
             j.failures
+        );
+    }
+    for c in &r.covering {
+        let last = match c.last_cover_ok {
+            Some(true) => format!("last ran {} ok", t(c.last_cover_run)),
+            Some(false) => format!("last ran {} and FAILED", t(c.last_cover_run)),
+            None => "not run yet".into(),
+        };
+        let _ = writeln!(
+            o,
+            "covering: locus runs {} itself as {} ({last}): TimescaleDB's scheduler failed its last {} runs: {}",
+            c.job,
+            c.runs_as,
+            c.scheduler_failures,
+            c.scheduler_error
+                .as_deref()
+                .unwrap_or("see the database log")
         );
     }
     let _ = writeln!(

@@ -1,13 +1,15 @@
 //! The jobs locus runs itself where TimescaleDB's policies are missing: raw
 //! retention (drop old chunks or partitions), hourly retention, and the
-//! hourly rollup. Each run is recorded in `locus_job_runs` for the doctor.
+//! hourly rollup; on the community edition, the policy jobs that
+//! TimescaleDB's scheduler keeps failing ([`cover`]). Each run is recorded
+//! in `locus_job_runs` for the doctor.
 
 use std::time::Instant;
 
 use sqlx::PgConnection;
 
 use super::{
-    SetupError, Tier, hourly,
+    SetupError, Tier, cover, hourly,
     partitions::{self, DEFAULT_PARTITION},
     setup::micros,
 };
@@ -94,6 +96,8 @@ pub async fn rollup(conn: &mut PgConnection) -> Result<String, SetupError> {
 }
 
 /// Runs every job locus owns on `tier` once, at `now_us`, and records each.
+/// On the community edition those are the policy jobs locus covers for
+/// TimescaleDB's scheduler, where due.
 pub async fn run_all(
     conn: &mut PgConnection,
     tier: Tier,
@@ -101,7 +105,21 @@ pub async fn run_all(
     now_us: i64,
 ) -> Result<(), SetupError> {
     if tier == Tier::Timescale {
-        return Ok(());
+        let done = cover::run(conn, storage).await?;
+        let failed: Vec<String> = done
+            .into_iter()
+            .filter_map(|(job, o)| match o {
+                cover::Outcome::Ran(Err(e)) => Some(format!("{job}: {e}")),
+                _ => None,
+            })
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        return Err(SetupError::Refused(format!(
+            "covering for TimescaleDB's scheduler failed: {}",
+            failed.join("; ")
+        )));
     }
     let started = Instant::now();
     let r = raw_retention(conn, tier, storage, now_us).await;
