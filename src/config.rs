@@ -189,6 +189,12 @@ pub struct LimitArgs {
     /// as sent is bounded by --max-message-bytes).
     #[arg(long, env = "LOCUS_MAX_DECOMPRESSED_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_decompressed_bytes: usize,
+    /// Most bytes of HTTP ingest bodies being decompressed and parsed at
+    /// once, across all requests (a gzip body counts as
+    /// --max-decompressed-bytes, a plain one as its size); a request waits
+    /// up to 5 s for its share, then gets 503 and Retry-After.
+    #[arg(long, env = "LOCUS_MAX_DECODING_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_decoding_bytes: usize,
     /// Most batches of one stream awaiting their ack; past it the stream is not read.
     #[arg(long, env = "LOCUS_STREAM_INFLIGHT", default_value_t = 16)]
     pub stream_inflight: usize,
@@ -203,6 +209,7 @@ impl Default for LimitArgs {
             buffer_bytes: 128 * 1024 * 1024,
             max_streams: 20_000,
             max_decompressed_bytes: 16 * 1024 * 1024,
+            max_decoding_bytes: 256 * 1024 * 1024,
             stream_inflight: 16,
         }
     }
@@ -582,6 +589,17 @@ impl ServeConfig {
                 l.buffer_points, l.max_batch_points
             )));
         }
+        if l.max_decoding_bytes < l.max_decompressed_bytes.max(l.max_message_bytes) {
+            return Err(ConfigError::Inconsistent(format!(
+                "--max-decoding-bytes ({}) must hold one body (--max-decompressed-bytes {}, --max-message-bytes {})",
+                l.max_decoding_bytes, l.max_decompressed_bytes, l.max_message_bytes
+            )));
+        }
+        if u32::try_from(l.max_decoding_bytes).is_err() {
+            return Err(ConfigError::Inconsistent(
+                "--max-decoding-bytes must be below 4 GiB".into(),
+            ));
+        }
         if l.buffer_bytes < l.max_message_bytes {
             return Err(ConfigError::Inconsistent(format!(
                 "--buffer-bytes ({}) must hold at least one message (--max-message-bytes {})",
@@ -724,6 +742,15 @@ mod tests {
         s.hourly_refresh_window = Some(Duration::from_secs(30 * 86_400));
         let err = s.validate().unwrap_err();
         assert!(err.to_string().contains("erase their aggregates"), "{err}");
+    }
+
+    #[test]
+    fn a_decoding_budget_below_one_body_is_refused() {
+        let mut c = ServeConfig::with_database("postgres://localhost/locus");
+        c.limits.max_decoding_bytes = c.limits.max_decompressed_bytes - 1;
+        assert!(c.validate().is_err());
+        c.limits.max_decoding_bytes = c.limits.max_decompressed_bytes;
+        c.validate().unwrap();
     }
 
     #[test]

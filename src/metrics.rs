@@ -25,7 +25,8 @@ pub const WRITE_ERRORS: &str = "locus_write_errors_total";
 /// Labelled by `transport` (`grpc_stream`, `grpc_unary`).
 pub const ACK_LATENCY: &str = "locus_ack_latency_seconds";
 pub const OPEN_STREAMS: &str = "locus_open_streams";
-/// Labelled by `reason` (`buffer_full`, `too_many_streams`, `batch_too_large`).
+/// Labelled by `reason` (`buffer_full`, `too_many_streams`, `batch_too_large`,
+/// `decoding_busy`).
 pub const REQUESTS_REFUSED: &str = "locus_requests_refused_total";
 
 /// Open connections, labelled by `listener` (`grpc`, `http`, `metrics`).
@@ -177,7 +178,12 @@ fn register_zeroes() {
     ] {
         metrics::counter!(WRITE_ERRORS, "kind" => kind, "outcome" => outcome).increment(0);
     }
-    for reason in ["buffer_full", "too_many_streams", "batch_too_large"] {
+    for reason in [
+        "buffer_full",
+        "too_many_streams",
+        "batch_too_large",
+        "decoding_busy",
+    ] {
         metrics::counter!(REQUESTS_REFUSED, "reason" => reason).increment(0);
     }
     for reason in ["unauthenticated", "permission_denied"] {

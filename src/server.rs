@@ -213,11 +213,7 @@ pub async fn run(
     let metrics_task = tokio::spawn(metrics_server);
 
     let http_app = crate::query::http::router(query.clone(), shutdown.clone())
-        .merge(crate::ingest::http::router(
-            http_ingestor,
-            config.limits.max_message_bytes,
-            config.limits.max_decompressed_bytes,
-        ))
+        .merge(crate::ingest::http::router(http_ingestor, &config.limits))
         .merge(crate::health::router(Arc::clone(&health)));
     let http_server = crate::tls::serve_http(
         listeners.http,

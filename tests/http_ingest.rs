@@ -341,3 +341,36 @@ async fn every_gzip_member_is_read() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// Bodies decoded at once share `--max-decoding-bytes`: with room for one
+/// gzip body at a time, eight sent at once are decoded in turn, each
+/// answered, none refused and none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_decoded_at_once_share_the_decoding_budget() {
+    let db = TestDb::new().await;
+    let mut c = config(&db);
+    c.limits.max_message_bytes = 1 << 20;
+    c.limits.max_decompressed_bytes = 1 << 20;
+    c.limits.max_decoding_bytes = 1 << 20;
+    let server = TestServer::start(c).await;
+    let sends = (0..8).map(|k| {
+        let d = uuid::Uuid::new_v4();
+        let body = serde_json::to_vec(&json!({
+            "batch_id": k,
+            "locations": (0..200).map(|i| point(&d, now_secs() - 300 + i)).collect::<Vec<_>>()
+        }))
+        .unwrap();
+        let server = &server;
+        async move { post(server, gzip(&body), true).await }
+    });
+    for (status, _, ack) in futures::future::join_all(sends).await {
+        assert_eq!(
+            (status, ack["accepted"].as_u64()),
+            (200, Some(200)),
+            "{ack}"
+        );
+    }
+    assert_eq!(count_rows(&db.pool().await).await, 1_600);
+    server.stop().await;
+    db.drop_db().await;
+}

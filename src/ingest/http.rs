@@ -2,7 +2,7 @@
 //! validation, pipeline and acknowledgement as gRPC. The body may be
 //! gzip-compressed; both its size as sent and after decompression are capped.
 
-use std::io::Read;
+use std::{io::Read, sync::Arc};
 
 use axum::{
     Json, Router,
@@ -19,6 +19,7 @@ use serde::{
     de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
 };
 use serde_json::{Value, value::RawValue};
+use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
 use super::{
@@ -27,7 +28,8 @@ use super::{
 };
 use crate::{
     auth::{Auth, Caller, Principal},
-    proto,
+    config::LimitArgs,
+    metrics as m, proto,
     query::http::ErrorJson,
     status,
 };
@@ -37,7 +39,13 @@ struct App {
     ingestor: Ingestor,
     max_body: usize,
     max_decompressed: usize,
+    /// Bytes of bodies being decompressed and parsed at once
+    /// (`--max-decoding-bytes`): what many requests at once may cost.
+    decoding: Arc<Semaphore>,
 }
+
+/// How long a body waits for its share of `--max-decoding-bytes`.
+const DECODING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl axum::extract::FromRef<App> for Auth {
     fn from_ref(app: &App) -> Auth {
@@ -45,13 +53,14 @@ impl axum::extract::FromRef<App> for Auth {
     }
 }
 
-pub fn router(ingestor: Ingestor, max_body: usize, max_decompressed: usize) -> Router {
+pub fn router(ingestor: Ingestor, limits: &LimitArgs) -> Router {
     Router::new()
         .route("/v1/locations", post(post_locations))
         .with_state(App {
             ingestor,
-            max_body,
-            max_decompressed,
+            max_body: limits.max_message_bytes,
+            max_decompressed: limits.max_decompressed_bytes,
+            decoding: Arc::new(Semaphore::new(limits.max_decoding_bytes)),
         })
 }
 
@@ -174,17 +183,27 @@ impl IntoResponse for BodyError {
     }
 }
 
+/// The body's `Content-Encoding`, trimmed and lower case; `identity` if none.
+fn content_encoding(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn is_gzip(headers: &HeaderMap) -> bool {
+    content_encoding(headers) == "gzip"
+}
+
 /// The body, decompressed if it says gzip (every member of it), within the caps.
 fn decode_body(
     headers: &HeaderMap,
     body: Bytes,
     max_decompressed: usize,
 ) -> Result<Bytes, BodyError> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity");
-    match encoding.trim().to_ascii_lowercase().as_str() {
+    match content_encoding(headers).as_str() {
         "identity" | "" => Ok(body),
         "gzip" => {
             let mut out = Vec::new();
@@ -386,6 +405,27 @@ async fn read_and_queue(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<PendingAck, Response> {
+    // Its share of the decoding budget, held until its points are built:
+    // the most its decompressed body may take, or its size as sent.
+    let share = if is_gzip(headers) {
+        app.max_decompressed
+    } else {
+        body.len()
+    };
+    let share = u32::try_from(share.max(1)).unwrap_or(u32::MAX);
+    let _decoding = tokio::time::timeout(DECODING_WAIT, app.decoding.acquire_many(share))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "decoding_busy").increment(1);
+            retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "decoding_busy",
+                "too many bodies are being decoded at once (--max-decoding-bytes); retry shortly"
+                    .into(),
+            )
+        })?;
     let body = decode_body(headers, body, app.max_decompressed).map_err(|e| e.into_response())?;
     let raw = match parse_raw(&body, app.ingestor.max_batch_points()) {
         Ok(raw) => raw,
