@@ -960,7 +960,28 @@ async fn a_flood_of_unknown_tokens_does_not_starve_the_writers() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The flood's lookups are waiting for the lock, two and no more
+    // (pg_stat_activity shows them; the revocation poll waits too, and is
+    // not counted), before the good call is made.
+    let waiting = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%FROM locus_tokens WHERE id = $1%'",
+        )
+        .fetch_one(&mut PgConnection::connect(&db.url).await.unwrap())
+        .await
+        .unwrap();
+        n
+    };
+    let t = std::time::Instant::now();
+    while waiting().await < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "two lookups wait for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(waiting().await, 2, "at most two lookups at once");
     let ack = tokio::time::timeout(
         Duration::from_secs(3),
         write(&mut c, d.batch(2, 10, 10), &good),

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Device, TestDb, TestServer, config, count_rows, hourly_mismatches, now_secs,
+    Device, TestDb, TestServer, config, count_rows, hourly_mismatches, now_secs, scrape,
     write_duplicates_and_late_points,
 };
 use locus::proto::LocationBatch;
@@ -97,8 +97,9 @@ async fn duplicates_are_recognised_across_a_restart() {
 async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
     let db = TestDb::new().await;
     let mut cfg = config(&db);
-    cfg.pipeline.linger = Duration::from_millis(300); // all calls share one batch
+    cfg.pipeline.linger = Duration::from_millis(300); // so that the calls share a batch
     let server = TestServer::start(cfg).await;
+    let failed_before = batches_refused(&server).await;
     // A rule the validator does not know: the database refuses pshop rows.
     let pool = db.pool().await;
     sqlx::query(
@@ -147,8 +148,32 @@ async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
     }
     assert_eq!(stored, 60);
     assert_eq!(count_rows(&pool).await, 60);
+    // The refused submission did share its batch: the batch was refused
+    // (one failure), then the submission alone (a second). Alone in its
+    // batch, it would have failed once, and the test proved nothing.
+    assert_eq!(
+        batches_refused(&server).await - failed_before,
+        2,
+        "the refused submission was written in a batch with its neighbours"
+    );
     server.stop().await;
     db.drop_db().await;
+}
+
+/// `locus_write_errors_total{kind="database",outcome="failed"}`: writes the
+/// database refused for good. The recorder is the process's, shared by this
+/// file's tests; only the test above makes the database refuse a write.
+async fn batches_refused(server: &TestServer) -> u64 {
+    scrape(server)
+        .await
+        .lines()
+        .find(|l| {
+            l.starts_with("locus_write_errors_total{")
+                && l.contains(r#"kind="database""#)
+                && l.contains(r#"outcome="failed""#)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
 }
 
 /// Every stored point reaches the hourly stats, whichever way its batch went

@@ -11,8 +11,12 @@ use bytes::Bytes;
 use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs, scrape};
 use locus::{
     codec::{call_encoded, stream_encoded},
-    ingest::grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
+    ingest::{
+        grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
+        validate::{LocationReader, ValidLocation},
+    },
     proto::{BatchAck, Location, LocationBatch},
+    query::LOCATION_COLUMNS,
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -75,7 +79,7 @@ async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplic
         runs.push(async move { stream_all(s, batches).await });
     }
     let results = futures::future::join_all(runs).await;
-    let mut accepted = 0;
+    let (mut accepted, mut duplicates) = (0, 0);
     for (acks, status) in &results {
         assert!(status.is_none(), "stream ended with {status:?}");
         assert_eq!(
@@ -87,34 +91,67 @@ async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplic
             assert!(a.rejected.is_empty(), "{:?}", a.rejected);
             assert_eq!(a.accepted + a.duplicates, 100);
             accepted += a.accepted;
+            duplicates += a.duplicates;
         }
     }
-    assert_eq!(accepted, 100_000);
+    // The acks' split is what the table gained: all new, none duplicate.
+    assert_eq!((accepted, duplicates), (100_000, 0));
     let pool = db.pool().await;
     assert_eq!(count_rows(&pool).await, 100_000);
-    let distinct: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT (device_id, time)) FROM location_events")
-            .fetch_one(&pool)
+    // What was sent is what is stored: every point, field by field (the
+    // unique key makes "stored twice" impossible; stored with other values
+    // is not).
+    let mut reader = LocationReader::default();
+    let stored: HashMap<(uuid::Uuid, i64), ValidLocation> =
+        sqlx::query(&format!("SELECT {LOCATION_COLUMNS} FROM location_events"))
+            .fetch_all(&pool)
             .await
-            .unwrap();
-    assert_eq!(distinct, 100_000);
-    // What was sent is what is stored: a sample point, field by field.
-    let d = &devices[7];
-    let p = d.point(530);
-    let (lat, lon, speed, meta): (f64, f64, Option<f32>, Option<serde_json::Value>) = sqlx::query_as(
-        "SELECT latitude, longitude, speed, metadata FROM location_events WHERE device_id = $1 AND time = to_timestamp($2)",
-    )
-    .bind(d.device_id)
-    .bind((start + 530) as f64 + 0.25)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!((lat, lon, speed), (p.latitude, p.longitude, Some(36.0)));
-    assert_eq!(meta, Some(serde_json::json!({"battery": 0.9})));
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let l = reader.read(r).unwrap();
+                ((l.device_id, l.time_us), l)
+            })
+            .collect();
+    assert_eq!(stored.len(), 100_000);
+    let as_f32 = |x: Option<f64>| x.map(|x| x as f32);
+    let json = |m: Option<&str>| m.map(|m| serde_json::from_str::<serde_json::Value>(m).unwrap());
+    for d in &devices {
+        for i in 0..1_000 {
+            let p = d.point(i);
+            let at = (start + i) * 1_000_000 + 250_000;
+            let s = &stored[&(d.device_id, at)];
+            assert_eq!(
+                (
+                    s.user_id.to_string(),
+                    s.app_source.as_str(),
+                    s.latitude,
+                    s.longitude,
+                    (s.accuracy, s.altitude, s.speed, s.heading),
+                    json(s.metadata.as_deref()),
+                ),
+                (
+                    p.user_id.clone(),
+                    p.app_source.as_str(),
+                    p.latitude,
+                    p.longitude,
+                    (
+                        as_f32(p.accuracy),
+                        as_f32(p.altitude),
+                        as_f32(p.speed),
+                        as_f32(p.heading)
+                    ),
+                    json((!p.metadata_json.is_empty()).then_some(p.metadata_json.as_str())),
+                ),
+                "device {} point {i}",
+                d.device_id
+            );
+        }
+    }
 
-    // The same batches again, on fresh streams: all duplicates.
+    // The same batches again, every one, on fresh streams: all duplicates.
     let mut runs = Vec::new();
-    for d in devices.iter().take(20) {
+    for d in &devices {
         let batches = batches_of(d);
         let s = &server;
         runs.push(async move { stream_all(s, batches).await });
@@ -213,6 +250,22 @@ async fn bad_points_are_rejected_alone_with_their_reason() {
     assert!(ack.rejected.iter().all(|r| !r.message.is_empty()));
     let pool = db.pool().await;
     assert_eq!(count_rows(&pool).await, spoilers.len() as i64);
+    // The good points are the ones stored, and no rejected one is: each
+    // stored point is at an even offset from the device's start.
+    let offsets: Vec<i64> = sqlx::query_scalar(
+        "SELECT floor(extract(epoch FROM time))::int8 - $1 FROM location_events ORDER BY time",
+    )
+    .bind(d.start)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        offsets,
+        (0..spoilers.len() as i64)
+            .map(|i| 2 * i)
+            .collect::<Vec<_>>(),
+        "only the good points are stored"
+    );
     let escaped: String =
         sqlx::query_scalar("SELECT metadata ->> $1 FROM location_events WHERE metadata ? $1")
             .bind(r"\u0000")

@@ -211,8 +211,17 @@ async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
                 .into_inner(),
         );
     }
-    // The points are buffered: the linger is 5 s.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The points are buffered, all of them (locus's own gauge says so), and
+    // none written: the linger is 5 s.
+    let t = Instant::now();
+    while buffered(metrics_port).await != Some(15 * 40) {
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "locus buffered the 600 points: {:?}",
+            buffered(metrics_port).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(count_rows(&db.pool().await).await, 0);
 
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
@@ -248,4 +257,18 @@ async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
     assert_eq!(count_rows(&db.pool().await).await, 15 * 40);
     drop(senders);
     db.drop_db().await;
+}
+
+/// `locus_buffer_points` from the metrics of the locus on `port`.
+async fn buffered(port: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("locus_buffer_points "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }

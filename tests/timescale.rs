@@ -1,9 +1,13 @@
-//! The TimescaleDB tiers. They run where `TIMESCALEDB_URL` (community
-//! edition, `timescaledb.license = 'timescale'`) and
-//! `TIMESCALEDB_APACHE_URL` (`timescaledb.license = 'apache'`) name admin
-//! URLs of servers with timescaledb preloaded, and print that they were
-//! skipped otherwise. The license cannot change in a running session, so
-//! each edition needs its own server.
+//! The TimescaleDB tiers. They need `TIMESCALEDB_URL` (community edition,
+//! `timescaledb.license = 'timescale'`) or `TIMESCALEDB_APACHE_URL`
+//! (`timescaledb.license = 'apache'`), admin URLs of servers with
+//! timescaledb preloaded, so they are marked ignored: a plain `cargo test`
+//! lists them as such in its summary. `.ci/test` runs them
+//! (`--include-ignored`) when it finds those servers, each edition's by its
+//! name (every test's name says `community` or `apache`). Asked for without
+//! its server, a test fails: it never passes without running. The license
+//! cannot change in a running session, so each edition needs its own
+//! server.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -31,12 +35,12 @@ use sqlx::PgPool;
 
 const DAY_US: i64 = 86_400_000_000;
 
-fn server_for(var: &str) -> Option<String> {
-    let url = std::env::var(var).ok();
-    if url.is_none() {
-        println!("skipped: {var} is not set, so this TimescaleDB tier is not tested here");
-    }
-    url
+/// The admin URL of the edition's server. These tests are ignored unless
+/// asked for; asked for without their server, they fail.
+fn server_for(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: this TimescaleDB test needs that server (it is ignored unless asked for; .ci/test asks when it finds one)")
+    })
 }
 
 async fn scalar_i64(pool: &PgPool, sql: &str) -> i64 {
@@ -159,26 +163,23 @@ async fn setup_and_reconcile(admin: &str, want: Tier) {
 }
 
 #[tokio::test]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn community_edition_setup_and_reconcile() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_URL");
     setup_and_reconcile(&admin, Tier::Timescale).await;
 }
 
 #[tokio::test]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn apache_edition_setup_and_reconcile() {
-    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_APACHE_URL");
     setup_and_reconcile(&admin, Tier::TimescaleApache).await;
 }
 
 #[tokio::test]
-async fn requiring_the_community_edition_on_apache_fails_and_says_why() {
-    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
-        return;
-    };
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
+async fn requiring_timescale_on_the_apache_edition_fails_and_says_why() {
+    let admin = server_for("TIMESCALEDB_APACHE_URL");
     let db = TestDb::on(&admin).await;
     let o = SetupOptions {
         require_tier: Some(Tier::Timescale),
@@ -196,10 +197,9 @@ async fn requiring_the_community_edition_on_apache_fails_and_says_why() {
 /// compressed chunk are stored, their duplicates ignored; the aggregate
 /// survives raw retention.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_URL");
     let db = TestDb::on(&admin).await;
     let server = TestServer::start(config(&db)).await;
     let pool = db.pool().await;
@@ -286,10 +286,9 @@ async fn compression_late_points_and_the_aggregate_on_the_community_edition() {
 
 /// Apache edition: locus keeps location_hourly and drops old chunks itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn apache_edition_rollup_and_retention_by_locus() {
-    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_APACHE_URL");
     let db = TestDb::on(&admin).await;
     let server = TestServer::start(config(&db)).await;
     let pool = db.pool().await;
@@ -409,28 +408,25 @@ async fn adopt_on(admin: &str, want: Tier) {
 }
 
 #[tokio::test]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn community_edition_adopts_a_seed_table_and_doctor_sees_drift() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_URL");
     adopt_on(&admin, Tier::Timescale).await;
 }
 
 #[tokio::test]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn apache_edition_adopts_a_seed_table_and_doctor_sees_drift() {
-    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_APACHE_URL");
     adopt_on(&admin, Tier::TimescaleApache).await;
 }
 
 /// Community edition: late points are in location_hourly after the refresh
 /// policy's next run, and the retention policy drops old raw chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn community_edition_late_points_and_retention_policy() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_URL");
     let db = TestDb::on(&admin).await;
     let server = TestServer::start(config(&db)).await;
     let pool = db.pool().await;
@@ -501,10 +497,9 @@ async fn scalar_text(pool: &PgPool, sql: &str) -> String {
 /// An older timescaledb in the database: setup updates it first, as the
 /// first command of a fresh connection, and then goes on.
 #[tokio::test]
-async fn setup_updates_an_old_timescaledb_on_a_fresh_connection() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
+async fn setup_updates_an_old_timescaledb_on_a_fresh_connection_on_the_community_edition() {
+    let admin = server_for("TIMESCALEDB_URL");
     let db = TestDb::on(&admin).await;
     let pool = db.pool().await;
     let (default, older): (String, Option<String>) = sqlx::query_as(
@@ -763,18 +758,16 @@ async fn queries_on(admin: &str, want: Tier) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn every_query_on_the_community_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_URL");
     queries_on(&admin, Tier::Timescale).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn every_query_on_the_apache_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_APACHE_URL");
     queries_on(&admin, Tier::TimescaleApache).await;
 }
 
@@ -787,18 +780,16 @@ async fn tenants_on(admin: &str, want: Tier) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn apps_are_kept_apart_on_the_community_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_URL");
     tenants_on(&admin, Tier::Timescale).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn apps_are_kept_apart_on_the_apache_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_APACHE_URL");
     tenants_on(&admin, Tier::TimescaleApache).await;
 }
 
@@ -903,18 +894,16 @@ async fn old_key_replaced_on(admin: &str, want: Tier) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn the_old_key_is_replaced_over_compressed_chunks_on_the_community_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_URL");
     old_key_replaced_on(&admin, Tier::Timescale).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn the_old_key_is_replaced_on_the_apache_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_APACHE_URL");
     old_key_replaced_on(&admin, Tier::TimescaleApache).await;
 }
 
@@ -947,18 +936,16 @@ async fn hourly_stats_after_duplicates_on(admin: &str, want: Tier) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn hourly_stats_after_duplicates_on_the_community_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_URL");
     hourly_stats_after_duplicates_on(&admin, Tier::Timescale).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
 async fn hourly_stats_after_duplicates_on_the_apache_edition() {
-    let Some(admin) = server_for("TIMESCALEDB_APACHE_URL") else {
-        return;
-    };
+    let admin = server_for("TIMESCALEDB_APACHE_URL");
     hourly_stats_after_duplicates_on(&admin, Tier::TimescaleApache).await;
 }
 
@@ -1035,10 +1022,9 @@ async fn cover_runs(pool: &PgPool, job: &str) -> Vec<(bool, String)> {
 /// after them, as new data would be. On a build whose scheduler succeeds,
 /// the test checks that locus leaves the job to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn locus_covers_for_a_scheduler_that_fails_the_compression_job() {
-    let Some(admin) = server_for("TIMESCALEDB_URL") else {
-        return;
-    };
+#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
+async fn locus_covers_for_a_scheduler_that_fails_compression_on_the_community_edition() {
+    let admin = server_for("TIMESCALEDB_URL");
     let db = TestDb::on(&admin).await;
     let opts = setup_opts();
     assert_eq!(opts.storage.cover_failed_jobs_after, 3);

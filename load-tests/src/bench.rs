@@ -2,10 +2,12 @@
 //! raw binary COPY (the ceiling), locus end to end over gRPC, per-row INSERT
 //! and multi-row INSERT (UNNEST). For each: rows per second, CPU seconds per
 //! million rows for the service and for PostgreSQL (from /proc), and the
-//! service's peak RSS. Ends with a markdown table and `e2e_vs_raw_copy=`.
+//! service's peak RSS. Raw COPY and locus run `--rounds` times side by
+//! side, the order alternating; each case's client is ready (rows encoded,
+//! messages built, connections open) before its timer starts. Ends with a
+//! markdown table, each round's `e2e_vs_raw_copy` and their median.
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -63,6 +65,10 @@ struct Args {
     /// Rows per COPY of the raw case, and locus's --flush-points.
     #[arg(long, default_value_t = 5_000)]
     copy_rows: usize,
+    /// Rounds of raw COPY and locus end to end, side by side, the order
+    /// alternating (raw COPY first in odd rounds, locus first in even ones).
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    rounds: usize,
     /// gRPC streams of the locus case.
     #[arg(long, default_value_t = 50)]
     streams: usize,
@@ -96,6 +102,8 @@ struct Args {
 
 struct Row {
     case: &'static str,
+    /// The round of raw COPY and locus it belongs to (0 for the INSERTs).
+    round: usize,
     rows: usize,
     seconds: f64,
     service_cpu: Option<f64>,
@@ -154,17 +162,19 @@ async fn count(url: &str) -> anyhow::Result<i64> {
         .await?)
 }
 
-/// Runs `work` and measures it; `service` is a process to charge CPU to.
-async fn measure<F>(
-    case: &'static str,
+/// Runs `work` and measures it (what it needs is made before: the timer
+/// covers `work` alone); `service` is a process to charge CPU to. Returns
+/// the measurement and what `work` handed back.
+async fn measure<F, T>(
+    (case, round): (&'static str, usize),
     url: &str,
     postmaster: u32,
     service: Option<u32>,
     rows: usize,
     work: F,
-) -> anyhow::Result<Row>
+) -> anyhow::Result<(Row, T)>
 where
-    F: std::future::Future<Output = anyhow::Result<()>>,
+    F: std::future::Future<Output = anyhow::Result<T>>,
 {
     reset(url).await?;
     eprintln!("locus-bench: {case}: {rows} rows ...");
@@ -173,7 +183,7 @@ where
         service.and_then(proc_times).map(|t| t.0),
     );
     let t = Instant::now();
-    work.await?;
+    let handed_back = work.await?;
     let seconds = t.elapsed().as_secs_f64();
     let (pg1, svc1) = (
         pg_cpu(postmaster),
@@ -185,6 +195,7 @@ where
     }
     let row = Row {
         case,
+        round,
         rows,
         seconds,
         service_cpu: svc0.zip(svc1).map(|(a, b)| b - a),
@@ -192,33 +203,58 @@ where
         rss_mib: service.and_then(rss_peak_mib),
     };
     eprintln!("locus-bench: {case}: {:.0} rows/s", rows as f64 / seconds);
-    Ok(row)
+    Ok((row, handed_back))
 }
 
-async fn raw_copy(
-    url: &str,
-    rows: &[ValidLocation],
-    connections: usize,
-    chunk: usize,
-) -> anyhow::Result<()> {
-    // Pre-encoded: the client does nothing but send bytes.
-    let chunks: Vec<BytesMut> = rows
-        .chunks(chunk)
-        .map(|c| {
-            let mut b = BytesMut::new();
-            encode_header(&mut b);
-            c.iter().for_each(|r| encode_row(&mut b, r));
-            encode_trailer(&mut b);
-            b
+/// Raw binary COPY as a client holding ready rows does it: the rows are
+/// encoded and the connections open before [`raw_copy`] is timed.
+struct RawCopy {
+    chunks: Arc<Vec<BytesMut>>,
+    conns: Vec<PgConnection>,
+}
+
+impl RawCopy {
+    async fn prepare(
+        url: &str,
+        rows: &[ValidLocation],
+        connections: usize,
+        chunk: usize,
+    ) -> anyhow::Result<Self> {
+        let chunks: Vec<BytesMut> = rows
+            .chunks(chunk)
+            .map(|c| {
+                let mut b = BytesMut::new();
+                encode_header(&mut b);
+                c.iter().for_each(|r| encode_row(&mut b, r));
+                encode_trailer(&mut b);
+                b
+            })
+            .collect();
+        Ok(RawCopy {
+            chunks: Arc::new(chunks),
+            conns: connect_all(url, connections).await?,
         })
-        .collect();
-    let chunks = Arc::new(chunks);
+    }
+}
+
+async fn connect_all(url: &str, n: usize) -> anyhow::Result<Vec<PgConnection>> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(PgConnection::connect(url).await?);
+    }
+    Ok(conns)
+}
+
+/// Sends the prepared COPYs, one connection a share; hands the connections
+/// back for the next round.
+async fn raw_copy(prepared: RawCopy) -> anyhow::Result<RawCopy> {
+    let RawCopy { chunks, conns } = prepared;
+    let n = conns.len();
     let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..connections {
-        let (url, chunks) = (url.to_string(), chunks.clone());
+    for (w, mut c) in conns.into_iter().enumerate() {
+        let chunks = chunks.clone();
         tasks.spawn(async move {
-            let mut c = PgConnection::connect(&url).await?;
-            for b in chunks.iter().skip(w).step_by(connections) {
+            for b in chunks.iter().skip(w).step_by(n) {
                 let mut copy = c
                     .copy_in_raw(&format!(
                         "COPY location_events ({COLUMNS}) FROM STDIN (FORMAT binary)"
@@ -227,13 +263,14 @@ async fn raw_copy(
                 copy.send(&b[..]).await?;
                 copy.finish().await?;
             }
-            anyhow::Ok(())
+            anyhow::Ok(c)
         });
     }
+    let mut conns = Vec::with_capacity(n);
     while let Some(r) = tasks.join_next().await {
-        r??;
+        conns.push(r??);
     }
-    Ok(())
+    Ok(RawCopy { chunks, conns })
 }
 
 fn ts(us: i64) -> DateTime<Utc> {
@@ -241,16 +278,14 @@ fn ts(us: i64) -> DateTime<Utc> {
 }
 
 async fn per_row_insert(
-    url: &str,
-    rows: &[ValidLocation],
-    connections: usize,
+    conns: Vec<PgConnection>,
+    rows: Arc<Vec<ValidLocation>>,
 ) -> anyhow::Result<()> {
-    let rows = Arc::new(rows.to_vec());
+    let connections = conns.len();
     let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..connections {
-        let (url, rows) = (url.to_string(), rows.clone());
+    for (w, mut c) in conns.into_iter().enumerate() {
+        let rows = rows.clone();
         tasks.spawn(async move {
-            let mut c = PgConnection::connect(&url).await?;
             for r in rows.iter().skip(w).step_by(connections) {
                 sqlx::query(&format!(
                     "INSERT INTO location_events ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)"
@@ -279,17 +314,14 @@ async fn per_row_insert(
 }
 
 async fn multi_row_insert(
-    url: &str,
-    rows: &[ValidLocation],
-    connections: usize,
+    conns: Vec<PgConnection>,
+    chunks: Arc<Vec<Vec<ValidLocation>>>,
 ) -> anyhow::Result<()> {
-    let chunks: Arc<Vec<Vec<ValidLocation>>> =
-        Arc::new(rows.chunks(1_000).map(<[_]>::to_vec).collect());
+    let connections = conns.len();
     let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..connections {
-        let (url, chunks) = (url.to_string(), chunks.clone());
+    for (w, mut c) in conns.into_iter().enumerate() {
+        let chunks = chunks.clone();
         tasks.spawn(async move {
-            let mut c = PgConnection::connect(&url).await?;
             for ch in chunks.iter().skip(w).step_by(connections) {
                 sqlx::query(&format!(
                     "INSERT INTO location_events ({COLUMNS})
@@ -321,33 +353,53 @@ async fn multi_row_insert(
     Ok(())
 }
 
-/// Streams the rows through locus: `streams` gRPC streams over a few
-/// connections, each keeping 8 batches unacknowledged.
-async fn through_locus(
-    target: &str,
-    rows: &[Location],
-    streams: usize,
-    batch: usize,
-) -> anyhow::Result<()> {
-    let batches: Vec<LocationBatch> = rows
-        .chunks(batch)
-        .enumerate()
-        .map(|(i, c)| LocationBatch {
-            batch_id: i as u64,
-            locations: c.to_vec(),
+/// The locus case's client, ready before it is timed: the batches built as
+/// prost messages and dealt out to the streams, the HTTP/2 connections
+/// open. What [`through_locus`] times is what a gRPC client holding ready
+/// messages does: open the streams, encode each message as it is sent
+/// (tonic does), and read the acks.
+struct LocusClient {
+    per_stream: Vec<Vec<LocationBatch>>,
+    channels: Vec<tonic::transport::Channel>,
+}
+
+impl LocusClient {
+    async fn prepare(
+        target: &str,
+        rows: &[Location],
+        streams: usize,
+        batch: usize,
+    ) -> anyhow::Result<Self> {
+        let mut per_stream: Vec<Vec<LocationBatch>> = (0..streams).map(|_| Vec::new()).collect();
+        for (i, c) in rows.chunks(batch).enumerate() {
+            per_stream[i % streams].push(LocationBatch {
+                batch_id: i as u64,
+                locations: c.to_vec(),
+            });
+        }
+        let endpoint = Endpoint::from_shared(target.to_string())?.tcp_nodelay(true);
+        let mut channels = Vec::new();
+        for _ in 0..streams.div_ceil(25) {
+            channels.push(endpoint.connect().await?);
+        }
+        Ok(LocusClient {
+            per_stream,
+            channels,
         })
-        .collect();
-    let batches = Arc::new(batches);
-    let endpoint = Endpoint::from_shared(target.to_string())?.tcp_nodelay(true);
-    let mut channels = Vec::new();
-    for _ in 0..streams.div_ceil(25) {
-        channels.push(endpoint.connect().await?);
     }
+}
+
+/// Streams the prepared batches through locus: one gRPC stream each, each
+/// keeping 8 batches unacknowledged.
+async fn through_locus(client: LocusClient) -> anyhow::Result<()> {
+    let LocusClient {
+        per_stream,
+        channels,
+    } = client;
     let mut tasks = tokio::task::JoinSet::new();
-    for s in 0..streams {
-        let (channel, batches) = (channels[s % channels.len()].clone(), batches.clone());
+    for (s, mine) in per_stream.into_iter().enumerate() {
+        let channel = channels[s % channels.len()].clone();
         tasks.spawn(async move {
-            let mine: Vec<&LocationBatch> = batches.iter().skip(s).step_by(streams).collect();
             let (tx, rx) = mpsc::channel(8);
             let mut client = IngestClient::new(channel);
             let mut acks = client
@@ -355,18 +407,15 @@ async fn through_locus(
                 .await?
                 .into_inner();
             let expected = mine.len();
-            let sender = {
-                let owned: Vec<LocationBatch> = mine.into_iter().cloned().collect();
-                tokio::spawn(async move {
-                    for b in owned {
-                        if tx.send(b).await.is_err() {
-                            break;
-                        }
+            let sender = tokio::spawn(async move {
+                for b in mine {
+                    if tx.send(b).await.is_err() {
+                        break;
                     }
-                    // Keep the stream open until every ack is in.
-                    std::future::pending::<()>().await;
-                })
-            };
+                }
+                // Keep the stream open until every ack is in.
+                std::future::pending::<()>().await;
+            });
             let mut got = 0;
             while got < expected {
                 let ack = acks.message().await?.context("stream ended early")?;
@@ -391,18 +440,19 @@ pub async fn start_locus(
     locus: &std::path::Path,
     url: &str,
     writers: usize,
+    flush_points: Option<usize>,
 ) -> anyhow::Result<(Locus, u32, String)> {
-    let server = Locus::start(
-        locus,
-        url,
-        &[
-            "--writers",
-            &writers.to_string(),
-            "--db-pool-size",
-            &(writers + 4).to_string(),
-        ],
-    )
-    .await?;
+    let mut args = vec![
+        "--writers".to_string(),
+        writers.to_string(),
+        "--db-pool-size".to_string(),
+        (writers + 4).to_string(),
+    ];
+    if let Some(n) = flush_points {
+        args.extend(["--flush-points".to_string(), n.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Locus::start(locus, url, &args).await?;
     let (pid, target) = (server.pid, server.grpc_target());
     Ok((server, pid, target))
 }
@@ -476,56 +526,72 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
     let (protos, valid) = generate(a.devices, a.rows)?;
     let mut results = Vec::new();
 
-    results.push(
-        measure(
-            "raw binary COPY",
-            url,
-            postmaster,
-            None,
-            a.rows,
-            raw_copy(url, &valid, a.connections, a.copy_rows),
-        )
-        .await?,
-    );
-
-    let (mut server, pid, target) = start_locus(&locus, url, a.connections).await?;
-    results.push(
-        measure(
-            "locus end to end (gRPC streams)",
-            url,
-            postmaster,
-            Some(pid),
-            a.rows,
-            through_locus(&target, &protos, a.streams, a.batch),
-        )
-        .await?,
-    );
+    // Everything a case needs is ready before its timer starts: raw COPY's
+    // rows encoded and its connections open, as a COPY client holding ready
+    // rows would have them; locus started, its client's messages built and
+    // its connections open.
+    let (mut server, pid, target) =
+        start_locus(&locus, url, a.connections, Some(a.copy_rows)).await?;
+    let mut raw = RawCopy::prepare(url, &valid, a.connections, a.copy_rows).await?;
+    const RAW: &str = "raw binary COPY";
+    const E2E: &str = "locus end to end (gRPC streams)";
+    for round in 1..=a.rounds {
+        // Odd rounds raw COPY first, even rounds locus first: whatever the
+        // order favours (a warmer cache, a checkpoint left behind) falls
+        // on each in turn.
+        for case in if round % 2 == 1 {
+            [RAW, E2E]
+        } else {
+            [E2E, RAW]
+        } {
+            if case == RAW {
+                let (row, back) =
+                    measure((RAW, round), url, postmaster, None, a.rows, raw_copy(raw)).await?;
+                raw = back;
+                results.push(row);
+            } else {
+                let client = LocusClient::prepare(&target, &protos, a.streams, a.batch).await?;
+                let (row, ()) = measure(
+                    (E2E, round),
+                    url,
+                    postmaster,
+                    Some(pid),
+                    a.rows,
+                    through_locus(client),
+                )
+                .await?;
+                results.push(row);
+            }
+        }
+    }
+    drop(raw);
     let _ = server.child.start_kill();
     let _ = server.child.wait().await;
 
     let insert_rows = a.insert_rows.min(a.rows);
-    results.push(
-        measure(
-            "per-row INSERT",
-            url,
-            postmaster,
-            None,
-            insert_rows,
-            per_row_insert(url, &valid[..insert_rows], a.connections),
-        )
-        .await?,
-    );
-    results.push(
-        measure(
-            "multi-row INSERT (UNNEST, 1,000 rows)",
-            url,
-            postmaster,
-            None,
-            a.rows,
-            multi_row_insert(url, &valid, a.connections),
-        )
-        .await?,
-    );
+    let conns = connect_all(url, a.connections).await?;
+    let (row, ()) = measure(
+        ("per-row INSERT", 0),
+        url,
+        postmaster,
+        None,
+        insert_rows,
+        per_row_insert(conns, Arc::new(valid[..insert_rows].to_vec())),
+    )
+    .await?;
+    results.push(row);
+    let conns = connect_all(url, a.connections).await?;
+    let chunks = Arc::new(valid.chunks(1_000).map(<[_]>::to_vec).collect());
+    let (row, ()) = measure(
+        ("multi-row INSERT (UNNEST, 1,000 rows)", 0),
+        url,
+        postmaster,
+        None,
+        a.rows,
+        multi_row_insert(conns, chunks),
+    )
+    .await?;
+    results.push(row);
 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
@@ -539,36 +605,60 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
     println!();
     println!(
-        "PostgreSQL {version}, {tier}; {cpus} CPUs, {mem:.0} GiB; {} connections/writers, {} streams of {}-point batches",
-        a.connections, a.streams, a.batch
+        "PostgreSQL {version}, {tier}; {cpus} CPUs, {mem:.0} GiB; {} connections/writers, {}-row COPYs and --flush-points, {} streams of {}-point batches; {} rounds",
+        a.connections, a.copy_rows, a.streams, a.batch, a.rounds
     );
     println!();
     println!(
-        "| case | rows | seconds | rows/s | service CPU s / M rows | PostgreSQL CPU s / M rows | service peak RSS |"
+        "| case | round | rows | seconds | rows/s | service CPU s / M rows | PostgreSQL CPU s / M rows | service peak RSS |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    let mut rate: HashMap<&str, f64> = HashMap::new();
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let rate = |r: &Row| r.rows as f64 / r.seconds;
     for r in &results {
         let per_m = |cpu: f64| cpu / r.rows as f64 * 1e6;
-        rate.insert(r.case, r.rows as f64 / r.seconds);
         println!(
-            "| {} | {} | {:.1} | {:.0} | {} | {:.1} | {} |",
+            "| {} | {} | {} | {:.1} | {:.0} | {} | {:.1} | {} |",
             r.case,
+            if r.round == 0 {
+                "-".into()
+            } else {
+                r.round.to_string()
+            },
             r.rows,
             r.seconds,
-            r.rows as f64 / r.seconds,
+            rate(r),
             r.service_cpu
                 .map_or("-".into(), |c| format!("{:.1}", per_m(c))),
             per_m(r.pg_cpu),
             r.rss_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
         );
     }
-    let e2e = rate["locus end to end (gRPC streams)"];
+    let of = |case: &str, round: usize| {
+        results
+            .iter()
+            .find(|r| r.case == case && r.round == round)
+            .map(rate)
+            .unwrap_or(f64::NAN)
+    };
+    let mut ratios: Vec<f64> = (1..=a.rounds)
+        .map(|round| of(E2E, round) / of(RAW, round))
+        .collect();
+    let by_round: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    let mut e2e: Vec<f64> = (1..=a.rounds).map(|round| of(E2E, round)).collect();
+    e2e.sort_by(f64::total_cmp);
     println!();
     println!(
         "locus_vs_per_row_insert={:.1}",
-        e2e / rate["per-row INSERT"]
+        e2e[e2e.len() / 2] / of("per-row INSERT", 0)
     );
-    println!("e2e_vs_raw_copy={:.3}", e2e / rate["raw binary COPY"]);
+    println!("e2e_vs_raw_copy_by_round={}", by_round.join(","));
+    println!(
+        "e2e_vs_raw_copy={median:.3} (median of {} rounds; {:.3}-{:.3})",
+        a.rounds,
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
     Ok(())
 }

@@ -88,7 +88,11 @@ struct Args {
     /// How long ago the simulated clock starts (default: so that the run ends about now).
     #[arg(long, value_parser = humantime::parse_duration)]
     start_ago: Option<Duration>,
-    /// After the run, check the database: every acknowledged point stored exactly once.
+    /// After the run, check the database against the acks: every point
+    /// acknowledged is stored with the values sent, none rejected or never
+    /// acknowledged is, and the acks' accepted count is what the table
+    /// gained. (An ack out of order, or one that does not count its batch's
+    /// points once each, fails the run with or without this.)
     #[arg(long)]
     verify: bool,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -269,7 +273,11 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let summary = report::Summary::new(&stats, elapsed);
     summary.print_human();
-    let mut failed = false;
+    let broken = stats.broken_acks.load(std::sync::atomic::Ordering::Relaxed);
+    if broken > 0 {
+        println!("{broken} acks out of order or miscounted: the run fails");
+    }
+    let mut failed = broken > 0;
     if a.verify {
         let url = a.database_url.as_deref().unwrap_or_default();
         let mut acked = stats
@@ -277,7 +285,7 @@ async fn main() -> anyhow::Result<()> {
             .as_ref()
             .and_then(|s| s.lock().ok().map(|mut s| std::mem::take(&mut *s)))
             .unwrap_or_default();
-        failed = !verify::verify(url, &device_ids, &mut acked).await?;
+        failed |= !verify::verify(url, &device_ids, &mut acked).await?;
     }
     println!("{}", summary.json());
     if failed {
@@ -318,6 +326,7 @@ mod report {
         duplicates: u64,
         rejected: u64,
         errors: u64,
+        broken_acks: u64,
         points_per_sec: f64,
         p50: f64,
         p99: f64,
@@ -348,6 +357,7 @@ mod report {
                 duplicates,
                 rejected,
                 errors: s.errors.load(Relaxed),
+                broken_acks: s.broken_acks.load(Relaxed),
                 points_per_sec: (acked + duplicates + rejected) as f64 / elapsed.as_secs_f64(),
                 p50: pct(0.5),
                 p99: pct(0.99),
@@ -380,6 +390,7 @@ mod report {
                 "duplicates": self.duplicates,
                 "rejected": self.rejected,
                 "errors": self.errors,
+                "broken_acks": self.broken_acks,
                 "points_per_sec": (self.points_per_sec * 10.0).round() / 10.0,
                 "ack_p50_ms": (self.p50 * 100.0).round() / 100.0,
                 "ack_p99_ms": (self.p99 * 100.0).round() / 100.0,

@@ -252,7 +252,7 @@ pub async fn run(
     half_rate: Option<u64>,
     rounds: usize,
 ) -> anyhow::Result<()> {
-    let (mut server, pid, target) = crate::start_locus(locus, url, writers).await?;
+    let (mut server, pid, target) = crate::start_locus(locus, url, writers, None).await?;
     let postmaster = locus_load::proc::postmaster(url).await?;
     // CPU seconds so far of locus, PostgreSQL and this benchmark's own
     // clients (the ingest streams, and the subscribers when they run).

@@ -23,7 +23,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::{fleet::Device, verify::Acked};
+use crate::{
+    fleet::Device,
+    verify::{self, Acked},
+};
 
 /// The bearer token every call carries, if locus wants one.
 pub type Token = Option<Arc<str>>;
@@ -49,7 +52,10 @@ pub struct Stats {
     pub errors: AtomicU64,
     pub acked_batches: AtomicU64,
     pub latencies_us: Mutex<Vec<u32>>,
-    /// (device, time) of every point acknowledged as stored, for --verify.
+    /// Acks that break the protocol: out of order, or not counting every
+    /// point of their batch exactly once. Any fails the run.
+    pub broken_acks: AtomicU64,
+    /// What the acks said, point by point, for --verify.
     pub stored: Option<Mutex<Acked>>,
 }
 
@@ -203,7 +209,30 @@ fn key(l: &Location) -> (Uuid, i64) {
 }
 
 impl Stats {
-    fn record(&self, batch: &LocationBatch, ack: &BatchAck, sent_at: Instant) {
+    /// Records the ack of `batch`; false (and counted as broken) when the
+    /// ack does not count each of the batch's points exactly once, and then
+    /// nothing of it is recorded.
+    fn record(&self, batch: &LocationBatch, ack: &BatchAck, sent_at: Instant) -> bool {
+        let n = batch.locations.len();
+        let mut bad: HashSet<u32> = HashSet::with_capacity(ack.rejected.len());
+        let counted = ack.batch_id == batch.batch_id
+            && ack.accepted as usize + ack.duplicates as usize + ack.rejected.len() == n
+            && ack
+                .rejected
+                .iter()
+                .all(|r| (r.index as usize) < n && bad.insert(r.index));
+        if !counted {
+            self.broken_acks.fetch_add(1, Relaxed);
+            eprintln!(
+                "ack {} of batch {} does not count its {n} points once each: {} accepted, {} duplicates, {} rejected",
+                ack.batch_id,
+                batch.batch_id,
+                ack.accepted,
+                ack.duplicates,
+                ack.rejected.len()
+            );
+            return false;
+        }
         self.accepted.fetch_add(u64::from(ack.accepted), Relaxed);
         self.duplicates
             .fetch_add(u64::from(ack.duplicates), Relaxed);
@@ -213,16 +242,29 @@ impl Stats {
         if let Ok(mut l) = self.latencies_us.lock() {
             l.push(us);
         }
-        if let Some(stored) = &self.stored {
-            let bad: HashSet<u32> = ack.rejected.iter().map(|r| r.index).collect();
-            if let Ok(mut s) = stored.lock() {
-                for (i, l) in batch.locations.iter().enumerate() {
-                    if !bad.contains(&(i as u32)) {
-                        let (device, at) = key(l);
-                        s.add(device, at);
-                    }
+        if let Some(stored) = &self.stored
+            && let Ok(mut s) = stored.lock()
+        {
+            s.accepted += u64::from(ack.accepted);
+            for (i, l) in batch.locations.iter().enumerate() {
+                let (device, at) = key(l);
+                if bad.contains(&(i as u32)) {
+                    s.reject(device, at);
+                } else {
+                    s.add(device, at, verify::of_sent(l));
                 }
             }
+        }
+        true
+    }
+
+    /// `points` are being sent again after an error: their first ack may
+    /// have been lost.
+    fn resending(&self, points: usize) {
+        if let Some(stored) = &self.stored
+            && let Ok(mut s) = stored.lock()
+        {
+            s.resent += points as u64;
         }
     }
 }
@@ -255,6 +297,7 @@ pub async fn stream(
     while !(exhausted && unacked.is_empty()) {
         let mut client = IngestClient::new(channel.clone());
         let (tx, rx) = mpsc::channel(inflight.max(unacked.len()) + 1);
+        stats.resending(unacked.iter().map(|(b, _)| b.locations.len()).sum());
         for (b, _) in &unacked {
             let _ = tx.try_send(b.clone());
         }
@@ -279,12 +322,24 @@ pub async fn stream(
                 biased;
                 msg = inbound.message() => match msg {
                     Ok(Some(ack)) => {
-                        let Some((batch, at)) = unacked.pop_front() else { break };
+                        // An ack for no batch, or out of order, breaks the
+                        // protocol: it fails the run, and the stream starts
+                        // again with every batch not acknowledged.
+                        let Some((batch, at)) = unacked.pop_front() else {
+                            stats.broken_acks.fetch_add(1, Relaxed);
+                            eprintln!("ack {} for no batch in flight", ack.batch_id);
+                            break;
+                        };
                         if batch.batch_id != ack.batch_id {
-                            stats.errors.fetch_add(1, Relaxed);
+                            stats.broken_acks.fetch_add(1, Relaxed);
                             eprintln!("ack out of order: got {}, expected {}", ack.batch_id, batch.batch_id);
+                            unacked.push_front((batch, at));
+                            break;
                         }
-                        stats.record(&batch, &ack, at);
+                        if !stats.record(&batch, &ack, at) {
+                            unacked.push_front((batch, at));
+                            break;
+                        }
                     }
                     Ok(None) | Err(_) => {
                         stats.errors.fetch_add(1, Relaxed);
@@ -341,11 +396,18 @@ pub async fn unary(
             );
             match call.await {
                 Ok(ack) => {
-                    stats.record(&batch, &ack.into_inner(), at);
+                    if !stats.record(&batch, &ack.into_inner(), at) {
+                        // A broken ack fails the run; the batch is sent
+                        // again, as after any error.
+                        stats.resending(batch.locations.len());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                     break;
                 }
                 Err(_) => {
                     stats.errors.fetch_add(1, Relaxed);
+                    stats.resending(batch.locations.len());
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -436,11 +498,16 @@ pub async fn http(
                             })
                             .unwrap_or_default(),
                     };
-                    stats.record(&batch, &ack, at);
+                    if !stats.record(&batch, &ack, at) {
+                        stats.resending(batch.locations.len());
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                     break;
                 }
                 None => {
                     stats.errors.fetch_add(1, Relaxed);
+                    stats.resending(batch.locations.len());
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
