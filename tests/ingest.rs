@@ -383,6 +383,14 @@ async fn full_buffer_refuses_unary_calls_and_holds_streams_until_there_is_room()
     let ((acks, status), err) = tokio::join!(streaming, refusal);
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("buffer is full"));
+    // The refusal says when to come back, as gRPC clients read it.
+    let retry = tonic_types::StatusExt::get_details_retry_info(&err)
+        .and_then(|r| r.retry_delay)
+        .expect("a full buffer's refusal carries RetryInfo with a delay");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(5),
+        "{retry:?}"
+    );
     assert!(status.is_none(), "{status:?}");
     assert_eq!(
         acks.iter().map(|a| a.accepted).sum::<u32>(),
