@@ -43,6 +43,25 @@ fn server_for(var: &str) -> String {
     })
 }
 
+/// `$body(admin, tier)` as one test for each edition, each named for it
+/// (.ci/test picks them by `community` and `apache`), ignored unless asked
+/// for.
+macro_rules! on_both_editions {
+    ($body:ident => $community:ident, $apache:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
+        async fn $community() {
+            $body(&server_for("TIMESCALEDB_URL"), Tier::Timescale).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
+        async fn $apache() {
+            $body(&server_for("TIMESCALEDB_APACHE_URL"), Tier::TimescaleApache).await;
+        }
+    };
+}
+
 async fn scalar_i64(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql)
         .fetch_one(pool)
@@ -162,19 +181,11 @@ async fn setup_and_reconcile(admin: &str, want: Tier) {
     db.drop_db().await;
 }
 
-#[tokio::test]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn community_edition_setup_and_reconcile() {
-    let admin = server_for("TIMESCALEDB_URL");
-    setup_and_reconcile(&admin, Tier::Timescale).await;
-}
-
-#[tokio::test]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn apache_edition_setup_and_reconcile() {
-    let admin = server_for("TIMESCALEDB_APACHE_URL");
-    setup_and_reconcile(&admin, Tier::TimescaleApache).await;
-}
+on_both_editions!(
+    setup_and_reconcile =>
+    community_edition_setup_and_reconcile,
+    apache_edition_setup_and_reconcile
+);
 
 #[tokio::test]
 #[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
@@ -407,19 +418,11 @@ async fn adopt_on(admin: &str, want: Tier) {
     db.drop_db().await;
 }
 
-#[tokio::test]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn community_edition_adopts_a_seed_table_and_doctor_sees_drift() {
-    let admin = server_for("TIMESCALEDB_URL");
-    adopt_on(&admin, Tier::Timescale).await;
-}
-
-#[tokio::test]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn apache_edition_adopts_a_seed_table_and_doctor_sees_drift() {
-    let admin = server_for("TIMESCALEDB_APACHE_URL");
-    adopt_on(&admin, Tier::TimescaleApache).await;
-}
+on_both_editions!(
+    adopt_on =>
+    community_edition_adopts_a_seed_table_and_doctor_sees_drift,
+    apache_edition_adopts_a_seed_table_and_doctor_sees_drift
+);
 
 /// Community edition: late points are in location_hourly after the refresh
 /// policy's next run, and the retention policy drops old raw chunks.
@@ -757,19 +760,11 @@ async fn queries_on(admin: &str, want: Tier) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn every_query_on_the_community_edition() {
-    let admin = server_for("TIMESCALEDB_URL");
-    queries_on(&admin, Tier::Timescale).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn every_query_on_the_apache_edition() {
-    let admin = server_for("TIMESCALEDB_APACHE_URL");
-    queries_on(&admin, Tier::TimescaleApache).await;
-}
+on_both_editions!(
+    queries_on =>
+    every_query_on_the_community_edition,
+    every_query_on_the_apache_edition
+);
 
 /// One device id written by two apps' gateways stays two devices on this
 /// tier too: stored, read, and filled from storage after a restart.
@@ -779,19 +774,11 @@ async fn tenants_on(admin: &str, want: Tier) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn apps_are_kept_apart_on_the_community_edition() {
-    let admin = server_for("TIMESCALEDB_URL");
-    tenants_on(&admin, Tier::Timescale).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn apps_are_kept_apart_on_the_apache_edition() {
-    let admin = server_for("TIMESCALEDB_APACHE_URL");
-    tenants_on(&admin, Tier::TimescaleApache).await;
-}
+on_both_editions!(
+    tenants_on =>
+    apps_are_kept_apart_on_the_community_edition,
+    apps_are_kept_apart_on_the_apache_edition
+);
 
 /// A hypertable set up with the old `(device_id, time)` key, its rows in a
 /// compressed chunk where the edition compresses: setup creates the
@@ -893,19 +880,11 @@ async fn old_key_replaced_on(admin: &str, want: Tier) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn the_old_key_is_replaced_over_compressed_chunks_on_the_community_edition() {
-    let admin = server_for("TIMESCALEDB_URL");
-    old_key_replaced_on(&admin, Tier::Timescale).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn the_old_key_is_replaced_on_the_apache_edition() {
-    let admin = server_for("TIMESCALEDB_APACHE_URL");
-    old_key_replaced_on(&admin, Tier::TimescaleApache).await;
-}
+on_both_editions!(
+    old_key_replaced_on =>
+    the_old_key_is_replaced_over_compressed_chunks_on_the_community_edition,
+    the_old_key_is_replaced_on_the_apache_edition
+);
 
 /// `location_hourly` as this edition keeps it (the continuous aggregate
 /// refreshed by its policy's job, or locus's rollup) holds every stored
@@ -935,19 +914,11 @@ async fn hourly_stats_after_duplicates_on(admin: &str, want: Tier) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn hourly_stats_after_duplicates_on_the_community_edition() {
-    let admin = server_for("TIMESCALEDB_URL");
-    hourly_stats_after_duplicates_on(&admin, Tier::Timescale).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TimescaleDB server (TIMESCALEDB_URL, TIMESCALEDB_APACHE_URL); .ci/test runs it when it finds one"]
-async fn hourly_stats_after_duplicates_on_the_apache_edition() {
-    let admin = server_for("TIMESCALEDB_APACHE_URL");
-    hourly_stats_after_duplicates_on(&admin, Tier::TimescaleApache).await;
-}
+on_both_editions!(
+    hourly_stats_after_duplicates_on =>
+    hourly_stats_after_duplicates_on_the_community_edition,
+    hourly_stats_after_duplicates_on_the_apache_edition
+);
 
 /// The id of the policy job `proc` on `target` (as `run_job` finds it).
 async fn job_id(pool: &PgPool, proc: &str, target: &str) -> i32 {
