@@ -373,3 +373,30 @@ async fn readiness_turns_false_at_once_on_shutdown() {
     );
     db.drop_db().await;
 }
+
+/// The README's configuration section names every environment variable
+/// that `locus serve` reads, so that a flag added is a flag documented.
+#[test]
+fn the_readme_documents_every_setting_of_serve() {
+    let readme = read("README.md");
+    let config = readme
+        .split("\n## Configuration\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README has a Configuration section");
+    let cmd = Cli::command();
+    let serve = cmd
+        .get_subcommands()
+        .find(|s| s.get_name() == "serve")
+        .expect("locus serve");
+    let missing: Vec<String> = serve
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .filter(|env| !config.contains(&format!("`{env}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in the README's Configuration section: {missing:?}"
+    );
+}
