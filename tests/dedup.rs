@@ -97,9 +97,10 @@ async fn duplicates_are_recognised_across_a_restart() {
 async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
     let db = TestDb::new().await;
     let mut cfg = config(&db);
-    cfg.pipeline.linger = Duration::from_millis(300); // so that the calls share a batch
+    cfg.pipeline.linger = Duration::from_secs(1); // so that the calls share a batch
     let server = TestServer::start(cfg).await;
     let failed_before = batches_refused(&server).await;
+    let flushed_before = batches_flushed(&server).await;
     // A rule the validator does not know: the database refuses pshop rows.
     let pool = db.pool().await;
     sqlx::query(
@@ -108,8 +109,13 @@ async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
     .execute(&pool)
     .await
     .unwrap();
+    // Every client connected first, so that the four calls leave together.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(server.client().await);
+    }
     let mut calls = Vec::new();
-    for c in 0..4u64 {
+    for (c, mut client) in (0..4u64).zip(clients) {
         let d = Device::new(now_secs() - 500);
         let mut batch: LocationBatch = d.batch(c, 0, 20);
         if c == 2 {
@@ -118,7 +124,6 @@ async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
                 .iter_mut()
                 .for_each(|l| l.app_source = "pshop".into());
         }
-        let mut client = server.client().await;
         calls.push(tokio::spawn(
             async move { client.write_locations(batch).await },
         ));
@@ -148,12 +153,14 @@ async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
     }
     assert_eq!(stored, 60);
     assert_eq!(count_rows(&pool).await, 60);
-    // The refused submission did share its batch: the batch was refused
-    // (one failure), then the submission alone (a second). Alone in its
-    // batch, it would have failed once, and the test proved nothing.
+    // The refused submission did share its batch: that batch was refused
+    // once, and its neighbours were then written apart, never flushed as a
+    // batch of their own. Had the refused one been alone in its batch, the
+    // others would have been flushed normally, and the test proved nothing.
+    assert_eq!(batches_refused(&server).await - failed_before, 1);
     assert_eq!(
-        batches_refused(&server).await - failed_before,
-        2,
+        batches_flushed(&server).await - flushed_before,
+        0,
         "the refused submission was written in a batch with its neighbours"
     );
     server.stop().await;
@@ -163,6 +170,17 @@ async fn a_refused_submission_does_not_fail_its_batch_neighbours() {
 /// `locus_write_errors_total{kind="database",outcome="failed"}`: writes the
 /// database refused for good. The recorder is the process's, shared by this
 /// file's tests; only the test above makes the database refuse a write.
+/// Batches written as such (either path), from /metrics.
+async fn batches_flushed(server: &TestServer) -> u64 {
+    scrape(server)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("locus_batches_flushed_total{"))
+        .filter_map(|l| l.rsplit(' ').next())
+        .map(|v| v.parse::<f64>().unwrap() as u64)
+        .sum()
+}
+
 async fn batches_refused(server: &TestServer) -> u64 {
     scrape(server)
         .await
