@@ -589,8 +589,11 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         f
     };
     let postmaster = postmaster(&db.url).await?;
-    let fleet = |callers: &'static str| {
-        let flags = run(callers);
+    // Each run on devices of its own (a seed each): --verify counts another
+    // run's rows on the same devices as stored but never acknowledged.
+    let fleet = |callers: &'static str, seed: &'static str| {
+        let mut flags = run(callers);
+        flags.extend(["--seed".into(), seed.into()]);
         let locus = &locus;
         async move {
             let before = refused(locus).await;
@@ -613,9 +616,9 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     // Sustainable before and after the overload, so that a drift of this
     // shared machine (or the table's growth) over the three runs is not
     // read as the overload's doing.
-    let (ok1, base1, refused1) = fleet("16").await?;
-    let (ok2, over, refused_over) = fleet("128").await?;
-    let (ok3, base2, refused2) = fleet("16").await?;
+    let (ok1, base1, refused1) = fleet("16", "1").await?;
+    let (ok2, over, refused_over) = fleet("128", "2").await?;
+    let (ok3, base2, refused2) = fleet("16", "3").await?;
     let sustained = (n(&base1, "points_per_sec") + n(&base2, "points_per_sec")) / 2.0;
     let accepted = n(&over, "points_per_sec");
     // Every refused call offered BATCH points that were not taken.
