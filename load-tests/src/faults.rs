@@ -235,9 +235,11 @@ fn n(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(0.0)
 }
 
-/// Samples the RSS of `pid` and locus's readiness every 250 ms while `work` runs.
+/// Samples locus's RSS, readiness and buffer (`locus_buffer_points`) every
+/// 250 ms while `work` runs.
 struct Samples {
     rss_max: f64,
+    buffer_max: f64,
     not_ready: usize,
     samples: usize,
 }
@@ -248,6 +250,7 @@ async fn sampled<F: std::future::Future<Output = anyhow::Result<()>>>(
 ) -> anyhow::Result<Samples> {
     let mut s = Samples {
         rss_max: 0.0,
+        buffer_max: 0.0,
         not_ready: 0,
         samples: 0,
     };
@@ -258,6 +261,7 @@ async fn sampled<F: std::future::Future<Output = anyhow::Result<()>>>(
             r = &mut work => { r?; return Ok(s) }
             _ = tick.tick() => {
                 s.rss_max = s.rss_max.max(rss_mib(locus.pid).unwrap_or(0.0));
+                s.buffer_max = s.buffer_max.max(counter(locus, BUFFER_POINTS).await);
                 if locus.ready().await != Some(true) { s.not_ready += 1; }
                 s.samples += 1;
             }
@@ -278,6 +282,105 @@ const BOUNDS: &[&str] = &[
     "5s",
 ];
 
+/// The buffer of the outage and slow cases, in points: far below what
+/// their fleet keeps in flight (300 streams of 8 batches of 10 points,
+/// 24,000), so that it fills and the streams are no longer read.
+const SMALL_BUFFER: usize = 2_000;
+
+/// [`BOUNDS`] with a buffer of [`SMALL_BUFFER`] points (and batches of at
+/// most as many).
+fn small_buffer_bounds() -> Vec<String> {
+    let mut flags: Vec<String> = BOUNDS.iter().map(|s| s.to_string()).collect();
+    flags[1] = SMALL_BUFFER.to_string();
+    flags.extend(["--max-batch-points".into(), SMALL_BUFFER.to_string()]);
+    flags
+}
+
+const BUFFER_POINTS: &str = "locus_buffer_points";
+
+/// Whether the buffer reached its bound (within one batch of `batch`
+/// points: the next one no longer fit) and never passed it.
+fn check_buffer_full(out: &mut Outcome, buffer_max: f64, batch: usize) {
+    out.check(
+        buffer_max >= (SMALL_BUFFER - batch) as f64,
+        format!("the buffer never filled ({buffer_max:.0} of {SMALL_BUFFER} points at most)"),
+    );
+    out.check(
+        buffer_max <= SMALL_BUFFER as f64,
+        format!("the buffer passed its bound ({buffer_max:.0} of {SMALL_BUFFER} points)"),
+    );
+}
+
+/// A batch of its own on a stream of its own, sent while nothing can be
+/// committed (the table locked, the database away), before anything fills
+/// the buffer: when its ack arrived, if it did.
+async fn probe(locus: &Locus) -> anyhow::Result<tokio::task::JoinHandle<Option<Instant>>> {
+    let mut c = IngestClient::new(
+        Endpoint::from_shared(locus.grpc_target())?
+            .connect()
+            .await?,
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(1);
+    tx.send(junk_batch(1, PROBE_POINTS, "")).await?;
+    let mut acks = c
+        .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Queued: in the buffer, waiting for its commit.
+    let queued = Instant::now();
+    while counter(locus, BUFFER_POINTS).await < PROBE_POINTS as f64 {
+        anyhow::ensure!(
+            queued.elapsed() < Duration::from_secs(10),
+            "the probe's batch was not queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(tokio::spawn(async move {
+        let _tx = tx;
+        match tokio::time::timeout(Duration::from_secs(120), acks.message()).await {
+            Ok(Ok(Some(_))) => Some(Instant::now()),
+            _ => None,
+        }
+    }))
+}
+
+const PROBE_POINTS: usize = 10;
+
+/// Whether the probe's ack came only after `committable` (when the table
+/// was unlocked, or the database back), and, if `must_ack`, whether it came
+/// at all (an outage past `--write-retry-deadline` fails the batch instead).
+async fn check_probe(
+    out: &mut Outcome,
+    probe: tokio::task::JoinHandle<Option<Instant>>,
+    committable: Instant,
+    must_ack: bool,
+) -> anyhow::Result<()> {
+    let acked = probe.await?;
+    out.figure(format!(
+        "a {PROBE_POINTS}-point batch queued while nothing could be committed: acknowledged {}",
+        match acked {
+            Some(t) if t >= committable => format!(
+                "{:.1} s after writes could resume",
+                (t - committable).as_secs_f64()
+            ),
+            Some(t) => format!(
+                "{:.1} s BEFORE writes could resume",
+                (committable - t).as_secs_f64()
+            ),
+            None => "never (its stream failed, to be sent again)".into(),
+        }
+    ));
+    out.check(
+        acked.is_none_or(|t| t >= committable),
+        "the probe's batch was acknowledged before it could be committed",
+    );
+    out.check(
+        acked.is_some() || !must_ack,
+        "the probe's batch was never acknowledged",
+    );
+    Ok(())
+}
+
 fn fleet_flags(devices: u64, rate: f64, secs: u64) -> Vec<String> {
     fleet_flags_batch(devices, rate, secs, 10)
 }
@@ -297,6 +400,14 @@ fn fleet_flags_batch(devices: u64, rate: f64, secs: u64, batch: usize) -> Vec<St
         "--invalid-share".into(),
         "0.01".into(),
     ]
+}
+
+/// `flags` with other devices (another seed): a second fleet whose verify
+/// does not count the first one's rows as stored but never acknowledged.
+fn other_devices(flags: &[String]) -> Vec<String> {
+    let mut f = flags.to_vec();
+    f.extend(["--seed".into(), "2".into()]);
+    f
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -332,17 +443,19 @@ async fn crash(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     Ok(out)
 }
 
-/// The database is away under load: readiness turns false, memory stays
-/// bounded, no false ack; ingest resumes by itself.
+/// The database is away under load: readiness turns false, the buffer fills
+/// to its bound and stays there (the streams are no longer read), memory
+/// stays bounded, no ack comes before its commit; ingest resumes by itself.
 async fn outage(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new();
-    let mut locus = Locus::start(bin, &db.url, BOUNDS).await?;
+    let mut locus = Locus::start(bin, &db.url, &strs(&small_buffer_bounds())).await?;
     let away = Duration::from_secs(if quick { 15 } else { 120 });
     let secs = away.as_secs() + 20;
-    let fleet = Fleet::start(&locus, db, &strs(&fleet_flags(300, 5.0, secs)))?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
     let before = rss_mib(locus.pid).unwrap_or(0.0);
     db.cut_off().await?;
+    // The probe first, while the buffer has room; the fleet then fills it.
+    let probe = probe(&locus).await?;
+    let fleet = Fleet::start(&locus, db, &strs(&fleet_flags(300, 5.0, secs)))?;
     let during = sampled(&locus, async {
         tokio::time::sleep(away).await;
         Ok(())
@@ -360,10 +473,11 @@ async fn outage(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     }
     let (verified, s) = fleet.finish(Duration::from_secs(secs + 120)).await?;
     out.figure(format!(
-        "database away {} s: RSS {:.0} MiB before, {:.0} MiB at most during (buffer bound {BUFFER_MIB} MiB)",
+        "database away {} s: RSS {:.0} MiB before, {:.0} MiB at most during (buffer bound {BUFFER_MIB} MiB); buffer at most {:.0} of {SMALL_BUFFER} points",
         away.as_secs(),
         before,
-        during.rss_max
+        during.rss_max,
+        during.buffer_max
     ));
     out.figure(format!(
         "not ready in {}/{} samples; ready again {:.1} s after the database returned",
@@ -376,6 +490,8 @@ async fn outage(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         n(&s, "acked"),
         n(&s, "errors")
     ));
+    check_probe(&mut out, probe, back, false).await?;
+    check_buffer_full(&mut out, during.buffer_max, 10);
     out.check(verified, "an acknowledged point is missing or stored twice");
     out.check(
         during.not_ready * 2 > during.samples,
@@ -391,35 +507,41 @@ async fn outage(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     Ok(out)
 }
 
-/// COPY blocked for seconds by a lock: backpressure reaches the clients
-/// (their acks wait), memory stays bounded, nothing is lost.
+/// COPY blocked for seconds by a lock: the buffer fills to its bound and
+/// stays there, backpressure reaches the clients (their acks wait), no ack
+/// comes while the lock is held, memory stays bounded, nothing is lost.
 async fn slow(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new();
-    let mut locus = Locus::start(bin, &db.url, BOUNDS).await?;
+    let mut locus = Locus::start(bin, &db.url, &strs(&small_buffer_bounds())).await?;
     let hold = Duration::from_secs(if quick { 8 } else { 30 });
     let secs = hold.as_secs() + 15;
-    let fleet = Fleet::start(&locus, db, &strs(&fleet_flags(300, 10.0, secs)))?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
     let before = rss_mib(locus.pid).unwrap_or(0.0);
     let mut conn = PgConnection::connect(&db.url).await?;
+    let mut tx = conn.begin().await?;
+    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    // The probe first, while the buffer has room; the fleet then fills it.
+    let probe = probe(&locus).await?;
+    let fleet = Fleet::start(&locus, db, &strs(&fleet_flags(300, 10.0, secs)))?;
     let during = sampled(&locus, async {
-        let mut tx = conn.begin().await?;
-        sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut *tx)
-            .await?;
         tokio::time::sleep(hold).await;
-        tx.rollback().await?;
         Ok(())
     })
     .await?;
+    let unlocked = Instant::now();
+    tx.rollback().await?;
     let (verified, s) = fleet.finish(Duration::from_secs(secs + 120)).await?;
     out.figure(format!(
-        "writes blocked {} s: RSS {:.0} MiB before, {:.0} MiB at most; longest ack {:.0} ms",
+        "writes blocked {} s: RSS {:.0} MiB before, {:.0} MiB at most; buffer at most {:.0} of {SMALL_BUFFER} points; longest ack {:.0} ms",
         hold.as_secs(),
         before,
         during.rss_max,
+        during.buffer_max,
         n(&s, "ack_max_ms")
     ));
+    check_probe(&mut out, probe, unlocked, true).await?;
+    check_buffer_full(&mut out, during.buffer_max, 10);
     out.check(verified, "an acknowledged point is missing or stored twice");
     out.check(
         n(&s, "ack_max_ms") >= hold.as_millis() as f64 * 0.5,
@@ -467,8 +589,11 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         f
     };
     let postmaster = postmaster(&db.url).await?;
-    let fleet = |callers: &'static str| {
-        let flags = run(callers);
+    // Each run on devices of its own (a seed each): --verify counts another
+    // run's rows on the same devices as stored but never acknowledged.
+    let fleet = |callers: &'static str, seed: &'static str| {
+        let mut flags = run(callers);
+        flags.extend(["--seed".into(), seed.into()]);
         let locus = &locus;
         async move {
             let before = refused(locus).await;
@@ -491,9 +616,9 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     // Sustainable before and after the overload, so that a drift of this
     // shared machine (or the table's growth) over the three runs is not
     // read as the overload's doing.
-    let (ok1, base1, refused1) = fleet("16").await?;
-    let (ok2, over, refused_over) = fleet("128").await?;
-    let (ok3, base2, refused2) = fleet("16").await?;
+    let (ok1, base1, refused1) = fleet("16", "1").await?;
+    let (ok2, over, refused_over) = fleet("128", "2").await?;
+    let (ok3, base2, refused2) = fleet("16", "3").await?;
     let sustained = (n(&base1, "points_per_sec") + n(&base2, "points_per_sec")) / 2.0;
     let accepted = n(&over, "points_per_sec");
     // Every refused call offered BATCH points that were not taken.
@@ -566,18 +691,45 @@ async fn counter(locus: &Locus, series: &str) -> f64 {
 async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new();
     let idle_streams: usize = if quick { 2_000 } else { 10_000 };
-    let max_streams = (idle_streams + 1_000).to_string();
+    // Room for the well-behaved fleet's 200 streams, the 20 deaf ones, and
+    // half the idle ones: the other half must be refused.
+    const GOOD_DEVICES: u64 = 200;
+    const DEAF: usize = 20;
+    let max_streams = idle_streams / 2 + GOOD_DEVICES as usize + DEAF;
+    let max_streams_flag = max_streams.to_string();
     let mut flags: Vec<&str> = BOUNDS.to_vec();
-    flags.extend(["--max-streams", &max_streams]);
+    flags.extend(["--max-streams", &max_streams_flag]);
     let mut locus = Locus::start(bin, &db.url, &flags).await?;
     let secs: u64 = if quick { 10 } else { 30 };
-    let good = fleet_flags(200, 5.0, secs);
+    let good = fleet_flags(GOOD_DEVICES, 5.0, secs);
     // The well-behaved fleet alone, then beside the hostile clients.
     let (ok1, alone) = Fleet::start(&locus, db, &strs(&good))?
         .finish(Duration::from_secs(secs + 60))
         .await?;
 
+    // The fleet connects first, then the deaf streams: the idle ones then
+    // take what is left, and are refused past it.
+    let fleet = Fleet::start(&locus, db, &strs(&other_devices(&good)))?;
+    let connecting = Instant::now();
+    while counter(&locus, OPEN_STREAMS).await < GOOD_DEVICES as f64
+        && connecting.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let endpoint = Endpoint::from_shared(locus.grpc_target())?;
+    let mut c = IngestClient::new(endpoint.connect().await?);
+    // Streams that send and never read an ack.
+    let mut deaf = Vec::new();
+    for _ in 0..DEAF {
+        let (tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(64);
+        let resp = c
+            .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?;
+        for b in 0..64 {
+            let _ = tx.try_send(junk_batch(b, 100, ""));
+        }
+        deaf.push((tx, resp));
+    }
     let mut channels = Vec::new();
     // HTTP/2 servers allow a bounded number of streams per connection.
     for _ in 0..idle_streams.div_ceil(100) {
@@ -585,31 +737,22 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     }
     // Idle streams: opened, never sent on.
     let mut idle = Vec::new();
+    let mut idle_refused = Vec::new();
     for i in 0..idle_streams {
         let mut c = IngestClient::new(channels[i % channels.len()].clone());
         let (tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(1);
-        let resp = c
+        match c
             .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?;
-        idle.push((tx, resp));
+            .await
+        {
+            Ok(resp) => idle.push((tx, resp)),
+            Err(status) => idle_refused.push(status.code()),
+        }
     }
+    let open_streams = counter(&locus, OPEN_STREAMS).await;
     let fds_idle = open_fds(locus.pid).unwrap_or(0);
     let rss_idle = rss_mib(locus.pid).unwrap_or(0.0);
-    let fleet = Fleet::start(&locus, db, &strs(&good))?;
     let attacks = async {
-        let mut c = IngestClient::new(endpoint.connect().await?);
-        // Streams that send and never read an ack.
-        let mut deaf = Vec::new();
-        for _ in 0..20 {
-            let (tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(64);
-            let resp = c
-                .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?;
-            for b in 0..64 {
-                let _ = tx.try_send(junk_batch(b, 100, ""));
-            }
-            deaf.push((tx, resp));
-        }
         // A flood of resets: streams opened and dropped at once.
         for _ in 0..2_000 {
             let (_tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(1);
@@ -649,14 +792,15 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
             .await?
             .status()
             .as_u16();
-        drop(deaf);
         anyhow::Ok((oversized, ack.accepted, reasons, status))
     };
     let (attacked, beside) = tokio::join!(attacks, fleet.finish(Duration::from_secs(secs + 60)));
     let (oversized, accepted, reasons, bomb_status) = attacked?;
     let (ok2, beside) = beside?;
     out.figure(format!(
-        "{idle_streams} idle streams: {fds_idle} fds, {rss_idle:.0} MiB RSS"
+        "{idle_streams} idle streams against --max-streams {max_streams} (beside the fleet's {GOOD_DEVICES} and {DEAF} deaf ones): {} refused ({:?}), {open_streams:.0} streams open; {fds_idle} fds, {rss_idle:.0} MiB RSS",
+        idle_refused.len(),
+        idle_refused.first()
     ));
     out.figure(format!(
         "well-behaved fleet: {:.0} points/s alone, {:.0} beside the attacks (ack p99 {:.0} / {:.0} ms)",
@@ -673,8 +817,22 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         "an acknowledged point is missing or stored twice",
     );
     out.check(
-        oversized.is_some_and(|c| c != tonic::Code::Ok),
-        "an oversized message was accepted",
+        open_streams <= max_streams as f64 && idle.len() + DEAF <= max_streams,
+        "more streams were open than --max-streams",
+    );
+    out.check(
+        !idle_refused.is_empty(),
+        "no idle stream was refused past --max-streams",
+    );
+    out.check(
+        idle_refused
+            .iter()
+            .all(|c| *c == tonic::Code::ResourceExhausted),
+        "a stream past --max-streams was not refused with RESOURCE_EXHAUSTED",
+    );
+    out.check(
+        oversized == Some(tonic::Code::OutOfRange),
+        format!("the oversized message was answered {oversized:?}, not OUT_OF_RANGE"),
     );
     out.check(
         reasons == ["metadata_invalid", "metadata_too_large"] && accepted == 1,
@@ -685,8 +843,13 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         n(&beside, "points_per_sec") >= 0.9 * n(&alone, "points_per_sec"),
         "the well-behaved fleet lost more than 10% of its rate",
     );
+    // A paced fleet makes up its rate after a stall; its acks' wait shows it.
+    out.check(
+        n(&beside, "ack_p99_ms") < 2_000.0,
+        "the well-behaved fleet's ack p99 passed 2 s beside the attacks (a stall)",
+    );
     out.check(locus.alive(), "locus died");
-    drop(idle);
+    drop((idle, deaf));
     locus.kill9().await?;
     Ok(out)
 }
@@ -738,7 +901,7 @@ async fn connections(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome
     let fds_before = open_fds(locus.pid).unwrap_or(0);
     let rss_before = rss_mib(locus.pid).unwrap_or(0.0);
 
-    let fleet = Fleet::start(&locus, db, &strs(&good))?;
+    let fleet = Fleet::start(&locus, db, &strs(&other_devices(&good)))?;
     // Let the fleet connect before its slots are fought over.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let attack_started = chrono::Utc::now();
@@ -1015,6 +1178,7 @@ fn junk_batch(batch_id: u64, points: usize, metadata: &str) -> LocationBatch {
 }
 
 const ACCEPTED: &str = "locus_points_accepted_total";
+const OPEN_STREAMS: &str = "locus_open_streams";
 
 /// The soak's fleet: vehicles on their own streams, a point a message.
 const SOAK_DEVICES: u64 = 2_000;
@@ -1058,6 +1222,7 @@ async fn soak(bin: &Path, db: &Db, length: Duration) -> anyhow::Result<Outcome> 
     let first = usage(locus.pid);
     let (mut rss_max, mut fds_max) = first;
     let every = Duration::from_secs(600).min(length / 3);
+    let mut connected = Vec::new();
     let mut next_outage = every;
     let mut outages = 0;
     // Points accepted a second over 10-second windows while the database
@@ -1083,7 +1248,28 @@ async fn soak(bin: &Path, db: &Db, length: Duration) -> anyhow::Result<Outcome> 
         window = now;
         let (rss, fds) = usage(locus.pid);
         (rss_max, fds_max) = (rss_max.max(rss), fds_max.max(fds));
+        connected.push((rss, fds));
     }
+    // The trend while the fleet is connected: the median of the last third
+    // of the samples against that of the first third.
+    let third = |part: usize| {
+        let k = connected.len() / 3;
+        let mut rss: Vec<f64> = connected[part * k..(part + 1) * k]
+            .iter()
+            .map(|u| u.0)
+            .collect();
+        let mut fds: Vec<usize> = connected[part * k..(part + 1) * k]
+            .iter()
+            .map(|u| u.1)
+            .collect();
+        rss.sort_by(f64::total_cmp);
+        fds.sort_unstable();
+        (
+            rss.get(k / 2).copied().unwrap_or(0.0),
+            fds.get(k / 2).copied().unwrap_or(0),
+        )
+    };
+    let (early, late) = (third(0), third(2));
     rates.sort_by(f64::total_cmp);
     let median = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
     let lowest = rates.first().copied().unwrap_or(0.0);
@@ -1106,6 +1292,31 @@ async fn soak(bin: &Path, db: &Db, length: Duration) -> anyhow::Result<Outcome> 
     ));
     out.check(verified, "an acknowledged point is missing or stored twice");
     out.check(outages >= 1, "the database was never restarted");
+    out.figure(format!(
+        "while connected, median of the first and last thirds of the 10-s samples: RSS {:.0} -> {:.0} MiB, {} -> {} fds",
+        early.0, late.0, early.1, late.1
+    ));
+    // Peak and trend while connected (a leak per point or per reconnect
+    // grows with the run), and after the fleet left. The margins are
+    // absolute, not a share of the warm-up value (which a leak inflates
+    // too): the buffer (32 MiB, filled during a stop) twice for the peak,
+    // once for the trend.
+    out.check(
+        rss_max <= first.0 + 2.0 * BUFFER_MIB as f64,
+        "RSS while connected peaked past its warm-up value plus twice the buffer",
+    );
+    out.check(
+        late.0 <= early.0 + BUFFER_MIB as f64,
+        "RSS while connected trended up (last third's median past the first's + the buffer)",
+    );
+    out.check(
+        fds_max <= first.1 + 20,
+        "open file descriptors while connected peaked past their warm-up value + 20",
+    );
+    out.check(
+        late.1 <= early.1 + 10,
+        "open file descriptors while connected trended up",
+    );
     out.check(last.0 <= first.0 * 1.5 + 20.0, "RSS grew by more than half");
     out.check(last.1 <= first.1 + 20, "open file descriptors grew");
     out.check(
