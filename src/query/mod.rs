@@ -279,25 +279,20 @@ impl QueryState {
             .map(Event::Item)
             .chain(futures::stream::once(futures::future::ready(Event::End)));
         let events = Box::pin(futures::stream::select(items, revocations));
-        // Ends right after the error: an idle feed has no next event to
-        // end on.
-        futures::stream::unfold((events, false), move |(mut events, ended)| {
-            let (auth, caller) = (auth.clone(), Arc::clone(&caller));
-            async move {
-                if ended {
-                    return None;
-                }
-                loop {
-                    match events.next().await? {
-                        Event::End => return None,
-                        event => match (auth.check_revoked(&caller), event) {
-                            (Ok(()), Event::Item(item)) => {
-                                return Some((Ok(item), (events, false)));
-                            }
-                            (Ok(()), _) => continue,
-                            (Err(e), _) => return Some((Err(e), (events, true))),
-                        },
-                    }
+        // Ends right after the error (the state becomes `None`): an idle
+        // feed has no next event to end on.
+        futures::stream::unfold(Some((events, auth, caller)), |state| async move {
+            let (mut events, auth, caller) = state?;
+            loop {
+                match events.next().await? {
+                    Event::End => return None,
+                    event => match (auth.check_revoked(&caller), event) {
+                        (Ok(()), Event::Item(item)) => {
+                            return Some((Ok(item), Some((events, auth, caller))));
+                        }
+                        (Ok(()), _) => continue,
+                        (Err(e), _) => return Some((Err(e), None)),
+                    },
                 }
             }
         })
