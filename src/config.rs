@@ -23,6 +23,38 @@ pub enum ConfigError {
     Inconsistent(String),
 }
 
+/// A group of flags as clap reads it from `given` alone, with no
+/// environment: so each default is written once, in its `#[arg]`, and the
+/// `Default` of a group is the same as the flags' by construction.
+fn flag_defaults<T: Args + clap::FromArgMatches>(given: &[String]) -> T {
+    let command = T::augment_args(clap::Command::new("locus")).mut_args(|a| a.env(None));
+    let matches = command
+        .try_get_matches_from(std::iter::once("locus".to_string()).chain(given.iter().cloned()))
+        .unwrap_or_else(|e| panic!("flag defaults: {e}"));
+    T::from_arg_matches(&matches).unwrap_or_else(|e| panic!("flag defaults: {e}"))
+}
+
+/// `Default` for groups of flags that have a default each.
+macro_rules! default_from_flags {
+    ($($group:ty),*) => {$(
+        impl Default for $group {
+            fn default() -> Self {
+                flag_defaults(&[])
+            }
+        }
+    )*};
+}
+
+default_from_flags!(
+    StorageArgs,
+    ValidationArgs,
+    LimitArgs,
+    ConnectionArgs,
+    PipelineArgs,
+    QueryArgs,
+    AuthArgs
+);
+
 /// Where the tracking database is. Required: there is no default and no fallback.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
@@ -73,21 +105,6 @@ pub struct StorageArgs {
     /// succeeds with it again (0: never).
     #[arg(long, env = "LOCUS_COVER_FAILED_JOBS_AFTER", default_value_t = 3)]
     pub cover_failed_jobs_after: u32,
-}
-
-impl Default for StorageArgs {
-    fn default() -> Self {
-        Self {
-            chunk_interval: Duration::from_secs(86_400),
-            raw_retention: Duration::from_secs(30 * 86_400),
-            compress_after: Duration::from_secs(7 * 86_400),
-            hourly_retention: Duration::from_secs(365 * 86_400),
-            hourly_refresh_interval: Duration::from_secs(60),
-            hourly_refresh_window: None,
-            partitions_ahead: 7,
-            cover_failed_jobs_after: 3,
-        }
-    }
 }
 
 impl StorageArgs {
@@ -155,18 +172,6 @@ pub struct ValidationArgs {
     pub max_metadata_bytes: usize,
 }
 
-impl Default for ValidationArgs {
-    fn default() -> Self {
-        Self {
-            max_future_skew: Duration::from_secs(300),
-            max_speed_kmh: 1_200.0,
-            max_app_source_len: 50,
-            app_sources: Vec::new(),
-            max_metadata_bytes: 4096,
-        }
-    }
-}
-
 /// Memory and concurrency bounds. Every one is enforced.
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
@@ -200,21 +205,6 @@ pub struct LimitArgs {
     pub stream_inflight: usize,
 }
 
-impl Default for LimitArgs {
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 4 * 1024 * 1024,
-            max_batch_points: 10_000,
-            buffer_points: 500_000,
-            buffer_bytes: 128 * 1024 * 1024,
-            max_streams: 20_000,
-            max_decompressed_bytes: 16 * 1024 * 1024,
-            max_decoding_bytes: 256 * 1024 * 1024,
-            stream_inflight: 16,
-        }
-    }
-}
-
 /// How many connections each listener holds, and how long one may take to
 /// start and may sit idle: so that no client, before it has even
 /// authenticated, can take every file descriptor of the process.
@@ -241,19 +231,6 @@ pub struct ConnectionArgs {
     /// (HTTP/1 keep-alive, HTTP/2 without streams).
     #[arg(long, env = "LOCUS_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
-}
-
-impl Default for ConnectionArgs {
-    fn default() -> Self {
-        Self {
-            max_connections_grpc: 10_000,
-            max_connections_http: 2_000,
-            max_connections_metrics: 100,
-            handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-        }
-    }
 }
 
 impl ConnectionArgs {
@@ -285,19 +262,6 @@ pub struct PipelineArgs {
     /// Server-side statement_timeout for each write.
     #[arg(long, env = "LOCUS_STATEMENT_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub statement_timeout: Duration,
-}
-
-impl Default for PipelineArgs {
-    fn default() -> Self {
-        Self {
-            flush_points: 5_000,
-            flush_bytes: 4 * 1024 * 1024,
-            linger: Duration::from_millis(20),
-            writers: 4,
-            write_retry_deadline: Duration::from_secs(30),
-            statement_timeout: Duration::from_secs(20),
-        }
-    }
 }
 
 /// Reads: bounds on what one query may ask.
@@ -348,25 +312,6 @@ pub struct QueryArgs {
     pub live_interval: Duration,
 }
 
-impl Default for QueryArgs {
-    fn default() -> Self {
-        Self {
-            http_addr: ([0, 0, 0, 0], 8080).into(),
-            max_track_span: Duration::from_secs(31 * 86_400),
-            track_page: 1_000,
-            max_track_page: 10_000,
-            latest_page: 1_000,
-            max_latest_page: 10_000,
-            max_latest_bytes: 4_000_000,
-            max_stats_span: Duration::from_secs(366 * 86_400),
-            live_queue_points: 8_192,
-            max_subscribers: 1_000,
-            max_subscribers_per_token: 50,
-            live_interval: Duration::from_millis(100),
-        }
-    }
-}
-
 /// Whether callers must present credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
@@ -399,17 +344,6 @@ pub struct AuthArgs {
     /// --max-batch-points, so that a full batch can pass.
     #[arg(long, env = "LOCUS_RATE_LIMIT_BURST", default_value_t = 20_000)]
     pub rate_limit_burst: u32,
-}
-
-impl Default for AuthArgs {
-    fn default() -> Self {
-        Self {
-            mode: AuthMode::Tokens,
-            auth_refresh_interval: Duration::from_secs(1),
-            rate_limit_points: 5_000,
-            rate_limit_burst: 20_000,
-        }
-    }
 }
 
 /// TLS for the gRPC and HTTP listeners (rustls). The metrics listener stays
@@ -479,198 +413,32 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
-    /// A configuration with every default, for tests and embedding.
+    /// A configuration with every default, for tests and embedding, on
+    /// loopback addresses with ports the system picks.
     pub fn with_database(url: impl Into<String>) -> Self {
-        Self {
-            database: DatabaseArgs { url: url.into() },
-            grpc_addr: ([127, 0, 0, 1], 0).into(),
-            metrics_addr: ([127, 0, 0, 1], 0).into(),
-            no_setup: false,
-            create_database: false,
-            shutdown_grace: Duration::from_secs(20),
-            db_pool_size: 10,
-            storage: StorageArgs::default(),
-            validation: ValidationArgs::default(),
-            limits: LimitArgs::default(),
-            connections: ConnectionArgs::default(),
-            pipeline: PipelineArgs::default(),
-            query: QueryArgs {
-                http_addr: ([127, 0, 0, 1], 0).into(),
-                ..QueryArgs::default()
-            },
-            auth: AuthArgs::default(),
-            tls: TlsArgs::default(),
-        }
+        let mut c: Self = flag_defaults(&[format!("--database-url={}", url.into())]);
+        c.grpc_addr = ([127, 0, 0, 1], 0).into();
+        c.metrics_addr = ([127, 0, 0, 1], 0).into();
+        c.query.http_addr = ([127, 0, 0, 1], 0).into();
+        c
     }
 
-    /// Checks every setting and how they fit together.
+    /// Checks every setting and how they fit together, group by group.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
-        let at_least = |name, min: u64, value: u64| {
-            if value < min {
-                Err(ConfigError::TooSmall { name, min, value })
-            } else {
-                Ok(())
-            }
-        };
-        let l = &self.limits;
-        let p = &self.pipeline;
-        at_least("--max-message-bytes", 1024, l.max_message_bytes as u64)?;
-        at_least("--max-batch-points", 1, l.max_batch_points as u64)?;
-        at_least("--buffer-points", 1, l.buffer_points as u64)?;
-        at_least("--max-streams", 1, l.max_streams as u64)?;
-        at_least("--stream-inflight", 1, l.stream_inflight as u64)?;
-        at_least("--flush-points", 1, p.flush_points as u64)?;
-        at_least("--flush-bytes", 1024, p.flush_bytes as u64)?;
-        at_least("--writers", 1, p.writers as u64)?;
-        at_least(
-            "--live-queue-points",
-            1,
-            self.query.live_queue_points as u64,
-        )?;
+        self.limits.validate()?;
+        self.pipeline.validate()?;
         at_least(
             "--db-pool-size",
-            p.writers as u64 + 1,
+            self.pipeline.writers as u64 + 1,
             self.db_pool_size as u64,
         )?;
-        at_least(
-            "--max-app-source-len",
-            1,
-            self.validation.max_app_source_len as u64,
-        )?;
-        let c = &self.connections;
-        for (name, value) in [
-            ("--max-connections-grpc", c.max_connections_grpc),
-            ("--max-connections-http", c.max_connections_http),
-            ("--max-connections-metrics", c.max_connections_metrics),
-        ] {
-            at_least(name, 1, value as u64)?;
-        }
-        for (name, value) in [
-            ("--handshake-timeout", c.handshake_timeout),
-            ("--header-read-timeout", c.header_read_timeout),
-            ("--idle-timeout", c.idle_timeout),
-        ] {
-            if value < Duration::from_millis(100) {
-                return Err(ConfigError::Inconsistent(format!(
-                    "{name} must be at least 100ms"
-                )));
-            }
-        }
-        let q = &self.query;
-        at_least("--track-page", 1, q.track_page.into())?;
-        at_least("--latest-page", 1, q.latest_page.into())?;
-        // A location is at most a few KiB (metadata is bounded), so a page
-        // of this many bytes always has room for one.
-        at_least("--max-latest-bytes", 65_536, q.max_latest_bytes as u64)?;
-        for (page, max, default, most) in [
-            (
-                "--track-page",
-                "--max-track-page",
-                q.track_page,
-                q.max_track_page,
-            ),
-            (
-                "--latest-page",
-                "--max-latest-page",
-                q.latest_page,
-                q.max_latest_page,
-            ),
-        ] {
-            if default > most {
-                return Err(ConfigError::Inconsistent(format!(
-                    "{page} ({default}) must not exceed {max} ({most})"
-                )));
-            }
-        }
-        if l.buffer_points < l.max_batch_points {
-            return Err(ConfigError::Inconsistent(format!(
-                "--buffer-points ({}) must hold at least one full batch (--max-batch-points {})",
-                l.buffer_points, l.max_batch_points
-            )));
-        }
-        if l.max_decoding_bytes < l.max_decompressed_bytes.max(l.max_message_bytes) {
-            return Err(ConfigError::Inconsistent(format!(
-                "--max-decoding-bytes ({}) must hold one body (--max-decompressed-bytes {}, --max-message-bytes {})",
-                l.max_decoding_bytes, l.max_decompressed_bytes, l.max_message_bytes
-            )));
-        }
-        if u32::try_from(l.max_decoding_bytes).is_err() {
-            return Err(ConfigError::Inconsistent(
-                "--max-decoding-bytes must be below 4 GiB".into(),
-            ));
-        }
-        if l.buffer_bytes < l.max_message_bytes {
-            return Err(ConfigError::Inconsistent(format!(
-                "--buffer-bytes ({}) must hold at least one message (--max-message-bytes {})",
-                l.buffer_bytes, l.max_message_bytes
-            )));
-        }
-        if u32::try_from(l.buffer_bytes).is_err() || u32::try_from(l.buffer_points).is_err() {
-            return Err(ConfigError::Inconsistent(
-                "--buffer-points and --buffer-bytes must be below 4 GiB".into(),
-            ));
-        }
-        if self.validation.max_speed_kmh.is_nan() || self.validation.max_speed_kmh <= 0.0 {
-            return Err(ConfigError::Inconsistent(
-                "--max-speed-kmh must be positive".into(),
-            ));
-        }
-        let a = &self.auth;
-        if a.rate_limit_points > 0 && (a.rate_limit_burst as usize) < l.max_batch_points {
-            return Err(ConfigError::Inconsistent(format!(
-                "--rate-limit-burst ({}) must let one full batch pass (--max-batch-points {})",
-                a.rate_limit_burst, l.max_batch_points
-            )));
-        }
-        at_least(
-            "--max-subscribers-per-token",
-            1,
-            q.max_subscribers_per_token as u64,
-        )?;
-        if q.max_subscribers_per_token > q.max_subscribers {
-            return Err(ConfigError::Inconsistent(format!(
-                "--max-subscribers-per-token ({}) must not exceed --max-subscribers ({})",
-                q.max_subscribers_per_token, q.max_subscribers
-            )));
-        }
-        if self.query.live_interval > Duration::from_secs(10) {
-            return Err(ConfigError::Inconsistent(
-                "--live-interval must be at most 10s: a live feed holds points that long".into(),
-            ));
-        }
-        if a.auth_refresh_interval < Duration::from_millis(100) {
-            return Err(ConfigError::Inconsistent(
-                "--auth-refresh-interval must be at least 100ms".into(),
-            ));
-        }
-        for (flag, path) in [
-            ("--tls-cert", &self.tls.tls_cert),
-            ("--tls-key", &self.tls.tls_key),
-            ("--tls-client-ca", &self.tls.tls_client_ca),
-        ] {
-            if let Some(path) = path
-                && !path.is_file()
-            {
-                return Err(ConfigError::Inconsistent(format!(
-                    "{flag} {} is not a readable file",
-                    path.display()
-                )));
-            }
-        }
-        // The files parse, and the key fits the certificate.
-        crate::tls::load(&self.tls).map_err(|e| ConfigError::Inconsistent(format!("TLS: {e}")))?;
-        if self.storage.chunk_interval < Duration::from_secs(3600) {
-            return Err(ConfigError::Inconsistent(
-                "--chunk-interval must be at least 1h".into(),
-            ));
-        }
-        if self.storage.raw_retention < self.storage.chunk_interval {
-            return Err(ConfigError::Inconsistent(
-                "--raw-retention must be at least one --chunk-interval".into(),
-            ));
-        }
-        Ok(())
+        self.validation.validate()?;
+        self.connections.validate()?;
+        self.query.validate()?;
+        self.auth.validate(&self.limits)?;
+        self.tls.validate()?;
+        self.storage.validate()
     }
 }
 
@@ -700,6 +468,188 @@ pub fn human(d: Duration) -> String {
     parts.join(" ")
 }
 
+/// `value` is at least `min`, or the error that says so for `name`.
+fn at_least(name: &'static str, min: u64, value: u64) -> Result<(), ConfigError> {
+    if value < min {
+        Err(ConfigError::TooSmall { name, min, value })
+    } else {
+        Ok(())
+    }
+}
+
+fn inconsistent(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Inconsistent(msg.into())
+}
+
+impl LimitArgs {
+    /// Each bound is positive and holds what the others let in.
+    fn validate(&self) -> Result<(), ConfigError> {
+        at_least("--max-message-bytes", 1024, self.max_message_bytes as u64)?;
+        at_least("--max-batch-points", 1, self.max_batch_points as u64)?;
+        at_least("--buffer-points", 1, self.buffer_points as u64)?;
+        at_least("--max-streams", 1, self.max_streams as u64)?;
+        at_least("--stream-inflight", 1, self.stream_inflight as u64)?;
+        if self.buffer_points < self.max_batch_points {
+            return Err(inconsistent(format!(
+                "--buffer-points ({}) must hold at least one full batch (--max-batch-points {})",
+                self.buffer_points, self.max_batch_points
+            )));
+        }
+        if self.max_decoding_bytes < self.max_decompressed_bytes.max(self.max_message_bytes) {
+            return Err(inconsistent(format!(
+                "--max-decoding-bytes ({}) must hold one body (--max-decompressed-bytes {}, --max-message-bytes {})",
+                self.max_decoding_bytes, self.max_decompressed_bytes, self.max_message_bytes
+            )));
+        }
+        if u32::try_from(self.max_decoding_bytes).is_err() {
+            return Err(inconsistent("--max-decoding-bytes must be below 4 GiB"));
+        }
+        if self.buffer_bytes < self.max_message_bytes {
+            return Err(inconsistent(format!(
+                "--buffer-bytes ({}) must hold at least one message (--max-message-bytes {})",
+                self.buffer_bytes, self.max_message_bytes
+            )));
+        }
+        if u32::try_from(self.buffer_bytes).is_err() || u32::try_from(self.buffer_points).is_err() {
+            return Err(inconsistent(
+                "--buffer-points and --buffer-bytes must be below 4 GiB",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PipelineArgs {
+    fn validate(&self) -> Result<(), ConfigError> {
+        at_least("--flush-points", 1, self.flush_points as u64)?;
+        at_least("--flush-bytes", 1024, self.flush_bytes as u64)?;
+        at_least("--writers", 1, self.writers as u64)
+    }
+}
+
+impl ValidationArgs {
+    fn validate(&self) -> Result<(), ConfigError> {
+        at_least("--max-app-source-len", 1, self.max_app_source_len as u64)?;
+        if self.max_speed_kmh.is_nan() || self.max_speed_kmh <= 0.0 {
+            return Err(inconsistent("--max-speed-kmh must be positive"));
+        }
+        Ok(())
+    }
+}
+
+impl ConnectionArgs {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("--max-connections-grpc", self.max_connections_grpc),
+            ("--max-connections-http", self.max_connections_http),
+            ("--max-connections-metrics", self.max_connections_metrics),
+        ] {
+            at_least(name, 1, value as u64)?;
+        }
+        for (name, value) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--header-read-timeout", self.header_read_timeout),
+            ("--idle-timeout", self.idle_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(inconsistent(format!("{name} must be at least 100ms")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl QueryArgs {
+    /// Pages, live queues and subscribers: positive, and each default
+    /// within its maximum.
+    fn validate(&self) -> Result<(), ConfigError> {
+        at_least("--live-queue-points", 1, self.live_queue_points as u64)?;
+        at_least("--track-page", 1, self.track_page.into())?;
+        at_least("--latest-page", 1, self.latest_page.into())?;
+        // A location is at most a few KiB (metadata is bounded), so a page
+        // of this many bytes always has room for one.
+        at_least("--max-latest-bytes", 65_536, self.max_latest_bytes as u64)?;
+        for (page, max, default, most) in [
+            (
+                "--track-page",
+                "--max-track-page",
+                self.track_page,
+                self.max_track_page,
+            ),
+            (
+                "--latest-page",
+                "--max-latest-page",
+                self.latest_page,
+                self.max_latest_page,
+            ),
+        ] {
+            if default > most {
+                return Err(inconsistent(format!(
+                    "{page} ({default}) must not exceed {max} ({most})"
+                )));
+            }
+        }
+        at_least(
+            "--max-subscribers-per-token",
+            1,
+            self.max_subscribers_per_token as u64,
+        )?;
+        if self.max_subscribers_per_token > self.max_subscribers {
+            return Err(inconsistent(format!(
+                "--max-subscribers-per-token ({}) must not exceed --max-subscribers ({})",
+                self.max_subscribers_per_token, self.max_subscribers
+            )));
+        }
+        if self.live_interval > Duration::from_secs(10) {
+            return Err(inconsistent(
+                "--live-interval must be at most 10s: a live feed holds points that long",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AuthArgs {
+    /// The rate limit lets one full batch of `limits` pass.
+    fn validate(&self, limits: &LimitArgs) -> Result<(), ConfigError> {
+        if self.rate_limit_points > 0 && (self.rate_limit_burst as usize) < limits.max_batch_points
+        {
+            return Err(inconsistent(format!(
+                "--rate-limit-burst ({}) must let one full batch pass (--max-batch-points {})",
+                self.rate_limit_burst, limits.max_batch_points
+            )));
+        }
+        if self.auth_refresh_interval < Duration::from_millis(100) {
+            return Err(inconsistent(
+                "--auth-refresh-interval must be at least 100ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TlsArgs {
+    /// The files are there, parse, and the key fits the certificate.
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (flag, path) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-client-ca", &self.tls_client_ca),
+        ] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                return Err(inconsistent(format!(
+                    "{flag} {} is not a readable file",
+                    path.display()
+                )));
+            }
+        }
+        crate::tls::load(self).map_err(|e| inconsistent(format!("TLS: {e}")))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,6 +668,35 @@ mod tests {
             assert_eq!(human(d), text);
             assert_eq!(humantime::parse_duration(text).unwrap(), d, "{text}");
         }
+    }
+
+    /// `locus serve` with only a database URL is `with_database`'s
+    /// configuration but for the addresses (each default is written once,
+    /// in its flag; this holds the two ways of reading them together).
+    /// A `LOCUS_*` variable set where the test runs would show here.
+    #[test]
+    fn serve_flags_default_to_the_configuration_default() {
+        use clap::Parser;
+        let url = "postgres://localhost/locus";
+        let crate::cli::Command::Serve(mut parsed) =
+            crate::cli::Cli::try_parse_from(["locus", "serve", "--database-url", url])
+                .unwrap()
+                .command
+        else {
+            panic!("not serve");
+        };
+        let defaults = ServeConfig::with_database(url);
+        assert_eq!(parsed.grpc_addr, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(parsed.query.http_addr, "0.0.0.0:8080".parse().unwrap());
+        parsed.grpc_addr = defaults.grpc_addr;
+        parsed.metrics_addr = defaults.metrics_addr;
+        parsed.query.http_addr = defaults.query.http_addr;
+        assert_eq!(format!("{parsed:?}"), format!("{defaults:?}"));
+        assert_eq!(defaults.pipeline.writers, 4);
+        assert_eq!(
+            defaults.storage.raw_retention,
+            Duration::from_secs(30 * 86_400)
+        );
     }
 
     #[test]
