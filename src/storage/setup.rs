@@ -297,32 +297,55 @@ pub async fn plan(
     let facts = catalog::read(conn).await?;
     check_required(&facts, opts.require_tier)?;
     let storage = &opts.storage;
-    let tier = facts.tier;
-    let mut steps = Vec::new();
-
-    if tier.is_timescale() {
-        match (&facts.installed, &facts.available) {
-            (None, _) => steps.push(step(
-                "create the timescaledb extension",
-                "CREATE EXTENSION IF NOT EXISTS timescaledb",
-            )),
-            (Some(have), Some(latest)) if have != latest => steps.push(Step {
-                fresh_connection: true,
-                ..step(
-                    format!("update timescaledb {have} -> {latest}"),
-                    "ALTER EXTENSION timescaledb UPDATE",
-                )
-            }),
-            _ => {}
-        }
-    }
-
-    // location_events: create, adopt, or keep.
+    let mut steps = extension_steps(&facts);
     let hypertable = if facts.installed.is_some() {
         timescale::hypertable(conn).await?
     } else {
         timescale::Hypertable::default()
     };
+    steps.extend(events_steps(conn, &facts, &hypertable, storage, now_us).await?);
+    steps.extend(bookkeeping_steps(&facts)?);
+    steps.extend(hourly_steps(conn, &facts, &hypertable, storage).await?);
+    Ok(Plan {
+        tier: facts.tier,
+        notes: facts.notes,
+        steps,
+    })
+}
+
+/// Creates or updates the timescaledb extension where the tier has it.
+fn extension_steps(facts: &Facts) -> Vec<Step> {
+    if !facts.tier.is_timescale() {
+        return Vec::new();
+    }
+    match (&facts.installed, &facts.available) {
+        (None, _) => vec![step(
+            "create the timescaledb extension",
+            "CREATE EXTENSION IF NOT EXISTS timescaledb",
+        )],
+        (Some(have), Some(latest)) if have != latest => vec![Step {
+            fresh_connection: true,
+            ..step(
+                format!("update timescaledb {have} -> {latest}"),
+                "ALTER EXTENSION timescaledb UPDATE",
+            )
+        }],
+        _ => Vec::new(),
+    }
+}
+
+/// `location_events`: created, adopted, or kept (its partitions or
+/// hypertable settings brought in line), then its indexes, the old unique
+/// key last.
+async fn events_steps(
+    conn: &mut PgConnection,
+    facts: &Facts,
+    hypertable: &timescale::Hypertable,
+    storage: &StorageArgs,
+    now_us: i64,
+) -> Result<Vec<Step>, SetupError> {
+    let tier = facts.tier;
+    let mut steps = Vec::new();
     let adopting = match facts.events {
         None => {
             steps.extend(create_events(tier, storage, now_us));
@@ -333,11 +356,11 @@ pub async fn plan(
             false
         }
         Some('r') if hypertable.exists => {
-            steps.extend(timescale::hypertable_steps(&hypertable, storage));
+            steps.extend(timescale::hypertable_steps(hypertable, storage));
             false
         }
         Some('r') if tier.is_timescale() && !adopt::needs_migration(conn).await? => {
-            steps.extend(timescale::hypertable_steps(&hypertable, storage));
+            steps.extend(timescale::hypertable_steps(hypertable, storage));
             false
         }
         Some('r') => {
@@ -358,20 +381,12 @@ pub async fn plan(
             )));
         }
     };
-
     let existing = if facts.events.is_some() && !adopting {
         catalog::indexes(conn, "location_events").await?
     } else {
         Vec::new()
     };
-    for (name, def) in EVENTS_INDEXES {
-        if !existing.iter().any(|i| i == name) {
-            steps.push(step(
-                format!("create index {name}"),
-                format!("CREATE {def}"),
-            ));
-        }
-    }
+    steps.extend(missing_indexes(&existing, &EVENTS_INDEXES));
     // Dropped only after the new key exists (a step above, or already):
     // the new key is strictly weaker, so its creation cannot fail on rows
     // the old one let in.
@@ -384,7 +399,23 @@ pub async fn plan(
             format!("DROP INDEX {OLD_EVENTS_KEY}"),
         ));
     }
+    Ok(steps)
+}
 
+/// The steps creating whichever of `indexes` is not among `existing`.
+fn missing_indexes<'a>(
+    existing: &'a [String],
+    indexes: &'a [(&str, &str)],
+) -> impl Iterator<Item = Step> + 'a {
+    indexes
+        .iter()
+        .filter(|(name, _)| !existing.iter().any(|i| i == name))
+        .map(|(name, def)| step(format!("create index {name}"), format!("CREATE {def}")))
+}
+
+/// locus's own tables: the rollup's pending hours, the job runs, tokens.
+fn bookkeeping_steps(facts: &Facts) -> Result<Vec<Step>, SetupError> {
+    let mut steps = Vec::new();
     if facts.pending.is_none() || facts.job_runs.is_none() {
         if facts.pending.is_some() != facts.job_runs.is_some() {
             return Err(SetupError::Refused(
@@ -398,8 +429,18 @@ pub async fn plan(
     if facts.tokens.is_none() {
         steps.push(step("create the token table", TOKENS_SQL));
     }
+    Ok(steps)
+}
 
-    if tier == Tier::Timescale {
+/// `location_hourly`: TimescaleDB's continuous aggregate and its policies
+/// on the community tier, a table locus keeps elsewhere.
+async fn hourly_steps(
+    conn: &mut PgConnection,
+    facts: &Facts,
+    hypertable: &timescale::Hypertable,
+    storage: &StorageArgs,
+) -> Result<Vec<Step>, SetupError> {
+    if facts.tier == Tier::Timescale {
         let (is_cagg, jobs) = if facts.installed.is_some() {
             (
                 timescale::is_cagg(conn).await?,
@@ -408,42 +449,25 @@ pub async fn plan(
         } else {
             (false, Vec::new())
         };
-        steps.extend(timescale::community_steps(
-            &hypertable,
-            facts.hourly,
-            is_cagg,
-            &jobs,
-            storage,
-        )?);
-    } else {
-        let existing = match facts.hourly {
-            None => {
-                steps.push(step("create table location_hourly", HOURLY_TABLE_SQL));
-                Vec::new()
-            }
-            Some('r') => catalog::indexes(conn, "location_hourly").await?,
-            Some(k) => {
-                return Err(SetupError::Refused(format!(
-                    "location_hourly exists as a {} rather than a table (was this database on another \
-                     tier?); setup will not replace it: rename or drop it, and run setup again",
-                    timescale::relkind_name(k)
-                )));
-            }
-        };
-        for (name, def) in HOURLY_INDEXES {
-            if !existing.iter().any(|i| i == name) {
-                steps.push(step(
-                    format!("create index {name}"),
-                    format!("CREATE {def}"),
-                ));
-            }
-        }
+        return timescale::community_steps(hypertable, facts.hourly, is_cagg, &jobs, storage);
     }
-    Ok(Plan {
-        tier,
-        notes: facts.notes,
-        steps,
-    })
+    let mut steps = Vec::new();
+    let existing = match facts.hourly {
+        None => {
+            steps.push(step("create table location_hourly", HOURLY_TABLE_SQL));
+            Vec::new()
+        }
+        Some('r') => catalog::indexes(conn, "location_hourly").await?,
+        Some(k) => {
+            return Err(SetupError::Refused(format!(
+                "location_hourly exists as a {} rather than a table (was this database on another \
+                 tier?); setup will not replace it: rename or drop it, and run setup again",
+                timescale::relkind_name(k)
+            )));
+        }
+    };
+    steps.extend(missing_indexes(&existing, &HOURLY_INDEXES));
+    Ok(steps)
 }
 
 fn check_required(facts: &Facts, required: Option<Tier>) -> Result<(), SetupError> {
