@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use common::TestDb;
 use futures::TryStreamExt;
 use locus::{
-    ingest::validate::{LocationReader, ValidLocation},
+    location::{LocationReader, ValidLocation},
     pipeline::copy_encoder::{COLUMNS, encode_header, encode_row, encode_trailer},
     query::LOCATION_COLUMNS,
 };

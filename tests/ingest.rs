@@ -11,10 +11,8 @@ use bytes::Bytes;
 use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs, scrape};
 use locus::{
     codec::{call_encoded, stream_encoded},
-    ingest::{
-        grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
-        validate::{LocationReader, ValidLocation},
-    },
+    ingest::grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
+    location::{LocationReader, ValidLocation},
     proto::{BatchAck, Location, LocationBatch},
     query::LOCATION_COLUMNS,
 };

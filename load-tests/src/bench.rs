@@ -19,7 +19,8 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use locus::{
     config::ValidationArgs,
-    ingest::validate::{ValidLocation, Validator},
+    ingest::validate::Validator,
+    location::ValidLocation,
     pipeline::copy_encoder::{COLUMNS, encode_header, encode_row, encode_trailer},
     proto::{Location, LocationBatch, ingest_client::IngestClient},
 };

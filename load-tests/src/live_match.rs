@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::response::sse::Event;
 use bytes::{Bytes, BytesMut};
 use locus::{
-    ingest::validate::ValidLocation,
+    location::ValidLocation,
     pipeline::copy_encoder::encode_row,
     query::{
         http::{LocationJson, sse_events},

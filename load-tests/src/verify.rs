@@ -16,7 +16,7 @@ use std::{
 };
 
 use locus::{
-    ingest::validate::{LocationReader, ValidLocation},
+    location::{LocationReader, ValidLocation},
     proto::Location,
     query::LOCATION_COLUMNS,
 };

@@ -22,13 +22,11 @@ use serde_json::{Value, value::RawValue};
 use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
-use super::{
-    IngestError, Ingestor, PendingAck, WhenFull,
-    validate::{Reason, Rejection, reject},
-};
+use super::{IngestError, Ingestor, PendingAck, WhenFull};
 use crate::{
     auth::{Auth, Caller, Principal},
     config::LimitArgs,
+    location::{Reason, Rejection, reject},
     metrics as m, proto,
     query::http::ErrorJson,
     status,

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     auth::{Auth, Caller},
-    ingest::validate::{LocationOf, LocationRef},
+    location::{LocationOf, LocationRef},
     metrics as m, proto, status,
 };
 
@@ -561,7 +561,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        ingest::validate::ValidLocation,
+        location::ValidLocation,
         query::live::{Live, tests::batch},
     };
 

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{LOCATION_COLUMNS, encoded::SharedLocation};
-use crate::ingest::validate::{LocationReader, ValidLocation};
+use crate::location::{LocationReader, ValidLocation};
 
 /// Each device's newest location, one per app_source it was seen in: a
 /// device id is unique only within its app_source (one phone may run two

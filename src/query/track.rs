@@ -6,7 +6,7 @@ use futures::TryStreamExt;
 use uuid::Uuid;
 
 use super::{LOCATION_COLUMNS, QueryError, QueryState, invalid, page_limit, ts};
-use crate::ingest::validate::{LocationReader, ValidLocation};
+use crate::location::{LocationReader, ValidLocation};
 
 pub struct TrackRequest {
     pub device_id: Uuid,
