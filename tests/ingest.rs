@@ -12,9 +12,8 @@ use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_s
 use locus::{
     codec::{call_encoded, stream_encoded},
     ingest::grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
-    location::{LocationReader, ValidLocation},
+    location::{LocationReader, SELECT_COLUMNS, ValidLocation},
     proto::{BatchAck, Location, LocationBatch},
-    query::LOCATION_COLUMNS,
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -101,7 +100,7 @@ async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplic
     // is not).
     let mut reader = LocationReader::default();
     let stored: HashMap<(uuid::Uuid, i64), ValidLocation> =
-        sqlx::query(&format!("SELECT {LOCATION_COLUMNS} FROM location_events"))
+        sqlx::query(&format!("SELECT {SELECT_COLUMNS} FROM location_events"))
             .fetch_all(&pool)
             .await
             .unwrap()

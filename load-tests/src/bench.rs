@@ -20,8 +20,8 @@ use clap::Parser;
 use locus::{
     config::ValidationArgs,
     ingest::validate::Validator,
-    location::ValidLocation,
-    pipeline::copy_encoder::{COLUMNS, encode_header, encode_row, encode_trailer},
+    location::{COLUMNS, ValidLocation},
+    pipeline::copy_encoder::{encode_header, encode_row, encode_trailer},
     proto::{Location, LocationBatch, ingest_client::IngestClient},
 };
 use locus_load::{

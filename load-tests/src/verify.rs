@@ -16,9 +16,8 @@ use std::{
 };
 
 use locus::{
-    location::{LocationReader, ValidLocation},
+    location::{LocationReader, SELECT_COLUMNS, ValidLocation},
     proto::Location,
-    query::LOCATION_COLUMNS,
 };
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -199,7 +198,7 @@ pub async fn verify(
     let mut counts = [0usize; 4];
     for (app_source, device) in devices {
         let rows = sqlx::query(&format!(
-            "SELECT {LOCATION_COLUMNS} FROM location_events
+            "SELECT {SELECT_COLUMNS} FROM location_events
              WHERE app_source = $1 AND device_id = $2 ORDER BY time"
         ))
         .bind(app_source)

@@ -1,6 +1,7 @@
 //! The point itself, which every stage shares: a location as accepted and
-//! stored ([`LocationOf`]), how a SQL row is read back into one
-//! ([`LocationReader`]), and why a point is rejected ([`Reason`]). It sits
+//! stored ([`LocationOf`]), the columns it is stored in ([`COLUMNS`]), how a
+//! SQL row is read back into one ([`LocationReader`]), and why a point is
+//! rejected ([`Reason`]). It sits
 //! below the stages (ingest, pipeline, query), so that none of them reaches
 //! up into another for it.
 
@@ -8,7 +9,7 @@ mod rejection;
 mod sql;
 
 pub use rejection::{Reason, Rejection, reject};
-pub use sql::LocationReader;
+pub use sql::{COLUMNS, LocationReader, SELECT_COLUMNS};
 
 use uuid::Uuid;
 

@@ -1,11 +1,33 @@
-//! The point in SQL: how a row of `location_events` is read back into a
-//! [`ValidLocation`].
+//! The point in SQL: the columns of `location_events`, and how a row of
+//! them is read back into a [`ValidLocation`].
 
 use uuid::Uuid;
 
 use super::ValidLocation;
 
-/// Reads rows of `query::LOCATION_COLUMNS` into [`ValidLocation`]s, by
+/// The columns of `location_events` in the order of [`LocationOf`]'s
+/// fields, written once; `$metadata` is how the last one is named.
+///
+/// [`LocationOf`]: super::LocationOf
+macro_rules! columns {
+    ($metadata:literal) => {
+        concat!(
+            "time, device_id, user_id, app_source, latitude, longitude, ",
+            "accuracy, altitude, speed, heading, ",
+            $metadata
+        )
+    };
+}
+
+/// The columns that COPY and INSERT name, in the order
+/// `pipeline::copy_encoder::encode_row` writes them.
+pub const COLUMNS: &str = columns!("metadata");
+
+/// The same columns for a SELECT on `location_events`, in the order
+/// [`LocationReader`] reads them: `metadata` as the text of its JSON.
+pub const SELECT_COLUMNS: &str = columns!("metadata::text AS metadata");
+
+/// Reads rows of [`SELECT_COLUMNS`] into [`ValidLocation`]s, by
 /// position (by name, each column of each row is a hash lookup: 95,000 of
 /// them for a day's track). The columns' types are the statement's, the same
 /// in every row: they are checked once, on the first row, and the cells are
