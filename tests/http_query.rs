@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Device, TestDb, TestServer, config, conforms, get_json as get, now_secs};
 use futures::StreamExt;
 use locus::{
-    query::http::rfc3339,
+    location::json::rfc3339,
     storage::{maintain, setup},
 };
 use serde_json::Value;

@@ -1,10 +1,11 @@
 //! The point itself, which every stage shares: a location as accepted and
 //! stored ([`LocationOf`]), the columns it is stored in ([`COLUMNS`]), how a
-//! SQL row is read back into one ([`LocationReader`]), and why a point is
-//! rejected ([`Reason`]). It sits
+//! SQL row is read back into one ([`LocationReader`]), its JSON forms
+//! ([`json`]), and why a point is rejected ([`Reason`]). It sits
 //! below the stages (ingest, pipeline, query), so that none of them reaches
 //! up into another for it.
 
+pub mod json;
 mod rejection;
 mod sql;
 

@@ -13,7 +13,7 @@ use axum::{
     },
     routing::get,
 };
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,10 @@ use super::{
 };
 use crate::{
     auth::{Auth, Caller},
-    location::{LocationOf, LocationRef},
+    location::{
+        LocationRef,
+        json::{LocationJson, rfc3339},
+    },
     metrics as m, proto, status,
 };
 
@@ -98,52 +101,6 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             Vec::<String>::new(),
         )]);
-    }
-}
-
-/// A stored point.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct LocationJson {
-    /// RFC 3339, microseconds.
-    pub time: String,
-    pub device_id: String,
-    pub user_id: String,
-    pub app_source: String,
-    pub latitude: f64,
-    pub longitude: f64,
-    pub accuracy: Option<f32>,
-    pub altitude: Option<f32>,
-    pub speed: Option<f32>,
-    pub heading: Option<f32>,
-    /// The metadata object, or null.
-    #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Value>,
-}
-
-pub fn rfc3339(us: i64) -> String {
-    DateTime::from_timestamp_micros(us)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-impl<S: AsRef<str>> From<&LocationOf<S>> for LocationJson {
-    fn from(l: &LocationOf<S>) -> Self {
-        LocationJson {
-            time: rfc3339(l.time_us),
-            device_id: l.device_id.to_string(),
-            user_id: l.user_id.to_string(),
-            app_source: l.app_source.as_ref().to_owned(),
-            latitude: l.latitude,
-            longitude: l.longitude,
-            accuracy: l.accuracy,
-            altitude: l.altitude,
-            speed: l.speed,
-            heading: l.heading,
-            metadata: l
-                .metadata
-                .as_ref()
-                .and_then(|m| serde_json::from_str(m.as_ref()).ok()),
-        }
     }
 }
 
