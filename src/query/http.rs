@@ -28,10 +28,7 @@ use super::{
 };
 use crate::{
     auth::{Auth, Caller},
-    location::{
-        LocationRef,
-        json::{LocationJson, rfc3339},
-    },
+    location::{LocationRef, json::LocationJson},
     metrics as m, proto, status,
 };
 
@@ -73,7 +70,7 @@ pub fn router(state: Arc<QueryState>, shutdown: CancellationToken) -> Router {
         LocationJson,
         LatestJson,
         TrackJson,
-        HourJson,
+        stats::HourStats,
         HourlyJson,
         ErrorJson,
         ErrorDetail
@@ -121,27 +118,9 @@ pub struct TrackJson {
     pub next_cursor: Option<String>,
 }
 
-/// One hour of the matching rows of location_hourly, combined.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct HourJson {
-    pub hour: String,
-    pub point_count: i64,
-    pub devices: i64,
-    pub avg_latitude: f64,
-    pub avg_longitude: f64,
-    pub avg_speed: Option<f64>,
-    pub max_speed: Option<f64>,
-    pub first_event: String,
-    pub last_event: String,
-    pub min_latitude: f64,
-    pub max_latitude: f64,
-    pub min_longitude: f64,
-    pub max_longitude: f64,
-}
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HourlyJson {
-    pub hours: Vec<HourJson>,
+    pub hours: Vec<stats::HourStats>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -396,26 +375,7 @@ async fn hourly_stats(
             parse_time(p.to.as_deref(), "to")?,
         )
         .await?;
-        Ok(HourlyJson {
-            hours: rows
-                .into_iter()
-                .map(|h| HourJson {
-                    hour: rfc3339(h.hour_us),
-                    point_count: h.point_count,
-                    devices: h.devices,
-                    avg_latitude: h.avg_latitude,
-                    avg_longitude: h.avg_longitude,
-                    avg_speed: h.avg_speed,
-                    max_speed: h.max_speed,
-                    first_event: rfc3339(h.first_event_us),
-                    last_event: rfc3339(h.last_event_us),
-                    min_latitude: h.min_latitude,
-                    max_latitude: h.max_latitude,
-                    min_longitude: h.min_longitude,
-                    max_longitude: h.max_longitude,
-                })
-                .collect(),
-        })
+        Ok(HourlyJson { hours: rows })
     }
     .await;
     timed("http_hourly_stats", started, r)
