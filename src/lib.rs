@@ -3,9 +3,10 @@
 //! A point travels: receive ([`ingest`]), validate ([`ingest::validate`]),
 //! batch ([`pipeline::batcher`]), encode for COPY ([`pipeline::copy_encoder`]),
 //! write ([`pipeline::writer`]) and acknowledge. The point itself, as
-//! every stage sees it, is [`location`]: its type, how a SQL row is read
-//! back into one, and the reasons a point is rejected; it reaches up into
-//! no stage. The schema is owned by [`storage`].
+//! every stage sees it, is [`location`]: its type, its columns, how a SQL
+//! row is read back into one, its JSON forms and the reasons a point is
+//! rejected; it reaches up into no stage. The schema is owned by
+//! [`storage`].
 
 #![forbid(unsafe_code)]
 
