@@ -2,7 +2,10 @@
 //!
 //! A point travels: receive ([`ingest`]), validate ([`ingest::validate`]),
 //! batch ([`pipeline::batcher`]), encode for COPY ([`pipeline::copy_encoder`]),
-//! write ([`pipeline::writer`]) and acknowledge. The schema is owned by
+//! write ([`pipeline::writer`]) and acknowledge. The point itself, as
+//! every stage sees it, is [`location`]: its type, its columns, how a SQL
+//! row is read back into one, its JSON forms and the reasons a point is
+//! rejected; it reaches up into no stage. The schema is owned by
 //! [`storage`].
 
 #![forbid(unsafe_code)]
@@ -14,6 +17,7 @@ pub mod config;
 pub mod connections;
 pub mod health;
 pub mod ingest;
+pub mod location;
 pub mod metrics;
 pub mod pipeline;
 pub mod proto;

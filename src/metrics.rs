@@ -152,7 +152,7 @@ fn describe() {
 /// Series that exist from the start at zero, so that `rate()` and the
 /// dashboard see them before the first event.
 fn register_zeroes() {
-    use crate::ingest::validate::Reason;
+    use crate::location::Reason;
     for name in [
         POINTS_RECEIVED,
         POINTS_ACCEPTED,

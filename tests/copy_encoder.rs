@@ -9,9 +9,8 @@ use bytes::BytesMut;
 use common::TestDb;
 use futures::TryStreamExt;
 use locus::{
-    ingest::validate::{LocationReader, ValidLocation},
-    pipeline::copy_encoder::{COLUMNS, encode_header, encode_row, encode_trailer},
-    query::LOCATION_COLUMNS,
+    location::{COLUMNS, LocationReader, SELECT_COLUMNS, ValidLocation},
+    pipeline::copy_encoder::{encode_header, encode_row, encode_trailer},
 };
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -163,7 +162,7 @@ async fn encoded_rows_load_and_read_back_unchanged() {
     // checked on the first row only.
     let mut reader = LocationReader::default();
     let read: Vec<ValidLocation> = sqlx::query(&format!(
-        "SELECT {LOCATION_COLUMNS} FROM location_events ORDER BY time DESC"
+        "SELECT {SELECT_COLUMNS} FROM location_events ORDER BY time DESC"
     ))
     .fetch_all(&mut conn)
     .await

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Device, TestDb, TestServer, config, conforms, get_json as get, now_secs};
 use futures::StreamExt;
 use locus::{
-    query::http::rfc3339,
+    location::json::rfc3339,
     storage::{maintain, setup},
 };
 use serde_json::Value;
@@ -145,6 +145,15 @@ async fn http_queries_answer_json_and_match_the_openapi_document() {
     .await;
     assert_eq!(status, 200, "{stats}");
     assert_eq!(stats["hours"][0]["point_count"], 250);
+    assert_eq!(stats["hours"][0]["hour"], rfc3339(hour * 1_000_000));
+    assert_eq!(
+        stats["hours"][0]["first_event"],
+        rfc3339(hour * 1_000_000 + 250_000)
+    );
+    assert_eq!(
+        stats["hours"][0]["last_event"],
+        rfc3339((hour + 249) * 1_000_000 + 250_000)
+    );
     conforms(&doc, "HourlyJson", &stats);
     conforms(&doc, "HourJson", &stats["hours"][0]);
 

@@ -11,12 +11,9 @@ use bytes::Bytes;
 use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs, scrape};
 use locus::{
     codec::{call_encoded, stream_encoded},
-    ingest::{
-        grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
-        validate::{LocationReader, ValidLocation},
-    },
+    ingest::grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
+    location::{LocationReader, SELECT_COLUMNS, ValidLocation},
     proto::{BatchAck, Location, LocationBatch},
-    query::LOCATION_COLUMNS,
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -103,7 +100,7 @@ async fn hundred_thousand_points_from_a_hundred_devices_then_all_again_as_duplic
     // is not).
     let mut reader = LocationReader::default();
     let stored: HashMap<(uuid::Uuid, i64), ValidLocation> =
-        sqlx::query(&format!("SELECT {LOCATION_COLUMNS} FROM location_events"))
+        sqlx::query(&format!("SELECT {SELECT_COLUMNS} FROM location_events"))
             .fetch_all(&pool)
             .await
             .unwrap()

@@ -20,11 +20,11 @@ use common::{
     setup_opts, write_duplicates_and_late_points,
 };
 use locus::{
+    location::json::rfc3339,
     proto::{
         GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, LocationBatch, SubscribeRequest,
         get_hourly_stats_request::Key, query_client::QueryClient,
     },
-    query::http::rfc3339,
     storage::{
         Tier, doctor, maintain,
         setup::{self, SetupOptions},

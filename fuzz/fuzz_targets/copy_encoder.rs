@@ -7,7 +7,7 @@
 use arbitrary::Arbitrary;
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use locus::{ingest::validate::ValidLocation, pipeline::copy_encoder};
+use locus::{location::ValidLocation, pipeline::copy_encoder};
 
 #[derive(Debug, Arbitrary)]
 struct Input {

@@ -19,8 +19,9 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use locus::{
     config::ValidationArgs,
-    ingest::validate::{ValidLocation, Validator},
-    pipeline::copy_encoder::{COLUMNS, encode_header, encode_row, encode_trailer},
+    ingest::validate::Validator,
+    location::{COLUMNS, ValidLocation},
+    pipeline::copy_encoder::{encode_header, encode_row, encode_trailer},
     proto::{Location, LocationBatch, ingest_client::IngestClient},
 };
 use locus_load::{

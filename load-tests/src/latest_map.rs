@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use locus::{
-    ingest::validate::ValidLocation,
+    location::ValidLocation,
     query::{encoded::EncodedLocations, latest::Latest, parse_device_ids},
 };
 use locus_load::fleet::Rng;

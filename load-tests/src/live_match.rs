@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use axum::response::sse::Event;
 use bytes::{Bytes, BytesMut};
 use locus::{
-    ingest::validate::ValidLocation,
+    location::{ValidLocation, json::LocationJson},
     pipeline::copy_encoder::encode_row,
     query::{
-        http::{LocationJson, sse_events},
+        http::sse_events,
         live::{Filter, Live, LiveBatch, Update},
     },
 };

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use locus::{
     auth::Auth,
     config::{QueryArgs, StorageArgs},
+    location::SELECT_COLUMNS,
     query::{
-        LOCATION_COLUMNS, QueryState,
+        QueryState,
         encoded::{LocationPage, to_proto},
         track::{TrackRequest, track},
     },
@@ -57,7 +58,7 @@ pub async fn run(url: &str) -> anyhow::Result<()> {
     let (mut query, mut prost, mut direct, mut decode) = (vec![], vec![], vec![], vec![]);
     let mut fetched = vec![];
     let sql = format!(
-        "SELECT {LOCATION_COLUMNS} FROM location_events
+        "SELECT {SELECT_COLUMNS} FROM location_events
          WHERE app_source = 'mextrack' AND device_id = $1 AND time >= $2 AND time < $3
          ORDER BY time LIMIT 10001"
     );

@@ -16,9 +16,8 @@ use std::{
 };
 
 use locus::{
-    ingest::validate::{LocationReader, ValidLocation},
+    location::{LocationReader, LocationRef, SELECT_COLUMNS, ValidLocation},
     proto::Location,
-    query::LOCATION_COLUMNS,
 };
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -26,17 +25,17 @@ use uuid::Uuid;
 /// A fingerprint of a point's values as the table stores them (the
 /// optional numbers as `real`, the metadata as parsed JSON, so that jsonb's
 /// own spacing and key order do not count). Its key (device and time) is
-/// kept beside it.
-pub fn fingerprint(user_id: Uuid, app_source: &str, v: &Values) -> u64 {
+/// kept beside it, not in it.
+pub fn fingerprint(l: &LocationRef<'_>) -> u64 {
     let mut h = DefaultHasher::new();
-    user_id.hash(&mut h);
-    app_source.hash(&mut h);
-    v.latitude.to_bits().hash(&mut h);
-    v.longitude.to_bits().hash(&mut h);
-    for x in [v.accuracy, v.altitude, v.speed, v.heading] {
+    l.user_id.hash(&mut h);
+    l.app_source.hash(&mut h);
+    l.latitude.to_bits().hash(&mut h);
+    l.longitude.to_bits().hash(&mut h);
+    for x in [l.accuracy, l.altitude, l.speed, l.heading] {
         x.map(f32::to_bits).hash(&mut h);
     }
-    v.metadata
+    l.metadata
         .map(|m| {
             serde_json::from_str::<serde_json::Value>(m).map_or(m.to_string(), |j| j.to_string())
         })
@@ -44,52 +43,29 @@ pub fn fingerprint(user_id: Uuid, app_source: &str, v: &Values) -> u64 {
     h.finish()
 }
 
-/// The values of a point that [`fingerprint`] reads.
-#[derive(Debug)]
-pub struct Values<'a> {
-    pub latitude: f64,
-    pub longitude: f64,
-    pub accuracy: Option<f32>,
-    pub altitude: Option<f32>,
-    pub speed: Option<f32>,
-    pub heading: Option<f32>,
-    pub metadata: Option<&'a str>,
-}
-
 /// A sent point's fingerprint, with its values converted as the validator
 /// converts them.
 pub fn of_sent(l: &Location) -> u64 {
     let f = |x: Option<f64>| x.map(|x| x as f32);
-    fingerprint(
-        Uuid::try_parse(&l.user_id).unwrap_or_default(),
-        &l.app_source,
-        &Values {
-            latitude: l.latitude,
-            longitude: l.longitude,
-            accuracy: f(l.accuracy),
-            altitude: f(l.altitude),
-            speed: f(l.speed),
-            heading: f(l.heading),
-            metadata: (!l.metadata_json.is_empty()).then_some(l.metadata_json.as_str()),
-        },
-    )
+    fingerprint(&LocationRef {
+        // The key, which the fingerprint leaves out.
+        time_us: 0,
+        device_id: Uuid::nil(),
+        user_id: Uuid::try_parse(&l.user_id).unwrap_or_default(),
+        app_source: &l.app_source,
+        latitude: l.latitude,
+        longitude: l.longitude,
+        accuracy: f(l.accuracy),
+        altitude: f(l.altitude),
+        speed: f(l.speed),
+        heading: f(l.heading),
+        metadata: (!l.metadata_json.is_empty()).then_some(l.metadata_json.as_str()),
+    })
 }
 
 /// A stored row's fingerprint.
 pub fn of_stored(r: &ValidLocation) -> u64 {
-    fingerprint(
-        r.user_id,
-        &r.app_source,
-        &Values {
-            latitude: r.latitude,
-            longitude: r.longitude,
-            accuracy: r.accuracy,
-            altitude: r.altitude,
-            speed: r.speed,
-            heading: r.heading,
-            metadata: r.metadata.as_deref(),
-        },
-    )
+    fingerprint(&r.as_ref())
 }
 
 /// What the acks said, by device: the (time in µs since the epoch,
@@ -199,7 +175,7 @@ pub async fn verify(
     let mut counts = [0usize; 4];
     for (app_source, device) in devices {
         let rows = sqlx::query(&format!(
-            "SELECT {LOCATION_COLUMNS} FROM location_events
+            "SELECT {SELECT_COLUMNS} FROM location_events
              WHERE app_source = $1 AND device_id = $2 ORDER BY time"
         ))
         .bind(app_source)

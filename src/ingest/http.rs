@@ -15,20 +15,18 @@ use axum::{
 use std::cell::Cell;
 
 use serde::{
-    Deserialize, Deserializer, Serialize,
+    Deserializer, Serialize,
     de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
 };
 use serde_json::{Value, value::RawValue};
 use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
-use super::{
-    IngestError, Ingestor, PendingAck, WhenFull,
-    validate::{Reason, Rejection, reject},
-};
+use super::{IngestError, Ingestor, PendingAck, WhenFull};
 use crate::{
     auth::{Auth, Caller, Principal},
     config::LimitArgs,
+    location::{Rejection, json},
     metrics as m, proto,
     query::http::ErrorJson,
     status,
@@ -64,31 +62,6 @@ pub fn router(ingestor: Ingestor, limits: &LimitArgs) -> Router {
         })
 }
 
-/// A point as JSON: the proto's fields, `time` in RFC 3339, and the metadata
-/// either as an object (`metadata`) or as text (`metadata_json`).
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(as = IngestLocationJson)]
-struct JsonLocation<'a> {
-    /// RFC 3339.
-    time: String,
-    device_id: String,
-    user_id: String,
-    app_source: String,
-    latitude: f64,
-    longitude: f64,
-    accuracy: Option<f64>,
-    altitude: Option<f64>,
-    speed: Option<f64>,
-    heading: Option<f64>,
-    /// Kept as sent: the validator checks it as it checks `metadata_json`
-    /// (numbers beyond an f64 that jsonb takes are kept, not refused).
-    #[serde(borrow)]
-    #[schema(value_type = Option<Object>)]
-    metadata: Option<&'a RawValue>,
-    metadata_json: Option<String>,
-}
-
 /// A batch as JSON. Each location is read on its own, so that a bad one is
 /// rejected alone and its good neighbours are stored. The schema only: the
 /// body is read by [`parse_raw`].
@@ -99,7 +72,7 @@ struct JsonBatch {
     /// Echoed in the ack.
     #[schema(default = 0)]
     batch_id: u64,
-    #[schema(value_type = Vec<JsonLocation>)]
+    #[schema(value_type = Vec<json::IngestLocationJson>)]
     locations: Vec<Value>,
 }
 
@@ -218,48 +191,6 @@ fn decode_body(
         }
         other => Err(BodyError::Encoding(other.to_string())),
     }
-}
-
-fn to_proto(index: usize, raw: &RawValue) -> Result<proto::Location, Rejection> {
-    let l: JsonLocation = serde_json::from_str(raw.get())
-        .map_err(|e| reject(Reason::PointMalformed, format!("location {index}: {e}")))?;
-    let time = chrono::DateTime::parse_from_rfc3339(&l.time).map_err(|e| {
-        reject(
-            Reason::TimeInvalid,
-            format!("time {:?} is not RFC 3339: {e}", l.time),
-        )
-    })?;
-    let metadata_json = match (l.metadata, l.metadata_json) {
-        (Some(_), Some(_)) => {
-            return Err(reject(
-                Reason::PointMalformed,
-                "give metadata or metadata_json, not both",
-            ));
-        }
-        (None, None) => String::new(),
-        (Some(m), None) => m.get().to_string(),
-        (None, Some(text)) => text,
-    };
-    Ok(proto::Location {
-        time: Some(prost_types::Timestamp {
-            seconds: time.timestamp(),
-            // A leap second (23:59:60, which RFC 3339 allows and chrono
-            // reads as a second nanos past :59) is taken as the last
-            // microsecond of :59: PostgreSQL would make it 00:00 of the
-            // next minute, where it could collide with a point that is.
-            nanos: time.timestamp_subsec_nanos().min(999_999_999) as i32,
-        }),
-        device_id: l.device_id,
-        user_id: l.user_id,
-        app_source: l.app_source,
-        latitude: l.latitude,
-        longitude: l.longitude,
-        accuracy: l.accuracy,
-        altitude: l.altitude,
-        speed: l.speed,
-        heading: l.heading,
-        metadata_json,
-    })
 }
 
 /// A JSON body as read before its points are: its batch id and each
@@ -392,7 +323,7 @@ fn to_protos(raw: &RawBatch<'_>) -> Vec<Result<proto::Location, Rejection>> {
     raw.locations
         .iter()
         .enumerate()
-        .map(|(i, v)| to_proto(i, v))
+        .map(|(i, v)| json::to_proto(i, v))
         .collect()
 }
 

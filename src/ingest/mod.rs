@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     auth::{Auth, AuthError, Principal},
+    location::{Reason, Rejection, reject},
     metrics as m,
     pipeline::{Pipeline, Refused, SubmissionBuilder, WriteError, WriteOutcome},
     proto,
@@ -123,7 +124,7 @@ impl Ingestor {
         &self,
         principal: &Principal,
         batch_id: u64,
-        locations: Vec<Result<proto::Location, validate::Rejection>>,
+        locations: Vec<Result<proto::Location, Rejection>>,
         when_full: WhenFull,
         transport: &'static str,
     ) -> Result<PendingAck, IngestError> {
@@ -209,7 +210,7 @@ impl Ingestor {
         admitted: Admitted,
         principal: &Principal,
         batch_id: u64,
-        locations: Vec<Result<proto::Location, validate::Rejection>>,
+        locations: Vec<Result<proto::Location, Rejection>>,
         transport: &'static str,
     ) -> Result<PendingAck, IngestError> {
         let Admitted {
@@ -228,7 +229,7 @@ impl Ingestor {
                 .and_then(
                     |valid| match principal.forbids(&valid.device_id, &valid.app_source) {
                         None => Ok(valid),
-                        Some(why) => Err(validate::reject(validate::Reason::Forbidden, why)),
+                        Some(why) => Err(reject(Reason::Forbidden, why)),
                     },
                 );
             match checked {
@@ -292,7 +293,7 @@ impl PendingAck {
         };
         let mut rejected = self.rejected;
         if !outcome.refused.is_empty() {
-            let reason = validate::Reason::RefusedByDatabase.code();
+            let reason = Reason::RefusedByDatabase.code();
             metrics::counter!(m::POINTS_REJECTED, "reason" => reason)
                 .increment(outcome.refused.len() as u64);
             rejected.extend(outcome.refused.into_iter().map(|r| {

@@ -6,10 +6,11 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::ingest::validate::{LocationRef, PG_EPOCH_OFFSET_US, ValidLocation};
+use crate::location::{LocationRef, ValidLocation};
 
-/// The columns every COPY names, in the order [`encode_row`] writes them.
-pub const COLUMNS: &str = "time, device_id, user_id, app_source, latitude, longitude, accuracy, altitude, speed, heading, metadata";
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01),
+/// from which a binary `timestamptz` counts.
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 const FIELD_COUNT: i16 = 11;
@@ -43,9 +44,9 @@ pub fn encoded_len(loc: &ValidLocation) -> usize {
         + loc.metadata.as_ref().map_or(0, |m| 1 + m.len())
 }
 
-/// Appends one row: `timestamptz, uuid, uuid, text, float8, float8, float4,
-/// float4, float4, float4, jsonb`, each as a length and big-endian bytes, or
-/// length -1 for NULL.
+/// Appends one row of [`COLUMNS`](crate::location::COLUMNS): `timestamptz,
+/// uuid, uuid, text, float8, float8, float4, float4, float4, float4, jsonb`,
+/// each as a length and big-endian bytes, or length -1 for NULL.
 pub fn encode_row(buf: &mut BytesMut, loc: &ValidLocation) {
     buf.reserve(encoded_len(loc));
     buf.put_i16(FIELD_COUNT);

@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, onesho
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::{config::PipelineArgs, ingest::validate::ValidLocation, metrics as m};
+use crate::{config::PipelineArgs, location::ValidLocation, metrics as m};
 pub use writer::WriteError;
 
 /// The identity of a stored point: duplicates share it. A device id is

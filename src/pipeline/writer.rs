@@ -30,9 +30,9 @@ use uuid::Uuid;
 use super::{
     PointKey, RefusedRow, Submission, WriteOutcome,
     batcher::{Batch, WriteBatch},
-    copy_encoder::{self, COLUMNS},
+    copy_encoder,
 };
-use crate::{metrics as m, storage::hourly};
+use crate::{location::COLUMNS, metrics as m, storage::hourly};
 
 /// COPY data is sent in messages of about this size.
 const SEND_CHUNK_BYTES: usize = 1 << 20;

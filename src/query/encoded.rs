@@ -31,7 +31,7 @@ use prost::{
 };
 
 use crate::{
-    ingest::validate::{LocationRef, ValidLocation},
+    location::{LocationRef, ValidLocation},
     proto,
 };
 

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     LatestRequest, QueryError, QueryState, device_app_source,
-    encoded::{EncodedLocations, LocationPage, timestamp},
+    encoded::{EncodedLocations, LocationPage},
     invalid,
     live::{Filter, Update},
     parse_device_ids, parse_uuid, stats, track,
@@ -177,7 +177,7 @@ impl Query for QueryService {
             )
             .await?;
             Ok(proto::GetHourlyStatsResponse {
-                hours: rows.into_iter().map(hour_to_proto).collect(),
+                hours: rows.into_iter().map(Into::into).collect(),
             })
         }
         .await;
@@ -208,24 +208,4 @@ pub fn updates(sub: super::live::Subscription) -> impl Stream<Item = Update> + S
         sub,
         |mut sub| async move { sub.next().await.map(|v| (v, sub)) },
     )
-}
-
-pub fn hour_to_proto(h: stats::HourStats) -> proto::HourlyStats {
-    proto::HourlyStats {
-        hour: Some(timestamp(h.hour_us)),
-        point_count: h.point_count.max(0) as u64,
-        devices: h.devices.max(0) as u32,
-        avg_latitude: h.avg_latitude,
-        avg_longitude: h.avg_longitude,
-        avg_speed: h.avg_speed,
-        max_speed: h.max_speed,
-        first_event: Some(timestamp(h.first_event_us)),
-        last_event: Some(timestamp(h.last_event_us)),
-        bbox: Some(proto::BoundingBox {
-            min_latitude: h.min_latitude,
-            max_latitude: h.max_latitude,
-            min_longitude: h.min_longitude,
-            max_longitude: h.max_longitude,
-        }),
-    }
 }

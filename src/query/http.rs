@@ -13,7 +13,7 @@ use axum::{
     },
     routing::get,
 };
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     auth::{Auth, Caller},
-    ingest::validate::{LocationOf, LocationRef},
+    location::{LocationRef, json::LocationJson},
     metrics as m, proto, status,
 };
 
@@ -70,7 +70,7 @@ pub fn router(state: Arc<QueryState>, shutdown: CancellationToken) -> Router {
         LocationJson,
         LatestJson,
         TrackJson,
-        HourJson,
+        stats::HourStats,
         HourlyJson,
         ErrorJson,
         ErrorDetail
@@ -101,52 +101,6 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// A stored point.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct LocationJson {
-    /// RFC 3339, microseconds.
-    pub time: String,
-    pub device_id: String,
-    pub user_id: String,
-    pub app_source: String,
-    pub latitude: f64,
-    pub longitude: f64,
-    pub accuracy: Option<f32>,
-    pub altitude: Option<f32>,
-    pub speed: Option<f32>,
-    pub heading: Option<f32>,
-    /// The metadata object, or null.
-    #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Value>,
-}
-
-pub fn rfc3339(us: i64) -> String {
-    DateTime::from_timestamp_micros(us)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-impl<S: AsRef<str>> From<&LocationOf<S>> for LocationJson {
-    fn from(l: &LocationOf<S>) -> Self {
-        LocationJson {
-            time: rfc3339(l.time_us),
-            device_id: l.device_id.to_string(),
-            user_id: l.user_id.to_string(),
-            app_source: l.app_source.as_ref().to_owned(),
-            latitude: l.latitude,
-            longitude: l.longitude,
-            accuracy: l.accuracy,
-            altitude: l.altitude,
-            speed: l.speed,
-            heading: l.heading,
-            metadata: l
-                .metadata
-                .as_ref()
-                .and_then(|m| serde_json::from_str(m.as_ref()).ok()),
-        }
-    }
-}
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LatestJson {
     pub locations: Vec<LocationJson>,
@@ -164,27 +118,9 @@ pub struct TrackJson {
     pub next_cursor: Option<String>,
 }
 
-/// One hour of the matching rows of location_hourly, combined.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct HourJson {
-    pub hour: String,
-    pub point_count: i64,
-    pub devices: i64,
-    pub avg_latitude: f64,
-    pub avg_longitude: f64,
-    pub avg_speed: Option<f64>,
-    pub max_speed: Option<f64>,
-    pub first_event: String,
-    pub last_event: String,
-    pub min_latitude: f64,
-    pub max_latitude: f64,
-    pub min_longitude: f64,
-    pub max_longitude: f64,
-}
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HourlyJson {
-    pub hours: Vec<HourJson>,
+    pub hours: Vec<stats::HourStats>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -439,26 +375,7 @@ async fn hourly_stats(
             parse_time(p.to.as_deref(), "to")?,
         )
         .await?;
-        Ok(HourlyJson {
-            hours: rows
-                .into_iter()
-                .map(|h| HourJson {
-                    hour: rfc3339(h.hour_us),
-                    point_count: h.point_count,
-                    devices: h.devices,
-                    avg_latitude: h.avg_latitude,
-                    avg_longitude: h.avg_longitude,
-                    avg_speed: h.avg_speed,
-                    max_speed: h.max_speed,
-                    first_event: rfc3339(h.first_event_us),
-                    last_event: rfc3339(h.last_event_us),
-                    min_latitude: h.min_latitude,
-                    max_latitude: h.max_latitude,
-                    min_longitude: h.min_longitude,
-                    max_longitude: h.max_longitude,
-                })
-                .collect(),
-        })
+        Ok(HourlyJson { hours: rows })
     }
     .await;
     timed("http_hourly_stats", started, r)
@@ -561,7 +478,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        ingest::validate::ValidLocation,
+        location::ValidLocation,
         query::live::{Live, tests::batch},
     };
 

@@ -14,8 +14,8 @@ use smallvec::{SmallVec, smallvec};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{LOCATION_COLUMNS, encoded::SharedLocation};
-use crate::ingest::validate::{LocationReader, ValidLocation};
+use super::encoded::SharedLocation;
+use crate::location::{LocationReader, SELECT_COLUMNS, ValidLocation};
 
 /// Each device's newest location, one per app_source it was seen in: a
 /// device id is unique only within its app_source (one phone may run two
@@ -191,7 +191,7 @@ impl Latest {
                  ) n
              )
              SELECT l.* FROM d CROSS JOIN LATERAL (
-                 SELECT {LOCATION_COLUMNS}
+                 SELECT {SELECT_COLUMNS}
                  FROM location_events e
                  WHERE e.app_source = d.app_source AND e.device_id = d.device_id
                  ORDER BY time DESC LIMIT 1

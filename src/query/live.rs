@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::encoded::{EncodedLocations, encode_location, put_framed};
 use crate::{
-    ingest::validate::{LocationRef, ValidLocation},
+    location::{LocationRef, ValidLocation},
     metrics as m,
     pipeline::copy_encoder::read_row,
 };

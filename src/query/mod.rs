@@ -396,9 +396,3 @@ impl CommitSink for QueryState {
         }
     }
 }
-
-/// The columns of a [`ValidLocation`](crate::ingest::validate::ValidLocation), for SELECTs on
-/// `location_events`, in the order [`LocationReader`](crate::ingest::validate::LocationReader)
-/// reads them.
-pub const LOCATION_COLUMNS: &str = "time, device_id, user_id, \
-     app_source, latitude, longitude, accuracy, altitude, speed, heading, metadata::text AS metadata";

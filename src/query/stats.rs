@@ -1,10 +1,15 @@
 //! Hourly statistics from `location_hourly`, on every tier: one row per
 //! hour, combining the rows of the devices that match the key.
 
+use chrono::{DateTime, Utc};
+use serde::{Serialize, Serializer};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{QueryError, QueryState, device_app_source, invalid, parse_uuid, ts};
-use crate::auth::Principal;
+use super::{
+    QueryError, QueryState, device_app_source, encoded::timestamp, invalid, parse_uuid, ts,
+};
+use crate::{auth::Principal, location::json::rfc3339, proto};
 
 pub enum StatsKey {
     Device(Uuid),
@@ -56,9 +61,16 @@ pub fn key_of(
     }
 }
 
-#[derive(Debug, sqlx::FromRow)]
+// Written once in Rust: the row that `hourly`'s SQL reads by these names
+// is also the JSON that HTTP answers (`HourJson` in the OpenAPI document);
+// gRPC's `HourlyStats`, which nests the bounding box, is made from it below.
+/// One hour of the matching rows of location_hourly, combined.
+#[derive(Debug, sqlx::FromRow, Serialize, ToSchema)]
+#[schema(as = HourJson)]
 pub struct HourStats {
-    pub hour_us: i64,
+    #[serde(serialize_with = "as_rfc3339")]
+    #[schema(value_type = String)]
+    pub hour: DateTime<Utc>,
     pub point_count: i64,
     pub devices: i64,
     pub avg_latitude: f64,
@@ -66,12 +78,43 @@ pub struct HourStats {
     /// Weighted by each device's point count in the hour.
     pub avg_speed: Option<f64>,
     pub max_speed: Option<f64>,
-    pub first_event_us: i64,
-    pub last_event_us: i64,
+    #[serde(serialize_with = "as_rfc3339")]
+    #[schema(value_type = String)]
+    pub first_event: DateTime<Utc>,
+    #[serde(serialize_with = "as_rfc3339")]
+    #[schema(value_type = String)]
+    pub last_event: DateTime<Utc>,
     pub min_latitude: f64,
     pub max_latitude: f64,
     pub min_longitude: f64,
     pub max_longitude: f64,
+}
+
+/// A time as the JSON answers write it.
+fn as_rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(t.timestamp_micros()))
+}
+
+impl From<HourStats> for proto::HourlyStats {
+    fn from(h: HourStats) -> Self {
+        proto::HourlyStats {
+            hour: Some(timestamp(h.hour.timestamp_micros())),
+            point_count: h.point_count.max(0) as u64,
+            devices: h.devices.max(0) as u32,
+            avg_latitude: h.avg_latitude,
+            avg_longitude: h.avg_longitude,
+            avg_speed: h.avg_speed,
+            max_speed: h.max_speed,
+            first_event: Some(timestamp(h.first_event.timestamp_micros())),
+            last_event: Some(timestamp(h.last_event.timestamp_micros())),
+            bbox: Some(proto::BoundingBox {
+                min_latitude: h.min_latitude,
+                max_latitude: h.max_latitude,
+                min_longitude: h.min_longitude,
+                max_longitude: h.max_longitude,
+            }),
+        }
+    }
 }
 
 /// The hours of `key` in [from, to); `app_source` keeps only rows of that
@@ -99,15 +142,14 @@ pub async fn hourly(
         StatsKey::AppSource(_) => "app_source",
     };
     let sql = format!(
-        "SELECT (extract(epoch FROM hour) * 1000000)::int8 AS hour_us,
+        "SELECT hour,
                 sum(point_count)::int8 AS point_count,
                 count(DISTINCT device_id)::int8 AS devices,
                 sum(avg_latitude * point_count) / sum(point_count) AS avg_latitude,
                 sum(avg_longitude * point_count) / sum(point_count) AS avg_longitude,
                 sum(avg_speed * point_count) / nullif(sum(point_count) FILTER (WHERE avg_speed IS NOT NULL), 0) AS avg_speed,
                 max(max_speed)::float8 AS max_speed,
-                (extract(epoch FROM min(first_event)) * 1000000)::int8 AS first_event_us,
-                (extract(epoch FROM max(last_event)) * 1000000)::int8 AS last_event_us,
+                min(first_event) AS first_event, max(last_event) AS last_event,
                 min(min_latitude) AS min_latitude, max(max_latitude) AS max_latitude,
                 min(min_longitude) AS min_longitude, max(max_longitude) AS max_longitude
          FROM location_hourly

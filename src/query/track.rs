@@ -5,8 +5,8 @@
 use futures::TryStreamExt;
 use uuid::Uuid;
 
-use super::{LOCATION_COLUMNS, QueryError, QueryState, invalid, page_limit, ts};
-use crate::ingest::validate::{LocationReader, ValidLocation};
+use super::{QueryError, QueryState, invalid, page_limit, ts};
+use crate::location::{LocationReader, SELECT_COLUMNS, ValidLocation};
 
 pub struct TrackRequest {
     pub device_id: Uuid,
@@ -75,7 +75,7 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
     let mut reader = LocationReader::default();
     let mut rows = Vec::new();
     let sql = format!(
-        "SELECT {LOCATION_COLUMNS} FROM location_events
+        "SELECT {SELECT_COLUMNS} FROM location_events
          WHERE app_source = $6 AND device_id = $1 AND time >= $2 AND time < $3 AND time > $4
          ORDER BY time LIMIT $5"
     );

@@ -13,7 +13,8 @@ use crate::config::StorageArgs;
 /// The old table, renamed; the operator drops it once satisfied.
 pub const KEPT_AS: &str = "location_events_pre_locus";
 
-/// locus's columns and the cast that brings an old column to each.
+/// locus's columns ([`crate::location::COLUMNS`], with their types) and the
+/// cast that brings an old column to each.
 const COLUMNS: [(&str, &str, bool); 11] = [
     // (name, cast, required)
     ("time", "timestamptz", true),
@@ -163,7 +164,14 @@ fn pre_locus_name(index: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::pre_locus_name;
+    use super::{COLUMNS, pre_locus_name};
+
+    /// The columns adopted are the point's, in its order.
+    #[test]
+    fn adopts_the_columns_of_a_location() {
+        let names: Vec<&str> = COLUMNS.iter().map(|(name, _, _)| *name).collect();
+        assert_eq!(names.join(", "), crate::location::COLUMNS);
+    }
 
     #[test]
     fn kept_index_names_fit_and_cut_at_a_character() {
