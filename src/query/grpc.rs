@@ -7,9 +7,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
-    LatestRequest, QueryError, QueryState, device_app_source,
+    QueryError, QueryState, device_app_source,
     encoded::{EncodedLocations, LocationPage},
     invalid,
+    latest::LatestRequest,
     live::{Filter, Update},
     parse_device_ids, parse_uuid, stats, track,
 };

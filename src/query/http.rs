@@ -20,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{
-    LatestRequest, QueryError, QueryState, device_app_source,
+    QueryError, QueryState, device_app_source,
     grpc::updates,
     invalid,
+    latest::LatestRequest,
     live::{Filter, Update},
     parse_uuid, stats, track,
 };

@@ -1,7 +1,10 @@
 //! The newest position of every device, in memory: the most common fleet
 //! query, answered without the database. Updated as batches commit; filled
 //! from the database at start. It only moves forward. Keyed by
-//! (app_source, device_id), as every stored point is.
+//! (app_source, device_id), as every stored point is. GetLatest reads it a
+//! page at a time (`page`).
+
+mod page;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -16,6 +19,8 @@ use uuid::Uuid;
 
 use super::encoded::SharedLocation;
 use crate::location::{LocationReader, SELECT_COLUMNS, ValidLocation};
+
+pub use self::page::LatestRequest;
 
 /// Each device's newest location, one per app_source it was seen in: a
 /// device id is unique only within its app_source (one phone may run two
