@@ -335,6 +335,17 @@ mod tests {
         (listener.accept().await.unwrap().0, client)
     }
 
+    /// What the HTTP and metrics ports accept has TCP_NODELAY.
+    #[tokio::test]
+    async fn connections_are_accepted_with_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _, _slot) = Gate::new("test", 1).accept(&listener).await;
+        assert!(tcp.nodelay().unwrap());
+    }
+
     /// Past the bound, admission fails; a slot freed is taken again.
     #[tokio::test]
     async fn a_gate_admits_up_to_its_bound() {

@@ -16,6 +16,7 @@ pub mod codec;
 pub mod config;
 pub mod connections;
 pub mod health;
+pub mod http_server;
 pub mod ingest;
 pub mod location;
 pub mod metrics;

@@ -201,8 +201,8 @@ pub async fn run(
         )
         .merge(crate::health::router(Arc::clone(&health)));
     let conns = &config.connections;
-    let timeouts = crate::tls::HttpTimeouts::from_config(conns);
-    let metrics_server = crate::tls::serve_http(
+    let timeouts = crate::http_server::HttpTimeouts::from_config(conns);
+    let metrics_server = crate::http_server::serve_http(
         listeners.metrics,
         metrics_app,
         None,
@@ -215,7 +215,7 @@ pub async fn run(
     let http_app = crate::query::http::router(query.clone(), shutdown.clone())
         .merge(crate::ingest::http::router(http_ingestor, &config.limits))
         .merge(crate::health::router(Arc::clone(&health)));
-    let http_server = crate::tls::serve_http(
+    let http_server = crate::http_server::serve_http(
         listeners.http,
         http_app,
         tls.as_ref().map(|t| Arc::clone(&t.http)),
