@@ -8,9 +8,12 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
-use common::{Device, TestDb, TestServer, block_writes, config, count_rows, now_secs, scrape};
+use common::{
+    Device, TestDb, TestServer, block_writes, config, count_rows, now_secs,
+    raw_calls::{call_encoded, stream_encoded},
+    scrape,
+};
 use locus::{
-    codec::{call_encoded, stream_encoded},
     ingest::grpc::{STREAM_LOCATIONS, WRITE_LOCATIONS},
     location::{LocationReader, SELECT_COLUMNS, ValidLocation},
     proto::{BatchAck, Location, LocationBatch},

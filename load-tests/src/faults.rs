@@ -1075,7 +1075,7 @@ async fn amplify(bin: &Path, db: &Db, at_once: usize) -> anyhow::Result<Outcome>
         let endpoint = endpoint.clone();
         async move {
             let channel = endpoint.connect().await?;
-            let resp = locus::codec::stream_encoded::<locus::proto::BatchAck, _>(
+            let resp = locus_load::raw_calls::stream_encoded::<locus::proto::BatchAck, _>(
                 channel,
                 locus::ingest::grpc::STREAM_LOCATIONS,
                 tokio_stream::iter([raw]),

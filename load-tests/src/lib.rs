@@ -4,5 +4,6 @@
 pub mod fleet;
 pub mod pg;
 pub mod proc;
+pub mod raw_calls;
 pub mod run;
 pub mod verify;

@@ -12,14 +12,18 @@ use std::{
 
 use bytes::Bytes;
 use locus::{
-    codec::{call_encoded, call_raw, count_field, stream_raw},
+    codec::count_field,
     proto::{
         BoundingBox, GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, Location,
         LocationBatch, SubscribeRequest, get_hourly_stats_request::Key,
         ingest_client::IngestClient, query_client::QueryClient,
     },
 };
-use locus_load::{fleet::Device, proc::Locus};
+use locus_load::{
+    fleet::Device,
+    proc::Locus,
+    raw_calls::{call_encoded, call_raw, stream_raw},
+};
 use prost::Message;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;

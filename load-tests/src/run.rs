@@ -13,7 +13,6 @@ use std::{
 
 use bytes::Bytes;
 use locus::{
-    codec::call_encoded,
     ingest::grpc::WRITE_LOCATIONS,
     proto::{BatchAck, Location, LocationBatch, ingest_client::IngestClient},
 };
@@ -25,6 +24,7 @@ use uuid::Uuid;
 
 use crate::{
     fleet::Device,
+    raw_calls::call_encoded,
     verify::{self, Acked},
 };
 

@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+/// The load tests' gRPC calls with messages as bytes, compiled here too:
+/// the tests cannot depend on the load tests' crate, which depends on locus.
+#[path = "../../load-tests/src/raw_calls.rs"]
+pub mod raw_calls;
 pub mod tenants;
 
 use std::{
