@@ -273,8 +273,8 @@ impl Message for LocationPage {
 
 /// Each location encoded straight into the answer, without a
 /// `proto::Location` (two UUIDs formatted into strings) each: a day's track
-/// of 8,640 points encoded in 1.5-2.1 ms where prost took 2.3-2.9
-/// (`locus-bench --suite track`, three runs).
+/// encodes faster so than through prost (load-tests/RESULTS.md, "a track
+/// page's parts, and its answer encoded directly").
 impl<'a> FromIterator<&'a ValidLocation> for EncodedLocations {
     fn from_iter<I: IntoIterator<Item = &'a ValidLocation>>(iter: I) -> Self {
         let iter = iter.into_iter();
