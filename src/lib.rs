@@ -7,6 +7,12 @@
 //! row is read back into one, its JSON forms and the reasons a point is
 //! rejected; it reaches up into no stage. The schema is owned by
 //! [`storage`].
+//!
+//! Once committed, a point reaches the reads ([`query`]): the newest
+//! position of its device ([`query::latest`], read a page at a time) and
+//! the live feed's subscribers ([`query::live`]). Who may write and read
+//! is [`auth`]'s; the HTTP listeners are served by [`http_server`], with
+//! certificates loaded by [`tls`].
 
 #![forbid(unsafe_code)]
 
