@@ -111,6 +111,8 @@ async fn devices_silent_past_retention_are_not_loaded() {
     // old point is still stored, past retention.
     let mut cfg = config(&db);
     cfg.storage.raw_retention = Duration::from_secs(25 * 3600);
+    // The hourly rollup's refresh window must end before retention does.
+    cfg.storage.hourly_refresh_window = Some(Duration::from_secs(4 * 3600));
     cfg.no_setup = true;
     let server = TestServer::start(cfg).await;
     let stored: i64 =
