@@ -95,56 +95,10 @@ pub async fn run(
     tracing::debug!(file_limit, "open-file limit");
     let tls = crate::tls::load(&config.tls)?;
     let prometheus = metrics::install();
-
-    let opts = SetupOptions {
-        storage: config.storage.clone(),
-        require_tier: None,
-    };
-    if config.create_database
-        && let Some(name) = setup::create_database_if_missing(&config.database.url).await?
-    {
-        tracing::info!(database = %name, "created the database (--create-database)");
-    }
-    let tier = if config.no_setup {
-        let mut conn = setup::connect(&config.database.url).await?;
-        catalog::read(&mut conn).await?.tier
-    } else {
-        let plan = setup::run(
-            &config.database.url,
-            &opts,
-            false,
-            unix_micros(SystemTime::now()),
-        )
-        .await?;
-        tracing::info!(tier = %plan.tier, steps = plan.steps.len(), "schema ready");
-        plan.tier
-    };
+    let tier = prepare_database(&config).await?;
     let pool = pool(&config).map_err(ServeError::Pool)?;
-
-    let auth = match config.auth.mode {
-        AuthMode::Tokens => Auth::new(pool.clone(), &config.auth),
-        AuthMode::Off => {
-            tracing::warn!(
-                "AUTHENTICATION IS OFF (--auth off): anyone who reaches this service may write \
-                 and read every app_source's data. Use this for local development only."
-            );
-            Auth::disabled()
-        }
-    };
-    let query = Arc::new(QueryState::new(
-        pool.clone(),
-        config.query.clone(),
-        auth.clone(),
-    ));
-    match query.latest.load(&pool).await {
-        Ok(n) => tracing::info!(devices = n, "latest positions loaded"),
-        Err(e) => {
-            tracing::warn!(error = %e, "latest positions not loaded; they fill as points arrive")
-        }
-    }
-    // Retention drops whole chunks, so points up to a chunk past it may
-    // still be stored: their devices are forgotten now, as upkeep would.
-    forget_past_retention(&query, config.storage.raw_retention);
+    let auth = auth(&config, &pool);
+    let query = query_state(&config, &pool, &auth).await;
     let sink: Arc<dyn CommitSink> = query.clone();
     let writer = Writer::new(
         pool.clone(),
@@ -162,27 +116,8 @@ pub async fn run(
         config.limits.max_batch_points,
         auth.clone(),
     );
-    let http_ingestor = ingestor.clone();
-    let ingest = IngestService::new(
-        ingestor,
-        config.limits.max_streams,
-        config.limits.stream_inflight,
-        shutdown.clone(),
-    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    // v1 and v1alpha: grpcurl and older tools still ask the latter.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .expect("the embedded descriptor sets are valid");
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .expect("the embedded descriptor sets are valid");
     let background = CancellationToken::new();
     let health = Health::new(health);
     tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));
@@ -194,85 +129,202 @@ pub async fn run(
     ));
     tokio::spawn(auth.watch(background.clone()));
 
+    let conns = &config.connections;
+    let timeouts = crate::http_server::HttpTimeouts::from_config(conns);
     let metrics_app = Router::new()
         .route(
             "/metrics",
             get(move || std::future::ready(prometheus.render())),
         )
         .merge(crate::health::router(Arc::clone(&health)));
-    let conns = &config.connections;
-    let timeouts = crate::http_server::HttpTimeouts::from_config(conns);
-    let metrics_server = crate::http_server::serve_http(
+    let metrics_task = tokio::spawn(crate::http_server::serve_http(
         listeners.metrics,
         metrics_app,
         None,
         Gate::new("metrics", conns.max_connections_metrics),
         timeouts,
         background.clone(),
-    );
-    let metrics_task = tokio::spawn(metrics_server);
-
+    ));
     let http_app = crate::query::http::router(query.clone(), shutdown.clone())
-        .merge(crate::ingest::http::router(http_ingestor, &config.limits))
+        .merge(crate::ingest::http::router(
+            ingestor.clone(),
+            &config.limits,
+        ))
         .merge(crate::health::router(Arc::clone(&health)));
-    let http_server = crate::http_server::serve_http(
+    let http_task = tokio::spawn(crate::http_server::serve_http(
         listeners.http,
         http_app,
         tls.as_ref().map(|t| Arc::clone(&t.http)),
         Gate::new("http", conns.max_connections_http),
         timeouts,
         shutdown.clone(),
-    );
-    let http_task = tokio::spawn(http_server);
+    ));
 
     let grpc_addr = listeners.grpc.local_addr()?;
+    let ingest = IngestService::new(
+        ingestor,
+        config.limits.max_streams,
+        config.limits.stream_inflight,
+        shutdown.clone(),
+    );
     let grpc = tonic::transport::Server::builder()
         // Dead peers are noticed, and their streams freed.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        // v1 and v1alpha: grpcurl and older tools still ask the latter.
+        .add_service(
+            reflection()
+                .build_v1()
+                .expect("the embedded descriptor sets are valid"),
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .expect("the embedded descriptor sets are valid"),
+        )
         .add_service(IngestRoutes::new(ingest, config.limits.max_message_bytes))
         .add_service(QueryServer::new(QueryService::new(
             query.clone(),
             shutdown.clone(),
         )));
-    let grpc_gate = Gate::new("grpc", conns.max_connections_grpc);
-    let handshake = conns.handshake_timeout;
-    let mut grpc = match &tls {
+    let grpc = serve_grpc(
+        grpc,
+        listeners.grpc,
+        &config,
+        tls.as_ref(),
+        shutdown.clone(),
+    );
+    tracing::info!(%grpc_addr, tls = tls.is_some(), auth = ?config.auth.mode, "locus serving");
+
+    let result = drain(grpc, pipeline_task, &health, &config, &shutdown).await;
+    background.cancel();
+    let _ = metrics_task.await;
+    let _ = http_task.await;
+    pool.close().await;
+    result
+}
+
+/// Creates the database if asked, then brings its schema up to date
+/// (unless `--no-setup`, where the tier is read as it is).
+async fn prepare_database(config: &ServeConfig) -> Result<Tier, ServeError> {
+    if config.create_database
+        && let Some(name) = setup::create_database_if_missing(&config.database.url).await?
+    {
+        tracing::info!(database = %name, "created the database (--create-database)");
+    }
+    if config.no_setup {
+        let mut conn = setup::connect(&config.database.url).await?;
+        return Ok(catalog::read(&mut conn).await?.tier);
+    }
+    let opts = SetupOptions {
+        storage: config.storage.clone(),
+        require_tier: None,
+    };
+    let plan = setup::run(
+        &config.database.url,
+        &opts,
+        false,
+        unix_micros(SystemTime::now()),
+    )
+    .await?;
+    tracing::info!(tier = %plan.tier, steps = plan.steps.len(), "schema ready");
+    Ok(plan.tier)
+}
+
+fn auth(config: &ServeConfig, pool: &PgPool) -> Auth {
+    match config.auth.mode {
+        AuthMode::Tokens => Auth::new(pool.clone(), &config.auth),
+        AuthMode::Off => {
+            tracing::warn!(
+                "AUTHENTICATION IS OFF (--auth off): anyone who reaches this service may write \
+                 and read every app_source's data. Use this for local development only."
+            );
+            Auth::disabled()
+        }
+    }
+}
+
+/// The queries' state, its latest map filled from the database.
+async fn query_state(config: &ServeConfig, pool: &PgPool, auth: &Auth) -> Arc<QueryState> {
+    let query = Arc::new(QueryState::new(
+        pool.clone(),
+        config.query.clone(),
+        auth.clone(),
+    ));
+    match query.latest.load(pool).await {
+        Ok(n) => tracing::info!(devices = n, "latest positions loaded"),
+        Err(e) => {
+            tracing::warn!(error = %e, "latest positions not loaded; they fill as points arrive")
+        }
+    }
+    // Retention drops whole chunks, so points up to a chunk past it may
+    // still be stored: their devices are forgotten now, as upkeep would.
+    forget_past_retention(&query, config.storage.raw_retention);
+    query
+}
+
+/// gRPC reflection of locus's and the health service's descriptors.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// The gRPC server on its gated listener, over TLS where configured.
+fn serve_grpc(
+    grpc: tonic::transport::server::Router,
+    listener: TcpListener,
+    config: &ServeConfig,
+    tls: Option<&crate::tls::Tls>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    let gate = Gate::new("grpc", config.connections.max_connections_grpc);
+    let handshake = config.connections.handshake_timeout;
+    let stopped = shutdown.clone().cancelled_owned();
+    match tls {
         None => tokio::spawn(grpc.serve_with_incoming_shutdown(
             grpc_incoming(
-                listeners.grpc,
-                grpc_gate,
+                listener,
+                gate,
                 handshake,
                 |tcp| std::future::ready(Ok(tcp)),
-                shutdown.clone(),
+                shutdown,
             ),
-            shutdown.clone().cancelled_owned(),
+            stopped,
         )),
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.grpc));
             tokio::spawn(grpc.serve_with_incoming_shutdown(
                 grpc_incoming(
-                    listeners.grpc,
-                    grpc_gate,
+                    listener,
+                    gate,
                     handshake,
                     move |tcp| acceptor.accept(tcp),
-                    shutdown.clone(),
+                    shutdown,
                 ),
-                shutdown.clone().cancelled_owned(),
+                stopped,
             ))
         }
-    };
-    tracing::info!(%grpc_addr, tls = tls.is_some(), auth = ?config.auth.mode, "locus serving");
+    }
+}
 
+/// Waits for the gRPC server to end or `shutdown`; then, within the grace
+/// deadline, lets the server's streams end and the pipeline flush and
+/// acknowledge what it holds.
+async fn drain(
+    mut grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    pipeline_task: tokio::task::JoinHandle<()>,
+    health: &Health,
+    config: &ServeConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), ServeError> {
     let early = tokio::select! {
         r = &mut grpc => Some(r),
         _ = shutdown.cancelled() => None,
     };
     health.shutting_down().await;
     let started = std::time::Instant::now();
-    let drain = async {
+    let drained = async {
         let served = match early {
             Some(r) => r,
             None => grpc.await,
@@ -282,7 +334,7 @@ pub async fn run(
         pipeline_task.await.ok();
         served
     };
-    let result = match tokio::time::timeout(config.shutdown_grace, drain).await {
+    let result = match tokio::time::timeout(config.shutdown_grace, drained).await {
         Ok(Ok(served)) => served.map_err(ServeError::from),
         Ok(Err(join)) => Err(ServeError::Io(std::io::Error::other(join))),
         Err(_) => {
@@ -290,10 +342,6 @@ pub async fn run(
             Ok(())
         }
     };
-    background.cancel();
-    let _ = metrics_task.await;
-    let _ = http_task.await;
-    pool.close().await;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "locus stopped"
