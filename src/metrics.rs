@@ -22,7 +22,8 @@ pub const BUFFER_BYTES: &str = "locus_buffer_bytes";
 /// Labelled by `kind` (`unavailable`, `database_transient`, `database`,
 /// `other`) and `outcome` (`retried`, or `failed`: the clients got an error).
 pub const WRITE_ERRORS: &str = "locus_write_errors_total";
-/// Labelled by `transport` (`grpc_stream`, `grpc_unary`).
+/// Labelled by `rpc` (`StreamLocations`, `WriteLocations`) and `transport`
+/// (`grpc`, `http`): see [`Call`].
 pub const ACK_LATENCY: &str = "locus_ack_latency_seconds";
 pub const OPEN_STREAMS: &str = "locus_open_streams";
 /// Labelled by `reason` (`buffer_full`, `too_many_streams`, `batch_too_large`,
@@ -48,12 +49,44 @@ const LISTENERS: [&str; 3] = ["grpc", "http", "metrics"];
 /// Points live subscribers lost because they fell behind.
 pub const LIVE_DROPPED: &str = "locus_live_dropped_total";
 pub const LIVE_SUBSCRIBERS: &str = "locus_live_subscribers";
-/// Labelled by `rpc`.
+/// Labelled by `rpc` (`GetLatest`, `GetTrack`, `GetHourlyStats`) and
+/// `transport` (`grpc`, `http`): see [`Call`].
 pub const QUERY_DURATION: &str = "locus_query_duration_seconds";
 /// Calls refused by authentication or authorization, by reason.
 pub const AUTH_REFUSED: &str = "locus_auth_refused_total";
 /// Calls refused by a token's rate limit.
 pub const RATE_LIMITED: &str = "locus_rate_limited_total";
+
+/// What the `rpc` and `transport` labels of a call's histogram say: the
+/// proto's name of the rpc, whichever transport carried it (an HTTP route
+/// is labelled with the rpc it answers as), so that one query reads both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call {
+    pub rpc: &'static str,
+    pub transport: &'static str,
+}
+
+impl Call {
+    pub const fn grpc(rpc: &'static str) -> Self {
+        Self {
+            rpc,
+            transport: "grpc",
+        }
+    }
+
+    pub const fn http(rpc: &'static str) -> Self {
+        Self {
+            rpc,
+            transport: "http",
+        }
+    }
+
+    /// Records `seconds` in `histogram` with this call's labels.
+    pub fn record(self, histogram: &'static str, seconds: f64) {
+        metrics::histogram!(histogram, "rpc" => self.rpc, "transport" => self.transport)
+            .record(seconds);
+    }
+}
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

@@ -49,7 +49,7 @@ async fn metrics_count_what_happened() {
     assert_eq!(value(&format!("{}_count", m::FLUSH_DURATION)), 2.0);
     assert_eq!(
         value(&format!(
-            "{}_count{{transport=\"grpc_unary\"}}",
+            "{}_count{{rpc=\"WriteLocations\",transport=\"grpc\"}}",
             m::ACK_LATENCY
         )),
         2.0

@@ -192,7 +192,13 @@ async fn write(
 ) -> Result<Response<BatchAck>, Status> {
     let points = batch.locations.into_iter().map(Ok).collect();
     let pending = ingestor
-        .ingest_admitted(admitted, caller, batch.batch_id, points, "grpc_unary")
+        .ingest_admitted(
+            admitted,
+            caller,
+            batch.batch_id,
+            points,
+            m::Call::grpc("WriteLocations"),
+        )
         .await?;
     Ok(Response::new(pending.resolve().await?))
 }
@@ -356,7 +362,13 @@ async fn ingest<M: Incoming>(
     let (admitted, batch) = msg.admit(ingestor, caller, WhenFull::Wait)?;
     let points = batch.locations.into_iter().map(Ok).collect();
     Ok(ingestor
-        .ingest_admitted(admitted, caller, batch.batch_id, points, "grpc_stream")
+        .ingest_admitted(
+            admitted,
+            caller,
+            batch.batch_id,
+            points,
+            m::Call::grpc("StreamLocations"),
+        )
         .await?)
 }
 

@@ -380,7 +380,13 @@ async fn read_and_queue(
     drop(raw);
     drop(body);
     app.ingestor
-        .ingest_admitted(admitted, caller, batch_id, points, "http")
+        .ingest_admitted(
+            admitted,
+            caller,
+            batch_id,
+            points,
+            m::Call::http("WriteLocations"),
+        )
         .await
         .map_err(ingest_error)
 }

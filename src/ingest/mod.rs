@@ -87,7 +87,7 @@ pub struct PendingAck {
     /// where a row the database refuses is answered.
     row_index: Vec<u32>,
     received: Instant,
-    transport: &'static str,
+    call: m::Call,
 }
 
 impl Ingestor {
@@ -103,34 +103,6 @@ impl Ingestor {
             max_batch_points,
             auth,
         }
-    }
-
-    /// Validates `batch` and queues its good points for writing.
-    pub async fn ingest(
-        &self,
-        principal: &Principal,
-        batch: proto::LocationBatch,
-        when_full: WhenFull,
-        transport: &'static str,
-    ) -> Result<PendingAck, IngestError> {
-        let points = batch.locations.into_iter().map(Ok).collect();
-        self.ingest_points(principal, batch.batch_id, points, when_full, transport)
-            .await
-    }
-
-    /// As [`Ingestor::ingest`], for points of which some were already found
-    /// bad while decoding (HTTP JSON): those keep their index and reason.
-    pub async fn ingest_points(
-        &self,
-        principal: &Principal,
-        batch_id: u64,
-        locations: Vec<Result<proto::Location, Rejection>>,
-        when_full: WhenFull,
-        transport: &'static str,
-    ) -> Result<PendingAck, IngestError> {
-        let admitted = self.admit(principal, locations.len(), when_full)?;
-        self.ingest_admitted(admitted, principal, batch_id, locations, transport)
-            .await
     }
 
     /// The checks that need only the caller and how many points it sends:
@@ -211,7 +183,7 @@ impl Ingestor {
         principal: &Principal,
         batch_id: u64,
         locations: Vec<Result<proto::Location, Rejection>>,
-        transport: &'static str,
+        call: m::Call,
     ) -> Result<PendingAck, IngestError> {
         let Admitted {
             points,
@@ -277,7 +249,7 @@ impl Ingestor {
             outcome,
             row_index,
             received,
-            transport,
+            call,
         })
     }
 }
@@ -311,8 +283,8 @@ impl PendingAck {
         }
         metrics::counter!(m::POINTS_ACCEPTED).increment(u64::from(outcome.accepted));
         metrics::counter!(m::POINTS_DUPLICATE).increment(u64::from(outcome.duplicates));
-        metrics::histogram!(m::ACK_LATENCY, "transport" => self.transport)
-            .record(self.received.elapsed().as_secs_f64());
+        self.call
+            .record(m::ACK_LATENCY, self.received.elapsed().as_secs_f64());
         Ok(proto::BatchAck {
             batch_id: self.batch_id,
             accepted: outcome.accepted,

@@ -59,7 +59,7 @@ fn timed<T>(
     started: Instant,
     r: Result<T, QueryError>,
 ) -> Result<Response<T>, Status> {
-    metrics::histogram!(m::QUERY_DURATION, "rpc" => rpc).record(started.elapsed().as_secs_f64());
+    m::Call::grpc(rpc).record(m::QUERY_DURATION, started.elapsed().as_secs_f64());
     r.map(Response::new).map_err(Status::from)
 }
 

@@ -167,8 +167,9 @@ impl IntoResponse for HttpError {
 
 type HttpResult<T> = Result<Json<T>, HttpError>;
 
-fn timed<T>(route: &'static str, started: Instant, r: Result<T, QueryError>) -> HttpResult<T> {
-    metrics::histogram!(m::QUERY_DURATION, "rpc" => route).record(started.elapsed().as_secs_f64());
+/// `rpc` names the proto's rpc the route answers as.
+fn timed<T>(rpc: &'static str, started: Instant, r: Result<T, QueryError>) -> HttpResult<T> {
+    m::Call::http(rpc).record(m::QUERY_DURATION, started.elapsed().as_secs_f64());
     r.map(Json).map_err(HttpError)
 }
 
@@ -222,7 +223,7 @@ async fn device_latest(
                 QueryError::NotFound(format!("no points are stored for device {device_id}"))
             })
         });
-    timed("http_device_latest", started, r)
+    timed("GetLatest", started, r)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -279,7 +280,7 @@ async fn latest(
             next_cursor,
         })
     });
-    timed("http_latest", started, r)
+    timed("GetLatest", started, r)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -333,7 +334,7 @@ async fn device_track(
         })
     }
     .await;
-    timed("http_track", started, r)
+    timed("GetTrack", started, r)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -379,7 +380,7 @@ async fn hourly_stats(
         Ok(HourlyJson { hours: rows })
     }
     .await;
-    timed("http_hourly_stats", started, r)
+    timed("GetHourlyStats", started, r)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
