@@ -7,18 +7,13 @@ mod common;
 
 use std::{io::Write, time::Duration};
 
-use common::{TestDb, TestServer, block_writes, config, conforms, count_rows, get_json, now_secs};
+use common::{
+    TestDb, TestServer, block_writes, config, conforms, count_rows, get_json, json_point, now_secs,
+};
 use serde_json::{Value, json};
 
 fn point(device: &uuid::Uuid, t: i64) -> Value {
-    json!({
-        "time": chrono::DateTime::from_timestamp(t, 500_000_000).unwrap().to_rfc3339(),
-        "device_id": device.to_string(),
-        "user_id": uuid::Uuid::new_v4().to_string(),
-        "app_source": "pshop",
-        "latitude": 19.43, "longitude": -99.13, "speed": 12.5,
-        "metadata": {"order": 7}
-    })
+    json_point(device, "pshop", t)
 }
 
 async fn post(server: &TestServer, body: Vec<u8>, gzip: bool) -> (u16, Option<String>, Value) {

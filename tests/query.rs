@@ -7,7 +7,7 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{Device, TestDb, TestServer, config, now_secs, scrape};
+use common::{Device, TestDb, TestServer, at, config, now_secs, scrape};
 use locus::{
     proto::{
         GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, Location, LocationBatch,
@@ -16,17 +16,12 @@ use locus::{
     storage::{maintain, setup},
 };
 use prost::Message;
-use prost_types::Timestamp;
 use tonic::{Code, transport::Channel};
 
 async fn query_client(server: &TestServer) -> QueryClient<Channel> {
     QueryClient::connect(format!("http://{}", server.grpc))
         .await
         .unwrap()
-}
-
-fn at(seconds: i64) -> Option<Timestamp> {
-    Some(Timestamp { seconds, nanos: 0 })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
