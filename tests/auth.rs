@@ -8,13 +8,12 @@ mod common;
 
 use std::{process::Stdio, time::Duration};
 
-use common::{Device, TestDb, TestServer, config, count_rows, locus_health, now_secs};
+use common::{
+    Device, TestDb, TestServer, at, count_rows, free_port, json_point, locus_health, now_secs,
+    tenants::{auth_config, create_token, create_token_for, with_token, write},
+};
 use locus::{
-    auth::{
-        Role,
-        token::{self, NewToken},
-    },
-    config::{AuthMode, ServeConfig},
+    auth::{Role, token},
     proto::{
         GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, LocationBatch, SubscribeRequest,
         get_hourly_stats_request::Key, ingest_client::IngestClient, query_client::QueryClient,
@@ -23,62 +22,9 @@ use locus::{
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tonic::{Code, Request, transport::Channel};
+use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 use uuid::Uuid;
-
-fn with_token<T>(msg: T, token: &str) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
-
-/// A unary write with `token` that must be answered.
-async fn write(
-    c: &mut IngestClient<Channel>,
-    batch: LocationBatch,
-    token: &str,
-) -> locus::proto::BatchAck {
-    c.write_locations(with_token(batch, token))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-fn auth_config(db: &TestDb) -> ServeConfig {
-    let mut c = config(db);
-    c.auth.mode = AuthMode::Tokens;
-    c.auth.auth_refresh_interval = Duration::from_millis(200);
-    c
-}
-
-async fn create(db: &TestDb, role: Role, app: Option<&str>, devices: &[Uuid]) -> String {
-    create_with_cert(db, role, app, devices, None).await
-}
-
-async fn create_with_cert(
-    db: &TestDb,
-    role: Role,
-    app: Option<&str>,
-    devices: &[Uuid],
-    client_cert: Option<Vec<u8>>,
-) -> String {
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    token::create(
-        &mut conn,
-        &NewToken {
-            name: format!("test {role}"),
-            role,
-            app_source: app.map(str::to_string),
-            devices: devices.to_vec(),
-            client_cert,
-        },
-    )
-    .await
-    .unwrap()
-    .to_string()
-}
 
 async fn http(
     server: &TestServer,
@@ -100,21 +46,11 @@ async fn http(
     (status, headers, resp.json().await.unwrap_or(Value::Null))
 }
 
-fn json_point(device: &Uuid, app: &str, t: i64) -> Value {
-    json!({
-        "time": chrono::DateTime::from_timestamp(t, 0).unwrap().to_rfc3339(),
-        "device_id": device.to_string(),
-        "user_id": Uuid::new_v4().to_string(),
-        "app_source": app,
-        "latitude": 19.43, "longitude": -99.13
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_valid_credentials_are_refused_and_store_nothing() {
     let db = TestDb::new().await;
     let server = TestServer::start(auth_config(&db)).await;
-    let good = create(&db, Role::Gateway, Some("mextrack"), &[]).await;
+    let good = create_token(&db, Role::Gateway, Some("mextrack")).await;
     let d = Device::new(now_secs() - 100);
     let batch = || d.batch(1, 0, 5);
 
@@ -190,9 +126,10 @@ async fn a_token_writes_only_the_devices_and_app_source_it_covers() {
     let server = TestServer::start(auth_config(&db)).await;
     let mine = Device::new(now_secs() - 100);
     let other = Device::new(now_secs() - 100);
-    let device_token = create(&db, Role::Device, Some("mextrack"), &[mine.device_id]).await;
-    let gateway = create(&db, Role::Gateway, Some("mextrack"), &[]).await;
-    let reader = create(&db, Role::Reader, Some("mextrack"), &[]).await;
+    let device_token =
+        create_token_for(&db, Role::Device, Some("mextrack"), &[mine.device_id], None).await;
+    let gateway = create_token(&db, Role::Gateway, Some("mextrack")).await;
+    let reader = create_token(&db, Role::Reader, Some("mextrack")).await;
 
     // Own device, another device, own device of another app.
     let mut foreign_app = mine.point(2);
@@ -296,8 +233,8 @@ async fn a_token_writes_only_the_devices_and_app_source_it_covers() {
 async fn a_reader_never_sees_another_app_sources_data() {
     let db = TestDb::new().await;
     let server = TestServer::start(auth_config(&db)).await;
-    let admin = create(&db, Role::Admin, None, &[]).await;
-    let reader = create(&db, Role::Reader, Some("mextrack"), &[]).await;
+    let admin = create_token(&db, Role::Admin, None).await;
+    let reader = create_token(&db, Role::Reader, Some("mextrack")).await;
     let ours = Device::new(now_secs() - 100);
     let theirs = Device::new(now_secs() - 100);
     let mut theirs_batch = theirs.batch(2, 0, 10);
@@ -377,14 +314,8 @@ async fn a_reader_never_sees_another_app_sources_data() {
     // Track: theirs is not found; ours is there.
     let track = |d: &Device| GetTrackRequest {
         device_id: d.device_id.to_string(),
-        from: Some(prost_types::Timestamp {
-            seconds: d.start - 1,
-            nanos: 0,
-        }),
-        to: Some(prost_types::Timestamp {
-            seconds: d.start + 100,
-            nanos: 0,
-        }),
+        from: at(d.start - 1),
+        to: at(d.start + 100),
         limit: 0,
         cursor: String::new(),
         app_source: String::new(),
@@ -408,14 +339,8 @@ async fn a_reader_never_sees_another_app_sources_data() {
     let stats = |key: Option<Key>, app: &str| GetHourlyStatsRequest {
         key,
         app_source: app.into(),
-        from: Some(prost_types::Timestamp {
-            seconds: now_secs() - 7200,
-            nanos: 0,
-        }),
-        to: Some(prost_types::Timestamp {
-            seconds: now_secs() + 3600,
-            nanos: 0,
-        }),
+        from: at(now_secs() - 7200),
+        to: at(now_secs() + 3600),
     };
     let hours = |key: Key| {
         let mut q = q.clone();
@@ -476,7 +401,7 @@ async fn no_app_hides_or_takes_the_place_of_another_apps_device() {
 async fn a_revoked_token_stops_working_within_seconds_also_on_an_open_stream() {
     let db = TestDb::new().await;
     let server = TestServer::start(auth_config(&db)).await;
-    let gateway = create(&db, Role::Gateway, Some("mextrack"), &[]).await;
+    let gateway = create_token(&db, Role::Gateway, Some("mextrack")).await;
     let id = token::Token::parse(&gateway).unwrap().id;
     let d = Device::new(now_secs() - 1000);
 
@@ -543,8 +468,8 @@ async fn a_burst_over_the_rate_limit_is_refused_with_a_retry_hint() {
     cfg.auth.rate_limit_burst = 200;
     cfg.limits.max_batch_points = 200;
     let server = TestServer::start(cfg).await;
-    let a = create(&db, Role::Gateway, Some("mextrack"), &[]).await;
-    let b = create(&db, Role::Gateway, Some("mextrack"), &[]).await;
+    let a = create_token(&db, Role::Gateway, Some("mextrack")).await;
+    let b = create_token(&db, Role::Gateway, Some("mextrack")).await;
     let d = Device::new(now_secs() - 1000);
     let mut c = server.client().await;
 
@@ -689,13 +614,7 @@ async fn the_token_cli_creates_lists_and_revokes_and_keeps_only_hashes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_off_is_announced_in_the_log() {
     let db = TestDb::new().await;
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    };
+    let port = || format!("127.0.0.1:{}", free_port());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
         .args(["serve", "--auth", "off", "--grpc-addr", &port()])
         .args(["--http-addr", &port(), "--metrics-addr", &port()])
@@ -782,8 +701,8 @@ async fn tls_with_tokens_or_registered_client_certificates() {
     let server = TestServer::start_with_tls(cfg, Some(tls.clone())).await;
     let d = Device::new(now_secs() - 100);
     let other = Device::new(now_secs() - 100);
-    let gateway = create(&db, Role::Gateway, Some("mextrack"), &[]).await;
-    create_with_cert(
+    let gateway = create_token(&db, Role::Gateway, Some("mextrack")).await;
+    create_token_for(
         &db,
         Role::Device,
         Some("mextrack"),
@@ -932,7 +851,7 @@ async fn a_flood_of_unknown_tokens_does_not_starve_the_writers() {
     cfg.pipeline.writers = 1;
     cfg.db_pool_size = 6;
     let server = TestServer::start(cfg).await;
-    let good = create(&db, Role::Gateway, Some("mextrack"), &[]).await;
+    let good = create_token(&db, Role::Gateway, Some("mextrack")).await;
     let d = Device::new(now_secs() - 1000);
     let mut c = server.client().await;
     // The good token is looked up (and cached) before the flood.
@@ -1016,8 +935,8 @@ async fn live_feeds_are_bounded_per_token_and_a_revoked_idle_feed_ends() {
     c.query.max_subscribers = 10;
     c.query.max_subscribers_per_token = 3;
     let server = TestServer::start(c).await;
-    let greedy = create(&db, Role::Reader, Some("mextrack"), &[]).await;
-    let other = create(&db, Role::Reader, Some("pshop"), &[]).await;
+    let greedy = create_token(&db, Role::Reader, Some("mextrack")).await;
+    let other = create_token(&db, Role::Reader, Some("pshop")).await;
     let open = |token: &str| {
         reqwest::Client::new()
             .get(format!("http://{}/v1/live", server.http))

@@ -200,17 +200,26 @@ async fn idle_keep_alive_connections_are_closed() {
 /// fit in the open-file limit, with one error naming the flags.
 #[test]
 fn start_refuses_limits_that_do_not_fit_the_file_limit() {
-    let out = std::process::Command::new("prlimit")
-        .arg("--nofile=256:256")
-        .arg(env!("CARGO_BIN_EXE_locus"))
-        .args(["serve", "--database-url", "postgres://127.0.0.1:1/none"])
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .env_remove("LOCUS_MAX_CONNECTIONS_GRPC")
-        .output()
-        .expect("prlimit (util-linux) runs the locus binary");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // `locus serve` with `limits`, under an open-file limit of 256: its
+    // stderr, and the exit code.
+    let serve = |limits: &[&str]| {
+        let out = std::process::Command::new("prlimit")
+            .arg("--nofile=256:256")
+            .arg(env!("CARGO_BIN_EXE_locus"))
+            .args(["serve", "--database-url", "postgres://127.0.0.1:1/none"])
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(limits)
+            .env_remove("LOCUS_MAX_CONNECTIONS_GRPC")
+            .output()
+            .expect("prlimit (util-linux) runs the locus binary");
+        (
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.code(),
+        )
+    };
+    let (stderr, code) = serve(&[]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("the open-file limit is 256 (hard limit 256)")
             && stderr.contains("--max-connections-grpc 10000"),
@@ -219,21 +228,13 @@ fn start_refuses_limits_that_do_not_fit_the_file_limit() {
 
     // Lowered to fit, it gets past the check (and fails later, on the
     // database that is not there).
-    let out = std::process::Command::new("prlimit")
-        .arg("--nofile=256:256")
-        .arg(env!("CARGO_BIN_EXE_locus"))
-        .args(["serve", "--database-url", "postgres://127.0.0.1:1/none"])
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args([
-            "--max-connections-grpc",
-            "100",
-            "--max-connections-http",
-            "50",
-        ])
-        .args(["--max-connections-metrics", "10"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (stderr, _) = serve(&[
+        "--max-connections-grpc",
+        "100",
+        "--max-connections-http",
+        "50",
+        "--max-connections-metrics",
+        "10",
+    ]);
     assert!(!stderr.contains("open-file limit"), "{stderr}");
 }

@@ -7,18 +7,13 @@ mod common;
 
 use std::{io::Write, time::Duration};
 
-use common::{TestDb, TestServer, block_writes, config, conforms, count_rows, get_json, now_secs};
+use common::{
+    TestDb, TestServer, block_writes, config, conforms, count_rows, get_json, json_point, now_secs,
+};
 use serde_json::{Value, json};
 
 fn point(device: &uuid::Uuid, t: i64) -> Value {
-    json!({
-        "time": chrono::DateTime::from_timestamp(t, 500_000_000).unwrap().to_rfc3339(),
-        "device_id": device.to_string(),
-        "user_id": uuid::Uuid::new_v4().to_string(),
-        "app_source": "pshop",
-        "latitude": 19.43, "longitude": -99.13, "speed": 12.5,
-        "metadata": {"order": 7}
-    })
+    json_point(device, "pshop", t)
 }
 
 async fn post(server: &TestServer, body: Vec<u8>, gzip: bool) -> (u16, Option<String>, Value) {
@@ -35,6 +30,26 @@ async fn post(server: &TestServer, body: Vec<u8>, gzip: bool) -> (u16, Option<St
         .get("retry-after")
         .map(|v| v.to_str().unwrap().to_string());
     (status, retry, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// `body` is refused whole, with `status` and the error `code`.
+async fn refused(server: &TestServer, body: Vec<u8>, gzip: bool, status: u16, code: &str) {
+    let (got, _, answer) = post(server, body, gzip).await;
+    assert_eq!(
+        (got, answer["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{answer}"
+    );
+}
+
+/// The index and reason of each point an answer rejected.
+fn reasons(ack: &Value) -> Vec<(u64, &str)> {
+    ack["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["reason"].as_str().unwrap()))
+        .collect()
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -66,14 +81,8 @@ async fn json_batches_are_acknowledged_after_commit_with_per_point_reasons() {
         ),
         (Some(42), Some(3), Some(0))
     );
-    let reasons: Vec<(u64, &str)> = ack["rejected"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["index"].as_u64().unwrap(), r["reason"].as_str().unwrap()))
-        .collect();
     assert_eq!(
-        reasons,
+        reasons(&ack),
         [
             (2, "time_invalid"),
             (3, "point_malformed"),
@@ -118,52 +127,42 @@ async fn bad_and_oversized_bodies_get_clear_statuses() {
     let server = TestServer::start(cfg).await;
     let d = uuid::Uuid::new_v4();
 
-    let (status, _, body) = post(&server, b"this is not json".to_vec(), false).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("bad_json"))
-    );
-    let (status, _, body) = post(&server, vec![b' '; 100 * 1024], false).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("body_too_large"))
-    );
+    refused(
+        &server,
+        b"this is not json".to_vec(),
+        false,
+        400,
+        "bad_json",
+    )
+    .await;
+    refused(
+        &server,
+        vec![b' '; 100 * 1024],
+        false,
+        413,
+        "body_too_large",
+    )
+    .await;
     // A gzip bomb: 50 MB of zeros in about 50 KB.
     let bomb = gzip(&vec![0u8; 50 * 1024 * 1024]);
     assert!(bomb.len() < 64 * 1024);
-    let (status, _, body) = post(&server, bomb, true).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("body_too_large")),
-        "{body}"
-    );
-    let (status, _, body) = post(&server, b"\x1f\x8b garbage".to_vec(), true).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("bad_gzip"))
-    );
+    refused(&server, bomb, true, 413, "body_too_large").await;
+    refused(&server, b"\x1f\x8b garbage".to_vec(), true, 400, "bad_gzip").await;
     // Counted as read: past the 100th location reading stops, before the
     // rest (here not even JSON) is looked at.
     let mut zeros = b"{\"locations\": [".to_vec();
     zeros.extend(b"0,".repeat(101));
     zeros.extend(b"!!! not read");
-    let (status, _, body) = post(&server, zeros, false).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("batch_too_large")),
-        "{body}"
-    );
+    refused(&server, zeros, false, 413, "batch_too_large").await;
     let many: Vec<Value> = (0..101).map(|i| point(&d, now_secs() - 200 + i)).collect();
-    let (status, _, body) = post(
+    refused(
         &server,
         serde_json::to_vec(&json!({"locations": many})).unwrap(),
         false,
+        413,
+        "batch_too_large",
     )
     .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("batch_too_large"))
-    );
     assert_eq!(
         count_rows(&db.pool().await).await,
         0,
@@ -217,18 +216,10 @@ async fn a_full_buffer_and_a_missing_database_say_when_to_retry() {
     // Refused before it is parsed: a body that is not JSON is refused for
     // the buffer too, and told it is not JSON once there is room.
     let not_json = || b"{\"locations\": [".to_vec();
-    let (status, _, body) = post(&server, not_json(), false).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (429, Some("buffer_full"))
-    );
+    refused(&server, not_json(), false, 429, "buffer_full").await;
     locker.rollback().await.unwrap();
     assert_eq!(first.await.unwrap(), 200);
-    let (status, _, body) = post(&server, not_json(), false).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("bad_json"))
-    );
+    refused(&server, not_json(), false, 400, "bad_json").await;
 
     // The database refuses connections for longer than the retry deadline.
     db.cut_off().await;
@@ -283,14 +274,8 @@ async fn bad_numbers_and_deep_metadata_are_rejected_alone() {
     );
     let (status, _, ack) = post(&server, body.into_bytes(), false).await;
     assert_eq!(status, 200, "{ack}");
-    let reasons: Vec<(u64, &str)> = ack["rejected"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["index"].as_u64().unwrap(), r["reason"].as_str().unwrap()))
-        .collect();
     assert_eq!(
-        reasons,
+        reasons(&ack),
         [
             (1, "point_malformed"),
             (3, "metadata_invalid"),

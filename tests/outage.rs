@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Device, TestDb, TestServer, config, count_rows, now_secs};
+use common::{Device, TestDb, TestServer, config, count_rows, free_port, now_secs};
 use locus::proto::{LocationBatch, ingest_client::IngestClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -148,13 +148,6 @@ async fn database_outage_mid_stream_loses_nothing_and_recovers() {
     }
     server.stop().await;
     db.drop_db().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// The real binary, a real SIGTERM: what is buffered is written and

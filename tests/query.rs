@@ -7,7 +7,7 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{Device, TestDb, TestServer, config, now_secs, scrape};
+use common::{Device, TestDb, TestServer, at, config, now_secs, scrape};
 use locus::{
     proto::{
         GetHourlyStatsRequest, GetLatestRequest, GetTrackRequest, Location, LocationBatch,
@@ -16,7 +16,6 @@ use locus::{
     storage::{maintain, setup},
 };
 use prost::Message;
-use prost_types::Timestamp;
 use tonic::{Code, transport::Channel};
 
 async fn query_client(server: &TestServer) -> QueryClient<Channel> {
@@ -25,8 +24,18 @@ async fn query_client(server: &TestServer) -> QueryClient<Channel> {
         .unwrap()
 }
 
-fn at(seconds: i64) -> Option<Timestamp> {
-    Some(Timestamp { seconds, nanos: 0 })
+/// The latest points of `devices`, in the app_source a [`Device`]'s points have.
+async fn latest_of(q: &mut QueryClient<Channel>, devices: &[&Device]) -> Vec<Location> {
+    q.get_latest(GetLatestRequest {
+        device_ids: devices.iter().map(|d| d.device_id.to_string()).collect(),
+        app_source: "mextrack".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .locations()
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,17 +49,7 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
     ingest.write_locations(b.batch(1, 0, 5)).await.unwrap();
     ingest.write_locations(a.batch(2, 0, 10)).await.unwrap(); // late: older points
     let mut q = query_client(&server).await;
-    let resp = q
-        .get_latest(GetLatestRequest {
-            device_ids: vec![a.device_id.to_string(), b.device_id.to_string()],
-            app_source: "mextrack".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .locations()
-        .unwrap();
+    let resp = latest_of(&mut q, &[&a, &b]).await;
     let times: Vec<i64> = resp.iter().map(|l| l.time.unwrap().seconds).collect();
     assert_eq!(
         times,
@@ -70,17 +69,7 @@ async fn latest_moves_only_forward_and_survives_a_restart() {
     // A new server fills the map from the database.
     let server = TestServer::start(config(&db)).await;
     let mut q = query_client(&server).await;
-    let resp = q
-        .get_latest(GetLatestRequest {
-            device_ids: vec![a.device_id.to_string()],
-            app_source: "mextrack".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .locations()
-        .unwrap();
+    let resp = latest_of(&mut q, &[&a]).await;
     assert_eq!(resp[0].time.unwrap().seconds, start + 109);
     assert_eq!(resp[0].latitude, a.point(109).latitude);
     server.stop().await;

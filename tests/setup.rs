@@ -25,6 +25,16 @@ async fn exec(pool: &PgPool, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// A fresh database set up with every default, and the time it was set up at.
+async fn set_up() -> (TestDb, i64) {
+    let db = TestDb::new().await;
+    let now = now_us();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    (db, now)
+}
+
 #[tokio::test]
 async fn setup_from_empty_then_nothing_to_do() {
     let db = TestDb::new().await;
@@ -113,11 +123,7 @@ async fn two_setups_at_once_do_not_collide() {
 
 #[tokio::test]
 async fn reconcile_after_settings_change() {
-    let db = TestDb::new().await;
-    let now = now_us();
-    setup::run(&db.url, &setup_opts(), false, now)
-        .await
-        .unwrap();
+    let (db, now) = set_up().await;
     // Longer retention: the partitions for the 30 extra days are made.
     let mut longer = setup_opts();
     longer.storage.raw_retention = Duration::from_secs(60 * 86_400);
@@ -307,11 +313,7 @@ async fn a_required_tier_that_is_missing_fails_and_says_why() {
 
 #[tokio::test]
 async fn partitions_past_retention_are_dropped_and_defaults_moved() {
-    let db = TestDb::new().await;
-    let now = now_us();
-    setup::run(&db.url, &setup_opts(), false, now)
-        .await
-        .unwrap();
+    let (db, now) = set_up().await;
     let pool = db.pool().await;
     // A row beyond every partition lands in the default partition...
     exec(&pool, "INSERT INTO location_events (time, device_id, user_id, app_source, latitude, longitude)
@@ -363,11 +365,7 @@ async fn partitions_past_retention_are_dropped_and_defaults_moved() {
 /// table archive2020 that its unquoted name would fold to.
 #[tokio::test]
 async fn retention_drops_the_partition_it_names_and_no_other() {
-    let db = TestDb::new().await;
-    let now = now_us();
-    setup::run(&db.url, &setup_opts(), false, now)
-        .await
-        .unwrap();
+    let (db, now) = set_up().await;
     let pool = db.pool().await;
     exec(&pool, "CREATE TABLE archive2020 (note text)").await;
     exec(&pool, "INSERT INTO archive2020 VALUES ('keep me')").await;
@@ -533,11 +531,7 @@ async fn late_points_recompute_their_hours_and_retention_keeps_the_aggregate() {
 /// can fail on the rows); doctor reports the old key until then.
 #[tokio::test]
 async fn the_old_device_time_key_is_replaced_by_the_app_source_one() {
-    let db = TestDb::new().await;
-    let now = now_us();
-    setup::run(&db.url, &setup_opts(), false, now)
-        .await
-        .unwrap();
+    let (db, now) = set_up().await;
     let pool = db.pool().await;
     exec(
         &pool,
@@ -652,11 +646,7 @@ async fn the_old_device_time_key_is_replaced_by_the_app_source_one() {
 
 #[tokio::test]
 async fn doctor_reports_a_dropped_index_and_a_stalled_rollup() {
-    let db = TestDb::new().await;
-    let now = now_us();
-    setup::run(&db.url, &setup_opts(), false, now)
-        .await
-        .unwrap();
+    let (db, now) = set_up().await;
     let report = doctor::examine(&db.url, &setup_opts(), now).await.unwrap();
     assert!(report.attention.is_empty(), "{:?}", report.attention);
     assert_eq!(report.tier, Tier::Postgres);

@@ -16,8 +16,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Device, TestDb, TestServer, config, count_rows, get_json, hourly_mismatches, now_secs, now_us,
-    setup_opts, write_duplicates_and_late_points,
+    Device, TestDb, TestServer, at, config, count_rows, get_json, hourly_mismatches, now_secs,
+    now_us, setup_opts, write_duplicates_and_late_points,
 };
 use locus::{
     location::json::rfc3339,
@@ -30,7 +30,6 @@ use locus::{
         setup::{self, SetupOptions},
     },
 };
-use prost_types::Timestamp;
 use sqlx::PgPool;
 
 const DAY_US: i64 = 86_400_000_000;
@@ -550,10 +549,6 @@ async fn setup_updates_an_old_timescaledb_on_a_fresh_connection_on_the_community
     );
     drop(pool);
     db.drop_db().await;
-}
-
-fn at(seconds: i64) -> Option<Timestamp> {
-    Some(Timestamp { seconds, nanos: 0 })
 }
 
 /// Every query on this edition, over gRPC and HTTP: a live subscriber;

@@ -65,6 +65,28 @@ impl ValidLocation {
     }
 }
 
+/// A point for unit tests, which set what they test with struct update
+/// syntax (`ValidLocation { speed: Some(2.0), ..ValidLocation::example() }`):
+/// every optional field empty.
+#[cfg(test)]
+impl ValidLocation {
+    pub(crate) fn example() -> ValidLocation {
+        ValidLocation {
+            time_us: 1_700_000_000_123_456,
+            device_id: Uuid::from_u128(1),
+            user_id: Uuid::from_u128(2),
+            app_source: "mextrack".into(),
+            latitude: 19.43,
+            longitude: -99.13,
+            accuracy: None,
+            altitude: None,
+            speed: None,
+            heading: None,
+            metadata: None,
+        }
+    }
+}
+
 impl LocationRef<'_> {
     pub fn to_owned(&self) -> ValidLocation {
         self.map(|s| (*s).to_owned())

@@ -174,15 +174,10 @@ mod tests {
         ValidLocation {
             time_us: PG_EPOCH_OFFSET_US + 1,
             device_id: Uuid::from_u128(0x0102),
-            user_id: Uuid::from_u128(0x0304),
             app_source: "ab".into(),
-            latitude: 1.5,
-            longitude: -2.0,
-            accuracy: None,
-            altitude: None,
             speed,
-            heading: None,
             metadata: metadata.map(str::to_string),
+            ..ValidLocation::example()
         }
     }
 

@@ -346,18 +346,16 @@ mod tests {
     }
 
     fn at(i: u128) -> ValidLocation {
+        let example = ValidLocation::example();
         ValidLocation {
-            time_us: 1_700_000_000_123_456 + i as i64,
+            time_us: example.time_us + i as i64,
             device_id: Uuid::from_u128(i),
             user_id: Uuid::from_u128(i + 1_000),
-            app_source: "pshop".into(),
-            latitude: 19.43,
-            longitude: -99.13,
             accuracy: Some(5.0),
-            altitude: None,
             speed: Some(12.5),
             heading: Some(90.0),
             metadata: i.is_multiple_of(2).then(|| r#"{"order":1234}"#.into()),
+            ..example
         }
     }
 

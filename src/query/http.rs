@@ -497,15 +497,11 @@ mod tests {
             .map(|i| ValidLocation {
                 time_us: 1_700_000_000_123_456 + i,
                 device_id: Uuid::from_u128(i as u128),
-                user_id: Uuid::from_u128(7),
-                app_source: "pshop".into(),
-                latitude: 19.4,
-                longitude: -99.1,
                 accuracy: Some(5.0),
                 altitude: (i % 2 == 0).then_some(2_240.5),
-                speed: None,
                 heading: Some(90.0),
                 metadata: (i == 3).then(|| r#"{"battery": 0.9, "note": "a\nb"}"#.to_string()),
+                ..ValidLocation::example()
             })
             .collect();
         live.publish(batch(&points));

@@ -456,3 +456,29 @@ pub async fn hourly_mismatches(pool: &PgPool) -> Vec<String> {
     .await
     .expect("compare location_hourly with the raw points")
 }
+
+/// `seconds` since the Unix epoch, as a request's `from` or `to`.
+pub fn at(seconds: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp { seconds, nanos: 0 })
+}
+
+/// A port free now, for a `locus` child process to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// One point as `POST /v1/locations` takes it: `device`'s in `app`, half a
+/// second after `t`, with a speed and metadata, from a user of its own.
+pub fn json_point(device: &Uuid, app: &str, t: i64) -> serde_json::Value {
+    serde_json::json!({
+        "time": chrono::DateTime::from_timestamp(t, 500_000_000).expect("a time").to_rfc3339(),
+        "device_id": device.to_string(),
+        "user_id": Uuid::new_v4().to_string(),
+        "app_source": app,
+        "latitude": 19.43, "longitude": -99.13, "speed": 12.5,
+        "metadata": {"order": 7}
+    })
+}

@@ -20,8 +20,9 @@ use locus::{
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 use tonic::{Code, Request, transport::Channel};
+use uuid::Uuid;
 
-use super::{Device, TestDb, TestServer, config, now_secs};
+use super::{Device, TestDb, TestServer, at, config, now_secs};
 
 const A: &str = "mextrack";
 const B: &str = "pshop";
@@ -42,7 +43,20 @@ pub fn auth_config(db: &TestDb) -> ServeConfig {
     c
 }
 
+/// A token of `role` in `app` (every app with `None`), for any device.
 pub async fn create_token(db: &TestDb, role: Role, app: Option<&str>) -> String {
+    create_token_for(db, role, app, &[], None).await
+}
+
+/// A token of `role` in `app`, for `devices` only (any with none), that
+/// must come with `client_cert` if there is one.
+pub async fn create_token_for(
+    db: &TestDb,
+    role: Role,
+    app: Option<&str>,
+    devices: &[Uuid],
+    client_cert: Option<Vec<u8>>,
+) -> String {
     let mut conn = PgConnection::connect(&db.url).await.expect("connect");
     token::create(
         &mut conn,
@@ -50,8 +64,8 @@ pub async fn create_token(db: &TestDb, role: Role, app: Option<&str>) -> String 
             name: format!("test {role} {app:?}"),
             role,
             app_source: app.map(str::to_string),
-            devices: Vec::new(),
-            client_cert: None,
+            devices: devices.to_vec(),
+            client_cert,
         },
     )
     .await
@@ -59,7 +73,8 @@ pub async fn create_token(db: &TestDb, role: Role, app: Option<&str>) -> String 
     .to_string()
 }
 
-async fn write(c: &mut IngestClient<Channel>, batch: LocationBatch, token: &str) -> BatchAck {
+/// A unary write with `token` that must be answered.
+pub async fn write(c: &mut IngestClient<Channel>, batch: LocationBatch, token: &str) -> BatchAck {
     c.write_locations(with_token(batch, token))
         .await
         .expect("write")
@@ -137,14 +152,8 @@ pub async fn apps_never_touch_each_others_devices(db: &TestDb, rollup: bool) {
                     GetHourlyStatsRequest {
                         key: Some(Key::DeviceId(x.device_id.to_string())),
                         app_source: app.into(),
-                        from: Some(prost_types::Timestamp {
-                            seconds: now_secs() - 7200,
-                            nanos: 0,
-                        }),
-                        to: Some(prost_types::Timestamp {
-                            seconds: now_secs() + 3600,
-                            nanos: 0,
-                        }),
+                        from: at(now_secs() - 7200),
+                        to: at(now_secs() + 3600),
                     },
                     token,
                 ))
@@ -227,14 +236,8 @@ async fn reads_are_apart(
             .get_track(with_token(
                 GetTrackRequest {
                     device_id: id.clone(),
-                    from: Some(prost_types::Timestamp {
-                        seconds: x.start - 1,
-                        nanos: 0,
-                    }),
-                    to: Some(prost_types::Timestamp {
-                        seconds: now_secs() + 600,
-                        nanos: 0,
-                    }),
+                    from: at(x.start - 1),
+                    to: at(now_secs() + 600),
                     limit: 0,
                     cursor: String::new(),
                     app_source: String::new(),

@@ -242,19 +242,13 @@ mod tests {
         ValidLocation {
             time_us,
             device_id: Uuid::from_u128(device),
-            user_id: Uuid::from_u128(9),
             app_source: if device.is_multiple_of(2) {
                 "pshop".into()
             } else {
                 "mextrack".into()
             },
             latitude: 1.0,
-            longitude: 2.0,
-            accuracy: None,
-            altitude: None,
-            speed: None,
-            heading: None,
-            metadata: None,
+            ..ValidLocation::example()
         }
     }
 

@@ -155,17 +155,11 @@ pub(crate) mod tests {
 
     pub(crate) fn point(device: Uuid, app: &str, lat: f64, lon: f64) -> ValidLocation {
         ValidLocation {
-            time_us: 0,
             device_id: device,
-            user_id: Uuid::nil(),
             app_source: app.into(),
             latitude: lat,
             longitude: lon,
-            accuracy: None,
-            altitude: None,
-            speed: None,
-            heading: None,
-            metadata: None,
+            ..ValidLocation::example()
         }
     }
 
