@@ -38,15 +38,16 @@ impl From<&PipelineArgs> for Settings {
     }
 }
 
-/// Submissions flushed together: one COPY, one transaction.
+/// Submissions flushed together: one COPY, one transaction (a client's
+/// batch is a `LocationBatch`; these are what the batcher gathers of them).
 #[derive(Debug, Default)]
-pub struct Batch {
+pub struct Flush {
     pub submissions: Vec<Submission>,
     pub points: usize,
     pub bytes: usize,
 }
 
-impl Batch {
+impl Flush {
     fn push(&mut self, sub: Submission) {
         self.points += sub.keys.len();
         self.bytes += sub.rows.len();
@@ -60,14 +61,14 @@ impl Batch {
 
 /// Writes one batch and answers every submission in it. Never fails: errors
 /// are answered to the submissions.
-pub trait WriteBatch: Clone + Send + Sync + 'static {
-    fn write(&self, batch: Batch) -> impl Future<Output = ()> + Send;
+pub trait WriteFlush: Clone + Send + Sync + 'static {
+    fn write(&self, batch: Flush) -> impl Future<Output = ()> + Send;
 }
 
 /// Runs until `rx` is closed and drained, then waits for the writes in flight.
 /// Once `drain` is cancelled (shutdown), batches no longer linger: what is
 /// buffered is flushed as soon as a writer is free.
-pub async fn run<W: WriteBatch>(
+pub async fn run<W: WriteFlush>(
     mut rx: mpsc::Receiver<Submission>,
     s: Settings,
     writer: W,
@@ -75,7 +76,7 @@ pub async fn run<W: WriteBatch>(
 ) {
     let writers = Arc::new(Semaphore::new(s.writers));
     let mut in_flight = JoinSet::new();
-    let mut batch = Batch::default();
+    let mut batch = Flush::default();
     // A submission that did not fit in the full batch; it opens the next one.
     let mut carry: Option<Submission> = None;
     let mut deadline: Option<Instant> = None;
@@ -148,8 +149,8 @@ mod tests {
         hold: Duration,
     }
 
-    impl WriteBatch for Recorder {
-        async fn write(&self, batch: Batch) {
+    impl WriteFlush for Recorder {
+        async fn write(&self, batch: Flush) {
             self.flushed
                 .lock()
                 .unwrap()

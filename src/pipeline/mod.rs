@@ -271,7 +271,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts the batcher and its writers. The task ends once every clone of
     /// the returned [`Pipeline`] is dropped and all it was given is written.
-    pub fn start<W: batcher::WriteBatch>(
+    pub fn start<W: batcher::WriteFlush>(
         writer: W,
         settings: &PipelineArgs,
         budget: Budget,

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use super::{
     PointKey, RefusedRow, Submission, WriteOutcome,
-    batcher::{Batch, WriteBatch},
+    batcher::{Flush, WriteFlush},
     copy_encoder,
 };
 use crate::{location::COLUMNS, metrics as m, storage::hourly};
@@ -346,8 +346,8 @@ impl Writer {
     }
 }
 
-impl WriteBatch for Writer {
-    async fn write(&self, batch: Batch) {
+impl WriteFlush for Writer {
+    async fn write(&self, batch: Flush) {
         let started = Instant::now();
         match self.write_with_retry(&batch.submissions).await {
             Ok((outcomes, path, inserted)) => {
@@ -450,7 +450,7 @@ impl Writer {
     }
 }
 
-fn record_flush(path: Path, batch: &Batch, started: Instant) {
+fn record_flush(path: Path, batch: &Flush, started: Instant) {
     metrics::counter!(m::BATCHES_FLUSHED, "path" => path.label()).increment(1);
     metrics::histogram!(m::BATCH_ROWS).record(batch.points as f64);
     metrics::histogram!(m::BATCH_BYTES).record(batch.bytes as f64);
