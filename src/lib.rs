@@ -26,6 +26,7 @@ pub mod http_server;
 pub mod ingest;
 pub mod location;
 pub mod metrics;
+pub mod openapi;
 pub mod pipeline;
 pub mod proto;
 pub mod query;

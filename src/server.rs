@@ -150,7 +150,8 @@ pub async fn run(
             ingestor.clone(),
             &config.limits,
         ))
-        .merge(crate::health::router(Arc::clone(&health)));
+        .merge(crate::health::router(Arc::clone(&health)))
+        .merge(crate::openapi::router());
     let http_task = tokio::spawn(crate::http_server::serve_http(
         listeners.http,
         http_app,

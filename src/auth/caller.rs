@@ -33,7 +33,8 @@ where
     Auth: axum::extract::FromRef<S>,
     S: Send + Sync,
 {
-    type Rejection = axum::response::Response;
+    /// Answered as [`crate::status::http`] says.
+    type Rejection = AuthError;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
@@ -49,6 +50,5 @@ where
         auth.authenticate(header, cert.as_ref().map(|c| c.0.as_slice()))
             .await
             .map(Caller)
-            .map_err(crate::status::auth_response)
     }
 }

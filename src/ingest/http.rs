@@ -8,7 +8,7 @@ use axum::{
     Json, Router,
     body::{Body, Bytes},
     extract::State,
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, header},
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -22,14 +22,13 @@ use serde_json::{Value, value::RawValue};
 use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
-use super::{IngestError, Ingestor, PendingAck, WhenFull};
+use super::{BodyError, Ingestor, PendingAck, WhenFull};
 use crate::{
     auth::{Auth, Caller, Principal},
     config::LimitArgs,
     location::{Rejection, json},
     metrics as m, proto,
-    query::http::ErrorJson,
-    status,
+    status::http::ErrorJson,
 };
 
 #[derive(Clone)]
@@ -94,66 +93,6 @@ struct JsonRejection {
     index: u32,
     reason: String,
     message: String,
-}
-
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    status::json_error(status, code, message, false)
-}
-
-fn retry_later(status: StatusCode, code: &str, message: String) -> Response {
-    status::json_error(status, code, message, true)
-}
-
-/// The HTTP face of an ingest error.
-fn ingest_error(e: IngestError) -> Response {
-    match &e {
-        IngestError::Auth(a) => status::auth_response(a.clone()),
-        IngestError::BatchTooLarge { .. } | IngestError::BatchOverLimit { .. } => error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
-            e.to_string(),
-        ),
-        IngestError::BufferFull | IngestError::TooManyStreams(_) => {
-            retry_later(StatusCode::TOO_MANY_REQUESTS, "buffer_full", e.to_string())
-        }
-        IngestError::ShuttingDown => retry_later(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            e.to_string(),
-        ),
-        IngestError::Write(w) if w.is_retryable() => retry_later(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            "the database is unavailable; the batch was not stored, send it again".into(),
-        ),
-        IngestError::Write(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the batch could not be stored; it was not acknowledged",
-        ),
-    }
-}
-
-/// Why a body could not be read.
-#[derive(Debug, thiserror::Error)]
-enum BodyError {
-    #[error("the body is not valid gzip: {0}")]
-    BadGzip(std::io::Error),
-    #[error("the body is over {0} bytes once decompressed")]
-    TooLarge(usize),
-    #[error("Content-Encoding {0:?} is not supported; send identity or gzip")]
-    Encoding(String),
-}
-
-impl IntoResponse for BodyError {
-    fn into_response(self) -> Response {
-        let (status, code) = match self {
-            BodyError::BadGzip(_) => (StatusCode::BAD_REQUEST, "bad_gzip"),
-            BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
-            BodyError::Encoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding"),
-        };
-        error(status, code, self.to_string())
-    }
 }
 
 /// The body's `Content-Encoding`, trimmed and lower case; `identity` if none.
@@ -350,31 +289,18 @@ async fn read_and_queue(
         .and_then(Result::ok)
         .ok_or_else(|| {
             metrics::counter!(m::REQUESTS_REFUSED, "reason" => "decoding_busy").increment(1);
-            retry_later(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "decoding_busy",
-                "too many bodies are being decoded at once (--max-decoding-bytes); retry shortly"
-                    .into(),
-            )
+            BodyError::DecodingBusy.into_response()
         })?;
     let body = decode_body(headers, body, app.max_decompressed).map_err(|e| e.into_response())?;
     let raw = match parse_raw(&body, app.ingestor.max_batch_points()) {
         Ok(raw) => raw,
-        Err(ParseError::TooManyPoints(_)) => return Err(ingest_error(app.ingestor.over_limit())),
-        Err(ParseError::Json(e)) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                format!(
-                    "the body must be a JSON object {{\"batch_id\", \"locations\": [...]}}: {e}"
-                ),
-            ));
-        }
+        Err(ParseError::TooManyPoints(_)) => return Err(app.ingestor.over_limit().into_response()),
+        Err(ParseError::Json(e)) => return Err(BodyError::BadJson(e).into_response()),
     };
     let admitted = app
         .ingestor
         .admit(caller, raw.locations.len(), WhenFull::Refuse)
-        .map_err(ingest_error)?;
+        .map_err(IntoResponse::into_response)?;
     let points = to_protos(&raw);
     let batch_id = raw.batch_id;
     drop(raw);
@@ -388,7 +314,7 @@ async fn read_and_queue(
             m::Call::http("WriteLocations"),
         )
         .await
-        .map_err(ingest_error)
+        .map_err(IntoResponse::into_response)
 }
 
 /// Stores a batch of points; answers once they are committed.
@@ -407,20 +333,11 @@ async fn post_locations(
 ) -> Response {
     let body = match axum::body::to_bytes(body, app.max_body).await {
         Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!(
-                    "the body is over {} bytes (--max-message-bytes)",
-                    app.max_body
-                ),
-            );
-        }
+        Err(_) => return BodyError::TooLargeAsSent(app.max_body).into_response(),
     };
     // Refused under overload before the body is decompressed and parsed.
     if let Err(e) = app.ingestor.admit_unparsed(&caller) {
-        return ingest_error(e);
+        return e.into_response();
     }
     let pending = match read_and_queue(&app, &caller, &headers, body).await {
         Ok(p) => p,
@@ -442,6 +359,6 @@ async fn post_locations(
                 .collect(),
         })
         .into_response(),
-        Err(e) => ingest_error(e),
+        Err(e) => e.into_response(),
     }
 }

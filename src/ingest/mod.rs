@@ -1,6 +1,6 @@
 //! Receiving points: validation, the hand-off to the pipeline and the
-//! acknowledgement, shared by every transport; the gRPC service; and the
-//! mapping of errors to statuses.
+//! acknowledgement, shared by every transport; the gRPC service and HTTP
+//! JSON. Their errors become statuses and answers in [`crate::status`].
 
 pub mod grpc;
 pub mod http;
@@ -20,8 +20,26 @@ use crate::{
 };
 use validate::Validator;
 
-/// Why a client batch was not acknowledged. Mapped to gRPC statuses in
-/// [`crate::status`].
+/// Why an HTTP body was refused before its points were read. Answered in
+/// [`crate::status::http`].
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body is over {0} bytes (--max-message-bytes)")]
+    TooLargeAsSent(usize),
+    #[error("too many bodies are being decoded at once (--max-decoding-bytes); retry shortly")]
+    DecodingBusy,
+    #[error("the body is not valid gzip: {0}")]
+    BadGzip(std::io::Error),
+    #[error("the body is over {0} bytes once decompressed")]
+    TooLarge(usize),
+    #[error("Content-Encoding {0:?} is not supported; send identity or gzip")]
+    Encoding(String),
+    #[error("the body must be a JSON object {{\"batch_id\", \"locations\": [...]}}: {0}")]
+    BadJson(serde_json::Error),
+}
+
+/// Why a client batch was not acknowledged. Mapped to gRPC statuses and
+/// HTTP answers in [`crate::status`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
     #[error("batch has {points} points; the limit is {limit} (--max-batch-points)")]

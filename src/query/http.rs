@@ -1,23 +1,19 @@
-//! The query API as HTTP JSON, with the live feed as Server-Sent Events and
-//! an OpenAPI document generated from these handlers (`GET /v1/openapi.json`).
+//! The query API as HTTP JSON, with the live feed as Server-Sent Events.
+//! Its handlers are described in the OpenAPI document ([`crate::openapi`]).
 
 use std::{convert::Infallible, sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
     extract::{Path, Query, State},
-    http::StatusCode,
-    response::{
-        IntoResponse, Response,
-        sse::{Event, KeepAlive, Sse},
-    },
+    response::sse::{Event, KeepAlive, Sse},
     routing::get,
 };
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{IntoParams, ToSchema};
 
 use super::{
     QueryError, QueryState, device_app_source,
@@ -30,7 +26,8 @@ use super::{
 use crate::{
     auth::{Auth, Caller},
     location::{LocationRef, json::LocationJson},
-    metrics as m, proto, status,
+    metrics as m, proto,
+    status::http::ErrorJson,
 };
 
 #[derive(Clone)]
@@ -53,53 +50,7 @@ pub fn router(state: Arc<QueryState>, shutdown: CancellationToken) -> Router {
         .route("/v1/devices/{device_id}/track", get(device_track))
         .route("/v1/stats/hourly", get(hourly_stats))
         .route("/v1/live", get(live))
-        .route(
-            "/v1/openapi.json",
-            get(|| async { Json(ApiDoc::openapi()) }),
-        )
         .with_state(App { state, shutdown })
-}
-
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "locus",
-        description = "GPS telemetry: ingest, latest positions, tracks, hourly stats and a live feed."
-    ),
-    paths(crate::ingest::http::post_locations, device_latest, latest, device_track, hourly_stats, live),
-    components(schemas(
-        LocationJson,
-        LatestJson,
-        TrackJson,
-        stats::HourStats,
-        HourlyJson,
-        ErrorJson,
-        ErrorDetail
-    )),
-    modifiers(&BearerAuth)
-)]
-pub struct ApiDoc;
-
-/// Every route wants `Authorization: Bearer <token>` (a reader or admin).
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{
-            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
-        };
-        openapi
-            .components
-            .get_or_insert_with(Default::default)
-            .add_security_scheme(
-                "bearer",
-                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-            );
-        openapi.security = Some(vec![SecurityRequirement::new(
-            "bearer",
-            Vec::<String>::new(),
-        )]);
-    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -124,53 +75,12 @@ pub struct HourlyJson {
     pub hours: Vec<stats::HourStats>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorJson {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable: `invalid_argument`, `not_found`, `too_many_subscribers`,
-    /// `unauthenticated`, `permission_denied`, `rate_limited`,
-    /// `auth_unavailable`, `internal`; and from `POST /v1/locations`:
-    /// `bad_json`, `bad_gzip`, `body_too_large`, `unsupported_encoding`,
-    /// `batch_too_large`, `buffer_full`, `shutting_down`,
-    /// `database_unavailable`.
-    pub code: String,
-    pub message: String,
-}
-
-/// A query error as JSON, with its status.
-pub struct HttpError(QueryError);
-
-impl From<QueryError> for HttpError {
-    fn from(e: QueryError) -> Self {
-        HttpError(e)
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        if let QueryError::Auth(a) = self.0 {
-            return status::auth_response(a);
-        }
-        let code = StatusCode::from_u16(status::http_status(&self.0))
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let retry = matches!(
-            self.0,
-            QueryError::TooManySubscribers(_) | QueryError::Database(_)
-        );
-        status::json_error(code, self.0.code(), status::public_message(&self.0), retry)
-    }
-}
-
-type HttpResult<T> = Result<Json<T>, HttpError>;
+type HttpResult<T> = Result<Json<T>, QueryError>;
 
 /// `rpc` names the proto's rpc the route answers as.
 fn timed<T>(rpc: &'static str, started: Instant, r: Result<T, QueryError>) -> HttpResult<T> {
     m::Call::http(rpc).record(m::QUERY_DURATION, started.elapsed().as_secs_f64());
-    r.map(Json).map_err(HttpError)
+    r.map(Json)
 }
 
 /// A page size from the query string: absent for the default.
@@ -441,7 +351,7 @@ async fn live(
     State(app): State<App>,
     Caller(caller): Caller,
     Query(p): Query<LiveParams>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, QueryError> {
     let filter = live_filter(p)?;
     let sub = app.state.subscribe(&caller, filter)?;
     let events = updates(sub)

@@ -42,23 +42,6 @@ pub enum QueryError {
     Auth(#[from] AuthError),
 }
 
-impl QueryError {
-    /// A stable code for HTTP error bodies.
-    pub fn code(&self) -> &'static str {
-        match self {
-            QueryError::InvalidArgument(_) => "invalid_argument",
-            QueryError::NotFound(_) => "not_found",
-            QueryError::TooManySubscribers(_) => "too_many_subscribers",
-            QueryError::TooManySubscribersForToken(_) => "too_many_subscribers_for_token",
-            QueryError::Database(_) => "internal",
-            QueryError::Auth(AuthError::Unauthenticated(_)) => "unauthenticated",
-            QueryError::Auth(AuthError::PermissionDenied(_)) => "permission_denied",
-            QueryError::Auth(AuthError::RateLimited { .. }) => "rate_limited",
-            QueryError::Auth(AuthError::Unavailable | AuthError::Busy) => "auth_unavailable",
-        }
-    }
-}
-
 pub(crate) fn invalid(msg: impl Into<String>) -> QueryError {
     QueryError::InvalidArgument(msg.into())
 }
