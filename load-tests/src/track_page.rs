@@ -54,6 +54,8 @@ pub async fn run(url: &str) -> anyhow::Result<()> {
         .await?;
     let state = QueryState::new(pool.clone(), QueryArgs::default(), Auth::disabled());
     state.latest.load(&pool).await?;
+    // Authentication off: the caller is the anonymous admin.
+    let caller = state.auth.authenticate(None, None).await?;
 
     let (mut query, mut prost, mut direct, mut decode) = (vec![], vec![], vec![], vec![]);
     let mut fetched = vec![];
@@ -80,13 +82,14 @@ pub async fn run(url: &str) -> anyhow::Result<()> {
         let t = Instant::now();
         let page = track(
             &state,
+            &caller,
             TrackRequest {
-                device_id: device,
-                from_us: now_us - 2 * 86_400_000_000,
-                to_us: now_us + 1,
-                limit: Some(10_000),
+                device_id: &device.to_string(),
+                app_source: "mextrack",
+                from_us: Ok(now_us - 2 * 86_400_000_000),
+                to_us: Ok(now_us + 1),
+                limit: Ok(Some(10_000)),
                 cursor: None,
-                app_source: "mextrack".into(),
             },
         )
         .await?;

@@ -7,12 +7,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
-    QueryError, QueryState, device_app_source,
+    QueryError, QueryState,
     encoded::{EncodedLocations, LocationPage},
     invalid,
     latest::LatestRequest,
     live::{Filter, Update},
-    parse_device_ids, parse_uuid, stats, track,
+    parse_device_ids, stats, track,
 };
 use crate::{
     auth::Principal,
@@ -130,26 +130,23 @@ impl Query for QueryService {
         let started = Instant::now();
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
-        let r = async {
-            caller.require_read()?;
-            let page = track::track(
-                &self.state,
-                track::TrackRequest {
-                    device_id: parse_uuid(&req.device_id, "device_id")?,
-                    from_us: micros(req.from, "from")?,
-                    to_us: micros(req.to, "to")?,
-                    limit: Some(req.limit),
-                    cursor: Some(req.cursor),
-                    app_source: device_app_source(&caller, &req.app_source)?.to_string(),
-                },
-            )
-            .await?;
-            Ok(LocationPage {
-                locations: page.points.iter().collect(),
-                next_cursor: page.next_cursor.unwrap_or_default(),
-            })
-        }
-        .await;
+        let r = track::track(
+            &self.state,
+            &caller,
+            track::TrackRequest {
+                device_id: &req.device_id,
+                app_source: &req.app_source,
+                from_us: micros(req.from, "from"),
+                to_us: micros(req.to, "to"),
+                limit: Ok(Some(req.limit)),
+                cursor: Some(req.cursor),
+            },
+        )
+        .await
+        .map(|page| LocationPage {
+            locations: page.points.iter().collect(),
+            next_cursor: page.next_cursor.unwrap_or_default(),
+        });
         timed("GetTrack", started, r)
     }
 
@@ -161,27 +158,26 @@ impl Query for QueryService {
         let started = Instant::now();
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
-        let r = async {
-            caller.require_read()?;
-            let (device, user) = match &req.key {
-                Some(Key::DeviceId(d)) => (Some(d.as_str()), None),
-                Some(Key::UserId(u)) => (None, Some(u.as_str())),
-                None => (None, None),
-            };
-            let (key, app) = stats::key_of(&caller, device, user, &req.app_source)?;
-            let rows = stats::hourly(
-                &self.state,
-                key,
-                app.as_deref(),
-                micros(req.from, "from")?,
-                micros(req.to, "to")?,
-            )
-            .await?;
-            Ok(proto::GetHourlyStatsResponse {
-                hours: rows.into_iter().map(Into::into).collect(),
-            })
-        }
-        .await;
+        let (device_id, user_id) = match &req.key {
+            Some(Key::DeviceId(d)) => (Some(d.as_str()), None),
+            Some(Key::UserId(u)) => (None, Some(u.as_str())),
+            None => (None, None),
+        };
+        let r = stats::hourly_stats(
+            &self.state,
+            &caller,
+            stats::StatsRequest {
+                device_id,
+                user_id,
+                app_source: &req.app_source,
+                from_us: micros(req.from, "from"),
+                to_us: micros(req.to, "to"),
+            },
+        )
+        .await
+        .map(|rows| proto::GetHourlyStatsResponse {
+            hours: rows.into_iter().map(Into::into).collect(),
+        });
         timed("GetHourlyStats", started, r)
     }
 

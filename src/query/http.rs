@@ -16,12 +16,12 @@ use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{
-    QueryError, QueryState, device_app_source,
+    QueryError, QueryState,
     grpc::updates,
     invalid,
     latest::LatestRequest,
     live::{Filter, Update},
-    parse_uuid, stats, track,
+    stats, track,
 };
 use crate::{
     auth::{Auth, Caller},
@@ -219,31 +219,23 @@ async fn device_track(
     Query(p): Query<TrackParams>,
 ) -> HttpResult<TrackJson> {
     let started = Instant::now();
-    let r = async {
-        caller.require_read()?;
-        let limit = parse_limit(p.limit.as_deref())?;
-        let page = track::track(
-            &app.state,
-            track::TrackRequest {
-                device_id: parse_uuid(&device_id, "device_id")?,
-                from_us: parse_time(p.from.as_deref(), "from")?,
-                to_us: parse_time(p.to.as_deref(), "to")?,
-                limit,
-                cursor: p.cursor,
-                app_source: device_app_source(
-                    &caller,
-                    p.app_source.as_deref().unwrap_or_default(),
-                )?
-                .to_string(),
-            },
-        )
-        .await?;
-        Ok(TrackJson {
-            locations: page.points.iter().map(LocationJson::from).collect(),
-            next_cursor: page.next_cursor,
-        })
-    }
-    .await;
+    let r = track::track(
+        &app.state,
+        &caller,
+        track::TrackRequest {
+            device_id: &device_id,
+            app_source: p.app_source.as_deref().unwrap_or_default(),
+            from_us: parse_time(p.from.as_deref(), "from"),
+            to_us: parse_time(p.to.as_deref(), "to"),
+            limit: parse_limit(p.limit.as_deref()),
+            cursor: p.cursor,
+        },
+    )
+    .await
+    .map(|page| TrackJson {
+        locations: page.points.iter().map(LocationJson::from).collect(),
+        next_cursor: page.next_cursor,
+    });
     timed("GetTrack", started, r)
 }
 
@@ -271,25 +263,19 @@ async fn hourly_stats(
     Query(p): Query<StatsParams>,
 ) -> HttpResult<HourlyJson> {
     let started = Instant::now();
-    let r = async {
-        caller.require_read()?;
-        let (key, app_source) = stats::key_of(
-            &caller,
-            p.device_id.as_deref(),
-            p.user_id.as_deref(),
-            p.app_source.as_deref().unwrap_or_default(),
-        )?;
-        let rows = stats::hourly(
-            &app.state,
-            key,
-            app_source.as_deref(),
-            parse_time(p.from.as_deref(), "from")?,
-            parse_time(p.to.as_deref(), "to")?,
-        )
-        .await?;
-        Ok(HourlyJson { hours: rows })
-    }
-    .await;
+    let r = stats::hourly_stats(
+        &app.state,
+        &caller,
+        stats::StatsRequest {
+            device_id: p.device_id.as_deref(),
+            user_id: p.user_id.as_deref(),
+            app_source: p.app_source.as_deref().unwrap_or_default(),
+            from_us: parse_time(p.from.as_deref(), "from"),
+            to_us: parse_time(p.to.as_deref(), "to"),
+        },
+    )
+    .await
+    .map(|hours| HourlyJson { hours });
     timed("GetHourlyStats", started, r)
 }
 

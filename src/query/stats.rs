@@ -11,18 +11,41 @@ use super::{
 };
 use crate::{auth::Principal, location::json::rfc3339, proto};
 
-pub enum StatsKey {
+enum StatsKey {
     Device(Uuid),
     User(Uuid),
     AppSource(String),
 }
 
-/// What a stats request asks, as both transports carry it: the key, and
-/// the app_source its rows must be of (`None`: every one). A device is
-/// named within its app_source (the one asked, else the caller's); a user
-/// within the one asked, else within the caller's scope; an app_source
-/// alone only by a caller that may read it.
-pub fn key_of(
+/// A stats request, as both transports carry it. The times are as each
+/// transport reads them; one it could not read is reported after the
+/// caller's rights and the key, as before the transports shared this.
+pub struct StatsRequest<'a> {
+    pub device_id: Option<&'a str>,
+    pub user_id: Option<&'a str>,
+    /// With a device or user: the app_source they are of; alone: the key.
+    pub app_source: &'a str,
+    pub from_us: Result<i64, QueryError>,
+    pub to_us: Result<i64, QueryError>,
+}
+
+/// The hours `req` asks for, if `caller` may read them.
+pub async fn hourly_stats(
+    state: &QueryState,
+    caller: &Principal,
+    req: StatsRequest<'_>,
+) -> Result<Vec<HourStats>, QueryError> {
+    caller.require_read()?;
+    let (key, app_source) = key_of(caller, req.device_id, req.user_id, req.app_source)?;
+    hourly(state, key, app_source.as_deref(), req.from_us?, req.to_us?).await
+}
+
+/// What a stats request asks: the key, and the app_source its rows must be
+/// of (`None`: every one). A device is named within its app_source (the
+/// one asked, else the caller's); a user within the one asked, else within
+/// the caller's scope; an app_source alone only by a caller that may read
+/// it.
+fn key_of(
     caller: &Principal,
     device_id: Option<&str>,
     user_id: Option<&str>,
@@ -119,7 +142,7 @@ impl From<HourStats> for proto::HourlyStats {
 
 /// The hours of `key` in [from, to); `app_source` keeps only rows of that
 /// app_source, `None` keeps all (see [`key_of`]).
-pub async fn hourly(
+async fn hourly(
     state: &QueryState,
     key: StatsKey,
     app_source: Option<&str>,

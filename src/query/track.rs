@@ -3,19 +3,25 @@
 //! returned) makes pages without gaps or repeats.
 
 use futures::TryStreamExt;
-use uuid::Uuid;
 
-use super::{QueryError, QueryState, invalid, page_limit, ts};
-use crate::location::{LocationReader, SELECT_COLUMNS, ValidLocation};
+use super::{QueryError, QueryState, device_app_source, invalid, page_limit, parse_uuid, ts};
+use crate::{
+    auth::Principal,
+    location::{LocationReader, SELECT_COLUMNS, ValidLocation},
+};
 
-pub struct TrackRequest {
-    pub device_id: Uuid,
-    pub from_us: i64,
-    pub to_us: i64,
-    pub limit: Option<u32>,
+/// A track request, as both transports carry it. The times and the limit
+/// are as each transport reads them; a value it could not read is reported
+/// after the caller's right to read, as every other error of the request.
+pub struct TrackRequest<'a> {
+    pub device_id: &'a str,
+    /// The device's app_source: a device id is unique only within one. The
+    /// caller's own when empty (see [`device_app_source`]).
+    pub app_source: &'a str,
+    pub from_us: Result<i64, QueryError>,
+    pub to_us: Result<i64, QueryError>,
+    pub limit: Result<Option<u32>, QueryError>,
     pub cursor: Option<String>,
-    /// The device's app_source: a device id is unique only within one.
-    pub app_source: String,
 }
 
 pub struct TrackPage {
@@ -41,35 +47,38 @@ fn decode_cursor(c: &str, from_us: i64, to_us: i64) -> Result<i64, QueryError> {
     Ok(t)
 }
 
-pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, QueryError> {
+/// One page of the track `req` asks for, if `caller` may read it.
+pub async fn track(
+    state: &QueryState,
+    caller: &Principal,
+    req: TrackRequest<'_>,
+) -> Result<TrackPage, QueryError> {
+    caller.require_read()?;
+    let limit = req.limit?;
+    let device_id = parse_uuid(req.device_id, "device_id")?;
+    let (from_us, to_us) = (req.from_us?, req.to_us?);
+    let app_source = device_app_source(caller, req.app_source)?;
     let limits = &state.limits;
-    if req.from_us >= req.to_us {
+    if from_us >= to_us {
         return Err(invalid("from must be before to"));
     }
     let span = i64::try_from(limits.max_track_span.as_micros()).unwrap_or(i64::MAX);
-    if req.to_us.saturating_sub(req.from_us) > span {
+    if to_us.saturating_sub(from_us) > span {
         return Err(invalid(format!(
             "the range is wider than the limit of {}",
             crate::config::human(limits.max_track_span)
         )));
     }
-    let limit = page_limit(
-        req.limit.unwrap_or(0),
-        limits.track_page,
-        limits.max_track_page,
-    )?;
+    let limit = page_limit(limit.unwrap_or(0), limits.track_page, limits.max_track_page)?;
     let after = match req.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(decode_cursor(c, req.from_us, req.to_us)?),
+        Some(c) => Some(decode_cursor(c, from_us, to_us)?),
     };
-    let known = state
-        .latest
-        .get(&req.app_source, &req.device_id, |_| ())
-        .is_some();
+    let known = state.latest.get(app_source, &device_id, |_| ()).is_some();
     if after.is_none() && !known {
         return Err(QueryError::NotFound(format!(
             "no points are stored for device {} of app_source {:?}",
-            req.device_id, req.app_source
+            device_id, app_source
         )));
     }
     let mut reader = LocationReader::default();
@@ -80,12 +89,12 @@ pub async fn track(state: &QueryState, req: TrackRequest) -> Result<TrackPage, Q
          ORDER BY time LIMIT $5"
     );
     let mut found = sqlx::query(&sql)
-        .bind(req.device_id)
-        .bind(ts(req.from_us)?)
-        .bind(ts(req.to_us)?)
-        .bind(ts(after.unwrap_or(req.from_us.saturating_sub(1)))?)
+        .bind(device_id)
+        .bind(ts(from_us)?)
+        .bind(ts(to_us)?)
+        .bind(ts(after.unwrap_or(from_us.saturating_sub(1)))?)
         .bind(i64::from(limit) + 1)
-        .bind(&req.app_source)
+        .bind(app_source)
         .fetch(&state.pool);
     while let Some(row) = found.try_next().await? {
         rows.push(reader.read(&row)?);
