@@ -245,7 +245,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(config) => {
             // Every setting is checked before a port is bound.
-            config.validate().context("invalid configuration")?;
+            server::check(&config).context("invalid configuration")?;
             crate::connections::fit_file_limit(&config)?;
             let listeners = Listeners::bind(
                 config.grpc_addr,

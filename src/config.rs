@@ -629,7 +629,9 @@ impl AuthArgs {
 }
 
 impl TlsArgs {
-    /// The files are there, parse, and the key fits the certificate.
+    /// The files are there. Whether they parse, and the key fits the
+    /// certificate, is [`crate::tls::load`]'s to say, before any port is
+    /// bound ([`crate::server::check`]).
     fn validate(&self) -> Result<(), ConfigError> {
         for (flag, path) in [
             ("--tls-cert", &self.tls_cert),
@@ -645,7 +647,6 @@ impl TlsArgs {
                 )));
             }
         }
-        crate::tls::load(self).map_err(|e| inconsistent(format!("TLS: {e}")))?;
         Ok(())
     }
 }

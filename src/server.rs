@@ -38,6 +38,7 @@ use crate::{
         setup::{self, SetupError, SetupOptions, Tier},
         timescale,
     },
+    tls::Tls,
 };
 
 /// How long a pool waits for a connection before the attempt fails (and is retried).
@@ -75,12 +76,17 @@ pub enum ServeError {
     Pool(#[source] sqlx::Error),
     #[error("server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     FileLimit(#[from] crate::connections::FileLimitError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Every setting checked, and the TLS files read: done before any port is
+/// bound, so that a bad setting exits at once with one clear error.
+pub fn check(config: &ServeConfig) -> Result<Option<Tls>, ConfigError> {
+    config.validate()?;
+    crate::tls::load(&config.tls).map_err(|e| ConfigError::Inconsistent(format!("TLS: {e}")))
 }
 
 /// Serves until `shutdown` is cancelled, then stops taking streams, flushes
@@ -90,10 +96,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    config.validate()?;
+    let tls = check(&config)?;
     let file_limit = crate::connections::fit_file_limit(&config)?;
     tracing::debug!(file_limit, "open-file limit");
-    let tls = crate::tls::load(&config.tls)?;
     let prometheus = metrics::install();
     let tier = prepare_database(&config).await?;
     let pool = pool(&config).map_err(ServeError::Pool)?;
@@ -471,4 +476,29 @@ async fn upkeep_once(
     }
     let mut conn = setup::connect(&config.database.url).await?;
     maintain::run_all(&mut conn, tier, &config.storage, now).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files that are there but are no certificate and key pass the
+    /// settings' own checks; `check`, which runs before any port is bound,
+    /// still refuses them.
+    #[test]
+    fn check_refuses_tls_files_that_do_not_parse() {
+        let dir = std::env::temp_dir().join(format!("locus-check-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(&key, "not a key").unwrap();
+        let mut config = ServeConfig::with_database("postgres://127.0.0.1/locus");
+        config.tls.tls_cert = Some(cert);
+        config.tls.tls_key = Some(key);
+        config.validate().expect("the files are there");
+        let refused = check(&config).err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = refused.expect("refused");
+        assert!(e.to_string().starts_with("TLS: "), "{e}");
+    }
 }
