@@ -11,8 +11,11 @@
 //! Once committed, a point reaches the reads ([`query`]): the newest
 //! position of its device ([`query::latest`], read a page at a time) and
 //! the live feed's subscribers ([`query::live`]). Who may write and read
-//! is [`auth`]'s; the HTTP listeners are served by [`http_server`], with
-//! certificates loaded by [`tls`].
+//! is [`auth`]'s, and for reads it is decided in the shared query logic,
+//! whatever the transport. Every error becomes a gRPC status or an HTTP
+//! answer in [`status`]. The HTTP listeners are served by [`http_server`],
+//! with certificates loaded by [`tls`]; the HTTP API is described by
+//! [`openapi`].
 
 #![forbid(unsafe_code)]
 
