@@ -251,3 +251,58 @@ impl CommitSink for QueryState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::auth::Role;
+
+    fn refused<T>(r: Result<T, QueryError>) -> bool {
+        matches!(r, Err(QueryError::Auth(AuthError::PermissionDenied(_))))
+    }
+
+    /// Every read asks the shared query logic, not the transport, whether
+    /// the caller may read: a device's token is refused by each, first,
+    /// though its request is wrong in every other way and nothing could be
+    /// looked up (the pool connects to nothing).
+    #[tokio::test]
+    async fn every_read_refuses_a_role_that_may_not_read() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool connects to nothing");
+        let state = QueryState::new(pool, QueryArgs::default(), Auth::disabled());
+        let device = Principal {
+            token_id: None,
+            name: "phone".into(),
+            role: Role::Device,
+            app_source: Some("pshop".into()),
+            devices: HashSet::new(),
+        };
+        let latest = latest::LatestRequest {
+            limit: u32::MAX,
+            cursor: "not a cursor",
+            ..Default::default()
+        };
+        assert!(refused(state.latest_page(&device, &latest, |_| ())));
+        let track = track::TrackRequest {
+            device_id: "not a uuid",
+            app_source: "",
+            from_us: Err(invalid("unreadable")),
+            to_us: Err(invalid("unreadable")),
+            limit: Err(invalid("unreadable")),
+            cursor: None,
+        };
+        assert!(refused(track::track(&state, &device, track).await));
+        let stats = stats::StatsRequest {
+            device_id: Some("not a uuid"),
+            user_id: Some("not a uuid"),
+            app_source: "",
+            from_us: Err(invalid("unreadable")),
+            to_us: Err(invalid("unreadable")),
+        };
+        assert!(refused(stats::hourly_stats(&state, &device, stats).await));
+        assert!(refused(state.subscribe(&device, live::Filter::default())));
+    }
+}
