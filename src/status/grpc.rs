@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::RETRY_AFTER;
+use super::{QUERY_FAILED, RETRY_AFTER, WRITE_FAILED, WRITE_RETRY};
 use crate::{auth::AuthError, ingest::IngestError, query::QueryError};
 
 /// A status that tells the client to retry after `after`: in the standard
@@ -52,13 +52,10 @@ impl From<IngestError> for Status {
                 retry(Code::ResourceExhausted, e.to_string())
             }
             IngestError::ShuttingDown => retry(Code::Unavailable, e.to_string()),
-            IngestError::Write(w) if w.is_retryable() => retry(
-                Code::Unavailable,
-                "the database is unavailable; the batch was not stored, send it again".into(),
-            ),
-            IngestError::Write(_) => {
-                Status::internal("the batch could not be stored; it was not acknowledged")
+            IngestError::Write(w) if w.is_retryable() => {
+                retry(Code::Unavailable, WRITE_RETRY.into())
             }
+            IngestError::Write(_) => Status::internal(WRITE_FAILED),
         }
     }
 }
@@ -74,7 +71,7 @@ impl From<QueryError> for Status {
             }
             QueryError::Database(db) => {
                 tracing::error!(error = %db, "query failed");
-                Status::unavailable("the query could not be answered; retry later")
+                Status::unavailable(QUERY_FAILED)
             }
         }
     }

@@ -10,7 +10,7 @@ use axum::{
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::RETRY_AFTER;
+use super::{QUERY_FAILED, RETRY_AFTER, WRITE_FAILED, WRITE_RETRY};
 use crate::{
     auth::AuthError,
     ingest::{BodyError, IngestError},
@@ -104,7 +104,7 @@ impl IntoResponse for IngestError {
                 return json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "database_unavailable",
-                    "the database is unavailable; the batch was not stored, send it again".into(),
+                    WRITE_RETRY.into(),
                     true,
                 );
             }
@@ -112,7 +112,7 @@ impl IntoResponse for IngestError {
                 return json_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
-                    "the batch could not be stored; it was not acknowledged".into(),
+                    WRITE_FAILED.into(),
                     false,
                 );
             }
@@ -160,7 +160,7 @@ impl IntoResponse for QueryError {
                 return json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "internal",
-                    "the query could not be answered; retry later".into(),
+                    QUERY_FAILED.into(),
                     true,
                 );
             }
