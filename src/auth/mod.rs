@@ -12,7 +12,7 @@
 //! may not make at all (a reader writing, a device querying) is refused
 //! with `PERMISSION_DENIED` / 403.
 //!
-//! Tokens are cached in memory (bounded, with a time to live) so that a
+//! AuthState are cached in memory (bounded, with a time to live) so that a
 //! call costs no database round trip; revocations are polled every
 //! `--auth-refresh-interval`, and a revoked token stops working at once
 //! on the calls and open streams of every instance that has seen it.
@@ -74,14 +74,14 @@ fn unauthenticated(msg: impl Into<String>) -> AuthError {
 /// Checks credentials and rate limits. Cheap to clone.
 #[derive(Clone)]
 pub struct Auth {
-    inner: Option<Arc<Inner>>,
+    inner: Option<Arc<AuthState>>,
 }
 
-struct Inner {
+struct AuthState {
     pool: PgPool,
     /// Credential -> the stored token, or `None` for an unknown one.
     cache: authenticate::Cache,
-    /// Tokens seen revoked since this process started.
+    /// AuthState seen revoked since this process started.
     revoked: DashSet<Uuid>,
     /// Counts the polls that found a revocation: long-lived calls (live
     /// feeds) wait on it, so a revoked token's idle feed ends at the next
@@ -111,7 +111,7 @@ impl Auth {
 
     pub fn new(pool: PgPool, args: &AuthArgs) -> Self {
         Self {
-            inner: Some(Arc::new(Inner {
+            inner: Some(Arc::new(AuthState {
                 pool,
                 cache: authenticate::cache(),
                 revoked: DashSet::new(),

@@ -6,7 +6,7 @@ use std::{num::NonZeroU32, time::Duration};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use uuid::Uuid;
 
-use super::{Auth, AuthError, Inner, principal::Principal};
+use super::{Auth, AuthError, AuthState, principal::Principal};
 use crate::{config::AuthArgs, metrics as m};
 
 /// The limiter of `--rate-limit-points` and `--rate-limit-burst`; `None`
@@ -48,7 +48,7 @@ impl Auth {
         }
     }
 
-    /// Tokens that hold rate-limit state now.
+    /// AuthState that hold rate-limit state now.
     pub fn rate_limited_tokens(&self) -> usize {
         self.inner
             .as_ref()
@@ -57,7 +57,7 @@ impl Auth {
     }
 }
 
-impl Inner {
+impl AuthState {
     /// Forgets the rate-limit state of tokens whose bucket is full again:
     /// it is the same as none. So memory follows the tokens active within
     /// one burst's refill time, not every token ever seen.

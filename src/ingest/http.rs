@@ -32,7 +32,7 @@ use crate::{
 };
 
 #[derive(Clone)]
-struct App {
+struct IngestHttp {
     ingestor: Ingestor,
     max_body: usize,
     max_decompressed: usize,
@@ -44,8 +44,8 @@ struct App {
 /// How long a body waits for its share of `--max-decoding-bytes`.
 const DECODING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-impl axum::extract::FromRef<App> for Auth {
-    fn from_ref(app: &App) -> Auth {
+impl axum::extract::FromRef<IngestHttp> for Auth {
+    fn from_ref(app: &IngestHttp) -> Auth {
         app.ingestor.auth.clone()
     }
 }
@@ -53,7 +53,7 @@ impl axum::extract::FromRef<App> for Auth {
 pub fn router(ingestor: Ingestor, limits: &LimitArgs) -> Router {
     Router::new()
         .route("/v1/locations", post(post_locations))
-        .with_state(App {
+        .with_state(IngestHttp {
             ingestor,
             max_body: limits.max_message_bytes,
             max_decompressed: limits.max_decompressed_bytes,
@@ -270,7 +270,7 @@ fn to_protos(raw: &RawBatch<'_>) -> Vec<Result<proto::Location, Rejection>> {
 /// limit before building more), admits them, reads each and queues the
 /// good ones. The body is freed before the ack is awaited.
 async fn read_and_queue(
-    app: &App,
+    app: &IngestHttp,
     caller: &Principal,
     headers: &HeaderMap,
     body: Bytes,
@@ -326,7 +326,7 @@ async fn read_and_queue(
               (status = 429, description = "buffer full or rate limited; retry after `Retry-After`", body = ErrorJson),
               (status = 503, description = "shutting down or the database is unavailable; retry after `Retry-After`", body = ErrorJson)))]
 async fn post_locations(
-    State(app): State<App>,
+    State(app): State<IngestHttp>,
     Caller(caller): Caller,
     headers: HeaderMap,
     body: Body,

@@ -31,11 +31,10 @@ pub const SELECT_COLUMNS: &str = columns!("metadata::text AS metadata");
 /// position (by name, each column of each row is a hash lookup: 95,000 of
 /// them for a day's track). The columns' types are the statement's, the same
 /// in every row: they are checked once, on the first row, and the cells are
-/// then decoded without sqlx's check per cell (3-13% of locus's CPU for a
-/// day's track, measured). `time` is read as the timestamptz it is
-/// (microseconds on the wire): computing microseconds in SQL goes through
-/// `numeric`, and cost a day's track (8,640 rows) about 6 ms of database
-/// time here.
+/// then decoded without sqlx's check per cell, which cost a measurable share
+/// of a day's track. `time` is read as the timestamptz it is (microseconds
+/// on the wire): computing microseconds in SQL goes through `numeric`
+/// (load-tests/RESULTS.md has the figures).
 #[derive(Debug, Default)]
 pub struct LocationReader {
     checked: bool,

@@ -193,11 +193,11 @@ impl Path {
 /// Writes batches into `location_events`. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Writer {
-    inner: Arc<Inner>,
+    inner: Arc<WriterState>,
 }
 
 #[derive(Debug)]
-struct Inner {
+struct WriterState {
     pool: PgPool,
     retry_deadline: Duration,
     /// Record touched hours for locus's own hourly rollup (no continuous
@@ -220,7 +220,7 @@ impl Writer {
         let table = "location_events";
         let staging = "locus_staging";
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(WriterState {
                 pool,
                 retry_deadline,
                 track_hours,

@@ -31,13 +31,13 @@ use crate::{
 };
 
 #[derive(Clone)]
-struct App {
+struct QueryHttp {
     state: Arc<QueryState>,
     shutdown: CancellationToken,
 }
 
-impl axum::extract::FromRef<App> for Auth {
-    fn from_ref(app: &App) -> Auth {
+impl axum::extract::FromRef<QueryHttp> for Auth {
+    fn from_ref(app: &QueryHttp) -> Auth {
         app.state.auth.clone()
     }
 }
@@ -50,7 +50,7 @@ pub fn router(state: Arc<QueryState>, shutdown: CancellationToken) -> Router {
         .route("/v1/devices/{device_id}/track", get(device_track))
         .route("/v1/stats/hourly", get(hourly_stats))
         .route("/v1/live", get(live))
-        .with_state(App { state, shutdown })
+        .with_state(QueryHttp { state, shutdown })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -111,7 +111,7 @@ struct DeviceParams {
     params(("device_id" = String, Path, description = "UUID"), DeviceParams),
     responses((status = 200, body = LocationJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson), (status = 404, body = ErrorJson)))]
 async fn device_latest(
-    State(app): State<App>,
+    State(app): State<QueryHttp>,
     Caller(caller): Caller,
     Path(device_id): Path<String>,
     Query(p): Query<DeviceParams>,
@@ -157,7 +157,7 @@ struct LatestParams {
 #[utoipa::path(get, path = "/v1/latest", params(LatestParams),
     responses((status = 200, body = LatestJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson)))]
 async fn latest(
-    State(app): State<App>,
+    State(app): State<QueryHttp>,
     Caller(caller): Caller,
     Query(p): Query<LatestParams>,
 ) -> HttpResult<LatestJson> {
@@ -213,7 +213,7 @@ struct TrackParams {
     params(("device_id" = String, Path, description = "UUID"), TrackParams),
     responses((status = 200, body = TrackJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson), (status = 404, body = ErrorJson)))]
 async fn device_track(
-    State(app): State<App>,
+    State(app): State<QueryHttp>,
     Caller(caller): Caller,
     Path(device_id): Path<String>,
     Query(p): Query<TrackParams>,
@@ -258,7 +258,7 @@ struct StatsParams {
 #[utoipa::path(get, path = "/v1/stats/hourly", params(StatsParams),
     responses((status = 200, body = HourlyJson), (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson)))]
 async fn hourly_stats(
-    State(app): State<App>,
+    State(app): State<QueryHttp>,
     Caller(caller): Caller,
     Query(p): Query<StatsParams>,
 ) -> HttpResult<HourlyJson> {
@@ -334,7 +334,7 @@ fn live_filter(p: LiveParams) -> Result<Filter, QueryError> {
     responses((status = 200, description = "text/event-stream of LocationJson", content_type = "text/event-stream"),
               (status = 400, body = ErrorJson), (status = 401, body = ErrorJson), (status = 403, body = ErrorJson), (status = 429, body = ErrorJson)))]
 async fn live(
-    State(app): State<App>,
+    State(app): State<QueryHttp>,
     Caller(caller): Caller,
     Query(p): Query<LiveParams>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, QueryError> {
