@@ -19,9 +19,9 @@ pub(super) fn limiter(args: &AuthArgs) -> Option<DefaultKeyedRateLimiter<Uuid>> 
 }
 
 impl Auth {
-    /// Takes `points` from the principal's rate limit, or says when to retry.
-    pub fn take(&self, p: &Principal, points: usize) -> Result<(), AuthError> {
-        let (Some(inner), Some(id)) = (&self.inner, p.token_id) else {
+    /// Takes `points` from the caller's rate limit, or says when to retry.
+    pub fn take(&self, caller: &Principal, points: usize) -> Result<(), AuthError> {
+        let (Some(inner), Some(id)) = (&self.inner, caller.token_id) else {
             return Ok(());
         };
         let Some(limiter) = &inner.limiter else {
@@ -32,7 +32,7 @@ impl Auth {
         let refused = |retry_after: Duration| {
             metrics::counter!(m::RATE_LIMITED).increment(1);
             Err(AuthError::RateLimited {
-                token: p.name.clone(),
+                token: caller.name.clone(),
                 retry_after,
             })
         };

@@ -12,9 +12,9 @@ impl Auth {
         self.inner.as_ref().map(|i| i.revocations.subscribe())
     }
 
-    /// Refuses a principal whose token was revoked since it was authenticated.
-    pub fn check_revoked(&self, p: &Principal) -> Result<(), AuthError> {
-        match (&self.inner, p.token_id) {
+    /// Refuses a caller whose token was revoked since it was authenticated.
+    pub fn check_revoked(&self, caller: &Principal) -> Result<(), AuthError> {
+        match (&self.inner, caller.token_id) {
             (Some(inner), Some(id)) if inner.revoked.contains(&id) => {
                 Err(unauthenticated("the token was revoked"))
             }

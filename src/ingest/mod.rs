@@ -135,7 +135,7 @@ impl Ingestor {
     /// still decides for the calls that pass.
     pub fn admit(
         &self,
-        principal: &Principal,
+        caller: &Principal,
         points: usize,
         when_full: WhenFull,
     ) -> Result<Admitted, IngestError> {
@@ -148,8 +148,8 @@ impl Ingestor {
                 limit: self.max_batch_points,
             });
         }
-        self.may_write(principal, (when_full == WhenFull::Refuse).then_some(points))?;
-        self.auth.take(principal, points)?;
+        self.may_write(caller, (when_full == WhenFull::Refuse).then_some(points))?;
+        self.auth.take(caller, points)?;
         Ok(Admitted {
             points,
             when_full,
@@ -177,15 +177,15 @@ impl Ingestor {
         }
     }
 
-    pub fn admit_unparsed(&self, principal: &Principal) -> Result<(), IngestError> {
-        self.may_write(principal, Some(1))
+    pub fn admit_unparsed(&self, caller: &Principal) -> Result<(), IngestError> {
+        self.may_write(caller, Some(1))
     }
 
     /// The token (revoked, role) and, given a number of points, room for
     /// them in the buffer.
-    fn may_write(&self, principal: &Principal, room_for: Option<usize>) -> Result<(), IngestError> {
-        self.auth.check_revoked(principal)?;
-        principal.require_write()?;
+    fn may_write(&self, caller: &Principal, room_for: Option<usize>) -> Result<(), IngestError> {
+        self.auth.check_revoked(caller)?;
+        caller.require_write()?;
         if room_for.is_some_and(|points| !self.pipeline.budget.has_room_for(points)) {
             metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
             return Err(IngestError::BufferFull);
@@ -198,7 +198,7 @@ impl Ingestor {
     pub async fn ingest_admitted(
         &self,
         admitted: Admitted,
-        principal: &Principal,
+        caller: &Principal,
         batch_id: u64,
         locations: Vec<Result<proto::Location, Rejection>>,
         call: m::Call,
@@ -217,7 +217,7 @@ impl Ingestor {
             let checked = loc
                 .and_then(|loc| self.validator.validate(loc, now_us))
                 .and_then(
-                    |valid| match principal.forbids(&valid.device_id, &valid.app_source) {
+                    |valid| match caller.forbids(&valid.device_id, &valid.app_source) {
                         None => Ok(valid),
                         Some(why) => Err(reject(Reason::Forbidden, why)),
                     },
