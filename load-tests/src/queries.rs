@@ -221,7 +221,8 @@ pub(crate) fn p50_p99(ms: Vec<f64>) -> (f64, f64) {
 /// arrival to its answer (not the transport, not the client).
 async fn handler_buckets(server: &Locus, rpc: &str) -> Vec<(f64, u64)> {
     let text = server.metrics().await.unwrap_or_default();
-    let prefix = format!("locus_query_duration_seconds_bucket{{rpc=\"{rpc}\",le=\"");
+    let prefix =
+        format!("locus_query_duration_seconds_bucket{{rpc=\"{rpc}\",transport=\"grpc\",le=\"");
     text.lines()
         .filter_map(|l| {
             let (le, count) = l.strip_prefix(&prefix)?.split_once("\"} ")?;
