@@ -556,47 +556,53 @@ async fn slow(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
 }
 
 /// More than twice what locus can write, by unary calls: it keeps writing
-/// at its rate, refuses the excess with a retry hint, and keeps the p99 of
-/// what it accepts bounded. The sustainable rate is measured before and
-/// after, with 16 callers whose 8,000 points in flight fit the buffer.
+/// at its rate, refuses the excess with a retry hint that the clients
+/// honour, and keeps the p99 of what it accepts bounded.
+///
+/// "Sustainable" is the most that closed-loop callers get through without a
+/// refusal: as many callers as the buffer holds calls, less two (38 of 500
+/// points against 20,000; more could be refused), before and after the
+/// overload (their mean: the machine and the table drift). It is the
+/// writer's maximum, not what the callers' latency allowed, if the one
+/// writer was busy all along (`locus_flush_duration_seconds`). The
+/// overload is an open loop: new batches on a fixed schedule at 2.4 times
+/// the rate measured before, whatever the answers, each refused one sent
+/// again after its hint beside them, so that "offered" counts distinct
+/// points, not retries.
 async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new();
     // One writer and a small buffer make the ceiling low and the excess
     // easy to reach on two cores.
+    const BATCH: usize = 500;
+    const BUFFER: usize = 20_000;
+    let buffer = BUFFER.to_string();
     let flags = [
         "--writers",
         "1",
         "--db-pool-size",
         "4",
         "--buffer-points",
-        "20000",
+        buffer.as_str(),
         "--max-batch-points",
         "1000",
     ];
-    const BATCH: usize = 500;
+    let callers = BUFFER / BATCH - 2;
     let mut locus = Locus::start(bin, &db.url, &flags).await?;
-    let secs: u64 = if quick { 10 } else { 60 };
-    let run = |concurrency: &str| {
-        let mut f = fleet_flags_batch(2_000, 0.0, secs, BATCH);
-        f.extend([
-            "--mode".into(),
-            "unary".into(),
-            "--concurrency".into(),
-            concurrency.into(),
-            "--fix-interval".into(),
-            "0.01".into(),
-        ]);
-        f
-    };
+    let secs: u64 = if quick { 10 } else { 30 };
     let postmaster = postmaster(&db.url).await?;
     // Each run on devices of its own (a seed each): --verify counts another
     // run's rows on the same devices as stored but never acknowledged.
-    let fleet = |callers: &'static str, seed: &'static str| {
-        let mut flags = run(callers);
+    let fleet = |mode: Vec<String>, seed: &'static str| {
+        let mut flags = fleet_flags_batch(2_000, 0.0, secs, BATCH);
+        flags.extend(["--mode".into(), "unary".into()]);
+        flags.extend(["--fix-interval".into(), "0.01".into()]);
         flags.extend(["--seed".into(), seed.into()]);
+        flags.extend(mode);
         let locus = &locus;
         async move {
             let before = refused(locus).await;
+            let writing = || counter(locus, "locus_flush_duration_seconds_sum");
+            let writing0 = writing().await;
             let cpu = || {
                 let own = proc_times(locus.pid).map_or(0.0, |t| t.0);
                 (own, pg_cpu(postmaster))
@@ -608,47 +614,87 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
             // PostgreSQL's includes the verify's queries; the clients'
             // is what they spent driving, before them.
             let cpu1 = cpu();
-            summary["locus_cpu_s"] = (cpu1.0 - cpu0.0).into();
-            summary["pg_cpu_s"] = (cpu1.1 - cpu0.1).into();
-            anyhow::Ok((verified, summary, refused(locus).await - before))
+            let per_sec = |x: f64| Value::from(x / secs as f64);
+            summary["locus_cpu_s"] = per_sec(cpu1.0 - cpu0.0);
+            summary["pg_cpu_s"] = per_sec(cpu1.1 - cpu0.1);
+            summary["cpu_s"] = per_sec(n(&summary, "cpu_s"));
+            // The share of the run the one writer spent writing.
+            summary["writer_busy"] = per_sec(writing().await - writing0);
+            summary["locus_refused"] = refused(locus).await.saturating_sub(before).into();
+            anyhow::Ok((verified, summary))
         }
     };
-    // Sustainable before and after the overload, so that a drift of this
-    // shared machine (or the table's growth) over the three runs is not
-    // read as the overload's doing.
-    let (ok1, base1, refused1) = fleet("16", "1").await?;
-    let (ok2, over, refused_over) = fleet("128", "2").await?;
-    let (ok3, base2, refused2) = fleet("16", "3").await?;
-    let sustained = (n(&base1, "points_per_sec") + n(&base2, "points_per_sec")) / 2.0;
-    let accepted = n(&over, "points_per_sec");
-    // Every refused call offered BATCH points that were not taken.
-    let offered = accepted + (refused_over * BATCH as u64) as f64 / secs as f64;
+    let closed = vec!["--concurrency".to_string(), callers.to_string()];
+    let rate = |s: &Value| n(s, "window_points_per_sec");
+    let (ok1, before) = fleet(closed.clone(), "1").await?;
+    let target = 2.4 * rate(&before);
+    let (ok2, over) = fleet(
+        vec!["--offered-rate".to_string(), format!("{target:.0}")],
+        "2",
+    )
+    .await?;
+    let (ok3, after) = fleet(closed, "3").await?;
+    let sustained = (rate(&before) + rate(&after)) / 2.0;
+    let offered = n(&over, "offered_per_sec");
+    let accepted = rate(&over);
+    let closed_refused: f64 = [&before, &after]
+        .iter()
+        .map(|s| n(s, "refused") + n(s, "locus_refused"))
+        .sum();
     out.figure(format!(
-        "sustainable: 16 callers {:.0} then {:.0} points/s (ack p99 {:.0}, {:.0} ms; {} calls refused)",
-        n(&base1, "points_per_sec"),
-        n(&base2, "points_per_sec"),
-        n(&base1, "ack_p99_ms"),
-        n(&base2, "ack_p99_ms"),
-        refused1 + refused2
+        "sustainable {sustained:.0} points/s: the mean of {callers} closed-loop callers before and after the overload, {:.0} and {:.0} points/s (ack p99 {:.0} / {:.0} ms, {closed_refused:.0} calls refused); they keep {} points of the {BUFFER}-point buffer in flight (more could be refused), and the one writer was busy {:.2} / {:.2} of the time",
+        rate(&before),
+        rate(&after),
+        n(&before, "ack_p99_ms"),
+        n(&after, "ack_p99_ms"),
+        callers * BATCH,
+        n(&before, "writer_busy"),
+        n(&after, "writer_busy"),
     ));
-    for (name, s) in [("16", &base1), ("128", &over), ("16", &base2)] {
+    for (name, s) in [
+        ("before", &before),
+        ("the open loop", &over),
+        ("after", &after),
+    ] {
         out.figure(format!(
-            "CPU s per s with {name} callers: clients {:.2}, locus {:.2}, PostgreSQL {:.2}",
-            n(s, "cpu_s") / secs as f64,
-            n(s, "locus_cpu_s") / secs as f64,
-            n(s, "pg_cpu_s") / secs as f64,
+            "CPU s per s, {name}: clients {:.2}, locus {:.2}, PostgreSQL {:.2}",
+            n(s, "cpu_s"),
+            n(s, "locus_cpu_s"),
+            n(s, "pg_cpu_s"),
         ));
     }
     out.figure(format!(
-        "overload: 128 callers offered {offered:.0} points/s ({:.1}x), {accepted:.0} accepted ({:.2} of sustainable), ack p99 {:.0} ms; {} calls refused with a retry hint",
+        "overload: an open loop offered {offered:.0} distinct points/s ({:.1}x) for {secs} s, {accepted:.0} accepted ({:.2} of sustainable; the writer busy {:.2}), ack p99 {:.0} ms",
         offered / sustained,
         accepted / sustained,
+        n(&over, "writer_busy"),
         n(&over, "ack_p99_ms"),
-        refused_over
+    ));
+    let closest = (
+        over["closest_retry_wait_ms"].as_f64(),
+        over["closest_retry_hint_ms"].as_f64(),
+    );
+    out.figure(format!(
+        "{:.0} calls refused ({:.0} counted by locus), {:.0} of them without a retry hint; {:.0} batches sent again after their hint, the soonest {} ms after its refusal against a hint of {} ms; {:.0} points still waiting when the run ended, given up",
+        n(&over, "refused"),
+        n(&over, "locus_refused"),
+        n(&over, "refused_without_hint"),
+        n(&over, "retries"),
+        closest.0.map_or("-".into(), |w| format!("{w:.0}")),
+        closest.1.map_or("-".into(), |h| format!("{h:.0}")),
+        n(&over, "abandoned"),
     ));
     out.check(
         ok1 && ok2 && ok3,
         "an acknowledged point is missing or stored twice",
+    );
+    out.check(
+        closed_refused == 0.0,
+        "a closed-loop caller within the buffer was refused: sustainable is not a rate without refusals",
+    );
+    out.check(
+        n(&before, "writer_busy") >= 0.9 && n(&after, "writer_busy") >= 0.9,
+        "the writer was idle more than a tenth of a closed-loop run: sustainable is what the callers' latency allowed, not the writer's maximum",
     );
     out.check(
         offered >= 2.0 * sustained,
@@ -661,6 +707,15 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     out.check(
         n(&over, "ack_p99_ms") <= 2_000.0,
         "the p99 latency of accepted calls passed 2 s",
+    );
+    out.check(n(&over, "refused") > 0.0, "nothing was refused");
+    out.check(
+        n(&over, "refused_without_hint") == 0.0,
+        "a refusal carried no retry hint",
+    );
+    out.check(
+        n(&over, "retries") > 0.0 && closest.0.zip(closest.1).is_some_and(|(w, h)| w >= h),
+        "a refused batch was sent again before its retry hint had passed",
     );
     locus.kill9().await?;
     Ok(out)
