@@ -12,12 +12,16 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::Stdio,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use futures::StreamExt;
 use locus::proto::{Location, LocationBatch, ingest_client::IngestClient};
 use locus_load::{
     pg::Cluster,
@@ -742,13 +746,15 @@ async fn counter(locus: &Locus, series: &str) -> f64 {
 
 /// Idle streams, streams that never read their acks, a flood of stream
 /// resets, oversized messages, deep and huge metadata, a gzip bomb: each is
-/// limited, locus stays up, and a well-behaved fleet keeps its rate.
+/// limited, locus stays up, and a well-behaved fleet keeps its rate in
+/// every second (a stall of its acks shows).
 async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new();
     let idle_streams: usize = if quick { 2_000 } else { 10_000 };
-    // Room for the well-behaved fleet's 200 streams, the 20 deaf ones, and
+    // Room for the well-behaved fleet's 200 streams, the deaf ones, and
     // half the idle ones: the other half must be refused.
     const GOOD_DEVICES: u64 = 200;
+    const GOOD_RATE: f64 = 5.0;
     const DEAF: usize = 20;
     let max_streams = idle_streams / 2 + GOOD_DEVICES as usize + DEAF;
     let max_streams_flag = max_streams.to_string();
@@ -756,7 +762,7 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     flags.extend(["--max-streams", &max_streams_flag]);
     let mut locus = Locus::start(bin, &db.url, &flags).await?;
     let secs: u64 = if quick { 10 } else { 30 };
-    let good = fleet_flags(GOOD_DEVICES, 5.0, secs);
+    let good = fleet_flags(GOOD_DEVICES, GOOD_RATE, secs);
     // The well-behaved fleet alone, then beside the hostile clients.
     let (ok1, alone) = Fleet::start(&locus, db, &strs(&good))?
         .finish(Duration::from_secs(secs + 60))
@@ -765,6 +771,7 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     // The fleet connects first, then the deaf streams: the idle ones then
     // take what is left, and are refused past it.
     let fleet = Fleet::start(&locus, db, &strs(&other_devices(&good)))?;
+    let fleet_ends = tokio::time::Instant::now() + Duration::from_secs(secs);
     let connecting = Instant::now();
     while counter(&locus, OPEN_STREAMS).await < GOOD_DEVICES as f64
         && connecting.elapsed() < Duration::from_secs(10)
@@ -773,18 +780,28 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     }
     let endpoint = Endpoint::from_shared(locus.grpc_target())?;
     let mut c = IngestClient::new(endpoint.connect().await?);
-    // Streams that send and never read an ack.
+    // Streams that send without end and never read an ack, each on a
+    // connection of its own: until locus stops reading them.
+    let rss_before_deaf = rss_mib(locus.pid).unwrap_or(0.0);
+    let taken = Arc::new(AtomicU64::new(0));
     let mut deaf = Vec::new();
     for _ in 0..DEAF {
-        let (tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(64);
-        let resp = c
-            .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?;
-        for b in 0..64 {
-            let _ = tx.try_send(junk_batch(b, 100, ""));
-        }
-        deaf.push((tx, resp));
+        deaf.push(DeafStream::open(&locus, Arc::clone(&taken)).await?);
     }
+    let deaf_opened = Instant::now();
+    let mut last = (Instant::now(), taken.load(Relaxed));
+    while last.0.elapsed() < Duration::from_millis(500)
+        && deaf_opened.elapsed() < Duration::from_secs(3)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = taken.load(Relaxed);
+        if now != last.1 {
+            last = (Instant::now(), now);
+        }
+    }
+    let rss_deaf = rss_mib(locus.pid).unwrap_or(0.0);
+    let deaf_taken = taken.load(Relaxed);
+    let deaf_stalled = last.0.elapsed() >= Duration::from_millis(500);
     let mut channels = Vec::new();
     // HTTP/2 servers allow a bounded number of streams per connection.
     for _ in 0..idle_streams.div_ceil(100) {
@@ -829,8 +846,16 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         let mut mixed = junk_batch(2, 3, "");
         mixed.locations[0].metadata_json = deep;
         mixed.locations[1].metadata_json = huge;
-        let ack = c.write_locations(mixed).await?.into_inner();
-        let reasons: Vec<String> = ack.rejected.iter().map(|r| r.reason.clone()).collect();
+        let (accepted, reasons) = match c.write_locations(mixed).await {
+            Ok(ack) => {
+                let ack = ack.into_inner();
+                (
+                    ack.accepted,
+                    ack.rejected.iter().map(|r| r.reason.clone()).collect(),
+                )
+            }
+            Err(s) => (0, vec![format!("the batch refused: {:?}", s.code())]),
+        };
         // A gzip bomb: 1 GiB of zeros (64 MiB quick), about 1 MiB compressed.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         let zeros = vec![0u8; 1 << 20];
@@ -847,7 +872,10 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
             .await?
             .status()
             .as_u16();
-        anyhow::Ok((oversized, ack.accepted, reasons, status))
+        // The deaf streams stay for the fleet's run, then leave.
+        tokio::time::sleep_until(fleet_ends).await;
+        drop(deaf);
+        anyhow::Ok((oversized, accepted, reasons, status))
     };
     let (attacked, beside) = tokio::join!(attacks, fleet.finish(Duration::from_secs(secs + 60)));
     let (oversized, accepted, reasons, bomb_status) = attacked?;
@@ -857,12 +885,54 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         idle_refused.len(),
         idle_refused.first()
     ));
+    // What locus may hold for a deaf stream: what HTTP/2 lets its client
+    // send unread (hyper's initial stream window, 1 MiB, which locus keeps;
+    // its connection window is as large), twice (each frame received keeps
+    // the read buffer it was cut from), and the batches read before the
+    // stream stopped being read (--stream-inflight awaiting their ack, as
+    // many acks waiting to be sent, and the one in hand), each at most
+    // DEAF_BATCH_BYTES; and 16 MiB for the allocator and the fleet beside.
+    let per_deaf = 2 * H2_WINDOW + (2 * STREAM_INFLIGHT + 2) * DEAF_BATCH_BYTES;
+    let deaf_bound = (DEAF * per_deaf) as f64 / MIB as f64 + 16.0;
     out.figure(format!(
-        "well-behaved fleet: {:.0} points/s alone, {:.0} beside the attacks (ack p99 {:.0} / {:.0} ms)",
+        "{DEAF} deaf streams, each on a connection of its own, sending {DEAF_POINTS}-point batches without end: {deaf_taken} batches handed to their connections before locus {}; RSS {rss_before_deaf:.0} MiB before them, {rss_deaf:.0} MiB after (bound {:.0} MiB: {} KiB a deaf stream + 16 MiB)",
+        if deaf_stalled {
+            format!(
+                "stopped reading them (no batch taken for 0.5 s, {:.1} s after they opened)",
+                (last.0 - deaf_opened).as_secs_f64()
+            )
+        } else {
+            "still read them 3 s after they opened".to_string()
+        },
+        rss_before_deaf + deaf_bound,
+        per_deaf / 1024
+    ));
+    let seconds = |s: &Value| -> Vec<f64> {
+        s["answered_per_sec"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(0.0)).collect())
+            .unwrap_or_default()
+    };
+    // Whole seconds of the run but the first and the last (connecting,
+    // and the acks after the last batch).
+    let lowest = |s: &Value| {
+        let v = seconds(s);
+        (1..secs as usize - 1)
+            .map(|i| v.get(i).copied().unwrap_or(0.0))
+            .fold(f64::INFINITY, f64::min)
+    };
+    let nominal = GOOD_DEVICES as f64 * GOOD_RATE;
+    out.figure(format!(
+        "well-behaved fleet ({nominal:.0} points/s offered): {:.0} points/s alone, {:.0} beside the attacks; the fewest in a second {:.0} alone, {:.0} beside; ack p99 {:.0} / {:.0} ms, longest {:.0} / {:.0} ms; beside, a second: {:?}",
         n(&alone, "points_per_sec"),
         n(&beside, "points_per_sec"),
+        lowest(&alone),
+        lowest(&beside),
         n(&alone, "ack_p99_ms"),
-        n(&beside, "ack_p99_ms")
+        n(&beside, "ack_p99_ms"),
+        n(&alone, "ack_max_ms"),
+        n(&beside, "ack_max_ms"),
+        seconds(&beside)
     ));
     out.figure(format!(
         "oversized message: {oversized:?}; deep and huge metadata: {reasons:?} ({accepted} good point stored); gzip bomb: HTTP {bomb_status}"
@@ -903,8 +973,28 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         n(&beside, "ack_p99_ms") < 2_000.0,
         "the well-behaved fleet's ack p99 passed 2 s beside the attacks (a stall)",
     );
+    out.check(
+        deaf_stalled,
+        "locus kept reading streams that never read their acks",
+    );
+    out.check(
+        rss_deaf <= rss_before_deaf + deaf_bound,
+        format!(
+            "the deaf streams took locus's RSS past its bound ({rss_deaf:.0} MiB, bound {:.0} MiB)",
+            rss_before_deaf + deaf_bound
+        ),
+    );
+    // A paced fleet makes up its rate after a stall, so its rate over the
+    // run hides one; a second with few acks shows it.
+    out.check(
+        lowest(&beside) >= 0.5 * nominal,
+        format!(
+            "the well-behaved fleet's acks stalled beside the attacks (a second with {:.0} points answered, under half the {nominal:.0} it offers)",
+            lowest(&beside)
+        ),
+    );
     out.check(locus.alive(), "locus died");
-    drop((idle, deaf));
+    drop(idle);
     locus.kill9().await?;
     Ok(out)
 }
@@ -1083,7 +1173,6 @@ async fn connections(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome
 /// default limits: locus's peak RSS (VmHWM, in a fresh process each round)
 /// for each.
 async fn amplify(bin: &Path, db: &Db, at_once: usize) -> anyhow::Result<Outcome> {
-    const MIB: usize = 1 << 20;
     // The defaults of --max-message-bytes and --max-decompressed-bytes.
     const MAX_MESSAGE: usize = 4 * MIB;
     const MAX_DECOMPRESSED: usize = 16 * MIB;
@@ -1231,6 +1320,76 @@ fn junk_batch(batch_id: u64, points: usize, metadata: &str) -> LocationBatch {
             .collect(),
     }
 }
+
+/// A stream that sends batches of [`DEAF_POINTS`] without end and never
+/// reads an ack, on a connection of its own whose receive window
+/// ([`DEAF_WINDOW`]) a few acks fill: from then on locus cannot send it
+/// anything. Each batch the client takes to send counts in `taken`.
+/// Dropped, it shuts its connection down (its sending half would keep it
+/// open, waiting for a window that never comes).
+struct DeafStream {
+    socket: Option<std::net::TcpStream>,
+    _channel: tonic::transport::Channel,
+    _acks: tonic::Response<tonic::Streaming<locus::proto::BatchAck>>,
+}
+
+impl DeafStream {
+    async fn open(locus: &Locus, taken: Arc<AtomicU64>) -> anyhow::Result<DeafStream> {
+        // The connection, with a handle on its socket kept to shut it down.
+        let socket = Arc::new(std::sync::Mutex::new(None));
+        let port = locus.grpc;
+        let kept = Arc::clone(&socket);
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let kept = Arc::clone(&kept);
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let std = tcp.into_std()?;
+                if let Ok(mut k) = kept.lock() {
+                    *k = Some(std.try_clone()?);
+                }
+                let tcp = tokio::net::TcpStream::from_std(std)?;
+                std::io::Result::Ok(hyper_util::rt::TokioIo::new(tcp))
+            }
+        });
+        let channel = Endpoint::from_shared(locus.grpc_target())?
+            .initial_stream_window_size(DEAF_WINDOW)
+            .connect_with_connector(connector)
+            .await?;
+        let batches = futures::stream::iter(0u64..).map(move |b| {
+            taken.fetch_add(1, Relaxed);
+            // Times within the last day, a device a batch.
+            junk_batch(b % 64, DEAF_POINTS, "")
+        });
+        let acks = IngestClient::new(channel.clone())
+            .stream_locations(batches)
+            .await?;
+        let socket = socket.lock().ok().and_then(|mut s| s.take());
+        Ok(DeafStream {
+            socket,
+            _channel: channel,
+            _acks: acks,
+        })
+    }
+}
+
+impl Drop for DeafStream {
+    fn drop(&mut self) {
+        if let Some(s) = &self.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+const DEAF_POINTS: usize = 10;
+/// A deaf stream's batch, encoded (about 120 bytes a point), with room.
+const DEAF_BATCH_BYTES: usize = 4 * 1024;
+const DEAF_WINDOW: u32 = 1024;
+const MIB: usize = 1 << 20;
+/// hyper's initial HTTP/2 stream (and connection) window as a server: what
+/// a client may send on a stream before locus reads it. locus keeps it.
+const H2_WINDOW: usize = MIB;
+/// locus's default --stream-inflight, which the cases keep.
+const STREAM_INFLIGHT: usize = 16;
 
 const ACCEPTED: &str = "locus_points_accepted_total";
 const OPEN_STREAMS: &str = "locus_open_streams";
