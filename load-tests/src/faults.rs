@@ -569,7 +569,7 @@ async fn slow(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
 /// overload (their mean: the machine and the table drift). It is the
 /// writer's maximum, not what the callers' latency allowed, if the one
 /// writer was busy all along (`locus_flush_duration_seconds`). The
-/// overload is an open loop: new batches on a fixed schedule at 2.4 times
+/// overload is an open loop: new batches on a fixed schedule at 2.5 times
 /// the rate measured before, whatever the answers, each refused one sent
 /// again after its hint beside them, so that "offered" counts distinct
 /// points, not retries.
@@ -605,7 +605,13 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         let locus = &locus;
         async move {
             let before = refused(locus).await;
-            let writing = || counter(locus, "locus_flush_duration_seconds_sum");
+            let writing = || async {
+                (
+                    counter(locus, "locus_flush_duration_seconds_sum").await,
+                    counter(locus, "locus_batch_rows_sum").await,
+                    counter(locus, "locus_batch_rows_count").await,
+                )
+            };
             let writing0 = writing().await;
             let cpu = || {
                 let own = proc_times(locus.pid).map_or(0.0, |t| t.0);
@@ -622,8 +628,12 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
             summary["locus_cpu_s"] = per_sec(cpu1.0 - cpu0.0);
             summary["pg_cpu_s"] = per_sec(cpu1.1 - cpu0.1);
             summary["cpu_s"] = per_sec(n(&summary, "cpu_s"));
-            // The share of the run the one writer spent writing.
-            summary["writer_busy"] = per_sec(writing().await - writing0);
+            // The share of the run the one writer spent writing, and the
+            // rows of its COPYs.
+            let writing1 = writing().await;
+            summary["writer_busy"] = per_sec(writing1.0 - writing0.0);
+            summary["rows_a_copy"] =
+                ((writing1.1 - writing0.1) / (writing1.2 - writing0.2).max(1.0)).into();
             summary["locus_refused"] = refused(locus).await.saturating_sub(before).into();
             anyhow::Ok((verified, summary))
         }
@@ -631,7 +641,7 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let closed = vec!["--concurrency".to_string(), callers.to_string()];
     let rate = |s: &Value| n(s, "window_points_per_sec");
     let (ok1, before) = fleet(closed.clone(), "1").await?;
-    let target = 2.4 * rate(&before);
+    let target = 2.5 * rate(&before);
     let (ok2, over) = fleet(
         vec!["--offered-rate".to_string(), format!("{target:.0}")],
         "2",
@@ -661,10 +671,11 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         ("after", &after),
     ] {
         out.figure(format!(
-            "CPU s per s, {name}: clients {:.2}, locus {:.2}, PostgreSQL {:.2}",
+            "{name}: CPU s per s clients {:.2}, locus {:.2}, PostgreSQL {:.2}; {:.0} rows a COPY",
             n(s, "cpu_s"),
             n(s, "locus_cpu_s"),
             n(s, "pg_cpu_s"),
+            n(s, "rows_a_copy"),
         ));
     }
     out.figure(format!(
