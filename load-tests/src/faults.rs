@@ -12,12 +12,16 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::Stdio,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use futures::StreamExt;
 use locus::proto::{Location, LocationBatch, ingest_client::IngestClient};
 use locus_load::{
     pg::Cluster,
@@ -556,47 +560,59 @@ async fn slow(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
 }
 
 /// More than twice what locus can write, by unary calls: it keeps writing
-/// at its rate, refuses the excess with a retry hint, and keeps the p99 of
-/// what it accepts bounded. The sustainable rate is measured before and
-/// after, with 16 callers whose 8,000 points in flight fit the buffer.
+/// at its rate, refuses the excess with a retry hint that the clients
+/// honour, and keeps the p99 of what it accepts bounded.
+///
+/// "Sustainable" is the most that closed-loop callers get through without a
+/// refusal: as many callers as the buffer holds calls, less two (38 of 500
+/// points against 20,000; more could be refused), before and after the
+/// overload (their mean: the machine and the table drift). It is the
+/// writer's maximum, not what the callers' latency allowed, if the one
+/// writer was busy all along (`locus_flush_duration_seconds`). The
+/// overload is an open loop: new batches on a fixed schedule at 2.5 times
+/// the rate measured before, whatever the answers, each refused one sent
+/// again after its hint beside them, so that "offered" counts distinct
+/// points, not retries.
 async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new();
     // One writer and a small buffer make the ceiling low and the excess
     // easy to reach on two cores.
+    const BATCH: usize = 500;
+    const BUFFER: usize = 20_000;
+    let buffer = BUFFER.to_string();
     let flags = [
         "--writers",
         "1",
         "--db-pool-size",
         "4",
         "--buffer-points",
-        "20000",
+        buffer.as_str(),
         "--max-batch-points",
         "1000",
     ];
-    const BATCH: usize = 500;
+    let callers = BUFFER / BATCH - 2;
     let mut locus = Locus::start(bin, &db.url, &flags).await?;
-    let secs: u64 = if quick { 10 } else { 60 };
-    let run = |concurrency: &str| {
-        let mut f = fleet_flags_batch(2_000, 0.0, secs, BATCH);
-        f.extend([
-            "--mode".into(),
-            "unary".into(),
-            "--concurrency".into(),
-            concurrency.into(),
-            "--fix-interval".into(),
-            "0.01".into(),
-        ]);
-        f
-    };
+    let secs: u64 = if quick { 10 } else { 30 };
     let postmaster = postmaster(&db.url).await?;
     // Each run on devices of its own (a seed each): --verify counts another
     // run's rows on the same devices as stored but never acknowledged.
-    let fleet = |callers: &'static str, seed: &'static str| {
-        let mut flags = run(callers);
+    let fleet = |mode: Vec<String>, seed: &'static str| {
+        let mut flags = fleet_flags_batch(2_000, 0.0, secs, BATCH);
+        flags.extend(["--mode".into(), "unary".into()]);
+        flags.extend(["--fix-interval".into(), "0.01".into()]);
         flags.extend(["--seed".into(), seed.into()]);
+        flags.extend(mode);
         let locus = &locus;
         async move {
             let before = refused(locus).await;
+            let writing = || async {
+                (
+                    counter(locus, "locus_flush_duration_seconds_sum").await,
+                    counter(locus, "locus_batch_rows_sum").await,
+                    counter(locus, "locus_batch_rows_count").await,
+                )
+            };
+            let writing0 = writing().await;
             let cpu = || {
                 let own = proc_times(locus.pid).map_or(0.0, |t| t.0);
                 (own, pg_cpu(postmaster))
@@ -608,47 +624,92 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
             // PostgreSQL's includes the verify's queries; the clients'
             // is what they spent driving, before them.
             let cpu1 = cpu();
-            summary["locus_cpu_s"] = (cpu1.0 - cpu0.0).into();
-            summary["pg_cpu_s"] = (cpu1.1 - cpu0.1).into();
-            anyhow::Ok((verified, summary, refused(locus).await - before))
+            let per_sec = |x: f64| Value::from(x / secs as f64);
+            summary["locus_cpu_s"] = per_sec(cpu1.0 - cpu0.0);
+            summary["pg_cpu_s"] = per_sec(cpu1.1 - cpu0.1);
+            summary["cpu_s"] = per_sec(n(&summary, "cpu_s"));
+            // The share of the run the one writer spent writing, and the
+            // rows of its COPYs.
+            let writing1 = writing().await;
+            summary["writer_busy"] = per_sec(writing1.0 - writing0.0);
+            summary["rows_a_copy"] =
+                ((writing1.1 - writing0.1) / (writing1.2 - writing0.2).max(1.0)).into();
+            summary["locus_refused"] = refused(locus).await.saturating_sub(before).into();
+            anyhow::Ok((verified, summary))
         }
     };
-    // Sustainable before and after the overload, so that a drift of this
-    // shared machine (or the table's growth) over the three runs is not
-    // read as the overload's doing.
-    let (ok1, base1, refused1) = fleet("16", "1").await?;
-    let (ok2, over, refused_over) = fleet("128", "2").await?;
-    let (ok3, base2, refused2) = fleet("16", "3").await?;
-    let sustained = (n(&base1, "points_per_sec") + n(&base2, "points_per_sec")) / 2.0;
-    let accepted = n(&over, "points_per_sec");
-    // Every refused call offered BATCH points that were not taken.
-    let offered = accepted + (refused_over * BATCH as u64) as f64 / secs as f64;
+    let closed = vec!["--concurrency".to_string(), callers.to_string()];
+    let rate = |s: &Value| n(s, "window_points_per_sec");
+    let (ok1, before) = fleet(closed.clone(), "1").await?;
+    let target = 2.5 * rate(&before);
+    let (ok2, over) = fleet(
+        vec!["--offered-rate".to_string(), format!("{target:.0}")],
+        "2",
+    )
+    .await?;
+    let (ok3, after) = fleet(closed, "3").await?;
+    let sustained = (rate(&before) + rate(&after)) / 2.0;
+    let offered = n(&over, "offered_per_sec");
+    let accepted = rate(&over);
+    let closed_refused: f64 = [&before, &after]
+        .iter()
+        .map(|s| n(s, "refused") + n(s, "locus_refused"))
+        .sum();
     out.figure(format!(
-        "sustainable: 16 callers {:.0} then {:.0} points/s (ack p99 {:.0}, {:.0} ms; {} calls refused)",
-        n(&base1, "points_per_sec"),
-        n(&base2, "points_per_sec"),
-        n(&base1, "ack_p99_ms"),
-        n(&base2, "ack_p99_ms"),
-        refused1 + refused2
+        "sustainable {sustained:.0} points/s: the mean of {callers} closed-loop callers before and after the overload, {:.0} and {:.0} points/s (ack p99 {:.0} / {:.0} ms, {closed_refused:.0} calls refused); they keep {} points of the {BUFFER}-point buffer in flight (more could be refused), and the one writer was busy {:.2} / {:.2} of the time",
+        rate(&before),
+        rate(&after),
+        n(&before, "ack_p99_ms"),
+        n(&after, "ack_p99_ms"),
+        callers * BATCH,
+        n(&before, "writer_busy"),
+        n(&after, "writer_busy"),
     ));
-    for (name, s) in [("16", &base1), ("128", &over), ("16", &base2)] {
+    for (name, s) in [
+        ("before", &before),
+        ("the open loop", &over),
+        ("after", &after),
+    ] {
         out.figure(format!(
-            "CPU s per s with {name} callers: clients {:.2}, locus {:.2}, PostgreSQL {:.2}",
-            n(s, "cpu_s") / secs as f64,
-            n(s, "locus_cpu_s") / secs as f64,
-            n(s, "pg_cpu_s") / secs as f64,
+            "{name}: CPU s per s clients {:.2}, locus {:.2}, PostgreSQL {:.2}; {:.0} rows a COPY",
+            n(s, "cpu_s"),
+            n(s, "locus_cpu_s"),
+            n(s, "pg_cpu_s"),
+            n(s, "rows_a_copy"),
         ));
     }
     out.figure(format!(
-        "overload: 128 callers offered {offered:.0} points/s ({:.1}x), {accepted:.0} accepted ({:.2} of sustainable), ack p99 {:.0} ms; {} calls refused with a retry hint",
+        "overload: an open loop offered {offered:.0} distinct points/s ({:.1}x) for {secs} s, {accepted:.0} accepted ({:.2} of sustainable; the writer busy {:.2}), ack p99 {:.0} ms",
         offered / sustained,
         accepted / sustained,
+        n(&over, "writer_busy"),
         n(&over, "ack_p99_ms"),
-        refused_over
+    ));
+    let closest = (
+        over["closest_retry_wait_ms"].as_f64(),
+        over["closest_retry_hint_ms"].as_f64(),
+    );
+    out.figure(format!(
+        "{:.0} calls refused ({:.0} counted by locus), {:.0} of them without a retry hint; {:.0} batches sent again after their hint, the soonest {} ms after its refusal against a hint of {} ms; {:.0} points still waiting when the run ended, given up",
+        n(&over, "refused"),
+        n(&over, "locus_refused"),
+        n(&over, "refused_without_hint"),
+        n(&over, "retries"),
+        closest.0.map_or("-".into(), |w| format!("{w:.0}")),
+        closest.1.map_or("-".into(), |h| format!("{h:.0}")),
+        n(&over, "abandoned"),
     ));
     out.check(
         ok1 && ok2 && ok3,
         "an acknowledged point is missing or stored twice",
+    );
+    out.check(
+        closed_refused == 0.0,
+        "a closed-loop caller within the buffer was refused: sustainable is not a rate without refusals",
+    );
+    out.check(
+        n(&before, "writer_busy") >= 0.9 && n(&after, "writer_busy") >= 0.9,
+        "the writer was idle more than a tenth of a closed-loop run: sustainable is what the callers' latency allowed, not the writer's maximum",
     );
     out.check(
         offered >= 2.0 * sustained,
@@ -661,6 +722,15 @@ async fn overload(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     out.check(
         n(&over, "ack_p99_ms") <= 2_000.0,
         "the p99 latency of accepted calls passed 2 s",
+    );
+    out.check(n(&over, "refused") > 0.0, "nothing was refused");
+    out.check(
+        n(&over, "refused_without_hint") == 0.0,
+        "a refusal carried no retry hint",
+    );
+    out.check(
+        n(&over, "retries") > 0.0 && closest.0.zip(closest.1).is_some_and(|(w, h)| w >= h),
+        "a refused batch was sent again before its retry hint had passed",
     );
     locus.kill9().await?;
     Ok(out)
@@ -687,13 +757,15 @@ async fn counter(locus: &Locus, series: &str) -> f64 {
 
 /// Idle streams, streams that never read their acks, a flood of stream
 /// resets, oversized messages, deep and huge metadata, a gzip bomb: each is
-/// limited, locus stays up, and a well-behaved fleet keeps its rate.
+/// limited, locus stays up, and a well-behaved fleet keeps its rate in
+/// every second (a stall of its acks shows).
 async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new();
     let idle_streams: usize = if quick { 2_000 } else { 10_000 };
-    // Room for the well-behaved fleet's 200 streams, the 20 deaf ones, and
+    // Room for the well-behaved fleet's 200 streams, the deaf ones, and
     // half the idle ones: the other half must be refused.
     const GOOD_DEVICES: u64 = 200;
+    const GOOD_RATE: f64 = 5.0;
     const DEAF: usize = 20;
     let max_streams = idle_streams / 2 + GOOD_DEVICES as usize + DEAF;
     let max_streams_flag = max_streams.to_string();
@@ -701,7 +773,7 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     flags.extend(["--max-streams", &max_streams_flag]);
     let mut locus = Locus::start(bin, &db.url, &flags).await?;
     let secs: u64 = if quick { 10 } else { 30 };
-    let good = fleet_flags(GOOD_DEVICES, 5.0, secs);
+    let good = fleet_flags(GOOD_DEVICES, GOOD_RATE, secs);
     // The well-behaved fleet alone, then beside the hostile clients.
     let (ok1, alone) = Fleet::start(&locus, db, &strs(&good))?
         .finish(Duration::from_secs(secs + 60))
@@ -710,6 +782,7 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     // The fleet connects first, then the deaf streams: the idle ones then
     // take what is left, and are refused past it.
     let fleet = Fleet::start(&locus, db, &strs(&other_devices(&good)))?;
+    let fleet_ends = tokio::time::Instant::now() + Duration::from_secs(secs);
     let connecting = Instant::now();
     while counter(&locus, OPEN_STREAMS).await < GOOD_DEVICES as f64
         && connecting.elapsed() < Duration::from_secs(10)
@@ -718,18 +791,28 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
     }
     let endpoint = Endpoint::from_shared(locus.grpc_target())?;
     let mut c = IngestClient::new(endpoint.connect().await?);
-    // Streams that send and never read an ack.
+    // Streams that send without end and never read an ack, each on a
+    // connection of its own: until locus stops reading them.
+    let rss_before_deaf = rss_mib(locus.pid).unwrap_or(0.0);
+    let taken = Arc::new(AtomicU64::new(0));
     let mut deaf = Vec::new();
     for _ in 0..DEAF {
-        let (tx, rx) = tokio::sync::mpsc::channel::<LocationBatch>(64);
-        let resp = c
-            .stream_locations(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?;
-        for b in 0..64 {
-            let _ = tx.try_send(junk_batch(b, 100, ""));
-        }
-        deaf.push((tx, resp));
+        deaf.push(DeafStream::open(&locus, Arc::clone(&taken)).await?);
     }
+    let deaf_opened = Instant::now();
+    let mut last = (Instant::now(), taken.load(Relaxed));
+    while last.0.elapsed() < Duration::from_millis(500)
+        && deaf_opened.elapsed() < Duration::from_secs(3)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = taken.load(Relaxed);
+        if now != last.1 {
+            last = (Instant::now(), now);
+        }
+    }
+    let rss_deaf = rss_mib(locus.pid).unwrap_or(0.0);
+    let deaf_taken = taken.load(Relaxed);
+    let deaf_stalled = last.0.elapsed() >= Duration::from_millis(500);
     let mut channels = Vec::new();
     // HTTP/2 servers allow a bounded number of streams per connection.
     for _ in 0..idle_streams.div_ceil(100) {
@@ -774,8 +857,16 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         let mut mixed = junk_batch(2, 3, "");
         mixed.locations[0].metadata_json = deep;
         mixed.locations[1].metadata_json = huge;
-        let ack = c.write_locations(mixed).await?.into_inner();
-        let reasons: Vec<String> = ack.rejected.iter().map(|r| r.reason.clone()).collect();
+        let (accepted, reasons) = match c.write_locations(mixed).await {
+            Ok(ack) => {
+                let ack = ack.into_inner();
+                (
+                    ack.accepted,
+                    ack.rejected.iter().map(|r| r.reason.clone()).collect(),
+                )
+            }
+            Err(s) => (0, vec![format!("the batch refused: {:?}", s.code())]),
+        };
         // A gzip bomb: 1 GiB of zeros (64 MiB quick), about 1 MiB compressed.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         let zeros = vec![0u8; 1 << 20];
@@ -792,7 +883,10 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
             .await?
             .status()
             .as_u16();
-        anyhow::Ok((oversized, ack.accepted, reasons, status))
+        // The deaf streams stay for the fleet's run, then leave.
+        tokio::time::sleep_until(fleet_ends).await;
+        drop(deaf);
+        anyhow::Ok((oversized, accepted, reasons, status))
     };
     let (attacked, beside) = tokio::join!(attacks, fleet.finish(Duration::from_secs(secs + 60)));
     let (oversized, accepted, reasons, bomb_status) = attacked?;
@@ -802,12 +896,54 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         idle_refused.len(),
         idle_refused.first()
     ));
+    // What locus may hold for a deaf stream: what HTTP/2 lets its client
+    // send unread (hyper's initial stream window, 1 MiB, which locus keeps;
+    // its connection window is as large), twice (each frame received keeps
+    // the read buffer it was cut from), and the batches read before the
+    // stream stopped being read (--stream-inflight awaiting their ack, as
+    // many acks waiting to be sent, and the one in hand), each at most
+    // DEAF_BATCH_BYTES; and 16 MiB for the allocator and the fleet beside.
+    let per_deaf = 2 * H2_WINDOW + (2 * STREAM_INFLIGHT + 2) * DEAF_BATCH_BYTES;
+    let deaf_bound = (DEAF * per_deaf) as f64 / MIB as f64 + 16.0;
     out.figure(format!(
-        "well-behaved fleet: {:.0} points/s alone, {:.0} beside the attacks (ack p99 {:.0} / {:.0} ms)",
+        "{DEAF} deaf streams, each on a connection of its own, sending {DEAF_POINTS}-point batches without end: {deaf_taken} batches handed to their connections before locus {}; RSS {rss_before_deaf:.0} MiB before them, {rss_deaf:.0} MiB after (bound {:.0} MiB: {} KiB a deaf stream + 16 MiB)",
+        if deaf_stalled {
+            format!(
+                "stopped reading them (no batch taken for 0.5 s, {:.1} s after they opened)",
+                (last.0 - deaf_opened).as_secs_f64()
+            )
+        } else {
+            "still read them 3 s after they opened".to_string()
+        },
+        rss_before_deaf + deaf_bound,
+        per_deaf / 1024
+    ));
+    let seconds = |s: &Value| -> Vec<f64> {
+        s["answered_per_sec"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(0.0)).collect())
+            .unwrap_or_default()
+    };
+    // Whole seconds of the run but the first and the last (connecting,
+    // and the acks after the last batch).
+    let lowest = |s: &Value| {
+        let v = seconds(s);
+        (1..secs as usize - 1)
+            .map(|i| v.get(i).copied().unwrap_or(0.0))
+            .fold(f64::INFINITY, f64::min)
+    };
+    let nominal = GOOD_DEVICES as f64 * GOOD_RATE;
+    out.figure(format!(
+        "well-behaved fleet ({nominal:.0} points/s offered): {:.0} points/s alone, {:.0} beside the attacks; the fewest in a second {:.0} alone, {:.0} beside; ack p99 {:.0} / {:.0} ms, longest {:.0} / {:.0} ms; beside, a second: {:?}",
         n(&alone, "points_per_sec"),
         n(&beside, "points_per_sec"),
+        lowest(&alone),
+        lowest(&beside),
         n(&alone, "ack_p99_ms"),
-        n(&beside, "ack_p99_ms")
+        n(&beside, "ack_p99_ms"),
+        n(&alone, "ack_max_ms"),
+        n(&beside, "ack_max_ms"),
+        seconds(&beside)
     ));
     out.figure(format!(
         "oversized message: {oversized:?}; deep and huge metadata: {reasons:?} ({accepted} good point stored); gzip bomb: HTTP {bomb_status}"
@@ -848,8 +984,28 @@ async fn hostile(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
         n(&beside, "ack_p99_ms") < 2_000.0,
         "the well-behaved fleet's ack p99 passed 2 s beside the attacks (a stall)",
     );
+    out.check(
+        deaf_stalled,
+        "locus kept reading streams that never read their acks",
+    );
+    out.check(
+        rss_deaf <= rss_before_deaf + deaf_bound,
+        format!(
+            "the deaf streams took locus's RSS past its bound ({rss_deaf:.0} MiB, bound {:.0} MiB)",
+            rss_before_deaf + deaf_bound
+        ),
+    );
+    // A paced fleet makes up its rate after a stall, so its rate over the
+    // run hides one; a second with few acks shows it.
+    out.check(
+        lowest(&beside) >= 0.5 * nominal,
+        format!(
+            "the well-behaved fleet's acks stalled beside the attacks (a second with {:.0} points answered, under half the {nominal:.0} it offers)",
+            lowest(&beside)
+        ),
+    );
     out.check(locus.alive(), "locus died");
-    drop((idle, deaf));
+    drop(idle);
     locus.kill9().await?;
     Ok(out)
 }
@@ -1033,7 +1189,6 @@ async fn connections(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome
 /// default limits: locus's peak RSS (VmHWM, in a fresh process each round)
 /// for each.
 async fn amplify(bin: &Path, db: &Db, at_once: usize) -> anyhow::Result<Outcome> {
-    const MIB: usize = 1 << 20;
     // The defaults of --max-message-bytes and --max-decompressed-bytes.
     const MAX_MESSAGE: usize = 4 * MIB;
     const MAX_DECOMPRESSED: usize = 16 * MIB;
@@ -1181,6 +1336,76 @@ fn junk_batch(batch_id: u64, points: usize, metadata: &str) -> LocationBatch {
             .collect(),
     }
 }
+
+/// A stream that sends batches of [`DEAF_POINTS`] without end and never
+/// reads an ack, on a connection of its own whose receive window
+/// ([`DEAF_WINDOW`]) a few acks fill: from then on locus cannot send it
+/// anything. Each batch the client takes to send counts in `taken`.
+/// Dropped, it shuts its connection down (its sending half would keep it
+/// open, waiting for a window that never comes).
+struct DeafStream {
+    socket: Option<std::net::TcpStream>,
+    _channel: tonic::transport::Channel,
+    _acks: tonic::Response<tonic::Streaming<locus::proto::BatchAck>>,
+}
+
+impl DeafStream {
+    async fn open(locus: &Locus, taken: Arc<AtomicU64>) -> anyhow::Result<DeafStream> {
+        // The connection, with a handle on its socket kept to shut it down.
+        let socket = Arc::new(std::sync::Mutex::new(None));
+        let port = locus.grpc;
+        let kept = Arc::clone(&socket);
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let kept = Arc::clone(&kept);
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let std = tcp.into_std()?;
+                if let Ok(mut k) = kept.lock() {
+                    *k = Some(std.try_clone()?);
+                }
+                let tcp = tokio::net::TcpStream::from_std(std)?;
+                std::io::Result::Ok(hyper_util::rt::TokioIo::new(tcp))
+            }
+        });
+        let channel = Endpoint::from_shared(locus.grpc_target())?
+            .initial_stream_window_size(DEAF_WINDOW)
+            .connect_with_connector(connector)
+            .await?;
+        let batches = futures::stream::iter(0u64..).map(move |b| {
+            taken.fetch_add(1, Relaxed);
+            // Times within the last day, a device a batch.
+            junk_batch(b % 64, DEAF_POINTS, "")
+        });
+        let acks = IngestClient::new(channel.clone())
+            .stream_locations(batches)
+            .await?;
+        let socket = socket.lock().ok().and_then(|mut s| s.take());
+        Ok(DeafStream {
+            socket,
+            _channel: channel,
+            _acks: acks,
+        })
+    }
+}
+
+impl Drop for DeafStream {
+    fn drop(&mut self) {
+        if let Some(s) = &self.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+const DEAF_POINTS: usize = 10;
+/// A deaf stream's batch, encoded (about 120 bytes a point), with room.
+const DEAF_BATCH_BYTES: usize = 4 * 1024;
+const DEAF_WINDOW: u32 = 1024;
+const MIB: usize = 1 << 20;
+/// hyper's initial HTTP/2 stream (and connection) window as a server: what
+/// a client may send on a stream before locus reads it. locus keeps it.
+const H2_WINDOW: usize = MIB;
+/// locus's default --stream-inflight, which the cases keep.
+const STREAM_INFLIGHT: usize = 16;
 
 const ACCEPTED: &str = "locus_points_accepted_total";
 const OPEN_STREAMS: &str = "locus_open_streams";

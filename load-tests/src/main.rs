@@ -63,9 +63,16 @@ struct Args {
     /// Stop after this long (e.g. 30s, 5m).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// Unary mode: calls in flight.
+    /// Unary mode: calls in flight (a closed loop: a caller sends its next
+    /// batch once the last one is acknowledged).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Unary mode, an open loop instead: new batches making this many
+    /// points a second, sent whatever the answers; a refused batch is sent
+    /// again after the server's retry hint, beside the new ones. The
+    /// report's `offered_per_sec` counts distinct points.
+    #[arg(long, conflicts_with = "concurrency")]
+    offered_rate: Option<f64>,
     /// Stream mode: batches unacknowledged per stream.
     #[arg(long, default_value_t = 8)]
     inflight: usize,
@@ -113,6 +120,11 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         !a.verify || a.database_url.is_some(),
         "--verify needs --database-url or DATABASE_URL"
+    );
+    anyhow::ensure!(
+        a.offered_rate
+            .is_none_or(|r| a.mode == Mode::Unary && r > 0.0),
+        "--offered-rate is for --mode unary, and must be positive"
     );
     let interval_s = a
         .fix_interval
@@ -195,7 +207,16 @@ async fn main() -> anyhow::Result<()> {
         Mode::Stream => feeders.len(),
         Mode::Unary | Mode::Http => a.concurrency,
     };
-    let connections = a.connections.unwrap_or(workers.div_ceil(100)).max(1);
+    // An open loop's calls are as many as the refusals make them: spread
+    // over a few connections (each is one task of the server's).
+    let connections = a
+        .connections
+        .unwrap_or(if a.offered_rate.is_some() {
+            4
+        } else {
+            workers.div_ceil(100)
+        })
+        .max(1);
     let endpoint = Endpoint::from_shared(a.target.clone())?.tcp_nodelay(true);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -206,22 +227,29 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot connect to {}", a.target))?,
         );
     }
-    eprintln!(
-        "locus-load: {} devices, {} {} worker(s) over {} connection(s), batch {}, rate {}/s/device",
-        a.devices,
-        workers,
-        match a.mode {
-            Mode::Stream => "stream",
-            Mode::Unary => "unary",
-            Mode::Http => "http",
-        },
-        connections,
-        a.batch_size,
-        a.rate
-    );
+    match a.offered_rate {
+        Some(r) => eprintln!(
+            "locus-load: {} devices, unary calls in an open loop offering {r} points/s over {connections} connection(s), batch {}",
+            a.devices, a.batch_size
+        ),
+        None => eprintln!(
+            "locus-load: {} devices, {} {} worker(s) over {} connection(s), batch {}, rate {}/s/device",
+            a.devices,
+            workers,
+            match a.mode {
+                Mode::Stream => "stream",
+                Mode::Unary => "unary",
+                Mode::Http => "http",
+            },
+            connections,
+            a.batch_size,
+            a.rate
+        ),
+    }
 
     let token: run::Token = a.token.as_deref().map(Arc::from);
     let started = Instant::now();
+    stats.start_clock();
     let mut tasks = tokio::task::JoinSet::new();
     match a.mode {
         Mode::Stream => {
@@ -252,6 +280,16 @@ async fn main() -> anyhow::Result<()> {
                 ));
             }
         }
+        Mode::Unary if a.offered_rate.is_some() => {
+            tasks.spawn(run::open_loop(
+                channels.clone(),
+                token.clone(),
+                feeders.into_iter().next().context("a feeder")?,
+                a.offered_rate.unwrap_or_default(),
+                budget.clone(),
+                stats.clone(),
+            ));
+        }
         Mode::Unary => {
             let feeder = Arc::new(tokio::sync::Mutex::new(
                 feeders.into_iter().next().context("a feeder")?,
@@ -271,7 +309,7 @@ async fn main() -> anyhow::Result<()> {
     while tasks.join_next().await.is_some() {}
     progress.abort();
     let elapsed = started.elapsed();
-    let summary = report::Summary::new(&stats, elapsed);
+    let summary = report::Summary::new(&stats, elapsed, a.duration);
     summary.print_human();
     let broken = stats.broken_acks.load(std::sync::atomic::Ordering::Relaxed);
     if broken > 0 {
@@ -332,6 +370,19 @@ mod report {
         p99: f64,
         max: f64,
         elapsed: Duration,
+        /// Distinct points sent a second over --duration (or the run).
+        offered_per_sec: f64,
+        /// Points answered in each second of the run.
+        answered_per_sec: Vec<u64>,
+        /// Points answered a second over --duration (or the run): acks
+        /// that came after it do not count.
+        window_points_per_sec: f64,
+        refused: u64,
+        refused_without_hint: u64,
+        retries: u64,
+        /// The retry that came soonest after its hint: (waited, hint).
+        closest_retry: Option<(Duration, Duration)>,
+        abandoned: u64,
         /// CPU seconds this process spent driving the fleet (before
         /// --verify), so that a run on the machine under test can say how
         /// much of it the clients took.
@@ -339,7 +390,7 @@ mod report {
     }
 
     impl Summary {
-        pub fn new(s: &Stats, elapsed: Duration) -> Self {
+        pub fn new(s: &Stats, elapsed: Duration, window: Option<Duration>) -> Self {
             let mut l = s.latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
             l.sort_unstable();
             let pct = |p: f64| {
@@ -351,7 +402,24 @@ mod report {
                 s.duplicates.load(Relaxed),
                 s.rejected.load(Relaxed),
             );
+            let answered_per_sec = s
+                .timeline
+                .lock()
+                .map(|t| t.per_sec.clone())
+                .unwrap_or_default();
+            let window = window.unwrap_or(elapsed);
+            let whole = (window.as_secs() as usize).max(1);
+            let window_points_per_sec =
+                answered_per_sec.iter().take(whole).sum::<u64>() as f64 / whole as f64;
             Summary {
+                offered_per_sec: s.sent.load(Relaxed) as f64 / window.as_secs_f64(),
+                answered_per_sec,
+                window_points_per_sec,
+                refused: s.refused.load(Relaxed),
+                refused_without_hint: s.refused_without_hint.load(Relaxed),
+                retries: s.retries.load(Relaxed),
+                closest_retry: s.closest_retry.lock().ok().and_then(|c| *c),
+                abandoned: s.abandoned.load(Relaxed),
                 sent: s.sent.load(Relaxed),
                 acked,
                 duplicates,
@@ -381,6 +449,20 @@ mod report {
                 self.p99,
                 self.max
             );
+            if self.refused > 0 {
+                println!(
+                    "{} calls refused for now ({} without a retry hint), {} sent again after their hint{}; {} points given up at the end",
+                    self.refused,
+                    self.refused_without_hint,
+                    self.retries,
+                    self.closest_retry.map_or(String::new(), |(w, h)| format!(
+                        " (the soonest {:.0} ms after a refusal whose hint was {:.0} ms)",
+                        w.as_secs_f64() * 1e3,
+                        h.as_secs_f64() * 1e3
+                    )),
+                    self.abandoned
+                );
+            }
         }
 
         pub fn json(&self) -> String {
@@ -396,6 +478,15 @@ mod report {
                 "ack_p99_ms": (self.p99 * 100.0).round() / 100.0,
                 "ack_max_ms": (self.max * 100.0).round() / 100.0,
                 "cpu_s": self.cpu,
+                "offered_per_sec": self.offered_per_sec.round(),
+                "window_points_per_sec": self.window_points_per_sec.round(),
+                "answered_per_sec": self.answered_per_sec,
+                "refused": self.refused,
+                "refused_without_hint": self.refused_without_hint,
+                "retries": self.retries,
+                "closest_retry_wait_ms": self.closest_retry.map(|(w, _)| (w.as_secs_f64() * 1e4).round() / 10.0),
+                "closest_retry_hint_ms": self.closest_retry.map(|(_, h)| (h.as_secs_f64() * 1e4).round() / 10.0),
+                "abandoned": self.abandoned,
             })
             .to_string()
         }
