@@ -21,6 +21,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connections;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Auth,
+    cluster::Cluster,
     config::{AuthMode, ConfigError, ServeConfig},
     connections::{Gate, grpc_incoming},
     health::Health,
@@ -78,6 +79,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     FileLimit(#[from] crate::connections::FileLimitError),
+    #[error("cluster mode: {0}")]
+    Nats(#[from] async_nats::ConnectError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -103,8 +106,20 @@ pub async fn run(
     let tier = prepare_database(&config).await?;
     let pool = pool(&config).map_err(ServeError::Pool)?;
     let auth = auth(&config, &pool);
+    // Before the latest map is filled: following the stream starts where
+    // it ended then.
+    let cluster = match config.cluster.enabled() {
+        true => Some(Cluster::connect(&config.cluster).await?),
+        false => None,
+    };
     let query = query_state(&config, &pool, &auth).await;
-    let sink: Arc<dyn CommitSink> = query.clone();
+    let (sink, cluster_tasks): (Arc<dyn CommitSink>, _) = match &cluster {
+        Some(c) => {
+            let (sink, running) = c.start(query.clone(), pool.clone(), config.shutdown_grace);
+            (sink, Some(running))
+        }
+        None => (query.clone(), None),
+    };
     let writer = Writer::new(
         pool.clone(),
         config.pipeline.write_retry_deadline,
@@ -125,6 +140,9 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     let background = CancellationToken::new();
     let health = Health::new(health);
+    if let Some(c) = &cluster {
+        health.report_cluster(Arc::clone(&c.status));
+    }
     tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));
     tokio::spawn(maintenance(
         config.clone(),
@@ -203,6 +221,9 @@ pub async fn run(
     tracing::info!(%grpc_addr, tls = tls.is_some(), auth = ?config.auth.mode, "locus serving");
 
     let result = drain(grpc, pipeline_task, &health, &config, &shutdown).await;
+    if let Some(running) = cluster_tasks {
+        running.stop().await;
+    }
     background.cancel();
     let _ = metrics_task.await;
     let _ = http_task.await;
