@@ -34,8 +34,8 @@ use crate::{
     proto::{self, query_server::QueryServer},
     query::{QueryState, grpc::QueryService},
     storage::{
-        catalog, maintain,
-        setup::{self, SetupError, SetupOptions, Tier},
+        SetupError, Tier, catalog, maintain,
+        setup::{self, SetupOptions},
         timescale,
     },
     tls::Tls,

@@ -9,9 +9,8 @@ use std::time::Instant;
 use sqlx::PgConnection;
 
 use super::{
-    SetupError, Tier, cover, hourly,
+    SetupError, Tier, cover, hourly, micros,
     partitions::{self, DEFAULT_PARTITION},
-    setup::micros,
 };
 use crate::config::StorageArgs;
 
