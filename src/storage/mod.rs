@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod cover;
 pub mod doctor;
 pub mod hourly;
+pub mod job_runs;
 pub mod maintain;
 pub mod partitions;
 pub mod plan;
