@@ -14,8 +14,8 @@ use crate::{
     ingest::unix_micros,
     server::{self, Listeners},
     storage::{
-        catalog, doctor, maintain,
-        setup::{self, SetupOptions, Tier},
+        Tier, catalog, doctor, maintain,
+        setup::{self, SetupOptions},
     },
 };
 use tokio_util::sync::CancellationToken;

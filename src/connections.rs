@@ -30,7 +30,10 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::ServeConfig, metrics as m};
+use crate::{
+    config::ServeConfig,
+    metrics::{CLOSED_HANDSHAKE, CLOSED_TOO_MANY, CONNECTIONS_CLOSED, OPEN_CONNECTIONS},
+};
 
 /// Descriptors kept beside the listeners' and the pool's: the listeners
 /// themselves, stdio, the runtime's epoll and signal pipes, the storage
@@ -128,14 +131,14 @@ impl Gate {
     pub fn admit(&self) -> Option<Slot> {
         match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(permit) => {
-                metrics::gauge!(m::OPEN_CONNECTIONS, "listener" => self.listener).increment(1.0);
+                metrics::gauge!(OPEN_CONNECTIONS, "listener" => self.listener).increment(1.0);
                 Some(Slot {
                     listener: self.listener,
                     _permit: permit,
                 })
             }
             Err(_) => {
-                closed(self.listener, m::CLOSED_TOO_MANY);
+                closed(self.listener, CLOSED_TOO_MANY);
                 None
             }
         }
@@ -178,14 +181,13 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        metrics::gauge!(m::OPEN_CONNECTIONS, "listener" => self.listener).decrement(1.0);
+        metrics::gauge!(OPEN_CONNECTIONS, "listener" => self.listener).decrement(1.0);
     }
 }
 
 /// Counts a connection closed (or refused) by a limit.
 pub fn closed(listener: &'static str, reason: &'static str) {
-    metrics::counter!(m::CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason)
-        .increment(1);
+    metrics::counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(1);
 }
 
 /// A gRPC connection: holds its slot, and fails its reads once the
@@ -225,7 +227,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
             && p.deadline.as_mut().poll(cx).is_ready()
         {
             this.preface = None;
-            closed(this.slot.listener, m::CLOSED_HANDSHAKE);
+            closed(this.slot.listener, CLOSED_HANDSHAKE);
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "no HTTP/2 preface within the handshake timeout",
@@ -314,7 +316,7 @@ where
                         let _ = tx.send(Ok(Guarded::new(io, slot, deadline))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => closed(slot.listener(), m::CLOSED_HANDSHAKE),
+                    Err(_) => closed(slot.listener(), CLOSED_HANDSHAKE),
                 }
             });
         }

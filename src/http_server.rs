@@ -26,7 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     connections::{Gate, Slot, closed},
-    metrics as m,
+    metrics::{CLOSED_HANDSHAKE, CLOSED_HEADER, CLOSED_IDLE},
     tls::ClientCert,
 };
 
@@ -86,7 +86,7 @@ pub async fn serve_http(
                     return;
                 }
                 Err(_) => {
-                    closed(slot.listener(), m::CLOSED_HANDSHAKE);
+                    closed(slot.listener(), CLOSED_HANDSHAKE);
                     return;
                 }
             };
@@ -247,13 +247,13 @@ async fn serve_connection<IO>(
                     return;
                 }
                 if activity.started.load(Ordering::Relaxed) == 0 {
-                    closed(listener, m::CLOSED_HANDSHAKE);
+                    closed(listener, CLOSED_HANDSHAKE);
                     return;
                 }
                 if activity.in_flight.load(Ordering::Relaxed) == 0
                     && activity.idle_since.lock().map_or(true, |t| t.elapsed() >= timeouts.idle)
                 {
-                    closed(listener, m::CLOSED_IDLE);
+                    closed(listener, CLOSED_IDLE);
                     stopping = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -264,7 +264,7 @@ async fn serve_connection<IO>(
         if e.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_timeout)
         {
-            closed(listener, m::CLOSED_HEADER);
+            closed(listener, CLOSED_HEADER);
         }
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }

@@ -1,6 +1,10 @@
 //! Every metric locus exports, in one place. Names carry base units
 //! (`_total`, `_seconds`, `_bytes`); no metric is labelled by device or user,
 //! whose cardinality grows with the fleet.
+//!
+//! Other modules import the names they record by name from here; there,
+//! `metrics::` is the `metrics` crate (its `counter!`, `gauge!` and
+//! `histogram!`).
 
 use std::sync::OnceLock;
 

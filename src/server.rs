@@ -35,8 +35,8 @@ use crate::{
     proto::{self, query_server::QueryServer},
     query::{QueryState, grpc::QueryService},
     storage::{
-        catalog, maintain,
-        setup::{self, SetupError, SetupOptions, Tier},
+        SetupError, Tier, catalog, job_runs, maintain,
+        setup::{self, SetupOptions},
         timescale,
     },
     tls::Tls,
@@ -465,7 +465,7 @@ async fn rollup_once(url: &str) -> Result<(), SetupError> {
     let mut conn = setup::connect(url).await?;
     let started = std::time::Instant::now();
     let result = maintain::rollup(&mut conn).await;
-    maintain::record(&mut conn, maintain::ROLLUP, started, &result).await?;
+    job_runs::record(&mut conn, maintain::ROLLUP, started, &result).await?;
     result.map(|_| ())
 }
 

@@ -6,7 +6,10 @@
 mod common;
 
 use common::{Device, TestDb, TestServer, config, now_secs, scrape};
-use locus::metrics as m;
+use locus::metrics::{
+    ACK_LATENCY, BATCH_ROWS, BATCHES_FLUSHED, BUFFER_POINTS, FLUSH_DURATION, POINTS_ACCEPTED,
+    POINTS_DUPLICATE, POINTS_RECEIVED, POINTS_REJECTED,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened() {
@@ -27,43 +30,40 @@ async fn metrics_count_what_happened() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
     };
-    assert_eq!(value(&format!("{} ", m::POINTS_RECEIVED)), 20.0);
-    assert_eq!(value(&format!("{} ", m::POINTS_ACCEPTED)), 9.0);
-    assert_eq!(value(&format!("{} ", m::POINTS_DUPLICATE)), 9.0);
+    assert_eq!(value(&format!("{} ", POINTS_RECEIVED)), 20.0);
+    assert_eq!(value(&format!("{} ", POINTS_ACCEPTED)), 9.0);
+    assert_eq!(value(&format!("{} ", POINTS_DUPLICATE)), 9.0);
     assert_eq!(
         value(&format!(
             "{}{{reason=\"latitude_out_of_range\"}}",
-            m::POINTS_REJECTED
+            POINTS_REJECTED
         )),
         2.0
     );
+    assert_eq!(value(&format!("{}{{path=\"copy\"}}", BATCHES_FLUSHED)), 1.0);
     assert_eq!(
-        value(&format!("{}{{path=\"copy\"}}", m::BATCHES_FLUSHED)),
+        value(&format!("{}{{path=\"dedup\"}}", BATCHES_FLUSHED)),
         1.0
     );
-    assert_eq!(
-        value(&format!("{}{{path=\"dedup\"}}", m::BATCHES_FLUSHED)),
-        1.0
-    );
-    assert_eq!(value(&format!("{}_count", m::BATCH_ROWS)), 2.0);
-    assert_eq!(value(&format!("{}_count", m::FLUSH_DURATION)), 2.0);
+    assert_eq!(value(&format!("{}_count", BATCH_ROWS)), 2.0);
+    assert_eq!(value(&format!("{}_count", FLUSH_DURATION)), 2.0);
     assert_eq!(
         value(&format!(
             "{}_count{{rpc=\"WriteLocations\",transport=\"grpc\"}}",
-            m::ACK_LATENCY
+            ACK_LATENCY
         )),
         2.0
     );
     assert!(
-        text.contains(&format!("{}_bucket{{le=\"0.005\"}}", m::FLUSH_DURATION)),
+        text.contains(&format!("{}_bucket{{le=\"0.005\"}}", FLUSH_DURATION)),
         "histograms have buckets"
     );
     assert_eq!(
-        value(&format!("{} ", m::BUFFER_POINTS)),
+        value(&format!("{} ", BUFFER_POINTS)),
         0.0,
         "nothing left buffered"
     );
-    assert!(text.contains(&format!("# HELP {} ", m::POINTS_ACCEPTED)));
+    assert!(text.contains(&format!("# HELP {} ", POINTS_ACCEPTED)));
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         if let Some((_, labels)) = line.split_once('{') {
             for forbidden in ["device_id=", "user_id="] {

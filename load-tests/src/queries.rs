@@ -250,6 +250,57 @@ fn p99_bound(before: &[(f64, u64)], after: &[(f64, u64)]) -> f64 {
 /// for: a fleet map of its own.
 const FLEET_MAP: &str = "fleetmap";
 
+/// Points/s, points, and CPU seconds of locus, PostgreSQL and this process.
+type Run = (f64, f64, [f64; 3]);
+
+fn add(a: Run, b: Run) -> Run {
+    (
+        a.0 + b.0,
+        a.1 + b.1,
+        std::array::from_fn(|i| a.2[i] + b.2[i]),
+    )
+}
+
+/// The processes a run's CPU seconds are counted of: locus, PostgreSQL and
+/// this benchmark's own clients (the ingest streams, and the subscribers
+/// when they run).
+#[derive(Clone, Copy)]
+struct Cpu {
+    locus: u32,
+    postmaster: u32,
+}
+
+impl Cpu {
+    /// CPU seconds so far of each.
+    fn seconds(self) -> [f64; 3] {
+        let own = |p| locus_load::proc::proc_times(p).map_or(0.0, |t| t.0);
+        [
+            own(self.locus),
+            locus_load::proc::pg_cpu(self.postmaster),
+            own(std::process::id()),
+        ]
+    }
+}
+
+/// Full ingest as devices send it: 300,000 points of 1,000 devices over 50
+/// streams, on `channel`, the devices' own.
+async fn full_ingest(
+    channel: &Channel,
+    cpu: Cpu,
+    no_stop: &Arc<AtomicBool>,
+    seed: u64,
+) -> anyhow::Result<Run> {
+    let (t, before) = (Instant::now(), cpu.seconds());
+    let points = batches(fleet_points("mextrack", 1_000, seed, 300, 1.0), 500);
+    let n = ingest(channel.clone(), points, 50, None, no_stop.clone()).await? as f64;
+    let after = cpu.seconds();
+    Ok((
+        n / t.elapsed().as_secs_f64(),
+        n,
+        std::array::from_fn(|i| after[i] - before[i]),
+    ))
+}
+
 pub async fn run(
     locus: &std::path::Path,
     url: &str,
@@ -258,16 +309,9 @@ pub async fn run(
     rounds: usize,
 ) -> anyhow::Result<()> {
     let (mut server, pid, target) = crate::start_locus(locus, url, writers, None).await?;
-    let postmaster = locus_load::proc::postmaster(url).await?;
-    // CPU seconds so far of locus, PostgreSQL and this benchmark's own
-    // clients (the ingest streams, and the subscribers when they run).
-    let cpu = move || {
-        let own = |p| locus_load::proc::proc_times(p).map_or(0.0, |t| t.0);
-        [
-            own(pid),
-            locus_load::proc::pg_cpu(postmaster),
-            own(std::process::id()),
-        ]
+    let cpu = Cpu {
+        locus: pid,
+        postmaster: locus_load::proc::postmaster(url).await?,
     };
     // Devices and dashboards are different clients: ingest and queries each
     // get their own connections, so an answer does not queue behind ingest
@@ -275,7 +319,46 @@ pub async fn run(
     let channel = dial(&target).await?;
     let no_stop = Arc::new(AtomicBool::new(false));
 
-    // The data the queries read.
+    let data = load(&channel, &no_stop, url).await?;
+    // Ingest at half the maximum, in the background, while querying: the
+    // maximum as measured now, on this hour of the machine, unless given.
+    let (half_rate, maximum) = match half_rate {
+        Some(r) => (r, None),
+        None => {
+            let max = full_ingest(&channel, cpu, &no_stop, 6).await?.0;
+            ((max / 2.0) as u64, Some(max))
+        }
+    };
+    let queries = query_under_ingest(&server, &target, &channel, data, half_rate).await?;
+    let live = live_rounds(&target, &channel, cpu, &no_stop, rounds).await?;
+    let _ = server.child.start_kill();
+    let _ = server.child.wait().await;
+
+    let kept = match maximum {
+        Some(max) => {
+            format!("half of the {max:.0} points/s measured first (300,000 points over 50 streams)")
+        }
+        None => "--half-rate".to_string(),
+    };
+    print_queries(&queries, half_rate, &kept);
+    print_live(&live, rounds);
+    Ok(())
+}
+
+/// What the queries read: where each kind of query finds its rows.
+struct Data {
+    /// 10,000 devices of [`FLEET_MAP`], one position each.
+    ids: Vec<String>,
+    /// One device's day, one point every 10 s, and its span in µs.
+    day_device: String,
+    day_from: i64,
+    day_to: i64,
+    /// The device with 30 days of hourly rows.
+    stats_device: uuid::Uuid,
+}
+
+/// Writes the data the queries read.
+async fn load(channel: &Channel, no_stop: &Arc<AtomicBool>, url: &str) -> anyhow::Result<Data> {
     eprintln!(
         "locus-bench queries: loading 10,000 devices, one device's day, 30 days of hourly rows ..."
     );
@@ -317,36 +400,46 @@ pub async fn run(
     .execute(&mut c)
     .await?;
     drop(c);
+    Ok(Data {
+        ids,
+        day_device,
+        day_from,
+        day_to,
+        stats_device,
+    })
+}
 
-    let full = |seed| batches(fleet_points("mextrack", 1_000, seed, 300, 1.0), 500);
-    // Points/s, points, and CPU seconds of locus, PostgreSQL and this process.
-    type Run = (f64, f64, [f64; 3]);
-    let rate = async |seed| -> anyhow::Result<Run> {
-        let (t, before) = (Instant::now(), cpu());
-        let n = ingest(channel.clone(), full(seed), 50, None, no_stop.clone()).await? as f64;
-        let after = cpu();
-        Ok((
-            n / t.elapsed().as_secs_f64(),
-            n,
-            std::array::from_fn(|i| after[i] - before[i]),
-        ))
-    };
-    let add = |a: Run, b: Run| -> Run {
-        (
-            a.0 + b.0,
-            a.1 + b.1,
-            std::array::from_fn(|i| a.2[i] + b.2[i]),
-        )
-    };
-    // Ingest at half the maximum, in the background, while querying: the
-    // maximum as measured now, on this hour of the machine, unless given.
-    let (half_rate, maximum) = match half_rate {
-        Some(r) => (r, None),
-        None => {
-            let max = rate(6).await?.0;
-            ((max / 2.0) as u64, Some(max))
-        }
-    };
+/// One row of the table of queries.
+struct Row {
+    name: &'static str,
+    calls: usize,
+    /// p50 and p99 ms, to the answer decoded.
+    decoded: (f64, f64),
+    /// p50 and p99 ms, to the answer received (GetLatest only).
+    received: Option<(f64, f64)>,
+    /// locus's own p99: the bucket bound, in ms.
+    own: f64,
+    /// The p99 wanted, in ms.
+    target: Option<u32>,
+}
+
+/// The queries' answers, timed while ingest runs in the background.
+struct Queries {
+    rows: Vec<Row>,
+    /// Points ingested in the background, over the seconds of the queries.
+    during: u64,
+    querying: f64,
+}
+
+/// Times each query while ingest is kept at `half_rate` points/s on
+/// `channel` (the devices' connection; the queries open their own).
+async fn query_under_ingest(
+    server: &Locus,
+    target: &str,
+    channel: &Channel,
+    data: Data,
+    half_rate: u64,
+) -> anyhow::Result<Queries> {
     let stop = Arc::new(AtomicBool::new(false));
     // 1.5 M points: at the default rate, more than the queries take.
     let background = batches(fleet_points("mextrack", 1_000, 9, 1_500, 1.0), 500);
@@ -359,40 +452,67 @@ pub async fn run(
         stop.clone(),
     ));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let buckets = async |rpc| handler_buckets(&server, rpc).await;
-    let before = buckets("GetLatest").await;
-    // 200 calls of `req`, each answered with `want` positions, each timed
-    // twice: to the answer's bytes received, and to it decoded into prost's
-    // types in one pass, as a client generated from the proto does. The
-    // request is encoded once, as a map that polls would keep it.
-    let latest_calls = |req: GetLatestRequest, want: usize| {
-        let encoded = Bytes::from(req.encode_to_vec());
-        let target = target.clone();
-        apart(move || async move {
-            let channel = dial(&target).await?;
-            let (mut received, mut decoded) = (Vec::new(), Vec::new());
-            for _ in 0..200 {
-                let t = Instant::now();
-                let answer = call_raw(
-                    channel.clone(),
-                    "/locus.v1.Query/GetLatest",
-                    tonic::Request::new(encoded.clone()),
-                )
-                .await?
-                .into_inner();
-                received.push(t.elapsed().as_secs_f64() * 1000.0);
-                let page = ProstPage::decode(answer)?;
-                decoded.push(t.elapsed().as_secs_f64() * 1000.0);
-                let n = page.locations.len();
-                anyhow::ensure!(n == want, "{n} latest positions, not {want}");
-                anyhow::ensure!(page.next_cursor.is_empty(), "a page of all {want}");
-            }
-            anyhow::Ok((p50_p99(decoded), p50_p99(received)))
-        })
-    };
+    let mut rows = latest_rows(server, target, data.ids).await?;
+    rows.push(track_row(server, target, data.day_device, data.day_from, data.day_to).await?);
+    rows.push(stats_row(server, target, data.stats_device).await?);
+    stop.store(true, Relaxed);
+    let querying = querying.elapsed().as_secs_f64();
+    let during = ingesting.await??;
+    eprintln!(
+        "locus-bench queries: {during} points ingested in the background over the {querying:.1} s of queries ({:.0} points/s)",
+        during as f64 / querying
+    );
+    Ok(Queries {
+        rows,
+        during,
+        querying,
+    })
+}
+
+/// 200 calls of `req`, each answered with `want` positions, each timed
+/// twice: to the answer's bytes received, and to it decoded into prost's
+/// types in one pass, as a client generated from the proto does. The
+/// request is encoded once, as a map that polls would keep it. Returns the
+/// p50 and p99 of each, decoded first.
+async fn latest_calls(
+    target: &str,
+    req: GetLatestRequest,
+    want: usize,
+) -> anyhow::Result<((f64, f64), (f64, f64))> {
+    let encoded = Bytes::from(req.encode_to_vec());
+    let target = target.to_string();
+    apart(move || async move {
+        let channel = dial(&target).await?;
+        let (mut received, mut decoded) = (Vec::new(), Vec::new());
+        for _ in 0..200 {
+            let t = Instant::now();
+            let answer = call_raw(
+                channel.clone(),
+                "/locus.v1.Query/GetLatest",
+                tonic::Request::new(encoded.clone()),
+            )
+            .await?
+            .into_inner();
+            received.push(t.elapsed().as_secs_f64() * 1000.0);
+            let page = ProstPage::decode(answer)?;
+            decoded.push(t.elapsed().as_secs_f64() * 1000.0);
+            let n = page.locations.len();
+            anyhow::ensure!(n == want, "{n} latest positions, not {want}");
+            anyhow::ensure!(page.next_cursor.is_empty(), "a page of all {want}");
+        }
+        anyhow::Ok((p50_p99(decoded), p50_p99(received)))
+    })
+    .await
+}
+
+/// GetLatest for one device, for the 10,000 by id, and for the app's 10,000
+/// as one page.
+async fn latest_rows(server: &Locus, target: &str, ids: Vec<String>) -> anyhow::Result<Vec<Row>> {
+    let before = handler_buckets(server, "GetLatest").await;
     // The floor: the same call for one device, a 200-byte answer. What it
     // takes at p99 is this machine's, under this load, for any call.
     let (one, one_received) = latest_calls(
+        target,
         GetLatestRequest {
             device_ids: ids[..1].to_vec(),
             app_source: FLEET_MAP.into(),
@@ -401,8 +521,9 @@ pub async fn run(
         1,
     )
     .await?;
-    let after_one = buckets("GetLatest").await;
+    let after_one = handler_buckets(server, "GetLatest").await;
     let (latest, latest_received) = latest_calls(
+        target,
         GetLatestRequest {
             device_ids: ids,
             app_source: FLEET_MAP.into(),
@@ -411,9 +532,10 @@ pub async fn run(
         10_000,
     )
     .await?;
-    let after_ids = buckets("GetLatest").await;
+    let after_ids = handler_buckets(server, "GetLatest").await;
     // The app's 10,000 devices as one page of the most a page may hold.
     let (latest_app, latest_app_received) = latest_calls(
+        target,
         GetLatestRequest {
             app_source: FLEET_MAP.into(),
             limit: 10_000,
@@ -422,28 +544,59 @@ pub async fn run(
         10_000,
     )
     .await?;
-    let after_app = buckets("GetLatest").await;
-    let own_latest = (
-        p99_bound(&before, &after_one),
-        p99_bound(&after_one, &after_ids),
-        p99_bound(&after_ids, &after_app),
-    );
-    let before = buckets("GetTrack").await;
+    let after_app = handler_buckets(server, "GetLatest").await;
+    Ok(vec![
+        Row {
+            name: "GetLatest, one device by id (the floor)",
+            calls: 200,
+            decoded: one,
+            received: Some(one_received),
+            own: p99_bound(&before, &after_one),
+            target: None,
+        },
+        Row {
+            name: "GetLatest, 10,000 devices by id",
+            calls: 200,
+            decoded: latest,
+            received: Some(latest_received),
+            own: p99_bound(&after_one, &after_ids),
+            target: Some(5),
+        },
+        Row {
+            name: "GetLatest, an app_source's 10,000 devices as one page",
+            calls: 200,
+            decoded: latest_app,
+            received: Some(latest_app_received),
+            own: p99_bound(&after_ids, &after_app),
+            target: Some(5),
+        },
+    ])
+}
+
+/// GetTrack of one device's day, 50 calls.
+async fn track_row(
+    server: &Locus,
+    target: &str,
+    device: String,
+    from_us: i64,
+    to_us: i64,
+) -> anyhow::Result<Row> {
+    let before = handler_buckets(server, "GetTrack").await;
     // Decoded in one pass into prost's own types, as a client generated
     // from the proto does (locus's `LocationPage` would copy each location
     // out of the receive buffer first).
     let track_req = Bytes::from(
         GetTrackRequest {
-            device_id: day_device.clone(),
+            device_id: device,
             app_source: "mextrack".into(),
-            from: ts(day_from),
-            to: ts(day_to),
+            from: ts(from_us),
+            to: ts(to_us),
             limit: 10_000,
             cursor: String::new(),
         }
         .encode_to_vec(),
     );
-    let track = timed_apart(&target, 50, move |channel| {
+    let track = timed_apart(target, 50, move |channel| {
         let req = tonic::Request::new(track_req.clone());
         async move {
             let answer =
@@ -454,11 +607,22 @@ pub async fn run(
         }
     })
     .await?;
-    let own_track = p99_bound(&before, &buckets("GetTrack").await);
-    let before = buckets("GetHourlyStats").await;
-    let stats = timed_apart(&target, 200, move |channel| {
+    Ok(Row {
+        name: "GetTrack, one day (8,640 points)",
+        calls: 50,
+        decoded: track,
+        received: None,
+        own: p99_bound(&before, &handler_buckets(server, "GetTrack").await),
+        target: Some(50),
+    })
+}
+
+/// GetHourlyStats of 30 days of one device, 200 calls.
+async fn stats_row(server: &Locus, target: &str, device: uuid::Uuid) -> anyhow::Result<Row> {
+    let before = handler_buckets(server, "GetHourlyStats").await;
+    let stats = timed_apart(target, 200, move |channel| {
         let req = GetHourlyStatsRequest {
-            key: Some(Key::DeviceId(stats_device.to_string())),
+            key: Some(Key::DeviceId(device.to_string())),
             app_source: "mextrack".into(),
             from: ts(now_us() - 30 * 86_400_000_000),
             to: ts(now_us()),
@@ -471,79 +635,107 @@ pub async fn run(
         }
     })
     .await?;
-    let own_stats = p99_bound(&before, &buckets("GetHourlyStats").await);
-    stop.store(true, Relaxed);
-    let querying = querying.elapsed().as_secs_f64();
-    let during = ingesting.await??;
-    eprintln!(
-        "locus-bench queries: {during} points ingested in the background over the {querying:.1} s of queries ({:.0} points/s)",
-        during as f64 / querying
-    );
+    Ok(Row {
+        name: "GetHourlyStats, 30 days of one device",
+        calls: 200,
+        decoded: stats,
+        received: None,
+        own: p99_bound(&before, &handler_buckets(server, "GetHourlyStats").await),
+        target: Some(50),
+    })
+}
 
-    // Full ingest without and with 200 live subscribers (each watching a
-    // small box of the fleet's area, as a map view does), in rounds of
-    // without, with, with, without: the table grows run by run, and this
-    // order cancels that drift out of each round's ratio; the rounds are
-    // because a run is seconds long, and one says little on this machine.
-    let received = Arc::new(AtomicU64::new(0));
-    let updates = Arc::new(AtomicU64::new(0));
-    let malformed = Arc::new(AtomicU64::new(0));
-    let subscribe = async || -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-        let mut subs = Vec::new();
-        for i in 0..200 {
-            let lat = 19.2 + (i % 20) as f64 * 0.025;
-            let lon = -99.4 + (i / 20) as f64 * 0.05;
-            let bbox = BoundingBox {
-                min_latitude: lat,
-                max_latitude: lat + 0.05,
-                min_longitude: lon,
-                max_longitude: lon + 0.1,
-            };
-            // Each update is taken as its bytes and its locations are
-            // counted from the fields' keys, neither copied nor decoded:
-            // these clients share the machine's two cores with the service
-            // and PostgreSQL, and what is measured is what serving them
-            // costs ingest. (tests/query.rs decodes what the feed sends.)
-            let mut stream = stream_raw(
-                dial(&target).await?,
-                "/locus.v1.Query/Subscribe",
-                tonic::Request::new(SubscribeRequest {
-                    app_source: String::new(),
-                    device_ids: vec![],
-                    bbox: Some(bbox),
-                }),
-            )
-            .await?
-            .into_inner();
-            let (received, updates, malformed) =
-                (received.clone(), updates.clone(), malformed.clone());
-            subs.push(tokio::spawn(async move {
-                while let Ok(Some(update)) = stream.message().await {
-                    match count_field(&update, 1) {
-                        Some(n) => received.fetch_add(n as u64, Relaxed),
-                        None => malformed.fetch_add(1, Relaxed),
-                    };
-                    updates.fetch_add(1, Relaxed);
-                }
-            }));
-        }
-        Ok(subs)
-    };
+/// What the live subscribers were sent.
+#[derive(Default)]
+struct Feed {
+    received: AtomicU64,
+    updates: AtomicU64,
+    malformed: AtomicU64,
+}
+
+/// Opens 200 live subscriptions, each watching a small box of the fleet's
+/// area, as a map view does; each counts what it is sent into `feed`.
+async fn subscribe(
+    target: &str,
+    feed: &Arc<Feed>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut subs = Vec::new();
+    for i in 0..200 {
+        let lat = 19.2 + (i % 20) as f64 * 0.025;
+        let lon = -99.4 + (i / 20) as f64 * 0.05;
+        let bbox = BoundingBox {
+            min_latitude: lat,
+            max_latitude: lat + 0.05,
+            min_longitude: lon,
+            max_longitude: lon + 0.1,
+        };
+        // Each update is taken as its bytes and its locations are
+        // counted from the fields' keys, neither copied nor decoded:
+        // these clients share the machine's two cores with the service
+        // and PostgreSQL, and what is measured is what serving them
+        // costs ingest. (tests/query.rs decodes what the feed sends.)
+        let mut stream = stream_raw(
+            dial(target).await?,
+            "/locus.v1.Query/Subscribe",
+            tonic::Request::new(SubscribeRequest {
+                app_source: String::new(),
+                device_ids: vec![],
+                bbox: Some(bbox),
+            }),
+        )
+        .await?
+        .into_inner();
+        let feed = feed.clone();
+        subs.push(tokio::spawn(async move {
+            while let Ok(Some(update)) = stream.message().await {
+                match count_field(&update, 1) {
+                    Some(n) => feed.received.fetch_add(n as u64, Relaxed),
+                    None => feed.malformed.fetch_add(1, Relaxed),
+                };
+                feed.updates.fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    Ok(subs)
+}
+
+/// Full ingest without and with the live subscribers, summed over the rounds.
+struct Live {
+    without: Run,
+    with: Run,
+    /// Each round's points/s with over without.
+    ratios: Vec<f64>,
+    feed: Arc<Feed>,
+}
+
+/// Full ingest without and with 200 live subscribers, in rounds of without,
+/// with, with, without: the table grows run by run, and this order cancels
+/// that drift out of each round's ratio; the rounds are because a run is
+/// seconds long, and one says little on this machine.
+async fn live_rounds(
+    target: &str,
+    channel: &Channel,
+    cpu: Cpu,
+    no_stop: &Arc<AtomicBool>,
+    rounds: usize,
+) -> anyhow::Result<Live> {
+    let feed = Arc::new(Feed::default());
+    let rate = async |seed| full_ingest(channel, cpu, no_stop, seed).await;
     let zero: Run = (0.0, 0.0, [0.0; 3]);
     let (mut without, mut with) = (zero, zero);
     let mut ratios = Vec::new();
     for round in 0..rounds {
         let seed = 10 + 4 * round as u64;
         let before = rate(seed).await?;
-        let subs = subscribe().await?;
+        let subs = subscribe(target, &feed).await?;
         let during = add(rate(seed + 1).await?, rate(seed + 2).await?);
         // What is still on its way (an update waits up to --live-interval)
         // is counted before the subscribers go: until a second passes with
         // none.
         loop {
-            let seen = received.load(Relaxed);
+            let seen = feed.received.load(Relaxed);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if received.load(Relaxed) == seen {
+            if feed.received.load(Relaxed) == seen {
                 break;
             }
         }
@@ -553,33 +745,22 @@ pub async fn run(
         without = add(without, after);
         with = add(with, during);
     }
-    let malformed = malformed.load(Relaxed);
+    let malformed = feed.malformed.load(Relaxed);
     anyhow::ensure!(malformed == 0, "{malformed} live updates did not scan");
-    // CPU seconds per million points ingested, by process.
-    let per_m = |r: Run, i: usize| r.2[i] / (r.1 / 1e6);
-    let cpu_line = format!(
-        "CPU s per million points ingested, without / with the subscribers: locus {:.2} / {:.2}, \
-         PostgreSQL {:.2} / {:.2}, this benchmark's clients {:.2} / {:.2}",
-        per_m(without, 0),
-        per_m(with, 0),
-        per_m(without, 1),
-        per_m(with, 1),
-        per_m(without, 2),
-        per_m(with, 2),
-    );
-    let _ = server.child.start_kill();
-    let _ = server.child.wait().await;
+    Ok(Live {
+        without,
+        with,
+        ratios,
+        feed,
+    })
+}
 
+/// The table of queries; `kept` says where `half_rate` came from.
+fn print_queries(q: &Queries, half_rate: u64, kept: &str) {
     println!();
-    let kept = match maximum {
-        Some(max) => {
-            format!("half of the {max:.0} points/s measured first (300,000 points over 50 streams)")
-        }
-        None => "--half-rate".to_string(),
-    };
     println!(
         "Queries, while ingest is kept at {half_rate} points/s ({kept}); it reached {:.0} points/s:",
-        during as f64 / querying
+        q.during as f64 / q.querying
     );
     println!();
     println!(
@@ -592,54 +773,35 @@ pub async fn run(
         "| query | calls | p50 ms | p99 ms | received, p50 / p99 ms | locus's own p99 | target p99 |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (name, calls, (p50, p99), received, own, target) in [
-        (
-            "GetLatest, one device by id (the floor)",
-            200,
-            one,
-            Some(one_received),
-            own_latest.0,
-            None,
-        ),
-        (
-            "GetLatest, 10,000 devices by id",
-            200,
-            latest,
-            Some(latest_received),
-            own_latest.1,
-            Some(5),
-        ),
-        (
-            "GetLatest, an app_source's 10,000 devices as one page",
-            200,
-            latest_app,
-            Some(latest_app_received),
-            own_latest.2,
-            Some(5),
-        ),
-        (
-            "GetTrack, one day (8,640 points)",
-            50,
-            track,
-            None,
-            own_track,
-            Some(50),
-        ),
-        (
-            "GetHourlyStats, 30 days of one device",
-            200,
-            stats,
-            None,
-            own_stats,
-            Some(50),
-        ),
-    ] {
-        let received = received.map_or("".to_string(), |(a, b)| format!("{a:.2} / {b:.2}"));
-        let target = target.map_or("none".to_string(), |t| format!("{t} ms"));
+    for row in &q.rows {
+        let Row {
+            name,
+            calls,
+            decoded: (p50, p99),
+            own,
+            ..
+        } = row;
+        let received = row
+            .received
+            .map_or("".to_string(), |(a, b)| format!("{a:.2} / {b:.2}"));
+        let target = row.target.map_or("none".to_string(), |t| format!("{t} ms"));
         println!(
             "| {name} | {calls} | {p50:.2} | {p99:.2} | {received} | at most {own} ms | {target} |"
         );
     }
+}
+
+/// Full ingest's points/s without and with the subscribers, and its CPU
+/// seconds per million points.
+fn print_live(live: &Live, rounds: usize) {
+    let Live {
+        without,
+        with,
+        ratios,
+        feed,
+    } = live;
+    // CPU seconds per million points ingested, by process.
+    let per_m = |r: &Run, i: usize| r.2[i] / (r.1 / 1e6);
     println!();
     println!(
         "Full ingest, 300,000 points over 50 streams, {rounds} rounds of four runs (without, with, with, without): \
@@ -647,8 +809,8 @@ pub async fn run(
          ratio {:.3} (target at least 0.9); by round {}",
         without.0 / (2 * rounds) as f64,
         with.0 / (2 * rounds) as f64,
-        received.load(Relaxed),
-        updates.load(Relaxed),
+        feed.received.load(Relaxed),
+        feed.updates.load(Relaxed),
         with.0 / without.0,
         ratios
             .iter()
@@ -656,7 +818,15 @@ pub async fn run(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("{cpu_line}");
+    println!(
+        "CPU s per million points ingested, without / with the subscribers: locus {:.2} / {:.2}, \
+         PostgreSQL {:.2} / {:.2}, this benchmark's clients {:.2} / {:.2}",
+        per_m(without, 0),
+        per_m(with, 0),
+        per_m(without, 1),
+        per_m(with, 1),
+        per_m(without, 2),
+        per_m(with, 2),
+    );
     println!("live_subscribers_ingest_ratio={:.3}", with.0 / without.0);
-    Ok(())
 }

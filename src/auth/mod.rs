@@ -42,7 +42,7 @@ pub use self::{
     caller::Caller,
     principal::{Principal, Role},
 };
-use crate::{config::AuthArgs, metrics as m};
+use crate::{config::AuthArgs, metrics::AUTH_REFUSED};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
@@ -62,12 +62,12 @@ pub enum AuthError {
 }
 
 fn denied(msg: String) -> AuthError {
-    metrics::counter!(m::AUTH_REFUSED, "reason" => "permission_denied").increment(1);
+    metrics::counter!(AUTH_REFUSED, "reason" => "permission_denied").increment(1);
     AuthError::PermissionDenied(msg)
 }
 
 fn unauthenticated(msg: impl Into<String>) -> AuthError {
-    metrics::counter!(m::AUTH_REFUSED, "reason" => "unauthenticated").increment(1);
+    metrics::counter!(AUTH_REFUSED, "reason" => "unauthenticated").increment(1);
     AuthError::Unauthenticated(msg.into())
 }
 

@@ -7,7 +7,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use uuid::Uuid;
 
 use super::{Auth, AuthError, AuthState, principal::Principal};
-use crate::{config::AuthArgs, metrics as m};
+use crate::{config::AuthArgs, metrics::RATE_LIMITED};
 
 /// The limiter of `--rate-limit-points` and `--rate-limit-burst`; `None`
 /// when there is no limit.
@@ -30,7 +30,7 @@ impl Auth {
         let n =
             NonZeroU32::new(u32::try_from(points).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
         let refused = |retry_after: Duration| {
-            metrics::counter!(m::RATE_LIMITED).increment(1);
+            metrics::counter!(RATE_LIMITED).increment(1);
             Err(AuthError::RateLimited {
                 token: caller.name.clone(),
                 retry_after,

@@ -26,7 +26,7 @@ use super::{Admitted, IngestError, Ingestor, PendingAck, WhenFull};
 use crate::{
     auth::Principal,
     codec::RawRequests,
-    metrics as m,
+    metrics::{Call, OPEN_STREAMS, REQUESTS_REFUSED},
     proto::{
         BatchAck, LocationBatch,
         ingest_server::{Ingest, IngestServer},
@@ -101,7 +101,7 @@ impl IngestService {
         }
         let caller = self.ingestor.auth.authenticate_grpc(&request).await?;
         let Ok(slot) = Arc::clone(&self.streams).try_acquire_owned() else {
-            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "too_many_streams").increment(1);
+            metrics::counter!(REQUESTS_REFUSED, "reason" => "too_many_streams").increment(1);
             return Err(IngestError::TooManyStreams(self.max_streams).into());
         };
         let inbound = request.into_inner();
@@ -115,9 +115,9 @@ impl IngestService {
             self.shutdown.clone(),
         ));
         tokio::spawn(async move {
-            metrics::gauge!(m::OPEN_STREAMS).increment(1.0);
+            metrics::gauge!(OPEN_STREAMS).increment(1.0);
             acknowledge(pending_rx, ack_tx).await;
-            metrics::gauge!(m::OPEN_STREAMS).decrement(1.0);
+            metrics::gauge!(OPEN_STREAMS).decrement(1.0);
             drop(slot);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
@@ -197,7 +197,7 @@ async fn write(
             caller,
             batch.batch_id,
             points,
-            m::Call::grpc("WriteLocations"),
+            Call::grpc("WriteLocations"),
         )
         .await?;
     Ok(Response::new(pending.resolve().await?))
@@ -367,7 +367,7 @@ async fn ingest<M: Incoming>(
             caller,
             batch.batch_id,
             points,
-            m::Call::grpc("StreamLocations"),
+            Call::grpc("StreamLocations"),
         )
         .await?)
 }

@@ -27,7 +27,8 @@ use crate::{
     auth::{Auth, Caller, Principal},
     config::LimitArgs,
     location::{Rejection, json},
-    metrics as m, proto,
+    metrics::{Call, REQUESTS_REFUSED},
+    proto,
     status::http::ErrorJson,
 };
 
@@ -288,7 +289,7 @@ async fn read_and_queue(
         .ok()
         .and_then(Result::ok)
         .ok_or_else(|| {
-            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "decoding_busy").increment(1);
+            metrics::counter!(REQUESTS_REFUSED, "reason" => "decoding_busy").increment(1);
             BodyError::DecodingBusy.into_response()
         })?;
     let body = decode_body(headers, body, app.max_decompressed).map_err(|e| e.into_response())?;
@@ -311,7 +312,7 @@ async fn read_and_queue(
             caller,
             batch_id,
             points,
-            m::Call::http("WriteLocations"),
+            Call::http("WriteLocations"),
         )
         .await
         .map_err(IntoResponse::into_response)

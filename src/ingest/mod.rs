@@ -14,7 +14,10 @@ use tokio::sync::oneshot;
 use crate::{
     auth::{Auth, AuthError, Principal},
     location::{Reason, Rejection, reject},
-    metrics as m,
+    metrics::{
+        ACK_LATENCY, Call, POINTS_ACCEPTED, POINTS_DUPLICATE, POINTS_RECEIVED, POINTS_REJECTED,
+        REQUESTS_REFUSED,
+    },
     pipeline::{Pipeline, Refused, SubmissionBuilder, WriteError, WriteOutcome},
     proto,
 };
@@ -105,7 +108,7 @@ pub struct PendingAck {
     /// where a row the database refuses is answered.
     row_index: Vec<u32>,
     received: Instant,
-    call: m::Call,
+    call: Call,
 }
 
 impl Ingestor {
@@ -140,9 +143,9 @@ impl Ingestor {
         when_full: WhenFull,
     ) -> Result<Admitted, IngestError> {
         let received = Instant::now();
-        metrics::counter!(m::POINTS_RECEIVED).increment(points as u64);
+        metrics::counter!(POINTS_RECEIVED).increment(points as u64);
         if points > self.max_batch_points {
-            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
+            metrics::counter!(REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
             return Err(IngestError::BatchTooLarge {
                 points,
                 limit: self.max_batch_points,
@@ -171,7 +174,7 @@ impl Ingestor {
     /// A batch found to be over `--max-batch-points` before it was counted
     /// whole: counted as refused.
     pub fn over_limit(&self) -> IngestError {
-        metrics::counter!(m::REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
+        metrics::counter!(REQUESTS_REFUSED, "reason" => "batch_too_large").increment(1);
         IngestError::BatchOverLimit {
             limit: self.max_batch_points,
         }
@@ -187,7 +190,7 @@ impl Ingestor {
         self.auth.check_revoked(caller)?;
         caller.require_write()?;
         if room_for.is_some_and(|points| !self.pipeline.budget.has_room_for(points)) {
-            metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
+            metrics::counter!(REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
             return Err(IngestError::BufferFull);
         }
         Ok(())
@@ -201,7 +204,7 @@ impl Ingestor {
         caller: &Principal,
         batch_id: u64,
         locations: Vec<Result<proto::Location, Rejection>>,
-        call: m::Call,
+        call: Call,
     ) -> Result<PendingAck, IngestError> {
         let Admitted {
             points,
@@ -228,7 +231,7 @@ impl Ingestor {
                     row_index.push(index as u32);
                 }
                 Err(r) => {
-                    metrics::counter!(m::POINTS_REJECTED, "reason" => r.reason.code()).increment(1);
+                    metrics::counter!(POINTS_REJECTED, "reason" => r.reason.code()).increment(1);
                     rejected.push(proto::Rejection {
                         index: index as u32,
                         reason: r.reason.code().to_string(),
@@ -254,7 +257,7 @@ impl Ingestor {
             }
             .inspect_err(|r| {
                 if *r == Refused::BufferFull {
-                    metrics::counter!(m::REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
+                    metrics::counter!(REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
                 }
             })?;
             let (sub, rx) = rows.finish(reservation);
@@ -284,7 +287,7 @@ impl PendingAck {
         let mut rejected = self.rejected;
         if !outcome.refused.is_empty() {
             let reason = Reason::RefusedByDatabase.code();
-            metrics::counter!(m::POINTS_REJECTED, "reason" => reason)
+            metrics::counter!(POINTS_REJECTED, "reason" => reason)
                 .increment(outcome.refused.len() as u64);
             rejected.extend(outcome.refused.into_iter().map(|r| {
                 proto::Rejection {
@@ -299,10 +302,10 @@ impl PendingAck {
             }));
             rejected.sort_by_key(|r| r.index);
         }
-        metrics::counter!(m::POINTS_ACCEPTED).increment(u64::from(outcome.accepted));
-        metrics::counter!(m::POINTS_DUPLICATE).increment(u64::from(outcome.duplicates));
+        metrics::counter!(POINTS_ACCEPTED).increment(u64::from(outcome.accepted));
+        metrics::counter!(POINTS_DUPLICATE).increment(u64::from(outcome.duplicates));
         self.call
-            .record(m::ACK_LATENCY, self.received.elapsed().as_secs_f64());
+            .record(ACK_LATENCY, self.received.elapsed().as_secs_f64());
         Ok(proto::BatchAck {
             batch_id: self.batch_id,
             accepted: outcome.accepted,

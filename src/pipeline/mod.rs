@@ -18,7 +18,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, onesho
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::{config::PipelineArgs, location::ValidLocation, metrics as m};
+use crate::{
+    config::PipelineArgs,
+    location::ValidLocation,
+    metrics::{BUFFER_BYTES, BUFFER_POINTS},
+};
 pub use writer::WriteError;
 
 /// The identity of a stored point: duplicates share it. A device id is
@@ -180,8 +184,8 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        metrics::gauge!(m::BUFFER_POINTS).decrement(self.points.num_permits() as f64);
-        metrics::gauge!(m::BUFFER_BYTES).decrement(self.bytes.num_permits() as f64);
+        metrics::gauge!(BUFFER_POINTS).decrement(self.points.num_permits() as f64);
+        metrics::gauge!(BUFFER_BYTES).decrement(self.bytes.num_permits() as f64);
     }
 }
 
@@ -255,8 +259,8 @@ impl Budget {
     }
 
     fn reserved(points: OwnedSemaphorePermit, bytes: OwnedSemaphorePermit) -> Reservation {
-        metrics::gauge!(m::BUFFER_POINTS).increment(points.num_permits() as f64);
-        metrics::gauge!(m::BUFFER_BYTES).increment(bytes.num_permits() as f64);
+        metrics::gauge!(BUFFER_POINTS).increment(points.num_permits() as f64);
+        metrics::gauge!(BUFFER_BYTES).increment(bytes.num_permits() as f64);
         Reservation { points, bytes }
     }
 }

@@ -32,7 +32,11 @@ use super::{
     batcher::{Flush, WriteFlush},
     copy_encoder,
 };
-use crate::{location::COLUMNS, metrics as m, storage::hourly};
+use crate::{
+    location::COLUMNS,
+    metrics::{BATCH_BYTES, BATCH_ROWS, BATCHES_FLUSHED, FLUSH_DURATION, WRITE_ERRORS},
+    storage::hourly,
+};
 
 /// COPY data is sent in messages of about this size.
 const SEND_CHUNK_BYTES: usize = 1 << 20;
@@ -257,7 +261,7 @@ impl Writer {
             .retry(backoff)
             .when(|e: &WriteError| e.is_retryable() && started.elapsed() < self.inner.retry_deadline)
             .notify(|e: &WriteError, after: Duration| {
-                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "retried").increment(1);
+                metrics::counter!(WRITE_ERRORS, "kind" => e.kind(), "outcome" => "retried").increment(1);
                 tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "batch write failed; retrying");
             })
             .await
@@ -360,7 +364,7 @@ impl WriteFlush for Writer {
             Err(e)
                 if !e.is_retryable() && (batch.submissions.len() > 1 || e.is_point_refusal()) =>
             {
-                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed")
+                metrics::counter!(WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed")
                     .increment(1);
                 tracing::error!(error = %e, submissions = batch.submissions.len(), "batch refused; writing its submissions apart");
                 // A lone submission was just refused whole: no need to try it again.
@@ -369,7 +373,7 @@ impl WriteFlush for Writer {
                     let result = self.write_apart(&sub, refused.clone()).await;
                     match &result {
                         Err(e) => {
-                            metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed").increment(1);
+                            metrics::counter!(WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed").increment(1);
                             tracing::error!(error = %e, points = sub.keys.len(), "submission refused by the database");
                         }
                         Ok(o) if !o.refused.is_empty() => {
@@ -385,7 +389,7 @@ impl WriteFlush for Writer {
                 }
             }
             Err(e) => {
-                metrics::counter!(m::WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed")
+                metrics::counter!(WRITE_ERRORS, "kind" => e.kind(), "outcome" => "failed")
                     .increment(1);
                 tracing::error!(error = %e, points = batch.points, elapsed_ms = started.elapsed().as_millis() as u64, "batch not written");
                 for sub in batch.submissions {
@@ -451,10 +455,10 @@ impl Writer {
 }
 
 fn record_flush(path: Path, batch: &Flush, started: Instant) {
-    metrics::counter!(m::BATCHES_FLUSHED, "path" => path.label()).increment(1);
-    metrics::histogram!(m::BATCH_ROWS).record(batch.points as f64);
-    metrics::histogram!(m::BATCH_BYTES).record(batch.bytes as f64);
-    metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::counter!(BATCHES_FLUSHED, "path" => path.label()).increment(1);
+    metrics::histogram!(BATCH_ROWS).record(batch.points as f64);
+    metrics::histogram!(BATCH_BYTES).record(batch.bytes as f64);
+    metrics::histogram!(FLUSH_DURATION).record(started.elapsed().as_secs_f64());
 }
 
 /// Runs one COPY of every row of `subs`, and always ends it with `finish` or

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     auth::Principal,
-    metrics as m,
+    metrics::{Call, QUERY_DURATION},
     proto::{self, query_server::Query},
 };
 
@@ -59,7 +59,7 @@ fn timed<T>(
     started: Instant,
     r: Result<T, QueryError>,
 ) -> Result<Response<T>, Status> {
-    m::Call::grpc(rpc).record(m::QUERY_DURATION, started.elapsed().as_secs_f64());
+    Call::grpc(rpc).record(QUERY_DURATION, started.elapsed().as_secs_f64());
     r.map(Response::new).map_err(Status::from)
 }
 

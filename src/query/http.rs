@@ -26,7 +26,8 @@ use super::{
 use crate::{
     auth::{Auth, Caller},
     location::{LocationRef, json::LocationJson},
-    metrics as m, proto,
+    metrics::{Call, QUERY_DURATION},
+    proto,
     status::http::ErrorJson,
 };
 
@@ -79,7 +80,7 @@ type HttpResult<T> = Result<Json<T>, QueryError>;
 
 /// `rpc` names the proto's rpc the route answers as.
 fn timed<T>(rpc: &'static str, started: Instant, r: Result<T, QueryError>) -> HttpResult<T> {
-    m::Call::http(rpc).record(m::QUERY_DURATION, started.elapsed().as_secs_f64());
+    Call::http(rpc).record(QUERY_DURATION, started.elapsed().as_secs_f64());
     r.map(Json)
 }
 

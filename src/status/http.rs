@@ -26,11 +26,12 @@ pub struct ErrorJson {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable: `invalid_argument`, `not_found`, `too_many_subscribers`,
-    /// `unauthenticated`, `permission_denied`, `rate_limited`,
-    /// `auth_unavailable`, `internal`; and from `POST /v1/locations`:
+    /// Stable. From any route: `unauthenticated`, `permission_denied`,
+    /// `rate_limited`, `auth_unavailable`, `internal`; from the queries:
+    /// `invalid_argument`, `not_found`, `too_many_subscribers`,
+    /// `too_many_subscribers_for_token`; from `POST /v1/locations`:
     /// `bad_json`, `bad_gzip`, `body_too_large`, `unsupported_encoding`,
-    /// `batch_too_large`, `buffer_full`, `shutting_down`,
+    /// `batch_too_large`, `buffer_full`, `decoding_busy`, `shutting_down`,
     /// `database_unavailable`.
     pub code: String,
     pub message: String,
@@ -166,5 +167,140 @@ impl IntoResponse for QueryError {
             }
         };
         json_error(status, code, self.to_string(), retry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, time::Duration};
+
+    use axum::response::IntoResponse;
+    use utoipa::OpenApi;
+
+    use crate::{
+        auth::AuthError,
+        ingest::{BodyError, IngestError},
+        pipeline::WriteError,
+        query::QueryError,
+    };
+
+    /// The `code` of an error's answer.
+    async fn code(e: impl IntoResponse) -> String {
+        let body = axum::body::to_bytes(e.into_response().into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
+        json["error"]["code"].as_str().expect("a code").to_string()
+    }
+
+    /// Names every kind of each error: a kind added fails to compile here,
+    /// as a reminder to add it to [`answered`].
+    #[expect(dead_code, reason = "a check of the compiler's, never run")]
+    fn every_kind(a: &AuthError, i: &IngestError, b: &BodyError, q: &QueryError) {
+        use AuthError as A;
+        use BodyError as B;
+        use IngestError as I;
+        use QueryError as Q;
+        match a {
+            A::Unauthenticated(_) | A::PermissionDenied(_) | A::RateLimited { .. } => {}
+            A::Unavailable | A::Busy => {}
+        }
+        match i {
+            I::BatchTooLarge { .. } | I::BatchOverLimit { .. } | I::BufferFull => {}
+            I::TooManyStreams(_) | I::ShuttingDown | I::Write(_) | I::Auth(_) => {}
+        }
+        match b {
+            B::TooLargeAsSent(_) | B::DecodingBusy | B::BadGzip(_) | B::TooLarge(_) => {}
+            B::Encoding(_) | B::BadJson(_) => {}
+        }
+        match q {
+            Q::InvalidArgument(_) | Q::NotFound(_) | Q::TooManySubscribers(_) => {}
+            Q::TooManySubscribersForToken(_) | Q::Database(_) | Q::Auth(_) => {}
+        }
+    }
+
+    async fn answered() -> BTreeSet<String> {
+        let auth = || {
+            [
+                AuthError::Unauthenticated(String::new()),
+                AuthError::PermissionDenied(String::new()),
+                AuthError::RateLimited {
+                    token: String::new(),
+                    retry_after: Duration::from_secs(1),
+                },
+                AuthError::Unavailable,
+                AuthError::Busy,
+            ]
+        };
+        let mut codes = BTreeSet::new();
+        for e in auth() {
+            codes.insert(code(e.clone()).await);
+            codes.insert(code(IngestError::Auth(e.clone())).await);
+            codes.insert(code(QueryError::Auth(e)).await);
+        }
+        for e in [
+            IngestError::BatchTooLarge {
+                points: 2,
+                limit: 1,
+            },
+            IngestError::BatchOverLimit { limit: 1 },
+            IngestError::BufferFull,
+            IngestError::TooManyStreams(1),
+            IngestError::ShuttingDown,
+            IngestError::Write(WriteError::Unavailable(String::new())),
+            IngestError::Write(WriteError::Other(String::new())),
+        ] {
+            codes.insert(code(e).await);
+        }
+        let bad_json = serde_json::from_str::<serde_json::Value>("{").expect_err("not JSON");
+        for e in [
+            BodyError::TooLargeAsSent(1),
+            BodyError::DecodingBusy,
+            BodyError::BadGzip(std::io::Error::other("not gzip")),
+            BodyError::TooLarge(1),
+            BodyError::Encoding("br".into()),
+            BodyError::BadJson(bad_json),
+        ] {
+            codes.insert(code(e).await);
+        }
+        for e in [
+            QueryError::InvalidArgument(String::new()),
+            QueryError::NotFound(String::new()),
+            QueryError::TooManySubscribers(1),
+            QueryError::TooManySubscribersForToken(1),
+            QueryError::Database(sqlx::Error::PoolTimedOut),
+        ] {
+            codes.insert(code(e).await);
+        }
+        codes
+    }
+
+    /// The codes `ErrorDetail` lists, as the OpenAPI document has them.
+    fn documented() -> BTreeSet<String> {
+        let doc = serde_json::to_value(crate::openapi::ApiDoc::openapi()).expect("a document");
+        let text = doc["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["description"]
+            .as_str()
+            .expect("a description of code")
+            .to_string();
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The OpenAPI document lists exactly the codes the errors answer
+    /// with, and the README names each.
+    #[tokio::test]
+    async fn the_codes_documented_are_those_answered() {
+        let answered = answered().await;
+        assert_eq!(documented(), answered);
+        let readme = include_str!("../../README.md");
+        let unnamed: Vec<_> = answered
+            .iter()
+            .filter(|c| !readme.contains(&format!("`{c}`")))
+            .collect();
+        assert!(unnamed.is_empty(), "not in the README: {unnamed:?}");
     }
 }

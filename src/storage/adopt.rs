@@ -4,11 +4,7 @@
 
 use sqlx::PgConnection;
 
-use super::{
-    SetupError, Step, Tier, catalog,
-    setup::{EVENTS_SQL, create_events, step},
-};
-use crate::config::StorageArgs;
+use super::{SetupError, Step, catalog, plan::step};
 
 /// The old table, renamed; the operator drops it once satisfied.
 pub const KEPT_AS: &str = "location_events_pre_locus";
@@ -52,13 +48,9 @@ async fn has_rows(conn: &mut PgConnection, table: &str) -> Result<bool, SetupErr
         .map_err(SetupError::sql(format!("reading {table}")))
 }
 
-/// Checks that nothing would be lost, and returns the migration as one step.
-pub async fn migration(
-    conn: &mut PgConnection,
-    tier: Tier,
-    storage: &StorageArgs,
-    now_us: i64,
-) -> Result<Step, SetupError> {
+/// Checks that nothing would be lost, and returns the migration as one step;
+/// `create` are the steps that make the new, empty `location_events`.
+pub async fn migration(conn: &mut PgConnection, create: Vec<Step>) -> Result<Step, SetupError> {
     if !catalog::columns(conn, KEPT_AS).await?.is_empty() {
         return Err(SetupError::Refused(format!(
             "{KEPT_AS} exists from an earlier adoption; drop or rename it before adopting location_events again"
@@ -121,11 +113,12 @@ pub async fn migration(
             catalog::quote_ident(&pre_locus_name(i))
         )
     }));
-    sql.extend(
-        create_events(tier, storage, now_us)
-            .into_iter()
-            .map(|s| s.sql),
+    debug_assert!(
+        create
+            .first()
+            .is_some_and(|s| s.sql.contains("CREATE TABLE location_events"))
     );
+    sql.extend(create.into_iter().map(|s| s.sql));
     let (cols, casts): (Vec<&str>, Vec<String>) = COLUMNS
         .iter()
         .filter(|(c, _, _)| found.iter().any(|(n, _)| n == c))
@@ -140,7 +133,6 @@ pub async fn migration(
         "DO $$ BEGIN IF (SELECT count(*) FROM location_events) <> (SELECT count(*) FROM {KEPT_AS}) THEN \
          RAISE EXCEPTION 'adopting location_events would lose rows; nothing was changed'; END IF; END $$"
     ));
-    debug_assert!(EVENTS_SQL.contains("CREATE TABLE location_events"));
     Ok(step(
         format!(
             "adopt the existing location_events: keep it as {KEPT_AS}, copy its rows into the locus layout \

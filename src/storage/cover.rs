@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgConnection;
 
-use super::{SetupError, maintain, timescale};
+use super::{SetupError, job_runs, timescale};
 use crate::config::StorageArgs;
 
 /// First key of the advisory lock held around a covering run (the second
@@ -245,7 +245,7 @@ async fn due_then_run(
         .await
         .map(|_| format!("{sql}, covering for the scheduler ({why})"))
         .map_err(SetupError::sql(format!("running {}", state.label())));
-    maintain::record(conn, name, started, &result).await?;
+    job_runs::record(conn, name, started, &result).await?;
     Ok(Outcome::Ran(result.map_err(|e| e.to_string())))
 }
 

@@ -8,9 +8,9 @@ use sqlx::PgConnection;
 use super::{
     SetupError, Tier, catalog,
     cover::{self, Covering},
-    maintain,
+    maintain, micros,
     partitions::DEFAULT_PARTITION,
-    setup::{self, SetupOptions, micros},
+    setup::{self, SetupOptions},
     timescale,
 };
 

@@ -10,8 +10,9 @@ use sqlx::PgConnection;
 
 use super::{
     SetupError, Tier, cover, hourly,
+    job_runs::record,
+    micros,
     partitions::{self, DEFAULT_PARTITION},
-    setup::micros,
 };
 use crate::config::StorageArgs;
 
@@ -19,8 +20,6 @@ use crate::config::StorageArgs;
 pub const ROLLUP: &str = "hourly_rollup";
 pub const RAW_RETENTION: &str = "raw_retention";
 pub const HOURLY_RETENTION: &str = "hourly_retention";
-/// Runs kept per job in `locus_job_runs`.
-const RUNS_KEPT: i64 = 500;
 
 /// Drops raw data older than the retention at `now_us`; returns what it did.
 pub async fn raw_retention(
@@ -131,40 +130,4 @@ pub async fn run_all(
     let u = rollup(conn).await;
     record(conn, ROLLUP, started, &u).await?;
     r.and(h).and(u).map(|_| ())
-}
-
-/// Writes one run into `locus_job_runs`, and logs it.
-pub async fn record(
-    conn: &mut PgConnection,
-    job: &str,
-    started: Instant,
-    result: &Result<String, SetupError>,
-) -> Result<(), SetupError> {
-    let (ok, detail) = match result {
-        Ok(d) => (true, d.clone()),
-        Err(e) => (false, e.to_string()),
-    };
-    if ok {
-        tracing::debug!(job, %detail, "job ran");
-    } else {
-        tracing::warn!(job, %detail, "job failed");
-    }
-    let ms = started.elapsed().as_millis() as i64;
-    sqlx::query(
-        "WITH ins AS (
-            INSERT INTO locus_job_runs (job, started_at, duration_ms, ok, detail)
-            VALUES ($1, now() - make_interval(secs => $2::float8 / 1000), $2, $3, $4)
-         )
-         DELETE FROM locus_job_runs WHERE job = $1 AND started_at < (
-            SELECT started_at FROM locus_job_runs WHERE job = $1 ORDER BY started_at DESC OFFSET $5 LIMIT 1)",
-    )
-    .bind(job)
-    .bind(ms)
-    .bind(ok)
-    .bind(detail)
-    .bind(RUNS_KEPT)
-    .execute(conn)
-    .await
-    .map_err(SetupError::sql("recording a job run"))?;
-    Ok(())
 }

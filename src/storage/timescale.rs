@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use sqlx::PgConnection;
 
-use super::{
-    SetupError, Step, Tier,
-    setup::{HOURLY_CAGG_SQL, secs, step},
-};
+use super::{SetupError, Step, Tier, plan::step, secs};
 use crate::config::StorageArgs;
+
+/// `location_hourly` as a continuous aggregate, the community edition's.
+pub const HOURLY_CAGG_SQL: &str = include_str!("../../migrations/location_hourly.cagg.sql");
 
 /// The hypertable as found.
 #[derive(Debug, Clone, Default)]

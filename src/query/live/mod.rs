@@ -39,7 +39,7 @@ use self::{
     index::Index,
     queue::{Chunk, Inbox, MAX_UPDATE_POINTS},
 };
-use crate::metrics as m;
+use crate::metrics::{LIVE_DROPPED, LIVE_SUBSCRIBERS};
 
 /// The live feed's subscribers and their index.
 #[derive(Debug)]
@@ -107,7 +107,7 @@ impl Drop for Subscription {
         if let Some(live) = self.live.upgrade() {
             live.remove(&self.inbox);
         }
-        metrics::gauge!(m::LIVE_SUBSCRIBERS).decrement(1.0);
+        metrics::gauge!(LIVE_SUBSCRIBERS).decrement(1.0);
     }
 }
 
@@ -132,7 +132,7 @@ impl Live {
             ready: Notify::new(),
         });
         self.write().insert(&inbox);
-        metrics::gauge!(m::LIVE_SUBSCRIBERS).increment(1.0);
+        metrics::gauge!(LIVE_SUBSCRIBERS).increment(1.0);
         Some(Subscription {
             inbox,
             live: Arc::downgrade(self),
@@ -188,7 +188,7 @@ impl Live {
             inbox.ready.notify_one();
         }
         if dropped > 0 {
-            metrics::counter!(m::LIVE_DROPPED).increment(dropped as u64);
+            metrics::counter!(LIVE_DROPPED).increment(dropped as u64);
         }
     }
 
