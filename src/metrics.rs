@@ -65,10 +65,6 @@ pub const RATE_LIMITED: &str = "locus_rate_limited_total";
 pub const CLUSTER_CONNECTED: &str = "locus_cluster_connected";
 /// Batches in the stream this instance has not applied to its view yet.
 pub const CLUSTER_LAG_MESSAGES: &str = "locus_cluster_lag_messages";
-/// Points committed by other instances that this instance's view is
-/// known to lack: the points of the batches in `CLUSTER_LAG_MESSAGES` that
-/// it has seen (each message says how many it holds).
-pub const CLUSTER_LAG_POINTS: &str = "locus_cluster_lag_points";
 /// Since when this instance's view is not known to hold everything the
 /// stream holds: 0 when caught up; rises while NATS is away.
 pub const CLUSTER_LAG_SECONDS: &str = "locus_cluster_lag_seconds";
@@ -213,10 +209,6 @@ fn describe() {
     describe_gauge!(
         CLUSTER_LAG_MESSAGES,
         "Batches in the stream not yet applied to this instance's view."
-    );
-    describe_gauge!(
-        CLUSTER_LAG_POINTS,
-        "Points of other instances known to be missing from this instance's view."
     );
     describe_gauge!(
         CLUSTER_LAG_SECONDS,

@@ -35,7 +35,7 @@ use crate::{
     proto::{self, query_server::QueryServer},
     query::{QueryState, grpc::QueryService},
     storage::{
-        SetupError, Tier, catalog, job_runs, maintain,
+        SetupError, Tier, catalog, maintain,
         setup::{self, SetupOptions},
         timescale,
     },
@@ -463,21 +463,30 @@ fn forget_past_retention(query: &QueryState, retention: Duration) {
 
 async fn rollup_once(url: &str) -> Result<(), SetupError> {
     let mut conn = setup::connect(url).await?;
-    let started = std::time::Instant::now();
-    let result = maintain::rollup(&mut conn).await;
-    job_runs::record(&mut conn, maintain::ROLLUP, started, &result).await?;
-    result.map(|_| ())
+    said_if_busy(maintain::rollup_in_turn(&mut conn).await?);
+    Ok(())
+}
+
+/// Another instance on the database runs the jobs now: this one's turn
+/// comes on its next tick.
+fn said_if_busy(turn: maintain::Turn) {
+    if turn == maintain::Turn::Busy {
+        tracing::debug!("storage jobs: another instance is running them; skipped this time");
+    }
 }
 
 async fn cover_once(url: &str, storage: &crate::config::StorageArgs) -> Result<(), SetupError> {
     let mut conn = setup::connect(url).await?;
-    maintain::run_all(
-        &mut conn,
-        Tier::Timescale,
-        storage,
-        unix_micros(SystemTime::now()),
-    )
-    .await
+    said_if_busy(
+        maintain::run_all(
+            &mut conn,
+            Tier::Timescale,
+            storage,
+            unix_micros(SystemTime::now()),
+        )
+        .await?,
+    );
+    Ok(())
 }
 
 async fn upkeep_once(
@@ -496,7 +505,8 @@ async fn upkeep_once(
         }
     }
     let mut conn = setup::connect(&config.database.url).await?;
-    maintain::run_all(&mut conn, tier, &config.storage, now).await
+    said_if_busy(maintain::run_all(&mut conn, tier, &config.storage, now).await?);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -25,7 +25,14 @@ use super::{
     stream,
     wire::{self, Incoming},
 };
-use crate::{config::ClusterArgs, metrics, query::QueryState};
+use crate::{
+    config::ClusterArgs,
+    metrics::{
+        CLUSTER_APPLIED, CLUSTER_BAD_MESSAGES, CLUSTER_CONNECTED, CLUSTER_LAG_MESSAGES,
+        CLUSTER_LAG_SECONDS, CLUSTER_REFILLS,
+    },
+    query::QueryState,
+};
 
 /// How often the stream's end is read, for the lag.
 const TICK: Duration = Duration::from_secs(1);
@@ -90,9 +97,9 @@ impl Status {
 
     fn export(&self) {
         let r = self.report();
-        ::metrics::gauge!(metrics::CLUSTER_CONNECTED).set(if r.connected { 1.0 } else { 0.0 });
-        ::metrics::gauge!(metrics::CLUSTER_LAG_MESSAGES).set(r.lag_messages as f64);
-        ::metrics::gauge!(metrics::CLUSTER_LAG_SECONDS).set(r.lag_seconds);
+        metrics::gauge!(CLUSTER_CONNECTED).set(if r.connected { 1.0 } else { 0.0 });
+        metrics::gauge!(CLUSTER_LAG_MESSAGES).set(r.lag_messages as f64);
+        metrics::gauge!(CLUSTER_LAG_SECONDS).set(r.lag_seconds);
     }
 
     fn set_connected(&self, connected: bool) {
@@ -268,7 +275,7 @@ impl Follower {
             Incoming::Batch { instance, .. } if instance == self.instance => {}
             Incoming::Batch { rows, ranges, .. } => {
                 let n = self.query.apply_remote(rows, ranges);
-                ::metrics::counter!(metrics::CLUSTER_APPLIED).increment(n as u64);
+                metrics::counter!(CLUSTER_APPLIED).increment(n as u64);
             }
             Incoming::Resync { instance } if instance == self.instance => {}
             Incoming::Resync { instance } => {
@@ -277,7 +284,7 @@ impl Follower {
             }
             Incoming::Unreadable(why) => {
                 tracing::warn!(subject = %m.message.subject, seq, why, "cluster: skipped a message of the stream");
-                ::metrics::counter!(metrics::CLUSTER_BAD_MESSAGES).increment(1);
+                metrics::counter!(CLUSTER_BAD_MESSAGES).increment(1);
             }
         }
         self.position = Some(seq);
@@ -299,7 +306,7 @@ impl Follower {
                 tracing::warn!(error = %e, reason = why.label(), "cluster: latest positions not refilled; they fill as points arrive")
             }
         }
-        ::metrics::counter!(metrics::CLUSTER_REFILLS, "reason" => why.label()).increment(1);
+        metrics::counter!(CLUSTER_REFILLS, "reason" => why.label()).increment(1);
         self.position = Some(seq);
         self.status.refilled_to(seq);
         seq

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Outgoing};
 use crate::{
-    metrics,
+    metrics::{CLUSTER_PUBLISH_BUFFER_BYTES, CLUSTER_PUBLISHED, CLUSTER_UNPUBLISHED},
     pipeline::{PointKey, Submission},
 };
 
@@ -68,10 +68,10 @@ impl Publisher {
                     self.shared.queued.fetch_sub(len, Ordering::AcqRel);
                 }
                 self.shared.dropped.store(true, Ordering::Release);
-                ::metrics::counter!(metrics::CLUSTER_UNPUBLISHED).increment(out.points.into());
+                metrics::counter!(CLUSTER_UNPUBLISHED).increment(out.points.into());
             }
         }
-        ::metrics::gauge!(metrics::CLUSTER_PUBLISH_BUFFER_BYTES)
+        metrics::gauge!(CLUSTER_PUBLISH_BUFFER_BYTES)
             .set(self.shared.queued.load(Ordering::Acquire) as f64);
     }
 }
@@ -214,7 +214,7 @@ impl Task {
         let headers = wire::headers(&self.instance, serial, Some(out.points));
         self.send(out.subject.clone(), headers, out.payload.clone())
             .await?;
-        ::metrics::counter!(metrics::CLUSTER_PUBLISHED).increment(out.points.into());
+        metrics::counter!(CLUSTER_PUBLISHED).increment(out.points.into());
         Ok(())
     }
 
@@ -244,9 +244,9 @@ impl Task {
             .queued
             .fetch_sub(out.payload.len(), Ordering::AcqRel);
         if !published {
-            ::metrics::counter!(metrics::CLUSTER_UNPUBLISHED).increment(out.points.into());
+            metrics::counter!(CLUSTER_UNPUBLISHED).increment(out.points.into());
         }
-        ::metrics::gauge!(metrics::CLUSTER_PUBLISH_BUFFER_BYTES)
+        metrics::gauge!(CLUSTER_PUBLISH_BUFFER_BYTES)
             .set(self.shared.queued.load(Ordering::Acquire) as f64);
     }
 }
