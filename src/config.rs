@@ -392,8 +392,8 @@ pub struct ClusterArgs {
     /// Most bytes the stream keeps (oldest batches go first).
     #[arg(long, env = "LOCUS_NATS_MAX_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub nats_max_bytes: u64,
-    /// Copies of the stream in the NATS cluster; 0 follows the cluster
-    /// (1 on a single server, 3 on three or more).
+    /// Copies of the stream in the NATS cluster; 0 follows NATS (3 on a
+    /// cluster, 1 where it cannot keep 3, 1 on a single server).
     #[arg(long, env = "LOCUS_NATS_REPLICAS", default_value_t = 0)]
     pub nats_replicas: u8,
     /// Committed batches held for publishing while NATS is slow or away;

@@ -300,19 +300,51 @@ struct OwnNats {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// More arguments: a cluster node's name, cluster port and routes.
+    extra: Vec<String>,
 }
 
 impl OwnNats {
     fn start() -> OwnNats {
+        Self::start_with(free_port(), Vec::new())
+    }
+
+    fn start_with(port: u16, extra: Vec<String>) -> OwnNats {
         let dir = std::env::temp_dir().join(format!("locus-nats-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut n = OwnNats {
-            port: free_port(),
+            port,
             dir,
             child: None,
+            extra,
         };
         n.resume();
         n
+    }
+
+    /// Three servers routed to each other, JetStream clustered.
+    fn cluster_of_three() -> Vec<OwnNats> {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_urls = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        (0..3)
+            .map(|i| {
+                let extra = vec![
+                    "--name".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "locustest".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", routes[i]),
+                    "--routes".into(),
+                    route_urls.clone(),
+                ];
+                OwnNats::start_with(free_port(), extra)
+            })
+            .collect()
     }
 
     fn url(&self) -> String {
@@ -330,6 +362,7 @@ impl OwnNats {
                 "-sd",
             ])
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -547,5 +580,57 @@ async fn an_instance_that_missed_what_the_stream_dropped_refills_from_the_databa
     a.stop().await;
     b.stop().await;
     drop(nats);
+    db.drop_db().await;
+}
+
+/// On a NATS cluster of three, the stream keeps three copies by itself, and
+/// the instances go on sharing their view with one server down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_nats_servers_the_stream_keeps_three_copies_and_outlives_one() {
+    let db = TestDb::new().await;
+    let mut servers = OwnNats::cluster_of_three();
+    let urls: Vec<String> = servers.iter().map(OwnNats::url).collect();
+    // JetStream elects its leaders once the routes are up.
+    let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();
+    let client = async_nats::connect(addrs).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // JetStream answers (that there is no such stream) once it has a leader.
+    loop {
+        let answer = js.get_stream("LOCUS_NO_SUCH_STREAM").await;
+        let err = answer.expect_err("no such stream");
+        if matches!(
+            err.kind(),
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
+        ) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "JetStream cluster did not form: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let tag = tag();
+    let mut cfg = clustered(&db, &urls[0], &tag);
+    cfg.cluster.nats_urls = urls.clone();
+    let a = TestServer::start(cfg.clone()).await;
+    cfg.cluster.nats_urls = vec![urls[1].clone(), urls[2].clone()];
+    let b = TestServer::start(cfg).await;
+    let mut stream = js.get_stream(format!("LOCUS_TEST_{tag}")).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.num_replicas, 3);
+
+    let d = Device::new(now_secs() - 600);
+    let mut ingest = a.client().await;
+    ingest.write_locations(d.batch(1, 0, 10)).await.unwrap();
+    wait_latest(&b, &d, 9, Duration::from_secs(10)).await;
+    // One server down: the stream still has a majority of copies.
+    servers[2].stop();
+    ingest.write_locations(d.batch(2, 10, 10)).await.unwrap();
+    wait_latest(&b, &d, 19, Duration::from_secs(20)).await;
+
+    a.stop().await;
+    b.stop().await;
+    drop(servers);
     db.drop_db().await;
 }

@@ -8,18 +8,18 @@ use async_nats::jetstream::{self, stream};
 use super::wire;
 use crate::config::ClusterArgs;
 
-/// Copies of the stream when `--nats-replicas` is 0: one per server of the
-/// NATS cluster this client was told of, at most 3.
-pub fn replicas(args: &ClusterArgs, client: &async_nats::Client) -> usize {
+/// Copies of the stream to try, in turn, when it is made: `--nats-replicas`;
+/// or, for 0, three on a NATS cluster (one where it has fewer servers
+/// than that) and one on a single server.
+pub fn replicas(args: &ClusterArgs, client: &async_nats::Client) -> Vec<usize> {
     if args.nats_replicas > 0 {
-        return args.nats_replicas.into();
+        return vec![args.nats_replicas.into()];
     }
-    let info = client.server_info();
-    if info.cluster.is_none() {
-        return 1;
+    if client.server_info().cluster.is_some() {
+        vec![3, 1]
+    } else {
+        vec![1]
     }
-    // Each server advertises the client URLs of all servers of its cluster.
-    info.connect_urls.len().clamp(1, 3)
 }
 
 /// The stream's configuration as the flags want it.
@@ -67,9 +67,19 @@ pub async fn ensure(
                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             ) =>
         {
-            let want = config(args, replicas(args, client));
-            tracing::info!(stream = %want.name, replicas = want.num_replicas, "cluster: creating the stream");
-            Ok(js.get_or_create_stream(want).await?)
+            let tries = replicas(args, client);
+            for (i, n) in tries.iter().enumerate() {
+                let want = config(args, *n);
+                tracing::info!(stream = %want.name, replicas = n, "cluster: creating the stream");
+                match js.get_or_create_stream(want).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) if i + 1 < tries.len() => {
+                        tracing::warn!(error = %e, replicas = n, "cluster: the NATS cluster cannot keep that many copies; trying fewer");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err("no number of copies to try".into())
         }
         Err(e) => Err(e.into()),
     }
