@@ -115,7 +115,10 @@ pub async fn run(
     let query = query_state(&config, &pool, &auth).await;
     let (sink, cluster_tasks): (Arc<dyn CommitSink>, _) = match &cluster {
         Some(c) => {
-            let (sink, running) = c.start(query.clone(), pool.clone(), config.shutdown_grace);
+            // At shutdown, after the pipeline drained: a little more time
+            // for what it committed last to reach the stream.
+            let publish_grace = config.shutdown_grace.min(Duration::from_secs(5));
+            let (sink, running) = c.start(query.clone(), pool.clone(), publish_grace);
             (sink, Some(running))
         }
         None => (query.clone(), None),

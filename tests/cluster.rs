@@ -35,6 +35,11 @@ fn shared_nats() -> String {
 /// A config in cluster mode on `nats`, with a stream and subjects of the
 /// test's own (`tag`).
 fn clustered(db: &TestDb, nats: &str, tag: &str) -> ServeConfig {
+    // Shown when a test fails: what each instance said of NATS and its view.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("locus::cluster=info")
+        .with_test_writer()
+        .try_init();
     let mut c = config(db);
     c.cluster.nats_urls = vec![nats.to_string()];
     c.cluster.nats_stream = format!("LOCUS_TEST_{tag}");
@@ -324,7 +329,16 @@ impl OwnNats {
 
     /// Three servers routed to each other, JetStream clustered.
     fn cluster_of_three() -> Vec<OwnNats> {
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        // Six ports free at once: none of them handed out twice.
+        let held: Vec<std::net::TcpListener> = (0..6)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(held);
+        let (routes, clients) = ports.split_at(3);
         let route_urls = routes
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -342,7 +356,7 @@ impl OwnNats {
                     "--routes".into(),
                     route_urls.clone(),
                 ];
-                OwnNats::start_with(free_port(), extra)
+                OwnNats::start_with(clients[i], extra)
             })
             .collect()
     }
@@ -372,6 +386,9 @@ impl OwnNats {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
+            if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("nats-server on {} exited: {exit}", self.port);
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("nats-server did not listen on {}", self.port);
@@ -394,11 +411,6 @@ impl Drop for OwnNats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_away_costs_no_point_and_the_views_converge_when_it_returns() {
-    // Shown when it fails: what each instance said of NATS and its view.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("locus::cluster=info")
-        .with_test_writer()
-        .try_init();
     let db = TestDb::new().await;
     let mut nats = OwnNats::start();
     let tag = tag();

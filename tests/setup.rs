@@ -770,7 +770,12 @@ async fn storage_jobs_run_on_one_instance_at_a_time() {
     assert_eq!(busy.status.code(), Some(75));
     assert!(String::from_utf8_lossy(&busy.stdout).contains("another instance is running"));
 
-    drop(other);
+    // The other instance ends its run.
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(maintain::JOBS_LOCK_KEY)
+        .execute(&mut other)
+        .await
+        .unwrap();
     let turn = maintain::run_all(&mut conn, Tier::Postgres, storage, later).await;
     assert_eq!(turn.unwrap(), maintain::Turn::Ran);
     assert_eq!(partitions::list(&mut conn).await.unwrap().len(), before - 3);

@@ -36,6 +36,9 @@ use crate::{
 
 /// How often the stream's end is read, for the lag.
 const TICK: Duration = Duration::from_secs(1);
+/// How long batches may wait in the stream with none delivered before the
+/// consumer is made anew.
+const STALL: Duration = Duration::from_secs(3);
 /// Longest wait between two tries while NATS is away.
 const MOST_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -144,6 +147,8 @@ pub struct Follower {
 enum Ended {
     Stopped,
     Reconnected,
+    /// Batches waited and the consumer delivered none for [`STALL`].
+    Stalled,
 }
 
 /// Why the view was refilled from the database.
@@ -180,6 +185,10 @@ impl Follower {
                         "cluster: NATS is back; following again from the last batch applied"
                     );
                     wait = Duration::from_millis(100);
+                    continue;
+                }
+                Ok(Ended::Stalled) => {
+                    tracing::warn!(stall = ?STALL, "cluster: batches wait in the stream but none came; following again from the last batch applied");
                     continue;
                 }
                 Err(e) => {
@@ -227,6 +236,8 @@ impl Follower {
         let mut messages = consumer.messages().await?;
         let mut tick = tokio::time::interval(TICK);
         let mut was_connected = true;
+        // Last time the consumer delivered, or had nothing to deliver.
+        let mut progressed = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(Ended::Stopped),
@@ -244,10 +255,19 @@ impl Follower {
                         return Ok(Ended::Reconnected);
                     }
                     was_connected = connected;
+                    // The server that held the consumer may be gone while
+                    // this client is still connected to another one of
+                    // the cluster: batches wait, and nothing comes.
+                    if self.status.report().lag_messages == 0 {
+                        progressed = Instant::now();
+                    } else if connected && progressed.elapsed() > STALL {
+                        return Ok(Ended::Stalled);
+                    }
                 }
                 m = messages.next() => {
                     let Some(m) = m else { return Err("the stream's consumer ended".into()) };
                     self.apply(m?).await?;
+                    progressed = Instant::now();
                 }
             }
         }
