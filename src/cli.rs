@@ -328,14 +328,22 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             args.storage.validate()?;
             let mut conn = setup::connect(&args.database.url).await?;
             let tier = catalog::read(&mut conn).await?.tier;
-            maintain::run_all(
+            let turn = maintain::run_all(
                 &mut conn,
                 tier,
                 &args.storage,
                 unix_micros(SystemTime::now()),
             )
             .await?;
-            println!("maintenance done on tier {tier}");
+            match turn {
+                maintain::Turn::Ran => println!("maintenance done on tier {tier}"),
+                maintain::Turn::Busy => {
+                    println!(
+                        "maintenance skipped: another instance is running the storage jobs now"
+                    );
+                    return Err(Exit(75).into());
+                }
+            }
         }
     }
     Ok(())

@@ -52,7 +52,8 @@ default_from_flags!(
     ConnectionArgs,
     PipelineArgs,
     QueryArgs,
-    AuthArgs
+    AuthArgs,
+    ClusterArgs
 );
 
 /// Where the tracking database is. Required: there is no default and no fallback.
@@ -364,6 +365,93 @@ pub struct TlsArgs {
     pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
+/// Cluster mode: several instances share one view (the latest positions
+/// and the live feed) through a NATS JetStream stream of committed batches.
+/// Off without --nats-url: locus is then one self-contained process.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// NATS server URLs (comma-separated for a cluster), e.g.
+    /// nats://10.0.0.1:4222,nats://10.0.0.2:4222. Turns cluster mode on.
+    #[arg(long = "nats-url", env = "LOCUS_NATS_URL", value_delimiter = ',')]
+    pub nats_urls: Vec<String>,
+    /// JetStream stream of committed batches, created if missing.
+    #[arg(long, env = "LOCUS_NATS_STREAM", default_value = "LOCUS_POINTS")]
+    pub nats_stream: String,
+    /// Subjects of the stream: `<prefix>.<app_source>`, with each '.' of the
+    /// app_source written '~' so that an app is one subject token.
+    #[arg(
+        long,
+        env = "LOCUS_NATS_SUBJECT_PREFIX",
+        default_value = "locus.points"
+    )]
+    pub nats_subject_prefix: String,
+    /// Oldest batch the stream keeps. An instance away longer refills its
+    /// view from the database when it returns.
+    #[arg(long, env = "LOCUS_NATS_MAX_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub nats_max_age: Duration,
+    /// Most bytes the stream keeps (oldest batches go first).
+    #[arg(long, env = "LOCUS_NATS_MAX_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub nats_max_bytes: u64,
+    /// Copies of the stream in the NATS cluster; 0 follows NATS (3 on a
+    /// cluster, 1 where it cannot keep 3, 1 on a single server).
+    #[arg(long, env = "LOCUS_NATS_REPLICAS", default_value_t = 0)]
+    pub nats_replicas: u8,
+    /// Committed batches held for publishing while NATS is slow or away;
+    /// past it they are dropped, and the other instances told to refill
+    /// their view from the database when NATS is back.
+    #[arg(long, env = "LOCUS_NATS_PUBLISH_BUFFER_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub nats_publish_buffer_bytes: usize,
+}
+
+impl ClusterArgs {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.nats_urls.is_empty()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for url in &self.nats_urls {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| inconsistent(format!("--nats-url {url:?}: {e}")))?;
+        }
+        let name_ok = !self.nats_stream.is_empty()
+            && self
+                .nats_stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(inconsistent(format!(
+                "--nats-stream {:?}: a stream name is ASCII letters, digits, '_' and '-'",
+                self.nats_stream
+            )));
+        }
+        let prefix_ok = self.nats_subject_prefix.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+        });
+        if !prefix_ok {
+            return Err(inconsistent(format!(
+                "--nats-subject-prefix {:?}: dot-separated tokens without spaces, '*' or '>'",
+                self.nats_subject_prefix
+            )));
+        }
+        if self.nats_replicas > 5 {
+            return Err(inconsistent("--nats-replicas: JetStream keeps at most 5"));
+        }
+        at_least("--nats-max-bytes", 1024 * 1024, self.nats_max_bytes)?;
+        at_least(
+            "--nats-publish-buffer-bytes",
+            1024 * 1024,
+            self.nats_publish_buffer_bytes as u64,
+        )?;
+        if self.nats_max_age < Duration::from_secs(60) {
+            return Err(inconsistent("--nats-max-age must be at least 1m"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -410,6 +498,8 @@ pub struct ServeConfig {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 impl ServeConfig {
@@ -438,6 +528,7 @@ impl ServeConfig {
         self.query.validate()?;
         self.auth.validate(&self.limits)?;
         self.tls.validate()?;
+        self.cluster.validate()?;
         self.storage.validate()
     }
 }

@@ -1,6 +1,9 @@
 //! Liveness and readiness, for gRPC (`grpc.health.v1`) and HTTP (`/healthz`,
 //! `/readyz`). Ready means: the database answers and locus is not shutting
-//! down. Shutdown turns both to not ready at once.
+//! down. Shutdown turns both to not ready at once. In cluster mode `/readyz`
+//! also says how this instance's view of the others stands (connected to
+//! NATS, lag): a stale view does not make an instance unready, since it
+//! still takes and stores points.
 
 use std::{
     sync::{
@@ -24,6 +27,7 @@ pub struct Health {
     database_ok: AtomicBool,
     shutting_down: AtomicBool,
     grpc: HealthReporter,
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Status>>,
 }
 
 impl Health {
@@ -32,7 +36,13 @@ impl Health {
             database_ok: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             grpc,
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Cluster mode: `/readyz` reports the view's status too.
+    pub fn report_cluster(&self, status: Arc<crate::cluster::Status>) {
+        let _ = self.cluster.set(status);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -97,8 +107,8 @@ pub fn router(health: Arc<Health>) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Arc<Health>>| async move {
-                if h.is_ready() {
-                    (StatusCode::OK, Json(json!({"status": "ready"})))
+                let (code, mut body) = if h.is_ready() {
+                    (StatusCode::OK, json!({"status": "ready"}))
                 } else {
                     let reason = if h.shutting_down.load(Ordering::Acquire) {
                         "shutting down"
@@ -107,9 +117,13 @@ pub fn router(health: Arc<Health>) -> Router {
                     };
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        Json(json!({"status": "not_ready", "reason": reason})),
+                        json!({"status": "not_ready", "reason": reason}),
                     )
+                };
+                if let Some(cluster) = h.cluster.get() {
+                    body["cluster"] = json!(cluster.report());
                 }
+                (code, Json(body))
             }),
         )
         .with_state(health)

@@ -15,12 +15,14 @@
 //! whatever the transport. Every error becomes a gRPC status or an HTTP
 //! answer in [`status`]. The HTTP listeners are served by [`http_server`],
 //! with certificates loaded by [`tls`]; the HTTP API is described by
-//! [`openapi`].
+//! [`openapi`]. Several instances share the latest map and the live feed
+//! through NATS JetStream in [`cluster`] (with `--nats-url`).
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connections;

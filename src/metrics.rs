@@ -61,6 +61,29 @@ pub const AUTH_REFUSED: &str = "locus_auth_refused_total";
 /// Calls refused by a token's rate limit.
 pub const RATE_LIMITED: &str = "locus_rate_limited_total";
 
+/// Cluster mode (--nats-url): 1 while NATS answers this instance.
+pub const CLUSTER_CONNECTED: &str = "locus_cluster_connected";
+/// Batches in the stream this instance has not applied to its view yet.
+pub const CLUSTER_LAG_MESSAGES: &str = "locus_cluster_lag_messages";
+/// Since when this instance's view is not known to hold everything the
+/// stream holds: 0 when caught up; rises while NATS is away.
+pub const CLUSTER_LAG_SECONDS: &str = "locus_cluster_lag_seconds";
+/// Committed points published to the stream.
+pub const CLUSTER_PUBLISHED: &str = "locus_cluster_published_points_total";
+/// Committed points never published (the publish buffer was full while NATS
+/// was away); the other instances refill their view from the database.
+pub const CLUSTER_UNPUBLISHED: &str = "locus_cluster_unpublished_points_total";
+/// Points of other instances applied to this instance's view.
+pub const CLUSTER_APPLIED: &str = "locus_cluster_applied_points_total";
+/// Times the view was refilled from the database, by `reason` (`start`,
+/// `gap`: the stream no longer held what was missed, `resync`: another
+/// instance could not publish some batches, `reset`: the stream was new).
+pub const CLUSTER_REFILLS: &str = "locus_cluster_refills_total";
+/// Messages of the stream that were not batches of locus's (skipped).
+pub const CLUSTER_BAD_MESSAGES: &str = "locus_cluster_bad_messages_total";
+/// Bytes of committed batches waiting to be published.
+pub const CLUSTER_PUBLISH_BUFFER_BYTES: &str = "locus_cluster_publish_buffer_bytes";
+
 /// What the `rpc` and `transport` labels of a call's histogram say: the
 /// proto's name of the rpc, whichever transport carried it (an HTTP route
 /// is labelled with the rpc it answers as), so that one query reads both.
@@ -179,6 +202,42 @@ fn describe() {
         "Calls refused for their credentials (unauthenticated) or role (permission_denied)."
     );
     describe_counter!(RATE_LIMITED, "Calls refused by their token's rate limit.");
+    describe_gauge!(
+        CLUSTER_CONNECTED,
+        "1 while NATS answers this instance (cluster mode)."
+    );
+    describe_gauge!(
+        CLUSTER_LAG_MESSAGES,
+        "Batches in the stream not yet applied to this instance's view."
+    );
+    describe_gauge!(
+        CLUSTER_LAG_SECONDS,
+        "Seconds since this instance's view was last known to hold the whole stream."
+    );
+    describe_counter!(
+        CLUSTER_PUBLISHED,
+        "Committed points published to the stream."
+    );
+    describe_counter!(
+        CLUSTER_UNPUBLISHED,
+        "Committed points not published (publish buffer full); the others refill from the database."
+    );
+    describe_counter!(
+        CLUSTER_APPLIED,
+        "Points committed by other instances applied to this instance's view."
+    );
+    describe_counter!(
+        CLUSTER_REFILLS,
+        "Refills of the view from the database, by reason."
+    );
+    describe_counter!(
+        CLUSTER_BAD_MESSAGES,
+        "Messages of the stream that are no batch of locus's, skipped."
+    );
+    describe_gauge!(
+        CLUSTER_PUBLISH_BUFFER_BYTES,
+        "Bytes of committed batches waiting to be published."
+    );
     describe_gauge!(OPEN_CONNECTIONS, "Open connections, by listener.");
     describe_counter!(
         CONNECTIONS_CLOSED,

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Auth,
+    cluster::Cluster,
     config::{AuthMode, ConfigError, ServeConfig},
     connections::{Gate, grpc_incoming},
     health::Health,
@@ -34,7 +35,7 @@ use crate::{
     proto::{self, query_server::QueryServer},
     query::{QueryState, grpc::QueryService},
     storage::{
-        SetupError, Tier, catalog, job_runs, maintain,
+        SetupError, Tier, catalog, maintain,
         setup::{self, SetupOptions},
         timescale,
     },
@@ -78,6 +79,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     FileLimit(#[from] crate::connections::FileLimitError),
+    #[error("cluster mode: {0}")]
+    Nats(#[from] async_nats::ConnectError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -103,8 +106,23 @@ pub async fn run(
     let tier = prepare_database(&config).await?;
     let pool = pool(&config).map_err(ServeError::Pool)?;
     let auth = auth(&config, &pool);
+    // Before the latest map is filled: following the stream starts where
+    // it ended then.
+    let cluster = match config.cluster.enabled() {
+        true => Some(Cluster::connect(&config.cluster).await?),
+        false => None,
+    };
     let query = query_state(&config, &pool, &auth).await;
-    let sink: Arc<dyn CommitSink> = query.clone();
+    let (sink, cluster_tasks): (Arc<dyn CommitSink>, _) = match &cluster {
+        Some(c) => {
+            // At shutdown, after the pipeline drained: a little more time
+            // for what it committed last to reach the stream.
+            let publish_grace = config.shutdown_grace.min(Duration::from_secs(5));
+            let (sink, running) = c.start(query.clone(), pool.clone(), publish_grace);
+            (sink, Some(running))
+        }
+        None => (query.clone(), None),
+    };
     let writer = Writer::new(
         pool.clone(),
         config.pipeline.write_retry_deadline,
@@ -125,6 +143,9 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     let background = CancellationToken::new();
     let health = Health::new(health);
+    if let Some(c) = &cluster {
+        health.report_cluster(Arc::clone(&c.status));
+    }
     tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));
     tokio::spawn(maintenance(
         config.clone(),
@@ -203,6 +224,9 @@ pub async fn run(
     tracing::info!(%grpc_addr, tls = tls.is_some(), auth = ?config.auth.mode, "locus serving");
 
     let result = drain(grpc, pipeline_task, &health, &config, &shutdown).await;
+    if let Some(running) = cluster_tasks {
+        running.stop().await;
+    }
     background.cancel();
     let _ = metrics_task.await;
     let _ = http_task.await;
@@ -442,21 +466,30 @@ fn forget_past_retention(query: &QueryState, retention: Duration) {
 
 async fn rollup_once(url: &str) -> Result<(), SetupError> {
     let mut conn = setup::connect(url).await?;
-    let started = std::time::Instant::now();
-    let result = maintain::rollup(&mut conn).await;
-    job_runs::record(&mut conn, maintain::ROLLUP, started, &result).await?;
-    result.map(|_| ())
+    said_if_busy(maintain::rollup_in_turn(&mut conn).await?);
+    Ok(())
+}
+
+/// Another instance on the database runs the jobs now: this one's turn
+/// comes on its next tick.
+fn said_if_busy(turn: maintain::Turn) {
+    if turn == maintain::Turn::Busy {
+        tracing::debug!("storage jobs: another instance is running them; skipped this time");
+    }
 }
 
 async fn cover_once(url: &str, storage: &crate::config::StorageArgs) -> Result<(), SetupError> {
     let mut conn = setup::connect(url).await?;
-    maintain::run_all(
-        &mut conn,
-        Tier::Timescale,
-        storage,
-        unix_micros(SystemTime::now()),
-    )
-    .await
+    said_if_busy(
+        maintain::run_all(
+            &mut conn,
+            Tier::Timescale,
+            storage,
+            unix_micros(SystemTime::now()),
+        )
+        .await?,
+    );
+    Ok(())
 }
 
 async fn upkeep_once(
@@ -475,7 +508,8 @@ async fn upkeep_once(
         }
     }
     let mut conn = setup::connect(&config.database.url).await?;
-    maintain::run_all(&mut conn, tier, &config.storage, now).await
+    said_if_busy(maintain::run_all(&mut conn, tier, &config.storage, now).await?);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,7 +22,12 @@ fn read(path: &str) -> String {
 }
 
 fn yaml(path: &str) -> Value {
-    serde_yaml_ng::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    // With its merge keys (`<<: *anchor`) applied, as docker compose reads it.
+    let mut y: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    y.apply_merge()
+        .unwrap_or_else(|e| panic!("{path}: merge keys: {e}"));
+    serde_json::to_value(y).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// Every environment variable any subcommand of `locus` reads.
@@ -91,6 +96,33 @@ fn compose_file_matches_what_locus_reads() {
     assert!(healthy("grafana", "timescaledb") && healthy("grafana", "prometheus"));
     assert!(healthy("fleet", "locus"));
     assert_eq!(s["fleet"]["profiles"][0], "demo");
+
+    // The cluster profile: three NATS nodes routed to each other, two
+    // instances told of all three, reading only what locus reads.
+    for n in ["nats-1", "nats-2", "nats-3"] {
+        assert_eq!(s[n]["profiles"][0], "cluster", "{n}");
+        let args: Vec<&str> = s[n]["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(args.contains(&"--jetstream"), "{n}: {args:?}");
+        let routes = args[args.iter().position(|a| *a == "--routes").unwrap() + 1];
+        assert_eq!(routes.split(',').count(), 3, "{n}: {routes}");
+        assert!(args.contains(&n), "{n} is named");
+    }
+    for name in ["locus-a", "locus-b"] {
+        assert_eq!(s[name]["profiles"][0], "cluster", "{name}");
+        let env = s[name]["environment"].as_object().unwrap();
+        let known = env_locus_reads();
+        assert!(env.keys().all(|k| known.contains(k)), "{name}: {env:?}");
+        let nats = env["LOCUS_NATS_URL"].as_str().unwrap();
+        for n in ["nats-1", "nats-2", "nats-3"] {
+            assert!(nats.contains(&format!("nats://{n}:4222")), "{nats}");
+            assert!(healthy(name, n), "{name} waits for {n}");
+        }
+    }
 
     let locus = &s["locus"];
     let env = locus["environment"].as_object().unwrap();

@@ -735,3 +735,49 @@ async fn points_outside_every_partition_land_in_the_default_one() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// Instances on one database take turns at the storage jobs: while another
+/// session runs them (holds their lock), a run does nothing and says so;
+/// once it is done, the next run drops what is past retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_jobs_run_on_one_instance_at_a_time() {
+    let db = TestDb::new().await;
+    let now = now_us();
+    setup::run(&db.url, &setup_opts(), false, now)
+        .await
+        .unwrap();
+    let mut other = setup::connect(&db.url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(maintain::JOBS_LOCK_KEY)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let mut conn = setup::connect(&db.url).await.unwrap();
+    let before = partitions::list(&mut conn).await.unwrap().len();
+    let later = now + 3 * DAY_US;
+    let storage = &setup_opts().storage;
+    let turn = maintain::run_all(&mut conn, Tier::Postgres, storage, later).await;
+    assert_eq!(turn.unwrap(), maintain::Turn::Busy);
+    assert_eq!(
+        maintain::rollup_in_turn(&mut conn).await.unwrap(),
+        maintain::Turn::Busy
+    );
+    assert_eq!(partitions::list(&mut conn).await.unwrap().len(), before);
+    let busy = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(["maintain", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(75));
+    assert!(String::from_utf8_lossy(&busy.stdout).contains("another instance is running"));
+
+    // The other instance ends its run.
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(maintain::JOBS_LOCK_KEY)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let turn = maintain::run_all(&mut conn, Tier::Postgres, storage, later).await;
+    assert_eq!(turn.unwrap(), maintain::Turn::Ran);
+    assert_eq!(partitions::list(&mut conn).await.unwrap().len(), before - 3);
+    db.drop_db().await;
+}

@@ -126,6 +126,28 @@ pub fn read_row(row: &[u8]) -> Option<LocationRef<'_>> {
     })
 }
 
+/// The byte range of each row in `rows`, rows written by [`encode_row`]
+/// one after another (as a batch is committed and published to the other
+/// instances); `None` unless every row reads back as a location.
+pub fn split_rows(rows: &[u8]) -> Option<Vec<std::ops::Range<u32>>> {
+    let mut ranges = Vec::new();
+    let mut start = 0usize;
+    while start < rows.len() {
+        let mut r = Reader(&rows[start..]);
+        if r.i16()? != FIELD_COUNT {
+            return None;
+        }
+        for _ in 0..FIELD_COUNT {
+            r.field()?;
+        }
+        let end = rows.len() - r.0.len();
+        read_row(&rows[start..end])?;
+        ranges.push(u32::try_from(start).ok()?..u32::try_from(end).ok()?);
+        start = end;
+    }
+    Some(ranges)
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -179,6 +201,31 @@ mod tests {
             metadata: metadata.map(str::to_string),
             ..ValidLocation::example()
         }
+    }
+
+    /// Rows one after another split back at their ends; a cut row, a
+    /// wrong field count or bytes after the last row are refused whole.
+    #[test]
+    fn split_rows_finds_each_row_and_refuses_a_broken_one() {
+        let mut b = BytesMut::new();
+        let rows = [loc(Some("{\"a\":1}"), Some(2.0)), loc(None, None)];
+        for l in &rows {
+            encode_row(&mut b, l);
+        }
+        let ranges = split_rows(&b).expect("two whole rows");
+        assert_eq!(ranges.len(), 2);
+        for (range, l) in ranges.iter().zip(&rows) {
+            let row = &b[range.start as usize..range.end as usize];
+            assert_eq!(decode_row(row).as_ref(), Some(l));
+        }
+        assert_eq!(split_rows(&[]), Some(vec![]));
+        assert_eq!(split_rows(&b[..b.len() - 1]), None);
+        let mut extra = b.clone();
+        extra.extend_from_slice(&[0]);
+        assert_eq!(split_rows(&extra), None);
+        let mut wrong_count = b.clone();
+        wrong_count[1] = 10;
+        assert_eq!(split_rows(&wrong_count), None);
     }
 
     #[test]

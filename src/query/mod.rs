@@ -217,6 +217,37 @@ pub(crate) fn page_limit(asked: u32, default: u32, most: u32) -> Result<u32, Que
     }
 }
 
+impl QueryState {
+    /// Rows another instance committed (`ranges` of `rows`, as published):
+    /// the newest of each device is offered to the latest map, and all go
+    /// to the live feed. Returns how many rows there were.
+    pub fn apply_remote(&self, rows: bytes::Bytes, ranges: Vec<std::ops::Range<u32>>) -> usize {
+        let mut newest: foldhash::HashMap<(&str, Uuid), (i64, &[u8])> = Default::default();
+        for r in &ranges {
+            let row = &rows[r.start as usize..r.end as usize];
+            let Some(loc) = copy_encoder::read_row(row) else {
+                continue;
+            };
+            let e = newest
+                .entry((loc.app_source, loc.device_id))
+                .or_insert((loc.time_us, row));
+            if loc.time_us > e.0 {
+                *e = (loc.time_us, row);
+            }
+        }
+        for (_, row) in newest.into_values() {
+            if let Some(loc) = copy_encoder::decode_row(row) {
+                self.latest.offer(loc);
+            }
+        }
+        let n = ranges.len();
+        if self.live.has_subscribers() {
+            self.live.publish(live::LiveBatch::of_rows(rows, ranges));
+        }
+        n
+    }
+}
+
 impl CommitSink for QueryState {
     fn committed(&self, subs: &[Submission], inserted: Option<&foldhash::HashSet<PointKey>>) {
         // The latest map: only each (app_source, device)'s newest row of

@@ -94,10 +94,72 @@ pub async fn rollup(conn: &mut PgConnection) -> Result<String, SetupError> {
     Ok(format!("wrote {n} hourly rows"))
 }
 
-/// Runs every job locus owns on `tier` once, at `now_us`, and records each.
-/// On the community edition those are the policy jobs locus covers for
-/// TimescaleDB's scheduler, where due.
+/// `pg_try_advisory_lock` key of locus's own storage jobs: instances on one
+/// database take turns, so two never drop the same partition or roll up the
+/// same hours at once.
+pub const JOBS_LOCK_KEY: i64 = 0x6c6f_6375_735f_6a62; // "locus_jb"
+
+/// Whether a run of the jobs happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    Ran,
+    /// Another session (another instance) was running them: nothing done.
+    Busy,
+}
+
+/// Runs `jobs` on `conn` while holding the jobs' lock, unless another
+/// session holds it.
+async fn in_turn<F>(conn: &mut PgConnection, jobs: F) -> Result<Turn, SetupError>
+where
+    F: AsyncFnOnce(&mut PgConnection) -> Result<(), SetupError>,
+{
+    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(JOBS_LOCK_KEY)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(SetupError::sql("taking the storage jobs' lock"))?;
+    if !mine {
+        return Ok(Turn::Busy);
+    }
+    let result = jobs(&mut *conn).await;
+    let released = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(JOBS_LOCK_KEY)
+        .execute(&mut *conn)
+        .await
+        .map_err(SetupError::sql("releasing the storage jobs' lock"));
+    result?;
+    released?;
+    Ok(Turn::Ran)
+}
+
+/// The hourly rollup, recorded, in the jobs' turn (what `serve` runs every
+/// --hourly-refresh-interval where locus keeps the rollup).
+pub async fn rollup_in_turn(conn: &mut PgConnection) -> Result<Turn, SetupError> {
+    in_turn(conn, async |conn| {
+        let started = Instant::now();
+        let result = rollup(conn).await;
+        record(conn, ROLLUP, started, &result).await?;
+        result.map(|_| ())
+    })
+    .await
+}
+
+/// Runs every job locus owns on `tier` once, at `now_us`, and records each,
+/// in the jobs' turn. On the community edition those are the policy jobs
+/// locus covers for TimescaleDB's scheduler, where due.
 pub async fn run_all(
+    conn: &mut PgConnection,
+    tier: Tier,
+    storage: &StorageArgs,
+    now_us: i64,
+) -> Result<Turn, SetupError> {
+    in_turn(conn, async |conn| {
+        run_all_now(conn, tier, storage, now_us).await
+    })
+    .await
+}
+
+async fn run_all_now(
     conn: &mut PgConnection,
     tier: Tier,
     storage: &StorageArgs,

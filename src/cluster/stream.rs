@@ -1,0 +1,86 @@
+//! The JetStream stream of committed batches: created when missing, its
+//! limits brought to the flags' when they differ.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use super::wire;
+use crate::config::ClusterArgs;
+
+/// Copies of the stream to try, in turn, when it is made: `--nats-replicas`;
+/// or, for 0, three on a NATS cluster (one where it has fewer servers
+/// than that) and one on a single server.
+pub fn replicas(args: &ClusterArgs, client: &async_nats::Client) -> Vec<usize> {
+    if args.nats_replicas > 0 {
+        return vec![args.nats_replicas.into()];
+    }
+    if client.server_info().cluster.is_some() {
+        vec![3, 1]
+    } else {
+        vec![1]
+    }
+}
+
+/// The stream's configuration as the flags want it.
+pub fn config(args: &ClusterArgs, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: args.nats_stream.clone(),
+        description: Some("locus: committed location batches, for the other instances".into()),
+        subjects: wire::stream_subjects(&args.nats_subject_prefix),
+        max_age: args.nats_max_age,
+        max_bytes: i64::try_from(args.nats_max_bytes).unwrap_or(i64::MAX),
+        num_replicas: replicas,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+/// The stream, made or brought to the flags' limits.
+pub async fn ensure(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    args: &ClusterArgs,
+) -> Result<stream::Stream, async_nats::Error> {
+    match js.get_stream(&args.nats_stream).await {
+        Ok(mut existing) => {
+            let have = existing.info().await?.config.clone();
+            let mut want = config(args, have.num_replicas);
+            if args.nats_replicas > 0 {
+                want.num_replicas = args.nats_replicas.into();
+            }
+            let differs = have.subjects != want.subjects
+                || have.max_age != want.max_age
+                || have.max_bytes != want.max_bytes
+                || have.num_replicas != want.num_replicas;
+            if differs {
+                tracing::info!(stream = %args.nats_stream, ?want.max_age, want.max_bytes, want.num_replicas, "cluster: the stream's limits updated to the flags'");
+                js.update_stream(&want).await?;
+                return Ok(js.get_stream(&args.nats_stream).await?);
+            }
+            Ok(existing)
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            let tries = replicas(args, client);
+            for (i, n) in tries.iter().enumerate() {
+                let want = config(args, *n);
+                tracing::info!(stream = %want.name, replicas = n, "cluster: creating the stream");
+                match js.get_or_create_stream(want).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) if i + 1 < tries.len() => {
+                        tracing::warn!(error = %e, replicas = n, "cluster: the NATS cluster cannot keep that many copies; trying fewer");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err("no number of copies to try".into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
