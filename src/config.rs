@@ -372,7 +372,13 @@ pub struct TlsArgs {
 pub struct ClusterArgs {
     /// NATS server URLs (comma-separated for a cluster), e.g.
     /// nats://10.0.0.1:4222,nats://10.0.0.2:4222. Turns cluster mode on.
-    #[arg(long = "nats-url", env = "LOCUS_NATS_URL", value_delimiter = ',')]
+    /// Credentials go in the URL: nats://user:password@host:4222.
+    #[arg(
+        long = "nats-url",
+        env = "LOCUS_NATS_URL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub nats_urls: Vec<String>,
     /// JetStream stream of committed batches, created if missing.
     #[arg(long, env = "LOCUS_NATS_STREAM", default_value = "LOCUS_POINTS")]

@@ -646,3 +646,37 @@ async fn on_three_nats_servers_the_stream_keeps_three_copies_and_outlives_one() 
     drop(servers);
     db.drop_db().await;
 }
+
+/// Credentials in the URL are used: a server that requires them is
+/// followed with them, and not without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_nats_url_are_used() {
+    let db = TestDb::new().await;
+    let extra = ["--user", "locus", "--pass", "s3cret"]
+        .map(String::from)
+        .to_vec();
+    let nats = OwnNats::start_with(free_port(), extra);
+    let tag = tag();
+    let with = format!("nats://locus:s3cret@127.0.0.1:{}", nats.port);
+    let a = TestServer::start(clustered(&db, &with, &tag)).await;
+    let b = TestServer::start(clustered(&db, &nats.url(), &tag)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, cluster) = cluster_status(&a).await;
+        if cluster["connected"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not connected with credentials: {cluster}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, cluster) = cluster_status(&b).await;
+    assert_eq!(code, 200, "ingest does not need NATS");
+    assert_eq!(cluster["connected"], false, "{cluster}");
+    a.stop().await;
+    b.stop().await;
+    drop(nats);
+    db.drop_db().await;
+}

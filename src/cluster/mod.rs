@@ -67,7 +67,18 @@ impl Cluster {
             .iter()
             .filter_map(|u| u.parse().ok())
             .collect();
-        let client = async_nats::ConnectOptions::new()
+        // Where they are given, credentials come with the URLs (the client
+        // would not take them from there itself); logs name hosts only.
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(a) = addrs.iter().find(|a| a.username().is_some()) {
+            let user = a.username().unwrap_or_default().to_string();
+            options = options.user_and_password(user, a.password().unwrap_or_default().to_string());
+        }
+        let hosts: Vec<String> = addrs
+            .iter()
+            .map(|a| format!("{}:{}", a.host(), a.port()))
+            .collect();
+        let client = options
             .name(format!("locus {instance}"))
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -77,7 +88,7 @@ impl Cluster {
                     async_nats::Event::Disconnected => {
                         tracing::warn!("cluster: NATS disconnected; reconnecting")
                     }
-                    other => tracing::debug!(%other, "cluster: NATS event"),
+                    other => tracing::warn!(%other, "cluster: NATS"),
                 }
             })
             .connect(addrs)
@@ -95,7 +106,10 @@ impl Cluster {
                 None
             }
             Err(_) => {
-                tracing::warn!(urls = ?args.nats_urls, "cluster: NATS did not answer within 5 s; serving, and following once it does");
+                tracing::warn!(
+                    ?hosts,
+                    "cluster: NATS did not answer within 5 s; serving, and following once it does"
+                );
                 None
             }
         };
