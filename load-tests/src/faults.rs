@@ -761,13 +761,15 @@ async fn refused(locus: &Locus) -> u64 {
 }
 
 /// The sum of every series of /metrics whose name (with labels, if given)
-/// starts with `series`.
+/// starts with `series` (0 if none).
 async fn counter(locus: &Locus, series: &str) -> f64 {
     let text = locus.metrics().await.unwrap_or_default();
+    // + 0.0: a sum of nothing is -0.0.
     text.lines()
         .filter(|l| l.starts_with(series))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
+        .sum::<f64>()
+        + 0.0
 }
 
 /// Idle streams, streams that never read their acks, a flood of stream
@@ -1942,14 +1944,13 @@ async fn nats_away(
     let (ok1, s1) = fleet.finish(Duration::from_secs(after + 120)).await?;
     let ended = Instant::now();
     let stored = newest_stored(db).await?;
-    let mut views = Vec::new();
-    for locus in [&a, &b] {
-        views.push(converged(locus, &stored, ended, Duration::from_secs(15)).await?);
-    }
-    let mut rest = Vec::new();
-    for locus in [&a, &b] {
-        rest.push(caught_up(locus, Duration::from_secs(10)).await);
-    }
+    let views: Vec<_> = futures::future::try_join_all(
+        [&a, &b].map(|locus| converged(locus, &stored, ended, Duration::from_secs(15))),
+    )
+    .await?;
+    let rest =
+        futures::future::join_all([&a, &b].map(|locus| caught_up(locus, Duration::from_secs(10))))
+            .await;
     let _ = stop_sampling.send(());
     let samples = sampler.await?;
     let unpublished_b = counter(&b, "locus_cluster_unpublished_points_total").await;
