@@ -504,6 +504,64 @@ async fn nats_away_costs_no_point_and_the_views_converge_when_it_returns() {
     db.drop_db().await;
 }
 
+/// A resync message tried again and again while NATS is away (each try
+/// waits for an ack that cannot come, and the client still sends it when
+/// it reconnects) is stored once: the other instances refill once, not
+/// once per try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_tried_while_nats_is_away_is_stored_once() {
+    let db = TestDb::new().await;
+    let mut nats = OwnNats::start();
+    let tag = tag();
+    let mut cfg = clustered(&db, &nats.url(), &tag);
+    cfg.cluster.nats_publish_buffer_bytes = 1024 * 1024;
+    let a = TestServer::start(cfg.clone()).await;
+    let start = now_secs() - 3_000;
+    let devices: Vec<Device> = (0..10).map(|_| Device::new(start)).collect();
+    let mut ingest = a.client().await;
+    nats.stop();
+    // About 2 MiB of rows against a 1 MiB buffer: the last batches are
+    // dropped, and a resync is due.
+    for d in &devices {
+        for k in 0..20 {
+            ingest
+                .write_locations(d.batch(1 + k, k as i64 * 100, 100))
+                .await
+                .unwrap();
+        }
+    }
+    // A try waits 5 s for its ack: two or three tries while NATS is away.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    nats.resume();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let resyncs = async || {
+        let stream = js.get_stream(&cfg.cluster.nats_stream).await.ok()?;
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                filter_subject: locus::cluster::wire::resync_subject(
+                    &cfg.cluster.nats_subject_prefix,
+                ),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let pending = consumer.cached_info().num_pending;
+        Some(pending)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while resyncs().await.unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "no resync message in 20 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every try the client kept arrives at once, when it reconnects.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(resyncs().await, Some(1), "resync messages in the stream");
+
+    a.stop().await;
+    drop(nats);
+    db.drop_db().await;
+}
+
 /// A TCP proxy the test can cut: while cut, it closes what it carries and
 /// refuses what comes.
 struct Proxy {

@@ -22,8 +22,13 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;
-use locus::proto::{Location, LocationBatch, ingest_client::IngestClient};
+use locus::proto::{
+    GetLatestRequest, Location, LocationBatch, ingest_client::IngestClient,
+    query_client::QueryClient,
+};
 use locus_load::{
+    fleet::Device,
+    nats::Nats,
     pg::Cluster,
     proc::{Locus, open_fds, pg_cpu, postmaster, proc_times, rss_mib, rss_peak_mib, sibling_locus},
 };
@@ -41,6 +46,8 @@ enum Case {
     Amplify,
     Soak,
     Connections,
+    Nats,
+    KillInstance,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,7 +81,7 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile", "amplify", "connections"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile", "amplify", "connections", "nats", "kill-instance"])]
     cases: Vec<Case>,
     /// Short versions of every case (for CI).
     #[arg(long)]
@@ -200,10 +207,18 @@ struct Fleet {
 
 impl Fleet {
     fn start(locus: &Locus, db: &Db, flags: &[&str]) -> anyhow::Result<Fleet> {
+        Fleet::start_on(&[locus], db, flags)
+    }
+
+    /// A fleet of streams spread over `instances` (stream i on the (i mod
+    /// n)th), each reconnecting to the next after an error.
+    fn start_on(instances: &[&Locus], db: &Db, flags: &[&str]) -> anyhow::Result<Fleet> {
         let bin = std::env::current_exe()?.with_file_name("locus-load");
+        let targets: Vec<String> = instances.iter().map(|l| l.grpc_target()).collect();
+        let http = instances.first().context("an instance")?.http_target();
         let child = tokio::process::Command::new(&bin)
-            .args(["--target", &locus.grpc_target()])
-            .args(["--http-target", &locus.http_target()])
+            .args(["--target", &targets.join(",")])
+            .args(["--http-target", &http])
             .args(["--verify", "--database-url", &db.url])
             .args(flags)
             .stdout(Stdio::piped())
@@ -746,13 +761,15 @@ async fn refused(locus: &Locus) -> u64 {
 }
 
 /// The sum of every series of /metrics whose name (with labels, if given)
-/// starts with `series`.
+/// starts with `series` (0 if none).
 async fn counter(locus: &Locus, series: &str) -> f64 {
     let text = locus.metrics().await.unwrap_or_default();
+    // + 0.0: a sum of nothing is -0.0.
     text.lines()
         .filter(|l| l.starts_with(series))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
+        .sum::<f64>()
+        + 0.0
 }
 
 /// Idle streams, streams that never read their acks, a flood of stream
@@ -1557,6 +1574,555 @@ async fn soak(bin: &Path, db: &Db, length: Duration) -> anyhow::Result<Outcome> 
     Ok(out)
 }
 
+/// `locus serve` flags of an instance clustered through `nats`: [`BOUNDS`]
+/// and `extra`.
+fn clustered(nats: &Nats, extra: &[&str]) -> Vec<String> {
+    let mut flags: Vec<String> = BOUNDS.iter().map(|s| s.to_string()).collect();
+    flags.extend(["--nats-url".into(), nats.url()]);
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
+}
+
+/// The least `--nats-publish-buffer-bytes`: the nats case gives it to one
+/// instance, so that its buffer overflows while NATS is away.
+const LEAST_PUBLISH_BUFFER: &str = "1048576";
+
+/// What an instance says of its cluster view at one moment.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    /// `/readyz` on its HTTP address answered 200.
+    ready: bool,
+    /// `locus_cluster_connected` and `locus_cluster_lag_seconds`, where its
+    /// metrics answered.
+    connected: Option<f64>,
+    lag_seconds: Option<f64>,
+}
+
+impl View {
+    fn caught_up(&self) -> bool {
+        self.connected == Some(1.0) && self.lag_seconds == Some(0.0)
+    }
+}
+
+/// An instance's HTTP and metrics ports, for a task that samples it.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    http: u16,
+    metrics: u16,
+}
+
+impl Ports {
+    fn of(locus: &Locus) -> Ports {
+        Ports {
+            http: locus.http,
+            metrics: locus.metrics,
+        }
+    }
+
+    async fn view(self, client: &reqwest::Client) -> View {
+        let ready = client
+            .get(format!("http://127.0.0.1:{}/readyz", self.http))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == reqwest::StatusCode::OK);
+        let text = match client
+            .get(format!("http://127.0.0.1:{}/metrics", self.metrics))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.ok(),
+            Err(_) => None,
+        };
+        let gauge = |name| text.as_deref().and_then(|t| gauge(t, name));
+        View {
+            ready,
+            connected: gauge("locus_cluster_connected"),
+            lag_seconds: gauge("locus_cluster_lag_seconds"),
+        }
+    }
+}
+
+/// The value of the series `name` (without labels) in a /metrics text.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        if series == name {
+            value.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// When each sample was taken, and a view of each instance.
+type ViewSamples = Vec<(Instant, Vec<View>)>;
+
+/// Samples `instances` every 250 ms until `stop`.
+fn sample_views(
+    instances: Vec<Ports>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<ViewSamples> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        let mut samples = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = &mut stop => return samples,
+                _ = tick.tick() => {
+                    let at = Instant::now();
+                    let views = futures::future::join_all(
+                        instances.iter().map(|p| p.view(&client)),
+                    )
+                    .await;
+                    samples.push((at, views));
+                }
+            }
+        }
+    })
+}
+
+/// Each device's newest position, by (app_source, device_id): its time
+/// (µs since the epoch), latitude and longitude.
+type LatestMap = std::collections::HashMap<(String, uuid::Uuid), (i64, f64, f64)>;
+
+/// The newest stored point of every device.
+async fn newest_stored(db: &Db) -> anyhow::Result<LatestMap> {
+    let mut conn = PgConnection::connect(&db.url).await?;
+    let rows: Vec<(String, uuid::Uuid, i64, f64, f64)> = sqlx::query_as(
+        "SELECT DISTINCT ON (app_source, device_id) app_source, device_id,
+                (extract(epoch FROM time) * 1000000)::bigint, latitude, longitude
+         FROM location_events ORDER BY app_source, device_id, time DESC",
+    )
+    .fetch_all(&mut conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(app, device, t, lat, lon)| ((app, device), (t, lat, lon)))
+        .collect())
+}
+
+/// An instance's latest position of every device of `apps`, as gRPC
+/// `GetLatest` answers it by app_source, page after page. (Not HTTP: JSON
+/// numbers read back by serde_json without `float_roundtrip` may be a unit
+/// in the last place off.)
+async fn latest_served(
+    locus: &Locus,
+    apps: &std::collections::BTreeSet<String>,
+) -> anyhow::Result<LatestMap> {
+    let mut q = QueryClient::new(
+        Endpoint::from_shared(locus.grpc_target())?
+            .connect()
+            .await?,
+    );
+    let mut map = LatestMap::new();
+    for app in apps {
+        let mut cursor = String::new();
+        loop {
+            let page = q
+                .get_latest(GetLatestRequest {
+                    app_source: app.clone(),
+                    cursor,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            for l in page.locations()? {
+                let t = l.time.unwrap_or_default();
+                let time = t.seconds * 1_000_000 + i64::from(t.nanos / 1_000);
+                let device = uuid::Uuid::try_parse(&l.device_id)?;
+                map.insert((app.clone(), device), (time, l.latitude, l.longitude));
+            }
+            if page.next_cursor.is_empty() {
+                break;
+            }
+            cursor = page.next_cursor;
+        }
+    }
+    Ok(map)
+}
+
+/// The (app_source, device_id) of each device of a `locus-load` fleet of
+/// `devices` with `seed` and its default app_sources, as it makes them.
+fn fleet_devices(devices: u64, seed: u64) -> Vec<(String, uuid::Uuid)> {
+    const APPS: [&str; 2] = ["mextrack", "pshop"];
+    (0..devices)
+        .map(|i| {
+            let d = Device::new(i, seed, APPS[i as usize % APPS.len()], 0, 1);
+            (d.app_source, d.device_id)
+        })
+        .collect()
+}
+
+/// An instance's latest position of each of `devices`, as gRPC
+/// `GetLatest` answers it by device_ids.
+async fn latest_of(locus: &Locus, devices: &[(String, uuid::Uuid)]) -> anyhow::Result<LatestMap> {
+    let mut q = QueryClient::new(
+        Endpoint::from_shared(locus.grpc_target())?
+            .connect()
+            .await?,
+    );
+    let mut map = LatestMap::new();
+    let apps: std::collections::BTreeSet<&String> = devices.iter().map(|(app, _)| app).collect();
+    for app in apps {
+        let ids = devices
+            .iter()
+            .filter(|(a, _)| a == app)
+            .map(|(_, d)| d.to_string())
+            .collect();
+        let page = q
+            .get_latest(GetLatestRequest {
+                app_source: app.clone(),
+                device_ids: ids,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        for l in page.locations()? {
+            let t = l.time.unwrap_or_default();
+            let time = t.seconds * 1_000_000 + i64::from(t.nanos / 1_000);
+            let device = uuid::Uuid::try_parse(&l.device_id)?;
+            map.insert((app.clone(), device), (time, l.latitude, l.longitude));
+        }
+    }
+    Ok(map)
+}
+
+/// How many devices `served` gives otherwise than `stored` (another
+/// point, or none, or a device never stored), and one of them.
+fn differences(stored: &LatestMap, served: &LatestMap) -> (usize, Option<String>) {
+    let mut count = 0;
+    let mut first = None;
+    for (key, want) in stored {
+        let got = served.get(key);
+        if got != Some(want) {
+            count += 1;
+            first.get_or_insert_with(|| {
+                format!(
+                    "device {} of {}: served {got:?}, stored {want:?}",
+                    key.1, key.0
+                )
+            });
+        }
+    }
+    for (key, got) in served {
+        if !stored.contains_key(key) {
+            count += 1;
+            first.get_or_insert_with(|| {
+                format!(
+                    "device {} of {}: served {got:?}, never stored",
+                    key.1, key.0
+                )
+            });
+        }
+    }
+    (count, first)
+}
+
+/// Waits until `locus`'s latest position of every device is the database's
+/// newest point of it (the fleets are done: that no longer moves), at most
+/// `within`: how long after `since` it was, or what still differed.
+async fn converged(
+    locus: &Locus,
+    stored: &LatestMap,
+    since: Instant,
+    within: Duration,
+) -> anyhow::Result<Result<Duration, String>> {
+    let apps = stored.keys().map(|(app, _)| app.clone()).collect();
+    let t = Instant::now();
+    loop {
+        let served = latest_served(locus, &apps).await?;
+        let (wrong, example) = differences(stored, &served);
+        if wrong == 0 {
+            return Ok(Ok(since.elapsed()));
+        }
+        if t.elapsed() >= within {
+            return Ok(Err(format!(
+                "{wrong} of {} devices differ after {} s, e.g. {}",
+                stored.len(),
+                within.as_secs(),
+                example.unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until `locus` says it is connected and caught up (its lag 0), at
+/// most `within`: how long it took.
+async fn caught_up(locus: &Locus, within: Duration) -> Option<Duration> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if Ports::of(locus).view(&client).await.caught_up() {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
+/// Two instances on one database clustered through a nats-server of the
+/// case's own, a fleet writing through both (half the devices to each);
+/// nats-server killed for 20 s (6 s quick) and started again on its port
+/// and store. B's publish buffer is the least (1 MiB), which the outage
+/// overflows: B publishes a resync when NATS is back, and A refills from
+/// the database; A's holds what it committed meanwhile, published then. A
+/// second, smaller fleet stops a second before NATS returns, so that its
+/// devices' newest points were all committed while NATS was away. Ingest
+/// and readiness go on throughout; the view says it is stale (connected
+/// 0, the lag rising) and caught up again after; every acknowledged point
+/// is stored once, and each instance's latest position of every device is
+/// the database's newest point of it at the end.
+async fn nats(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let mut nats = Nats::start().await?;
+    let result = nats_away(bin, db, quick, &mut nats, &mut out).await;
+    if result.is_err() || !out.held {
+        println!("   (nats-server's log: {})", nats.log().display());
+    }
+    nats.destroy().await;
+    result.map(|()| out)
+}
+
+async fn nats_away(
+    bin: &Path,
+    db: &Db,
+    quick: bool,
+    nats: &mut Nats,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let (warm, away, after) = if quick { (5, 6, 6) } else { (15, 20, 20) };
+    let mut a = Locus::start(bin, &db.url, &strs(&clustered(nats, &[]))).await?;
+    let mut b = Locus::start(
+        bin,
+        &db.url,
+        &strs(&clustered(
+            nats,
+            &["--nats-publish-buffer-bytes", LEAST_PUBLISH_BUFFER],
+        )),
+    )
+    .await?;
+    let (stop_sampling, sampling) = tokio::sync::oneshot::channel();
+    let sampler = sample_views(vec![Ports::of(&a), Ports::of(&b)], sampling);
+    let steady = fleet_flags(300, 10.0, warm + away + after);
+    let last_word = other_devices(&fleet_flags(100, 10.0, warm + away - 1));
+    let fleet = Fleet::start_on(&[&a, &b], db, &strs(&steady))?;
+    let fleet2 = Fleet::start_on(&[&a, &b], db, &strs(&last_word))?;
+    tokio::time::sleep(Duration::from_secs(warm)).await;
+    nats.kill9().await?;
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_secs(away)).await;
+    let buffered_a = counter(&a, "locus_cluster_publish_buffer_bytes").await;
+    nats.resume().await?;
+    let resumed = Instant::now();
+    // The second fleet's devices stopped while NATS was away: how soon
+    // after it returned each instance's view of them is the database's.
+    let quiet = fleet_devices(100, 2);
+    let mut agreed: [Option<Duration>; 2] = [None, None];
+    while agreed.iter().any(Option::is_none) && resumed.elapsed() < Duration::from_secs(20) {
+        let all = newest_stored(db).await?;
+        let stored: LatestMap = quiet
+            .iter()
+            .filter_map(|k| Some((k.clone(), *all.get(k)?)))
+            .collect();
+        for (i, locus) in [&a, &b].into_iter().enumerate() {
+            if agreed[i].is_none() && differences(&stored, &latest_of(locus, &quiet).await?).0 == 0
+            {
+                agreed[i] = Some(resumed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (ok2, s2) = fleet2.finish(Duration::from_secs(away + 120)).await?;
+    let (ok1, s1) = fleet.finish(Duration::from_secs(after + 120)).await?;
+    let ended = Instant::now();
+    let stored = newest_stored(db).await?;
+    let views: Vec<_> = futures::future::try_join_all(
+        [&a, &b].map(|locus| converged(locus, &stored, ended, Duration::from_secs(15))),
+    )
+    .await?;
+    let rest =
+        futures::future::join_all([&a, &b].map(|locus| caught_up(locus, Duration::from_secs(10))))
+            .await;
+    let _ = stop_sampling.send(());
+    let samples = sampler.await?;
+    let unpublished_b = counter(&b, "locus_cluster_unpublished_points_total").await;
+    let refills_a = counter(&a, "locus_cluster_refills_total{reason=\"resync\"}").await;
+
+    out.figure(format!(
+        "nats-server killed {} s after two instances and the fleets started, for {away} s; started again on its port and store; ingest went on through both: {} + {} points acknowledged, {} + {} client errors",
+        warm,
+        n(&s1, "acked"),
+        n(&s2, "acked"),
+        n(&s1, "errors"),
+        n(&s2, "errors"),
+    ));
+    out.figure(format!(
+        "A held {:.0} KiB of committed batches for NATS when it returned; B's 1 MiB buffer overflowed ({unpublished_b:.0} points never published), and A refilled from the database {refills_a:.0} time(s) on B's resync",
+        buffered_a / 1024.0
+    ));
+    out.check(
+        ok1 && ok2,
+        "an acknowledged point is missing or stored twice",
+    );
+    out.check(
+        n(&s1, "acked") > 0.0 && n(&s2, "acked") > 0.0,
+        "nothing was acknowledged",
+    );
+    out.check(
+        unpublished_b > 0.0,
+        "B's publish buffer did not overflow: the resync path was not taken",
+    );
+    let in_outage = |t: Instant| t >= stopped + Duration::from_secs(1) && t < resumed;
+    for (i, name) in ["A", "B"].into_iter().enumerate() {
+        let of = |when: &dyn Fn(Instant) -> bool| -> Vec<View> {
+            samples
+                .iter()
+                .filter(|(t, _)| when(*t))
+                .map(|(_, v)| v[i])
+                .collect()
+        };
+        let before = of(&|t| t < stopped);
+        let during = of(&in_outage);
+        let lag_max = |v: &[View]| v.iter().filter_map(|v| v.lag_seconds).fold(0.0, f64::max);
+        let not_ready = during.iter().filter(|v| !v.ready).count();
+        let disconnected = during.iter().filter(|v| v.connected == Some(0.0)).count();
+        let first_disconnected = samples
+            .iter()
+            .find(|(t, v)| *t >= stopped && v[i].connected == Some(0.0))
+            .map(|(t, _)| (*t - stopped).as_secs_f64());
+        let back = samples
+            .iter()
+            .find(|(t, v)| *t >= resumed && v[i].caught_up())
+            .map(|(t, _)| (*t - resumed).as_secs_f64());
+        out.figure(format!(
+            "{name}: before the outage lag at most {:.1} s; during it /readyz 200 in {}/{} samples, locus_cluster_connected 0 in {disconnected} (the first {} s after the kill), lag_seconds up to {:.1} s; connected and lag 0 again {} after NATS returned; its latest positions of the second fleet's devices (their newest points committed while NATS was away) the database's {} after; of {}",
+            lag_max(&before),
+            during.len() - not_ready,
+            during.len(),
+            first_disconnected.map_or("-".into(), |s| format!("{s:.1}")),
+            lag_max(&during),
+            back.map_or("not under load".into(), |s| format!("{s:.1} s")),
+            agreed[i].map_or("not within 20 s".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+            match &views[i] {
+                Ok(d) => format!(
+                    "each of the {} devices the database's newest {:.1} s after the fleets (and their verify) ended",
+                    stored.len(),
+                    d.as_secs_f64()
+                ),
+                Err(e) => e.clone(),
+            }
+        ));
+        out.check(
+            agreed[i].is_some(),
+            format!("{name}: its latest positions of the devices that stopped while NATS was away were not the database's within 20 s of its return"),
+        );
+        out.check(
+            !during.is_empty() && not_ready == 0,
+            format!("{name}: /readyz was not 200 while NATS was away"),
+        );
+        out.check(
+            disconnected > 0,
+            format!("{name}: locus_cluster_connected never dropped to 0 while NATS was away"),
+        );
+        out.check(
+            lag_max(&during) >= away as f64 / 2.0,
+            format!(
+                "{name}: locus_cluster_lag_seconds rose to {:.1} s at most in a {away}-s outage (less than half)",
+                lag_max(&during)
+            ),
+        );
+        out.check(
+            rest[i].is_some(),
+            format!("{name}: locus_cluster_connected 1 and lag_seconds 0 not back within 10 s of the end"),
+        );
+        out.check(
+            views[i].is_ok(),
+            format!("{name}: the latest positions are not the database's newest points"),
+        );
+    }
+    out.check(a.alive() && b.alive(), "an instance died");
+    a.kill9().await?;
+    b.kill9().await?;
+    Ok(())
+}
+
+/// Two instances on one database clustered through a nats-server of the
+/// case's own, a fleet of streams writing through both (half the devices
+/// to each), each stream reconnecting to the other instance after an error
+/// and sending again what was not acknowledged; `kill -9` of A under load,
+/// and the fleet goes on through B for 10 s (25 s full), so that every
+/// device sends again. Every acknowledged point is stored once, and B's
+/// latest position of every device is the database's newest point of it.
+async fn kill_instance(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let nats = Nats::start().await?;
+    let result = kill_one(bin, db, quick, &nats, &mut out).await;
+    if result.is_err() || !out.held {
+        println!("   (nats-server's log: {})", nats.log().display());
+    }
+    nats.destroy().await;
+    result.map(|()| out)
+}
+
+async fn kill_one(
+    bin: &Path,
+    db: &Db,
+    quick: bool,
+    nats: &Nats,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let (before, after) = if quick { (6, 10) } else { (15, 25) };
+    let mut a = Locus::start(bin, &db.url, &strs(&clustered(nats, &[]))).await?;
+    let mut b = Locus::start(bin, &db.url, &strs(&clustered(nats, &[]))).await?;
+    let flags = fleet_flags(300, 10.0, before + after);
+    let fleet = Fleet::start_on(&[&a, &b], db, &strs(&flags))?;
+    tokio::time::sleep(Duration::from_secs(before)).await;
+    let accepted_a = counter(&a, ACCEPTED).await;
+    a.kill9().await?;
+    let killed = Instant::now();
+    let accepted_b = counter(&b, ACCEPTED).await;
+    let (verified, s) = fleet.finish(Duration::from_secs(after + 120)).await?;
+    let ended = Instant::now();
+    let accepted_b_end = counter(&b, ACCEPTED).await;
+    let stored = newest_stored(db).await?;
+    let view = converged(&b, &stored, ended, Duration::from_secs(15)).await?;
+    out.figure(format!(
+        "A killed (kill -9) {before} s into the run, having accepted {accepted_a:.0} points (B {accepted_b:.0}); the fleet went on through B, which accepted {:.0} more in the {:.0} s after; {} points acknowledged as new in all, {} client errors (reconnects)",
+        accepted_b_end - accepted_b,
+        (ended - killed).as_secs_f64(),
+        n(&s, "acked"),
+        n(&s, "errors"),
+    ));
+    out.figure(match &view {
+        Ok(d) => format!(
+            "B's latest position of each of the {} devices the database's newest {:.1} s after the fleet ended",
+            stored.len(),
+            d.as_secs_f64()
+        ),
+        Err(e) => format!("B: {e}"),
+    });
+    out.check(verified, "an acknowledged point is missing or stored twice");
+    out.check(
+        accepted_a > 0.0 && accepted_b_end > accepted_b,
+        "the fleet did not write through both instances, and through B after the kill",
+    );
+    out.check(
+        view.is_ok(),
+        "B's latest positions are not the database's newest points",
+    );
+    out.check(b.alive(), "B died");
+    b.kill9().await?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
@@ -1601,9 +2167,12 @@ async fn run(
     let mut failed = Vec::new();
     let mut report = Vec::new();
     for case in &a.cases {
-        let name = format!("{case:?}").to_lowercase();
+        // As --cases names it.
+        let name = case
+            .to_possible_value()
+            .map_or_else(|| format!("{case:?}"), |v| v.get_name().to_string());
         println!("== {name}");
-        let db = Db::new(admin, cluster.clone(), &name).await?;
+        let db = Db::new(admin, cluster.clone(), &name.replace('-', "_")).await?;
         let started = Instant::now();
         let result = match case {
             Case::Crash => crash(bin, &db, a.quick).await,
@@ -1614,6 +2183,8 @@ async fn run(
             Case::Amplify => amplify(bin, &db, a.amplify_at_once).await,
             Case::Soak => soak(bin, &db, a.soak).await,
             Case::Connections => connections(bin, &db, a.quick).await,
+            Case::Nats => nats(bin, &db, a.quick).await,
+            Case::KillInstance => kill_instance(bin, &db, a.quick).await,
         };
         db.drop().await;
         let outcome = match result {

@@ -2,6 +2,7 @@
 //! `locus-bench`.
 
 pub mod fleet;
+pub mod nats;
 pub mod pg;
 pub mod proc;
 pub mod raw_calls;

@@ -29,9 +29,11 @@ enum Mode {
 #[derive(Debug, Parser)]
 #[command(name = "locus-load", about = "A simulated GPS fleet against locus")]
 struct Args {
-    /// locus's gRPC address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    target: String,
+    /// locus's gRPC address; several, comma-separated, in stream mode:
+    /// stream i begins on the (i mod n)th, and after an error reconnects
+    /// to the next (as a client of several instances behind no balancer).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:50051")]
+    target: Vec<String>,
     /// locus's HTTP address, for --mode http.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     http_target: String,
@@ -126,6 +128,10 @@ async fn main() -> anyhow::Result<()> {
             .is_none_or(|r| a.mode == Mode::Unary && r > 0.0),
         "--offered-rate is for --mode unary, and must be positive"
     );
+    anyhow::ensure!(
+        a.mode == Mode::Stream || a.target.len() == 1,
+        "several --target are for --mode stream"
+    );
     let interval_s = a
         .fix_interval
         .unwrap_or(if a.rate > 0.0 { 1.0 / a.rate } else { 1.0 });
@@ -217,23 +223,30 @@ async fn main() -> anyhow::Result<()> {
             workers.div_ceil(100)
         })
         .max(1);
-    let endpoint = Endpoint::from_shared(a.target.clone())?.tcp_nodelay(true);
-    let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        channels.push(
-            endpoint
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {}", a.target))?,
-        );
+    // `connections` to each target.
+    let mut by_target = Vec::with_capacity(a.target.len());
+    for target in &a.target {
+        let endpoint = Endpoint::from_shared(target.clone())?.tcp_nodelay(true);
+        let mut channels = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            channels.push(
+                endpoint
+                    .connect()
+                    .await
+                    .with_context(|| format!("cannot connect to {target}"))?,
+            );
+        }
+        by_target.push(channels);
     }
+    let targets = by_target.len();
+    let channels = by_target[0].clone();
     match a.offered_rate {
         Some(r) => eprintln!(
             "locus-load: {} devices, unary calls in an open loop offering {r} points/s over {connections} connection(s), batch {}",
             a.devices, a.batch_size
         ),
         None => eprintln!(
-            "locus-load: {} devices, {} {} worker(s) over {} connection(s), batch {}, rate {}/s/device",
+            "locus-load: {} devices, {} {} worker(s) over {} connection(s) to each of {targets} target(s), batch {}, rate {}/s/device",
             a.devices,
             workers,
             match a.mode {
@@ -254,7 +267,10 @@ async fn main() -> anyhow::Result<()> {
     match a.mode {
         Mode::Stream => {
             for (i, f) in feeders.into_iter().enumerate() {
-                let ch = channels[i % connections].clone();
+                // Its own target first, then the others in turn.
+                let ch = (0..targets)
+                    .map(|k| by_target[(i + k) % targets][(i / targets) % connections].clone())
+                    .collect();
                 tasks.spawn(run::stream(
                     ch,
                     token.clone(),

@@ -481,10 +481,12 @@ fn pacer(points_per_sec: f64, batch_size: usize, phase: f64) -> Option<tokio::ti
 }
 
 /// One long-lived stream: keeps up to `inflight` batches unacknowledged,
-/// and after any error reconnects and sends them again.
+/// and after any error reconnects and sends them again: to the next of
+/// `targets` (the first to begin with), so that a fleet given several
+/// instances goes on through the others when one dies.
 #[allow(clippy::too_many_arguments)]
 pub async fn stream(
-    channel: Channel,
+    targets: Vec<Channel>,
     token: Token,
     mut feeder: Feeder,
     rate: f64,
@@ -503,7 +505,11 @@ pub async fn stream(
     );
     let mut unacked: VecDeque<(LocationBatch, Instant)> = VecDeque::new();
     let mut exhausted = false;
+    let mut target = 0;
     while !(exhausted && unacked.is_empty()) {
+        let Some(channel) = targets.get(target % targets.len().max(1)) else {
+            return;
+        };
         let mut client = IngestClient::new(channel.clone());
         let (tx, rx) = mpsc::channel(inflight.max(unacked.len()) + 1);
         stats.resending(unacked.iter().map(|(b, _)| b.locations.len()).sum());
@@ -517,6 +523,7 @@ pub async fn stream(
             Ok(r) => r.into_inner(),
             Err(_) => {
                 stats.errors.fetch_add(1, Relaxed);
+                target += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -573,6 +580,7 @@ pub async fn stream(
         }
         drop(tx.take());
         if !(exhausted && unacked.is_empty()) {
+            target += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

@@ -84,6 +84,12 @@ pub struct Task {
     instance: String,
     prefix: String,
     serial: AtomicU64,
+    /// The serial of the resync message being tried (0: none): every try
+    /// of one resync is the same message, as a batch's are. A try that
+    /// timed out while NATS was away is still sent when the client
+    /// reconnects: were each try a message of its own, every other
+    /// instance would refill once per try.
+    resync_serial: AtomicU64,
 }
 
 /// A publisher and the task that publishes what it queues.
@@ -112,6 +118,7 @@ pub fn channel(
         instance,
         prefix,
         serial: AtomicU64::new(0),
+        resync_serial: AtomicU64::new(0),
     };
     (publisher, task)
 }
@@ -196,9 +203,18 @@ impl Task {
         if !self.shared.dropped.load(Ordering::Acquire) {
             return Ok(());
         }
-        let headers = wire::headers(&self.instance, self.next_serial(), None);
+        let serial = match self.resync_serial.load(Ordering::Relaxed) {
+            0 => {
+                let s = self.next_serial();
+                self.resync_serial.store(s, Ordering::Relaxed);
+                s
+            }
+            s => s,
+        };
+        let headers = wire::headers(&self.instance, serial, None);
         self.send(wire::resync_subject(&self.prefix), headers, Bytes::new())
             .await?;
+        self.resync_serial.store(0, Ordering::Relaxed);
         self.shared.dropped.store(false, Ordering::Release);
         tracing::warn!(
             "cluster: some committed batches were never published; the other instances were told to refill their view from the database"
