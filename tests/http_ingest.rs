@@ -359,3 +359,56 @@ async fn bodies_decoded_at_once_share_the_decoding_budget() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// A coordinate sent as JSON is stored as the very number sent: the JSON
+/// parser reads each decimal to the nearest double (without serde_json's
+/// `float_roundtrip`, about one in eight came out one unit off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_coordinates_are_stored_exactly_as_sent() {
+    let db = TestDb::new().await;
+    let server = TestServer::start(config(&db)).await;
+    let d = uuid::Uuid::new_v4();
+    let t = now_secs() - 3_000;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut unit = move || {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let sent: Vec<(f64, f64)> = (0..2_000)
+        .map(|_| (unit() * 179.0 - 89.5, unit() * 359.0 - 179.5))
+        .collect();
+    let locations: Vec<Value> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, (lat, lon))| {
+            let mut p = point(&d, t + i as i64);
+            p["latitude"] = json!(lat);
+            p["longitude"] = json!(lon);
+            p
+        })
+        .collect();
+    let body = json!({"batch_id": 1, "locations": locations});
+    let (status, _, ack) = post(&server, serde_json::to_vec(&body).unwrap(), false).await;
+    assert_eq!(
+        (status, ack["accepted"].as_u64()),
+        (200, Some(2_000)),
+        "{ack}"
+    );
+    let pool = db.pool().await;
+    let stored: Vec<(f64, f64)> = sqlx::query_as(
+        "SELECT latitude, longitude FROM location_events WHERE device_id = $1 ORDER BY time",
+    )
+    .bind(d)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let off = sent
+        .iter()
+        .zip(&stored)
+        .filter(|(a, b)| a.0.to_bits() != b.0.to_bits() || a.1.to_bits() != b.1.to_bits())
+        .count();
+    assert_eq!((stored.len(), off), (2_000, 0), "points stored not as sent");
+    pool.close().await;
+    server.stop().await;
+    db.drop_db().await;
+}
