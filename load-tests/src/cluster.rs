@@ -739,13 +739,16 @@ fn print(p: &Params, runs: &[Run], latencies: &[Latency], maximum: f64, half_rat
         "A point written through one instance (WriteLocations, one point, a time of its own, every {} ms, cycling over {PROBE_DEVICES} devices), \
          seen on the other: ms from the acknowledgement to GetLatest's answer that holds it (asked every {} ms per probe) and \
          to the live update that carries it (a Subscribe to the probes' devices; updates go out every --live-interval, 100 ms). \
-         The half rate is half of {maximum:.0} points/s, the highest median of the cases above{}.",
+         {}",
         PROBE_EVERY.as_millis(),
         POLL_EVERY.as_millis(),
-        if p.half_rate.is_some() {
-            " (here --half-rate)"
-        } else {
-            ""
+        match p.half_rate {
+            None => format!(
+                "The rate kept up is {half_rate} points/s: half of {maximum:.0}, the highest median of the cases above."
+            ),
+            Some(_) => format!(
+                "The rate kept up is --half-rate, {half_rate} points/s (the highest median above: {maximum:.0})."
+            ),
         },
     );
     println!();
