@@ -644,7 +644,7 @@ pub async fn run(locus: &Path, url: &str, p: Params) -> anyhow::Result<()> {
     stop(clustered).await;
     stop(plain).await;
 
-    print(&p, &runs, &[idle, loaded], maximum, half_rate);
+    print(&p, &runs, &[idle, loaded], maximum, half_rate, &nats.dir);
     Ok(())
 }
 
@@ -659,12 +659,20 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-fn print(p: &Params, runs: &[Run], latencies: &[Latency], maximum: f64, half_rate: u64) {
+fn print(
+    p: &Params,
+    runs: &[Run],
+    latencies: &[Latency],
+    maximum: f64,
+    half_rate: u64,
+    store: &Path,
+) {
     println!();
     println!(
         "Full ingest: {} points of {} devices a run, {} streams of {}-point batches (each keeping 8 unacknowledged), \
          half of them on each of two connections: to one instance, or one to each of two; {} writers an instance; \
-         {} rounds, the order turning; NATS: a nats-server -js of the suite's own. Settled after: seconds from the last \
+         {} rounds, the order turning; NATS: a nats-server -js of the suite's own, its store in {} \
+         (the temporary directory: TMPDIR). Settled after: seconds from the last \
          acknowledgement until every point committed was published to the stream (and, with two, applied by the other \
          instance); CPU is counted until then.",
         runs.first().map_or(0, |r| r.points),
@@ -672,7 +680,8 @@ fn print(p: &Params, runs: &[Run], latencies: &[Latency], maximum: f64, half_rat
         p.streams,
         p.batch,
         p.writers,
-        p.rounds
+        p.rounds,
+        store.display()
     );
     println!();
     println!(
