@@ -237,6 +237,42 @@ async fn points_written_through_one_instance_reach_the_others_latest_and_live_fe
     db.drop_db().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instances_own_points_reach_its_live_feed_once() {
+    let db = TestDb::new().await;
+    let (nats, tag) = (shared_nats(), tag());
+    let a = TestServer::start(clustered(&db, &nats, &tag)).await;
+    let b = TestServer::start(clustered(&db, &nats, &tag)).await;
+    let d = Device::new(now_secs() - 600);
+    let mut feed = QueryClient::new(a.channel().await)
+        .subscribe(SubscribeRequest {
+            app_source: "mextrack".into(),
+            device_ids: vec![d.device_id.to_string()],
+            bbox: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    a.client()
+        .await
+        .write_locations(d.batch(1, 0, 20))
+        .await
+        .unwrap();
+    // The batch is in the stream once B has it, and A reads it back from
+    // there too: its feed gets nothing more from it.
+    wait_latest(&b, &d, 19, Duration::from_secs(5)).await;
+    let mut live = Vec::new();
+    while let Ok(update) = tokio::time::timeout(Duration::from_secs(2), feed.message()).await {
+        live.extend(update.unwrap().unwrap().locations().unwrap());
+    }
+    assert_eq!(live.len(), 20, "each of A's points once in A's own feed");
+
+    a.stop().await;
+    b.stop().await;
+    delete_stream(&nats, &tag).await;
+    db.drop_db().await;
+}
+
 /// Writes through `server`, for `devices` in turn, until `stop`: batches
 /// of 5 points, each device moving on. Returns the points acknowledged.
 async fn keep_writing(

@@ -29,6 +29,7 @@ use locus_load::{
     proc::{Locus, pg_cpu, postmaster, proc_times, rss_peak_mib},
 };
 
+mod cluster;
 mod latest_map;
 mod live_match;
 mod queries;
@@ -83,13 +84,16 @@ struct Args {
     #[arg(long)]
     keep: bool,
     /// `ingest` (the four write paths), `queries` (query latency under
-    /// ingest, and ingest with live subscribers), `live` (the live feed's
+    /// ingest, and ingest with live subscribers), `cluster` (two clustered
+    /// instances against one, how soon a point reaches the other instance,
+    /// and the CPU cluster mode adds; it starts its own nats-server), `live` (the live feed's
     /// matching and encoding in process, without a database), `latest`
     /// (GetLatest's answer built in process) or `track` (a day's track page
     /// in process, in its parts).
     #[arg(long, default_value = "ingest")]
     suite: String,
-    /// Queries suite: the ingest rate kept up while queries run (points/s).
+    /// Queries and cluster suites: the ingest rate kept up while queries
+    /// run, or while the cluster's probes are timed (points/s).
     /// By default half of the maximum, measured first in the same run
     /// (`--half-rate 1000` runs the queries with ingest all but idle).
     #[arg(long)]
@@ -99,6 +103,10 @@ struct Args {
     /// its noise is of the size of what is measured.
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     live_rounds: usize,
+    /// Cluster suite: points written through one instance and timed until
+    /// the other shows them, with ingest idle and again at half the maximum.
+    #[arg(long, default_value_t = 300, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    probes: usize,
 }
 
 struct Row {
@@ -496,6 +504,19 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
             return queries::run(&locus, url, a.connections, a.half_rate, a.live_rounds).await;
         }
         "track" => return track_page::run(url).await,
+        "cluster" => {
+            let params = cluster::Params {
+                rows: a.rows,
+                devices: a.devices,
+                streams: a.streams,
+                batch: a.batch,
+                writers: a.connections,
+                rounds: a.rounds,
+                probes: a.probes,
+                half_rate: a.half_rate,
+            };
+            return cluster::run(&locus, url, params).await;
+        }
         _ => {}
     }
     let setup = tokio::process::Command::new(&locus)

@@ -30,20 +30,20 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-fn ts(us: i64) -> Option<prost_types::Timestamp> {
+pub(crate) fn ts(us: i64) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp {
         seconds: us.div_euclid(1_000_000),
         nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
     })
 }
 
-async fn dial(target: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn dial(target: &str) -> anyhow::Result<Channel> {
     Ok(Endpoint::from_shared(target.to_string())?
         .tcp_nodelay(true)
         .connect()
@@ -54,7 +54,7 @@ async fn dial(target: &str) -> anyhow::Result<Channel> {
 /// process apart from the devices: a measured answer never waits for a
 /// worker of the runtime that drives the ingest streams (the benchmark's
 /// own load, not locus's time).
-async fn apart<T, Fut>(work: impl FnOnce() -> Fut + Send + 'static) -> anyhow::Result<T>
+pub(crate) async fn apart<T, Fut>(work: impl FnOnce() -> Fut + Send + 'static) -> anyhow::Result<T>
 where
     Fut: Future<Output = anyhow::Result<T>>,
     T: Send + 'static,
@@ -84,8 +84,10 @@ where
 }
 
 /// Sends `batches` over `streams` streams, each keeping 8 unacknowledged;
-/// paced to `rate` points/s overall when given. Returns points acknowledged.
-async fn ingest(
+/// paced to `rate` points/s overall when given. Once `stop` is set, a
+/// stream ends after 2 s without an acknowledgement. Returns points
+/// acknowledged.
+pub(crate) async fn ingest(
     channel: Channel,
     batches: Vec<LocationBatch>,
     streams: usize,
@@ -119,6 +121,7 @@ async fn ingest(
                 .stream_locations(ReceiverStream::new(rx))
                 .await?
                 .into_inner();
+            let stopped = stop.clone();
             let sender = tokio::spawn(async move {
                 for b in mine {
                     if let Some(p) = pace.as_mut() {
@@ -138,7 +141,9 @@ async fn ingest(
                         got += 1;
                     }
                     Ok(_) => anyhow::bail!("stream ended"),
-                    Err(_) if sender.is_finished() || got > 0 => break, // stopped early
+                    // Stopped early. (Not before: flat out, 50 streams of 8
+                    // batches of 500 wait some 2 s for their acks.)
+                    Err(_) if stopped.load(Relaxed) => break,
                     Err(_) => {}
                 }
             }
@@ -154,7 +159,13 @@ async fn ingest(
 
 /// `n` points each from `devices` of `app`, one every `every_s` seconds,
 /// ending now.
-fn fleet_points(app: &str, devices: u64, seed: u64, n: usize, every_s: f64) -> Vec<Location> {
+pub(crate) fn fleet_points(
+    app: &str,
+    devices: u64,
+    seed: u64,
+    n: usize,
+    every_s: f64,
+) -> Vec<Location> {
     let interval_us = (every_s * 1e6) as i64;
     let start = now_us() - n as i64 * interval_us - 120_000_000;
     let mut fleet: Vec<Device> = (0..devices)
@@ -169,7 +180,7 @@ fn fleet_points(app: &str, devices: u64, seed: u64, n: usize, every_s: f64) -> V
     out
 }
 
-fn batches(points: Vec<Location>, size: usize) -> Vec<LocationBatch> {
+pub(crate) fn batches(points: Vec<Location>, size: usize) -> Vec<LocationBatch> {
     points
         .chunks(size)
         .enumerate()
@@ -180,7 +191,7 @@ fn batches(points: Vec<Location>, size: usize) -> Vec<LocationBatch> {
         .collect()
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
         .copied()

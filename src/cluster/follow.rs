@@ -285,24 +285,30 @@ impl Follower {
             self.refill(Refill::Gap, seq - 1).await;
         }
         tracing::debug!(seq, subject = %m.message.subject, "cluster: applying");
-        let payload = m.message.payload.clone();
-        match wire::read(
-            &m.message.subject,
-            &self.args.nats_subject_prefix,
-            m.message.headers.as_ref(),
-            payload,
-        ) {
-            Incoming::Batch { instance, .. } if instance == self.instance => {}
-            Incoming::Batch { rows, ranges, .. } => {
+        // Its own batches it applied as it committed them: they are
+        // skipped by their header, before their rows are read.
+        let own = wire::sender(m.message.headers.as_ref()) == Some(self.instance.as_str());
+        let incoming = if own {
+            None
+        } else {
+            Some(wire::read(
+                &m.message.subject,
+                &self.args.nats_subject_prefix,
+                m.message.headers.as_ref(),
+                m.message.payload.clone(),
+            ))
+        };
+        match incoming {
+            None => {}
+            Some(Incoming::Batch { rows, ranges, .. }) => {
                 let n = self.query.apply_remote(rows, ranges);
                 metrics::counter!(CLUSTER_APPLIED).increment(n as u64);
             }
-            Incoming::Resync { instance } if instance == self.instance => {}
-            Incoming::Resync { instance } => {
+            Some(Incoming::Resync { instance }) => {
                 tracing::warn!(%instance, "cluster: another instance could not publish some batches; refilling the latest positions from the database");
                 self.refill(Refill::Resync, seq).await;
             }
-            Incoming::Unreadable(why) => {
+            Some(Incoming::Unreadable(why)) => {
                 tracing::warn!(subject = %m.message.subject, seq, why, "cluster: skipped a message of the stream");
                 metrics::counter!(CLUSTER_BAD_MESSAGES).increment(1);
             }

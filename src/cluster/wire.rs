@@ -129,12 +129,14 @@ pub enum Incoming {
     Unreadable(&'static str),
 }
 
+/// The instance that published a message, read from its headers alone.
+pub fn sender(headers: Option<&HeaderMap>) -> Option<&str> {
+    headers.and_then(|h| h.get(INSTANCE)).map(|v| v.as_str())
+}
+
 /// Reads a message of the stream.
 pub fn read(subject: &str, prefix: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Incoming {
-    let Some(instance) = headers
-        .and_then(|h| h.get(INSTANCE))
-        .map(|v| v.as_str().to_string())
-    else {
+    let Some(instance) = sender(headers).map(str::to_string) else {
         return Incoming::Unreadable("no Locus-Instance header");
     };
     if subject == resync_subject(prefix) {
