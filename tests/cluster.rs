@@ -144,6 +144,22 @@ async fn wait_converged(db: &TestDb, server: &TestServer, devices: &[Device], wi
     }
 }
 
+/// A gRPC live feed of `device`'s points at `server`.
+async fn live_feed(
+    server: &TestServer,
+    device: &Device,
+) -> tonic::Streaming<locus::query::encoded::EncodedLocations> {
+    QueryClient::new(server.channel().await)
+        .subscribe(SubscribeRequest {
+            app_source: "mextrack".into(),
+            device_ids: vec![device.device_id.to_string()],
+            bbox: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// `/readyz`'s cluster part at `server`.
 async fn cluster_status(server: &TestServer) -> (u16, serde_json::Value) {
     let (status, body) = get_json(server, "/readyz").await;
@@ -158,15 +174,7 @@ async fn points_written_through_one_instance_reach_the_others_latest_and_live_fe
     let b = TestServer::start(clustered(&db, &nats, &tag)).await;
     let d = Device::new(now_secs() - 600);
     // B's live feeds, over gRPC and Server-Sent Events.
-    let mut feed = QueryClient::new(b.channel().await)
-        .subscribe(SubscribeRequest {
-            app_source: "mextrack".into(),
-            device_ids: vec![d.device_id.to_string()],
-            bbox: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut feed = live_feed(&b, &d).await;
     let sse = reqwest::get(format!(
         "http://{}/v1/live?app_source=mextrack&device_ids={}",
         b.http, d.device_id
@@ -244,15 +252,7 @@ async fn an_instances_own_points_reach_its_live_feed_once() {
     let a = TestServer::start(clustered(&db, &nats, &tag)).await;
     let b = TestServer::start(clustered(&db, &nats, &tag)).await;
     let d = Device::new(now_secs() - 600);
-    let mut feed = QueryClient::new(a.channel().await)
-        .subscribe(SubscribeRequest {
-            app_source: "mextrack".into(),
-            device_ids: vec![d.device_id.to_string()],
-            bbox: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut feed = live_feed(&a, &d).await;
     a.client()
         .await
         .write_locations(d.batch(1, 0, 20))
