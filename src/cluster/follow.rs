@@ -287,35 +287,37 @@ impl Follower {
         tracing::debug!(seq, subject = %m.message.subject, "cluster: applying");
         // Its own batches it applied as it committed them: they are
         // skipped by their header, before their rows are read.
-        let own = wire::sender(m.message.headers.as_ref()) == Some(self.instance.as_str());
-        let incoming = if own {
-            None
-        } else {
-            Some(wire::read(
-                &m.message.subject,
-                &self.args.nats_subject_prefix,
-                m.message.headers.as_ref(),
-                m.message.payload.clone(),
-            ))
-        };
-        match incoming {
-            None => {}
-            Some(Incoming::Batch { rows, ranges, .. }) => {
-                let n = self.query.apply_remote(rows, ranges);
-                metrics::counter!(CLUSTER_APPLIED).increment(n as u64);
-            }
-            Some(Incoming::Resync { instance }) => {
-                tracing::warn!(%instance, "cluster: another instance could not publish some batches; refilling the latest positions from the database");
-                self.refill(Refill::Resync, seq).await;
-            }
-            Some(Incoming::Unreadable(why)) => {
-                tracing::warn!(subject = %m.message.subject, seq, why, "cluster: skipped a message of the stream");
-                metrics::counter!(CLUSTER_BAD_MESSAGES).increment(1);
-            }
+        if wire::sender(m.message.headers.as_ref()) != Some(self.instance.as_str()) {
+            self.apply_other(&m, seq).await;
         }
         self.position = Some(seq);
         self.status.applied_up_to(seq);
         Ok(())
+    }
+
+    /// A message of another instance's: its batch to the view, its resync
+    /// to a refill.
+    async fn apply_other(&mut self, m: &jetstream::Message, seq: u64) {
+        let incoming = wire::read(
+            &m.message.subject,
+            &self.args.nats_subject_prefix,
+            m.message.headers.as_ref(),
+            m.message.payload.clone(),
+        );
+        match incoming {
+            Incoming::Batch { rows, ranges, .. } => {
+                let n = self.query.apply_remote(rows, ranges);
+                metrics::counter!(CLUSTER_APPLIED).increment(n as u64);
+            }
+            Incoming::Resync { instance } => {
+                tracing::warn!(%instance, "cluster: another instance could not publish some batches; refilling the latest positions from the database");
+                self.refill(Refill::Resync, seq).await;
+            }
+            Incoming::Unreadable(why) => {
+                tracing::warn!(subject = %m.message.subject, seq, why, "cluster: skipped a message of the stream");
+                metrics::counter!(CLUSTER_BAD_MESSAGES).increment(1);
+            }
+        }
     }
 
     /// Fills the latest map from the database (it only moves forward, so

@@ -218,21 +218,14 @@ pub(crate) fn page_limit(asked: u32, default: u32, most: u32) -> Result<u32, Que
 }
 
 impl QueryState {
-    /// Rows another instance committed (`ranges` of `rows`, as published):
-    /// the newest of each device is offered to the latest map, and all go
-    /// to the live feed. Returns how many rows there were.
-    pub fn apply_remote(&self, rows: bytes::Bytes, ranges: Vec<std::ops::Range<u32>>) -> usize {
+    /// Offers the latest map each (app_source, device)'s newest of `rows`
+    /// (its key, its time and its encoded row): only those are decoded.
+    fn offer_newest<'a>(&self, rows: impl IntoIterator<Item = ((&'a str, Uuid), i64, &'a [u8])>) {
         let mut newest: foldhash::HashMap<(&str, Uuid), (i64, &[u8])> = Default::default();
-        for r in &ranges {
-            let row = &rows[r.start as usize..r.end as usize];
-            let Some(loc) = copy_encoder::read_row(row) else {
-                continue;
-            };
-            let e = newest
-                .entry((loc.app_source, loc.device_id))
-                .or_insert((loc.time_us, row));
-            if loc.time_us > e.0 {
-                *e = (loc.time_us, row);
+        for (key, t, row) in rows {
+            let e = newest.entry(key).or_insert((t, row));
+            if t > e.0 {
+                *e = (t, row);
             }
         }
         for (_, row) in newest.into_values() {
@@ -240,6 +233,16 @@ impl QueryState {
                 self.latest.offer(loc);
             }
         }
+    }
+
+    /// Rows another instance committed (`ranges` of `rows`, as published):
+    /// the newest of each device is offered to the latest map, and all go
+    /// to the live feed. Returns how many rows there were.
+    pub fn apply_remote(&self, rows: bytes::Bytes, ranges: Vec<std::ops::Range<u32>>) -> usize {
+        self.offer_newest(ranges.iter().filter_map(|r| {
+            let row = &rows[r.start as usize..r.end as usize];
+            copy_encoder::read_row(row).map(|l| ((l.app_source, l.device_id), l.time_us, row))
+        }));
         let n = ranges.len();
         if self.live.has_subscribers() {
             self.live.publish(live::LiveBatch::of_rows(rows, ranges));
@@ -250,24 +253,10 @@ impl QueryState {
 
 impl CommitSink for QueryState {
     fn committed(&self, subs: &[Submission], inserted: Option<&foldhash::HashSet<PointKey>>) {
-        // The latest map: only each (app_source, device)'s newest row of
-        // the batch is decoded.
-        let mut newest: foldhash::HashMap<(&str, Uuid), (i64, &[u8])> = Default::default();
-        for s in subs {
-            for (range, (app, device, t)) in s.rows() {
-                let e = newest
-                    .entry((app, *device))
-                    .or_insert((*t, &s.rows[range.clone()]));
-                if *t > e.0 {
-                    *e = (*t, &s.rows[range]);
-                }
-            }
-        }
-        for (_, row) in newest.into_values() {
-            if let Some(loc) = copy_encoder::decode_row(row) {
-                self.latest.offer(loc);
-            }
-        }
+        self.offer_newest(subs.iter().flat_map(|s| {
+            s.rows()
+                .map(|(range, (app, device, t))| ((&**app, *device), *t, &s.rows[range]))
+        }));
         if self.live.has_subscribers() {
             let mut batch = live::LiveBatch::default();
             for s in subs {
