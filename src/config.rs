@@ -53,7 +53,8 @@ default_from_flags!(
     PipelineArgs,
     QueryArgs,
     AuthArgs,
-    ClusterArgs
+    ClusterArgs,
+    LogArgs
 );
 
 /// Where the tracking database is. Required: there is no default and no fallback.
@@ -365,6 +366,127 @@ pub struct TlsArgs {
     pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
+/// A JetStream stream name: ASCII letters, digits, '_' and '-'.
+fn stream_name(flag: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        return Err(inconsistent(format!(
+            "{flag} {name:?}: a stream name is ASCII letters, digits, '_' and '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// A subject prefix: dot-separated tokens without wildcards or spaces.
+fn subject_prefix(flag: &str, prefix: &str) -> Result<(), ConfigError> {
+    let ok = prefix.split('.').all(|t| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+    });
+    if !ok {
+        return Err(inconsistent(format!(
+            "{flag} {prefix:?}: dot-separated tokens without spaces, '*' or '>'"
+        )));
+    }
+    Ok(())
+}
+
+/// When a client hears "accepted".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AckAfter {
+    /// Once its points are committed to the database.
+    Commit,
+    /// Once its points are in the replicated log (NATS JetStream); writers
+    /// on every instance then copy the log into the database. Needs
+    /// --nats-url.
+    Log,
+}
+
+/// `--ack-after log`: the replicated log in front of the database.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// When a client is acknowledged: after the commit (the default), or
+    /// after JetStream has stored its points in the log (needs --nats-url).
+    #[arg(long, env = "LOCUS_ACK_AFTER", value_enum, default_value = "commit")]
+    pub ack_after: AckAfter,
+    /// JetStream stream of accepted points not yet written (a work queue:
+    /// a message leaves it once written), created if missing. Its dead
+    /// letters go to the stream `<name>_DEAD`.
+    #[arg(long, env = "LOCUS_LOG_STREAM", default_value = "LOCUS_LOG")]
+    pub log_stream: String,
+    /// Subjects of the log: `<prefix>.<partition>`, a device's points
+    /// always in the same partition; dead letters on `<prefix>.dead`.
+    #[arg(long, env = "LOCUS_LOG_SUBJECT_PREFIX", default_value = "locus.log")]
+    pub log_subject_prefix: String,
+    /// Partitions of the log (subjects), by device.
+    #[arg(long, env = "LOCUS_LOG_PARTITIONS", default_value_t = 16)]
+    pub log_partitions: u16,
+    /// Most bytes the log holds; past it clients get RESOURCE_EXHAUSTED
+    /// with a retry hint (nothing in it is dropped).
+    #[arg(long, env = "LOCUS_LOG_MAX_BYTES", default_value_t = 8 * 1024 * 1024 * 1024)]
+    pub log_max_bytes: u64,
+    /// Points older than this in the log are dropped by JetStream, written
+    /// or not: longer than any database outage you plan for. Dead letters
+    /// are kept as long.
+    #[arg(long, env = "LOCUS_LOG_MAX_AGE", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub log_max_age: Duration,
+    /// A client batch resent within this window after a lost
+    /// acknowledgement is stored in the log once (JetStream's message ids).
+    #[arg(long, env = "LOCUS_LOG_DEDUP_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub log_dedup_window: Duration,
+    /// A message a writer took and neither wrote nor gave back within this
+    /// time (its instance died) goes to another writer.
+    #[arg(long, env = "LOCUS_LOG_ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub log_ack_wait: Duration,
+}
+
+impl LogArgs {
+    pub fn enabled(&self) -> bool {
+        self.ack_after == AckAfter::Log
+    }
+
+    pub fn validate(&self, cluster: &ClusterArgs) -> Result<(), ConfigError> {
+        if self.enabled() && !cluster.enabled() {
+            return Err(inconsistent(
+                "--ack-after log needs --nats-url: the log is a NATS JetStream stream",
+            ));
+        }
+        stream_name("--log-stream", &self.log_stream)?;
+        subject_prefix("--log-subject-prefix", &self.log_subject_prefix)?;
+        if self.log_stream == cluster.nats_stream {
+            return Err(inconsistent("--log-stream must differ from --nats-stream"));
+        }
+        let overlaps = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}."));
+        if overlaps(&self.log_subject_prefix, &cluster.nats_subject_prefix)
+            || overlaps(&cluster.nats_subject_prefix, &self.log_subject_prefix)
+        {
+            return Err(inconsistent(
+                "--log-subject-prefix and --nats-subject-prefix must not overlap",
+            ));
+        }
+        at_least("--log-partitions", 1, self.log_partitions.into())?;
+        at_least("--log-max-bytes", 1024 * 1024, self.log_max_bytes)?;
+        if self.log_max_age < Duration::from_secs(60) {
+            return Err(inconsistent("--log-max-age must be at least 1m"));
+        }
+        if self.log_ack_wait < Duration::from_secs(1) {
+            return Err(inconsistent("--log-ack-wait must be at least 1s"));
+        }
+        if self.log_dedup_window < Duration::from_secs(1)
+            || self.log_dedup_window > self.log_max_age
+        {
+            return Err(inconsistent(
+                "--log-dedup-window must be at least 1s and at most --log-max-age",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Cluster mode: several instances share one view (the latest positions
 /// and the live feed) through a NATS JetStream stream of committed batches.
 /// Off without --nats-url: locus is then one self-contained process.
@@ -420,28 +542,8 @@ impl ClusterArgs {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| inconsistent(format!("--nats-url {url:?}: {e}")))?;
         }
-        let name_ok = !self.nats_stream.is_empty()
-            && self
-                .nats_stream
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !name_ok {
-            return Err(inconsistent(format!(
-                "--nats-stream {:?}: a stream name is ASCII letters, digits, '_' and '-'",
-                self.nats_stream
-            )));
-        }
-        let prefix_ok = self.nats_subject_prefix.split('.').all(|t| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
-        });
-        if !prefix_ok {
-            return Err(inconsistent(format!(
-                "--nats-subject-prefix {:?}: dot-separated tokens without spaces, '*' or '>'",
-                self.nats_subject_prefix
-            )));
-        }
+        stream_name("--nats-stream", &self.nats_stream)?;
+        subject_prefix("--nats-subject-prefix", &self.nats_subject_prefix)?;
         if self.nats_replicas > 5 {
             return Err(inconsistent("--nats-replicas: JetStream keeps at most 5"));
         }
@@ -506,6 +608,8 @@ pub struct ServeConfig {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl ServeConfig {
@@ -535,6 +639,7 @@ impl ServeConfig {
         self.auth.validate(&self.limits)?;
         self.tls.validate()?;
         self.cluster.validate()?;
+        self.log.validate(&self.cluster)?;
         self.storage.validate()
     }
 }

@@ -29,6 +29,7 @@ pub mod connections;
 pub mod health;
 pub mod http_server;
 pub mod ingest;
+pub mod ingest_log;
 pub mod location;
 pub mod metrics;
 pub mod openapi;

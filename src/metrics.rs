@@ -84,6 +84,32 @@ pub const CLUSTER_BAD_MESSAGES: &str = "locus_cluster_bad_messages_total";
 /// Bytes of committed batches waiting to be published.
 pub const CLUSTER_PUBLISH_BUFFER_BYTES: &str = "locus_cluster_publish_buffer_bytes";
 
+/// `--ack-after log`: points appended to the log (acknowledged to clients).
+pub const LOG_APPENDED: &str = "locus_log_appended_points_total";
+/// Points of client batches JetStream had already (a resend within the
+/// dedup window), by message id.
+pub const LOG_RESENT: &str = "locus_log_resent_points_total";
+/// Messages in the log not yet written (taken by no writer, or not yet
+/// acknowledged by the one that took them).
+pub const LOG_BACKLOG_MESSAGES: &str = "locus_log_backlog_messages";
+/// Their bytes.
+pub const LOG_BACKLOG_BYTES: &str = "locus_log_backlog_bytes";
+/// Their points: the messages times the mean points of a message this
+/// instance has appended or written (an estimate; the log counts messages).
+pub const LOG_BACKLOG_POINTS: &str = "locus_log_backlog_points";
+/// Age of the oldest message in the log not yet written.
+pub const LOG_OLDEST_SECONDS: &str = "locus_log_oldest_unwritten_seconds";
+/// Points this instance's writers committed from the log.
+pub const LOG_WRITTEN: &str = "locus_log_written_points_total";
+/// Points moved to the dead-letter stream (refused by the database for
+/// good, or unreadable), by reason.
+pub const LOG_DEAD_LETTERED: &str = "locus_log_dead_lettered_points_total";
+/// Messages in the dead-letter stream.
+pub const LOG_DEAD_LETTERS: &str = "locus_log_dead_letters";
+/// Messages this instance's writers took again after a first delivery
+/// (another writer died or gave them back).
+pub const LOG_REDELIVERED: &str = "locus_log_redelivered_messages_total";
+
 /// What the `rpc` and `transport` labels of a call's histogram say: the
 /// proto's name of the rpc, whichever transport carried it (an HTTP route
 /// is labelled with the rpc it answers as), so that one query reads both.
@@ -237,6 +263,37 @@ fn describe() {
     describe_gauge!(
         CLUSTER_PUBLISH_BUFFER_BYTES,
         "Bytes of committed batches waiting to be published."
+    );
+    describe_counter!(
+        LOG_APPENDED,
+        "Points appended to the log and acknowledged to clients (--ack-after log)."
+    );
+    describe_counter!(
+        LOG_RESENT,
+        "Points of resent batches the log already held (message id within the dedup window)."
+    );
+    describe_gauge!(LOG_BACKLOG_MESSAGES, "Messages in the log not yet written.");
+    describe_gauge!(LOG_BACKLOG_BYTES, "Bytes in the log not yet written.");
+    describe_gauge!(
+        LOG_BACKLOG_POINTS,
+        "Points in the log not yet written (estimated from the mean points of a message)."
+    );
+    describe_gauge!(
+        LOG_OLDEST_SECONDS,
+        "Age of the oldest message in the log not yet written."
+    );
+    describe_counter!(
+        LOG_WRITTEN,
+        "Points this instance's writers committed from the log."
+    );
+    describe_counter!(
+        LOG_DEAD_LETTERED,
+        "Points moved to the dead-letter stream, by reason."
+    );
+    describe_gauge!(LOG_DEAD_LETTERS, "Messages in the dead-letter stream.");
+    describe_counter!(
+        LOG_REDELIVERED,
+        "Log messages this instance took after an earlier delivery."
     );
     describe_gauge!(OPEN_CONNECTIONS, "Open connections, by listener.");
     describe_counter!(

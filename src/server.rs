@@ -13,7 +13,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::Auth,
@@ -22,11 +22,12 @@ use crate::{
     connections::{Gate, grpc_incoming},
     health::Health,
     ingest::{
-        Ingestor,
+        Ingestor, Target,
         grpc::{IngestRoutes, IngestService},
         unix_micros,
         validate::Validator,
     },
+    ingest_log::{self, append::Appender, write::Writers},
     metrics,
     pipeline::{
         Budget, Pipeline,
@@ -131,14 +132,32 @@ pub async fn run(
     );
     let budget = Budget::new(config.limits.buffer_points, config.limits.buffer_bytes);
     let (pipeline, pipeline_task) =
-        Pipeline::start(writer, &config.pipeline, budget, shutdown.clone());
+        Pipeline::start(writer, &config.pipeline, budget.clone(), shutdown.clone());
     let validator = Validator::new(&config.validation, config.storage.raw_retention);
-    let ingestor = Ingestor::new(
-        validator,
-        pipeline,
-        config.limits.max_batch_points,
-        auth.clone(),
-    );
+    let log_writers = TaskTracker::new();
+    let ingestor = match (&cluster, config.log.enabled()) {
+        (Some(c), true) => {
+            let (target, writers) = start_log(c, &config, pipeline, &log_writers, &shutdown).await;
+            // The edge's budget is its own: writers held up by the database
+            // never fill it, so clients go on being acknowledged.
+            let edge = Budget::new(config.limits.buffer_points, config.limits.buffer_bytes);
+            tokio::spawn(writers);
+            Ingestor::new(
+                validator,
+                target,
+                edge,
+                config.limits.max_batch_points,
+                auth.clone(),
+            )
+        }
+        _ => Ingestor::new(
+            validator,
+            Target::Pipeline(pipeline),
+            budget,
+            config.limits.max_batch_points,
+            auth.clone(),
+        ),
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let background = CancellationToken::new();
@@ -224,6 +243,19 @@ pub async fn run(
     tracing::info!(%grpc_addr, tls = tls.is_some(), auth = ?config.auth.mode, "locus serving");
 
     let result = drain(grpc, pipeline_task, &health, &config, &shutdown).await;
+    // The pipeline drained: the log messages it committed are acknowledged.
+    log_writers.close();
+    if tokio::time::timeout(config.shutdown_grace, log_writers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "log: some messages were neither acknowledged nor given back; they go to another writer after --log-ack-wait"
+        );
+    }
+    if let Some(c) = &cluster {
+        let _ = c.nats().0.flush().await;
+    }
     if let Some(running) = cluster_tasks {
         running.stop().await;
     }
@@ -232,6 +264,58 @@ pub async fn run(
     let _ = http_task.await;
     pool.close().await;
     result
+}
+
+/// `--ack-after log`: the log made (or waited for a little, when NATS is
+/// slow to answer), the gauges watched; returns the edge's target and the
+/// writers' task (which takes messages until `shutdown`).
+async fn start_log(
+    cluster: &Cluster,
+    config: &ServeConfig,
+    pipeline: Pipeline,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> (Target, impl std::future::Future<Output = ()> + use<>) {
+    let (client, js) = cluster.nats();
+    let made = tokio::time::timeout(
+        ingest_log::START_WAIT,
+        ingest_log::ensure(js, client, &config.cluster, &config.log),
+    )
+    .await;
+    match made {
+        Ok(Ok(_)) => {
+            tracing::info!(stream = %config.log.log_stream, "log: acknowledging after the log (--ack-after log)")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "log: the log is not ready; batches are refused (UNAVAILABLE) until it is")
+        }
+        Err(_) => tracing::warn!(
+            "log: NATS did not answer within 5 s; batches are refused (UNAVAILABLE) until it does"
+        ),
+    }
+    let mean = Arc::new(ingest_log::Mean::default());
+    tokio::spawn(ingest_log::watch(
+        js.clone(),
+        config.log.clone(),
+        Arc::clone(&mean),
+        shutdown.clone(),
+    ));
+    let target = Target::Log(Box::new(Appender::new(
+        js.clone(),
+        client.clone(),
+        config.log.log_subject_prefix.clone(),
+        config.log.log_partitions,
+        Arc::clone(&mean),
+    )));
+    let writers = Writers {
+        js: js.clone(),
+        client: client.clone(),
+        cluster: config.cluster.clone(),
+        args: config.log.clone(),
+        pipeline,
+        mean,
+    };
+    (target, writers.run(shutdown.clone(), tracker.clone()))
 }
 
 /// Creates the database if asked, then brings its schema up to date

@@ -11,12 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Device, TestDb, TestServer, config, count_rows, free_port, now_secs};
+use common::{Device, TestDb, TestServer, config, count_rows, free_port, health, now_secs};
 use locus::proto::{LocationBatch, ingest_client::IngestClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, transport::Channel};
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic::Code;
 
 /// A client as the docs tell clients to be: it streams, and after an error
 /// reconnects and sends again every batch not acknowledged.
@@ -78,21 +77,6 @@ async fn resilient_stream(
         }
     }
     (accepted, duplicates, errors)
-}
-
-async fn health(grpc: std::net::SocketAddr) -> Option<i32> {
-    let channel = Channel::from_shared(format!("http://{grpc}"))
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()
-        .map(|r| r.into_inner().status)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

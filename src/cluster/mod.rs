@@ -124,6 +124,11 @@ impl Cluster {
         })
     }
 
+    /// The connection and its JetStream context.
+    pub fn nats(&self) -> (&async_nats::Client, &jetstream::Context) {
+        (&self.client, &self.js)
+    }
+
     /// Starts publishing and following; returns the sink the writer tells
     /// of each commit (the local view, then the stream).
     pub fn start(

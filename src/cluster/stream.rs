@@ -42,21 +42,44 @@ pub async fn ensure(
     client: &async_nats::Client,
     args: &ClusterArgs,
 ) -> Result<stream::Stream, async_nats::Error> {
-    match js.get_stream(&args.nats_stream).await {
+    ensure_as(js, client, args, |n| config(args, n)).await
+}
+
+/// A stream made as `want(replicas)` where missing (the replicas as
+/// [`replicas`] chooses), or brought to its subjects, limits and copies
+/// where they differ. Its retention cannot change: a stream of that name
+/// kept otherwise is an error that says so.
+pub async fn ensure_as(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    args: &ClusterArgs,
+    want: impl Fn(usize) -> stream::Config,
+) -> Result<stream::Stream, async_nats::Error> {
+    let name = want(1).name;
+    match js.get_stream(&name).await {
         Ok(mut existing) => {
             let have = existing.info().await?.config.clone();
-            let mut want = config(args, have.num_replicas);
+            let mut want = want(have.num_replicas);
             if args.nats_replicas > 0 {
                 want.num_replicas = args.nats_replicas.into();
+            }
+            if have.retention != want.retention {
+                return Err(format!(
+                    "the NATS stream {name} exists with retention {:?}; locus needs {:?}: delete it or name another",
+                    have.retention, want.retention
+                )
+                .into());
             }
             let differs = have.subjects != want.subjects
                 || have.max_age != want.max_age
                 || have.max_bytes != want.max_bytes
-                || have.num_replicas != want.num_replicas;
+                || have.num_replicas != want.num_replicas
+                || have.duplicate_window != want.duplicate_window
+                || have.discard != want.discard;
             if differs {
-                tracing::info!(stream = %args.nats_stream, ?want.max_age, want.max_bytes, want.num_replicas, "cluster: the stream's limits updated to the flags'");
+                tracing::info!(stream = %name, ?want.max_age, want.max_bytes, want.num_replicas, "cluster: the stream's limits updated to the flags'");
                 js.update_stream(&want).await?;
-                return Ok(js.get_stream(&args.nats_stream).await?);
+                return Ok(js.get_stream(&name).await?);
             }
             Ok(existing)
         }
@@ -69,7 +92,7 @@ pub async fn ensure(
         {
             let tries = replicas(args, client);
             for (i, n) in tries.iter().enumerate() {
-                let want = config(args, *n);
+                let want = want(*n);
                 tracing::info!(stream = %want.name, replicas = n, "cluster: creating the stream");
                 match js.get_or_create_stream(want).await {
                     Ok(s) => return Ok(s),

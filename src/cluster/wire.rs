@@ -64,38 +64,46 @@ pub fn batches(
     prefix: &str,
     max_payload: usize,
 ) -> Vec<Outgoing> {
+    let rows = subs.iter().flat_map(|s| {
+        s.rows()
+            .filter(|(_, key)| inserted.is_none_or(|i| i.contains(*key)))
+            .map(|(range, key)| (&s.rows[range], &*key.0))
+    });
+    grouped(rows, |app| subject(prefix, app), max_payload)
+}
+
+/// Rows grouped by a key of each (its subject is `subject(key)`), in their
+/// order within a group, into messages of at most `max_payload` bytes.
+pub fn grouped<'a, K: PartialEq + Copy>(
+    rows: impl Iterator<Item = (&'a [u8], K)>,
+    subject: impl Fn(K) -> String,
+    max_payload: usize,
+) -> Vec<Outgoing> {
     let limit = max_payload.saturating_sub(HEADROOM).max(1);
-    // Flushes hold one app or a few: a short list beats a map.
-    let mut open: Vec<(&str, BytesMut, u32)> = Vec::new();
+    // Rows hold one key or a few: a short list beats a map.
+    let mut open: Vec<(K, BytesMut, u32)> = Vec::new();
     let mut done = Vec::new();
-    for s in subs {
-        for (range, key) in s.rows() {
-            if !inserted.is_none_or(|i| i.contains(key)) {
-                continue;
+    for (row, key) in rows {
+        let i = match open.iter().position(|(k, _, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                open.push((key, BytesMut::new(), 0));
+                open.len() - 1
             }
-            let app: &str = &key.0;
-            let row = &s.rows[range];
-            let i = match open.iter().position(|(a, _, _)| *a == app) {
-                Some(i) => i,
-                None => {
-                    open.push((app, BytesMut::new(), 0));
-                    open.len() - 1
-                }
-            };
-            let (_, buf, n) = &mut open[i];
-            if *n > 0 && buf.len() + row.len() > limit {
-                done.push(Outgoing {
-                    subject: subject(prefix, app),
-                    payload: buf.split().freeze(),
-                    points: std::mem::take(n),
-                });
-            }
-            buf.extend_from_slice(row);
-            *n += 1;
+        };
+        let (_, buf, n) = &mut open[i];
+        if *n > 0 && buf.len() + row.len() > limit {
+            done.push(Outgoing {
+                subject: subject(key),
+                payload: buf.split().freeze(),
+                points: std::mem::take(n),
+            });
         }
+        buf.extend_from_slice(row);
+        *n += 1;
     }
-    done.extend(open.into_iter().map(|(app, buf, n)| Outgoing {
-        subject: subject(prefix, app),
+    done.extend(open.into_iter().map(|(key, buf, n)| Outgoing {
+        subject: subject(key),
         payload: buf.freeze(),
         points: n,
     }));

@@ -13,12 +13,13 @@ use tokio::sync::oneshot;
 
 use crate::{
     auth::{Auth, AuthError, Principal},
+    ingest_log::append::{Appended, Appender, Appending, LogError},
     location::{Reason, Rejection, reject},
     metrics::{
         ACK_LATENCY, Call, POINTS_ACCEPTED, POINTS_DUPLICATE, POINTS_RECEIVED, POINTS_REJECTED,
         REQUESTS_REFUSED,
     },
-    pipeline::{Pipeline, Refused, SubmissionBuilder, WriteError, WriteOutcome},
+    pipeline::{Budget, Pipeline, Refused, SubmissionBuilder, WriteError, WriteOutcome},
     proto,
 };
 use validate::Validator;
@@ -58,6 +59,9 @@ pub enum IngestError {
     ShuttingDown,
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// `--ack-after log`: the batch is not in the log.
+    #[error(transparent)]
+    Log(#[from] LogError),
     #[error(transparent)]
     Auth(#[from] AuthError),
 }
@@ -79,11 +83,24 @@ pub enum WhenFull {
     Refuse,
 }
 
-/// Validates client batches and hands their good points to the pipeline.
+/// Where accepted points go, and so what their acknowledgement waits for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The pipeline: acknowledged once committed (`--ack-after commit`).
+    Pipeline(Pipeline),
+    /// The replicated log: acknowledged once JetStream stored them
+    /// (`--ack-after log`); the writers take them from there.
+    Log(Box<Appender>),
+}
+
+/// Validates client batches and hands their good points to the pipeline
+/// or the log.
 #[derive(Debug, Clone)]
 pub struct Ingestor {
     validator: Validator,
-    pipeline: Pipeline,
+    target: Target,
+    /// Bounds what the points of batches not yet acknowledged hold.
+    budget: Budget,
     max_batch_points: usize,
     pub auth: Auth,
 }
@@ -103,7 +120,7 @@ pub struct Admitted {
 pub struct PendingAck {
     batch_id: u64,
     rejected: Vec<proto::Rejection>,
-    outcome: Option<oneshot::Receiver<Result<WriteOutcome, WriteError>>>,
+    outcome: Option<Outcome>,
     /// The index in the client's batch of each row written, in row order:
     /// where a row the database refuses is answered.
     row_index: Vec<u32>,
@@ -111,16 +128,34 @@ pub struct PendingAck {
     call: Call,
 }
 
+/// What a batch's acknowledgement waits for.
+enum Outcome {
+    Commit(oneshot::Receiver<Result<WriteOutcome, WriteError>>),
+    Log(Appending),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Commit(_) => "Commit",
+            Outcome::Log(_) => "Log",
+        })
+    }
+}
+
 impl Ingestor {
+    /// `budget`: for [`Target::Pipeline`], the pipeline's own.
     pub fn new(
         validator: Validator,
-        pipeline: Pipeline,
+        target: Target,
+        budget: Budget,
         max_batch_points: usize,
         auth: Auth,
     ) -> Self {
         Self {
             validator,
-            pipeline,
+            target,
+            budget,
             max_batch_points,
             auth,
         }
@@ -189,7 +224,7 @@ impl Ingestor {
     fn may_write(&self, caller: &Principal, room_for: Option<usize>) -> Result<(), IngestError> {
         self.auth.check_revoked(caller)?;
         caller.require_write()?;
-        if room_for.is_some_and(|points| !self.pipeline.budget.has_room_for(points)) {
+        if room_for.is_some_and(|points| !self.budget.has_room_for(points)) {
             metrics::counter!(REQUESTS_REFUSED, "reason" => "buffer_full").increment(1);
             return Err(IngestError::BufferFull);
         }
@@ -244,16 +279,8 @@ impl Ingestor {
             None
         } else {
             let reservation = match when_full {
-                WhenFull::Wait => {
-                    self.pipeline
-                        .budget
-                        .reserve(rows.points(), rows.bytes())
-                        .await
-                }
-                WhenFull::Refuse => self
-                    .pipeline
-                    .budget
-                    .try_reserve(rows.points(), rows.bytes()),
+                WhenFull::Wait => self.budget.reserve(rows.points(), rows.bytes()).await,
+                WhenFull::Refuse => self.budget.try_reserve(rows.points(), rows.bytes()),
             }
             .inspect_err(|r| {
                 if *r == Refused::BufferFull {
@@ -261,8 +288,13 @@ impl Ingestor {
                 }
             })?;
             let (sub, rx) = rows.finish(reservation);
-            self.pipeline.submit(sub).await?;
-            Some(rx)
+            Some(match &self.target {
+                Target::Pipeline(pipeline) => {
+                    pipeline.submit(sub).await?;
+                    Outcome::Commit(rx)
+                }
+                Target::Log(log) => Outcome::Log(log.append(sub).await?),
+            })
         };
         Ok(PendingAck {
             batch_id,
@@ -282,7 +314,18 @@ impl PendingAck {
             None => WriteOutcome::default(),
             // The writer always answers; a dropped reply means the pipeline
             // was torn down before it could.
-            Some(rx) => rx.await.map_err(|_| IngestError::ShuttingDown)??,
+            Some(Outcome::Commit(rx)) => rx.await.map_err(|_| IngestError::ShuttingDown)??,
+            // In the log: to be written. Whether some were stored before is
+            // not known yet; those the log itself had (the same batch sent
+            // again) are counted as duplicates.
+            Some(Outcome::Log(appending)) => {
+                let Appended { points, resent } = appending.await?;
+                WriteOutcome {
+                    accepted: points - resent,
+                    duplicates: resent,
+                    refused: Vec::new(),
+                }
+            }
         };
         let mut rejected = self.rejected;
         if !outcome.refused.is_empty() {

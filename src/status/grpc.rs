@@ -7,7 +7,9 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::{QUERY_FAILED, RETRY_AFTER, WRITE_FAILED, WRITE_RETRY};
-use crate::{auth::AuthError, ingest::IngestError, query::QueryError};
+use crate::{
+    auth::AuthError, ingest::IngestError, ingest_log::append::LogError, query::QueryError,
+};
 
 /// A status that tells the client to retry after `after`: in the standard
 /// `RetryInfo` detail, and in the gRPC retry pushback header.
@@ -52,6 +54,8 @@ impl From<IngestError> for Status {
                 retry(Code::ResourceExhausted, e.to_string())
             }
             IngestError::ShuttingDown => retry(Code::Unavailable, e.to_string()),
+            IngestError::Log(LogError::Full(_)) => retry(Code::ResourceExhausted, e.to_string()),
+            IngestError::Log(LogError::Unavailable(_)) => retry(Code::Unavailable, e.to_string()),
             IngestError::Write(w) if w.is_retryable() => {
                 retry(Code::Unavailable, WRITE_RETRY.into())
             }

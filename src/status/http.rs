@@ -14,6 +14,7 @@ use super::{QUERY_FAILED, RETRY_AFTER, WRITE_FAILED, WRITE_RETRY};
 use crate::{
     auth::AuthError,
     ingest::{BodyError, IngestError},
+    ingest_log::append::LogError,
     query::QueryError,
 };
 
@@ -32,7 +33,8 @@ pub struct ErrorDetail {
     /// `too_many_subscribers_for_token`; from `POST /v1/locations`:
     /// `bad_json`, `bad_gzip`, `body_too_large`, `unsupported_encoding`,
     /// `batch_too_large`, `buffer_full`, `decoding_busy`, `shutting_down`,
-    /// `database_unavailable`.
+    /// `database_unavailable`, and with `--ack-after log` `log_full`,
+    /// `log_unavailable`.
     pub code: String,
     pub message: String,
 }
@@ -101,6 +103,12 @@ impl IntoResponse for IngestError {
                 (StatusCode::TOO_MANY_REQUESTS, "buffer_full", true)
             }
             IngestError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", true),
+            IngestError::Log(LogError::Full(_)) => {
+                (StatusCode::TOO_MANY_REQUESTS, "log_full", true)
+            }
+            IngestError::Log(LogError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", true)
+            }
             IngestError::Write(w) if w.is_retryable() => {
                 return json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -174,6 +182,8 @@ impl IntoResponse for QueryError {
 mod tests {
     use std::{collections::BTreeSet, time::Duration};
 
+    use crate::ingest_log::append::LogError;
+
     use axum::response::IntoResponse;
     use utoipa::OpenApi;
 
@@ -208,6 +218,7 @@ mod tests {
         match i {
             I::BatchTooLarge { .. } | I::BatchOverLimit { .. } | I::BufferFull => {}
             I::TooManyStreams(_) | I::ShuttingDown | I::Write(_) | I::Auth(_) => {}
+            I::Log(LogError::Full(_)) | I::Log(LogError::Unavailable(_)) => {}
         }
         match b {
             B::TooLargeAsSent(_) | B::DecodingBusy | B::BadGzip(_) | B::TooLarge(_) => {}
@@ -249,6 +260,8 @@ mod tests {
             IngestError::ShuttingDown,
             IngestError::Write(WriteError::Unavailable(String::new())),
             IngestError::Write(WriteError::Other(String::new())),
+            IngestError::Log(LogError::Full(String::new())),
+            IngestError::Log(LogError::Unavailable(String::new())),
         ] {
             codes.insert(code(e).await);
         }

@@ -183,6 +183,22 @@ impl TestServer {
     }
 }
 
+/// What gRPC health says of the whole server at `grpc` (`None`: no answer).
+pub async fn health(grpc: SocketAddr) -> Option<i32> {
+    let channel = Channel::from_shared(format!("http://{grpc}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
 pub fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
