@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     auth::{Role, token},
-    config::{DatabaseArgs, LogFormat, ServeConfig, StorageArgs},
+    config::{ClusterArgs, DatabaseArgs, LogArgs, LogFormat, ServeConfig, StorageArgs},
     ingest::unix_micros,
+    ingest_log,
     server::{self, Listeners},
     storage::{
         Tier, catalog, doctor, maintain,
@@ -46,9 +47,10 @@ pub enum Command {
     Serve(Box<ServeConfig>),
     /// Bring the database to the schema locus needs (idempotent).
     Setup(SetupArgs),
-    /// Report the tier, drift, sizes, compression, jobs and lag; exit 1 when
+    /// Report the tier, drift, sizes, compression, jobs and lag (and with
+    /// --nats-url the log of --ack-after log); exit 1 when
     /// something needs attention.
-    Doctor(DoctorArgs),
+    Doctor(Box<DoctorArgs>),
     /// Run locus's own storage jobs once (retention, hourly rollup), as
     /// `serve` does on its schedule.
     Maintain(MaintainArgs),
@@ -186,6 +188,12 @@ pub struct DoctorArgs {
     database: DatabaseArgs,
     #[command(flatten)]
     storage: StorageArgs,
+    /// With --nats-url: the log of `--ack-after log` too (its backlog,
+    /// writers and dead letters).
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(flatten)]
+    log: LogArgs,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -290,14 +298,30 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 storage: args.storage,
                 require_tier: None,
             };
+            args.cluster.validate()?;
+            args.log.validate(&args.cluster)?;
             let report =
                 doctor::examine(&args.database.url, &opts, unix_micros(SystemTime::now())).await?;
+            let log = match args.cluster.enabled() {
+                true => Some(ingest_log::examine(&args.cluster, &args.log).await),
+                false => None,
+            };
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut json = serde_json::to_value(&report)?;
+                if let Some(log) = &log {
+                    json["log"] = serde_json::to_value(log)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&json)?);
             } else {
                 print!("{}", doctor::render(&report));
+                if let Some(log) = &log {
+                    print!("{}", ingest_log::render(log));
+                    for a in &log.attention {
+                        println!("ATTENTION: {a}");
+                    }
+                }
             }
-            if !report.attention.is_empty() {
+            if !report.attention.is_empty() || log.is_some_and(|l| !l.attention.is_empty()) {
                 return Err(Exit(1).into());
             }
         }

@@ -266,6 +266,31 @@ async fn a_refused_row_goes_to_the_dead_letters_and_the_rest_flow() {
     assert!(reason.contains("23514"), "{reason}");
     let row = locus::pipeline::copy_encoder::decode_row(&dead.payload).expect("the row itself");
     assert_eq!(row.speed, Some(150.0));
+    // `locus doctor` shows it, with its reason, and asks for attention.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(["doctor", "--json", "--nats-url", &shared_nats()])
+        .args(["--log-stream", &names.log()])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let log = &report["log"];
+    assert_eq!(log["backlog"]["dead_letters"], 1, "{log}");
+    assert_eq!(log["backlog"]["messages"], 0, "{log}");
+    assert_eq!(log["dead_letters"][0]["points"], 1, "{log}");
+    assert!(
+        log["dead_letters"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("23514")),
+        "{log}"
+    );
+    assert!(
+        log["attention"][0]
+            .as_str()
+            .is_some_and(|a| a.contains("1 dead letters")),
+        "{log}"
+    );
     let metrics = scrape(&server).await;
     assert!(
         metrics

@@ -34,6 +34,23 @@ use crate::{
 /// position (following then starts with a refill from the database).
 const START_WAIT: Duration = Duration::from_secs(5);
 
+/// The servers of `--nats-url`, and the options to connect with: where
+/// they are given, credentials come with the URLs (the client would not
+/// take them from there itself); logs name hosts only.
+pub fn options(args: &ClusterArgs) -> (async_nats::ConnectOptions, Vec<async_nats::ServerAddr>) {
+    let addrs: Vec<async_nats::ServerAddr> = args
+        .nats_urls
+        .iter()
+        .filter_map(|u| u.parse().ok())
+        .collect();
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(a) = addrs.iter().find(|a| a.username().is_some()) {
+        let user = a.username().unwrap_or_default().to_string();
+        options = options.user_and_password(user, a.password().unwrap_or_default().to_string());
+    }
+    (options, addrs)
+}
+
 /// One instance's part of the cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -62,18 +79,7 @@ impl Cluster {
     /// serves, and follows once NATS answers.
     pub async fn connect(args: &ClusterArgs) -> Result<Self, async_nats::ConnectError> {
         let instance = uuid::Uuid::new_v4().to_string();
-        let addrs: Vec<async_nats::ServerAddr> = args
-            .nats_urls
-            .iter()
-            .filter_map(|u| u.parse().ok())
-            .collect();
-        // Where they are given, credentials come with the URLs (the client
-        // would not take them from there itself); logs name hosts only.
-        let mut options = async_nats::ConnectOptions::new();
-        if let Some(a) = addrs.iter().find(|a| a.username().is_some()) {
-            let user = a.username().unwrap_or_default().to_string();
-            options = options.user_and_password(user, a.password().unwrap_or_default().to_string());
-        }
+        let (options, addrs) = options(args);
         let hosts: Vec<String> = addrs
             .iter()
             .map(|a| format!("{}:{}", a.host(), a.port()))

@@ -224,3 +224,173 @@ pub async fn watch(
 
 /// How often the log's gauges are read.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// What `locus doctor` says of the log (with `--nats-url`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogReport {
+    pub stream: String,
+    /// `None`: NATS or the log could not be read (see `attention`).
+    pub backlog: Option<Backlog>,
+    /// The writers' shared consumer: messages no writer has taken yet,
+    /// taken and not yet acknowledged, and taken more than once.
+    pub writers: Option<WritersState>,
+    /// The newest dead letters (at most [`DEAD_SHOWN`]), newest first.
+    pub dead_letters: Vec<DeadLetter>,
+    pub attention: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WritersState {
+    pub waiting: u64,
+    pub taken: u64,
+    pub redelivered: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub sequence: u64,
+    pub time: chrono::DateTime<chrono::Utc>,
+    pub from: String,
+    pub reason: String,
+    pub points: usize,
+}
+
+/// How many dead letters doctor shows.
+pub const DEAD_SHOWN: u64 = 10;
+
+/// Reads the log's state for `locus doctor`; what needs an operator goes
+/// to `attention`: NATS or the log unreadable, dead letters, and a backlog
+/// whose oldest point nears `--log-max-age` (past it JetStream drops it).
+pub async fn examine(cluster: &ClusterArgs, args: &LogArgs) -> LogReport {
+    let mut report = LogReport {
+        stream: args.log_stream.clone(),
+        backlog: None,
+        writers: None,
+        dead_letters: Vec::new(),
+        attention: Vec::new(),
+    };
+    let (options, addrs) = crate::cluster::options(cluster);
+    let client = match tokio::time::timeout(START_WAIT, options.connect(addrs)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            report.attention.push(format!("NATS: {e}"));
+            return report;
+        }
+        Err(_) => {
+            report
+                .attention
+                .push("NATS did not answer within 5 s".into());
+            return report;
+        }
+    };
+    let js = jetstream::new(client);
+    match backlog(&js, args).await {
+        Ok(b) => {
+            if b.dead_letters > 0 {
+                report.attention.push(format!(
+                    "{} dead letters in {}: rows the database refused for good (below); fix and republish them, or purge the stream",
+                    b.dead_letters,
+                    dead_stream(args)
+                ));
+            }
+            if b.oldest_seconds > args.log_max_age.as_secs_f64() / 2.0 {
+                report.attention.push(format!(
+                    "the oldest unwritten point has waited {}, over half of --log-max-age ({}): past it JetStream drops it; are the writers (and the database) up?",
+                    crate::config::human(Duration::from_secs_f64(b.oldest_seconds)),
+                    crate::config::human(args.log_max_age)
+                ));
+            }
+            report.backlog = Some(b);
+        }
+        Err(e) => report
+            .attention
+            .push(format!("the log {} cannot be read: {e}", args.log_stream)),
+    }
+    if let Ok(mut c) = js
+        .get_consumer_from_stream::<consumer::pull::Config, _, _>(WRITERS, &args.log_stream)
+        .await
+        && let Ok(info) = c.info().await
+    {
+        report.writers = Some(WritersState {
+            waiting: info.num_pending,
+            taken: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        });
+    }
+    report.dead_letters = dead_letters(&js, args).await;
+    report
+}
+
+/// The newest dead letters, newest first.
+async fn dead_letters(js: &jetstream::Context, args: &LogArgs) -> Vec<DeadLetter> {
+    let Ok(mut stream) = js.get_stream(dead_stream(args)).await else {
+        return Vec::new();
+    };
+    let Ok(info) = stream.info().await else {
+        return Vec::new();
+    };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    let mut seq = last;
+    while seq >= first.max(1) && (out.len() as u64) < DEAD_SHOWN {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            let header = |name: &str| {
+                m.headers
+                    .get(name)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            };
+            out.push(DeadLetter {
+                sequence: seq,
+                time: m.time,
+                from: header(FROM),
+                reason: header(REASON),
+                points: crate::pipeline::copy_encoder::split_rows(&m.payload)
+                    .map_or(0, |r| r.len()),
+            });
+        }
+        seq -= 1;
+    }
+    out
+}
+
+/// The log's part of doctor's text.
+pub fn render(r: &LogReport) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    match &r.backlog {
+        Some(b) => {
+            let _ = writeln!(
+                o,
+                "log {}: {} messages ({} bytes) not yet written, the oldest {}; {} dead letters",
+                r.stream,
+                b.messages,
+                b.bytes,
+                crate::config::human(Duration::from_secs_f64(b.oldest_seconds)),
+                b.dead_letters
+            );
+        }
+        None => {
+            let _ = writeln!(o, "log {}: not readable", r.stream);
+        }
+    }
+    if let Some(w) = &r.writers {
+        let _ = writeln!(
+            o,
+            "log writers: {} messages waiting, {} taken and not yet acknowledged, {} taken again",
+            w.waiting, w.taken, w.redelivered
+        );
+    }
+    for d in &r.dead_letters {
+        let _ = writeln!(
+            o,
+            "  dead letter {} ({}, {} points from {}): {}",
+            d.sequence,
+            d.time.to_rfc3339(),
+            d.points,
+            d.from,
+            d.reason
+        );
+    }
+    o
+}
