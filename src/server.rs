@@ -29,6 +29,7 @@ use crate::{
     },
     ingest_log::{self, append::Appender, write::Writers},
     metrics,
+    metrics::{LOG_APPENDED, LOG_REDELIVERED, LOG_RESENT, LOG_WRITTEN},
     pipeline::{
         Budget, Pipeline,
         writer::{CommitSink, Writer},
@@ -292,6 +293,10 @@ async fn start_log(
         Err(_) => tracing::warn!(
             "log: NATS did not answer within 5 s; batches are refused (UNAVAILABLE) until it does"
         ),
+    }
+    // From the start at zero, so that rate() and the dashboard see them.
+    for name in [LOG_APPENDED, LOG_RESENT, LOG_WRITTEN, LOG_REDELIVERED] {
+        ::metrics::counter!(name).increment(0);
     }
     let mean = Arc::new(ingest_log::Mean::default());
     tokio::spawn(ingest_log::watch(

@@ -239,22 +239,57 @@ async fn dashboard_queries_what_locus_exports_and_metrics_pass_promtool() {
     assert!(metrics.len() >= 12, "{metrics:?}");
     assert_eq!(sql.len(), 2);
     let db = TestDb::new().await;
-    let server = TestServer::start(config(&db)).await;
+    // In cluster mode with --ack-after log, so that their panels' metrics
+    // are exported too.
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let nats =
+        std::env::var("LOCUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let mut c = config(&db);
+    c.cluster.nats_urls = vec![nats.clone()];
+    c.cluster.nats_stream = format!("LOCUS_TEST_DASH_{tag}");
+    c.cluster.nats_subject_prefix = format!("locustest.dash.{tag}");
+    c.log.ack_after = locus::config::AckAfter::Log;
+    c.log.log_stream = format!("LOCUS_TEST_DASHLOG_{tag}");
+    c.log.log_subject_prefix = format!("locustest.dashlog.{tag}");
+    c.log.log_max_bytes = 64 * 1024 * 1024;
+    let server = TestServer::start(c).await;
     let dev = Device::new(now_secs() - 100);
     let mut batch = dev.batch(1, 0, 10);
     batch.locations[0].latitude = 100.0;
     server.client().await.write_locations(batch).await.unwrap();
-    let text = scrape(&server).await;
-    let exported: BTreeSet<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split(['{', ' ']).next().unwrap())
-        .collect();
+    // The points are written from the log a little after the ack.
+    let exported = |text: &str| -> BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let text = loop {
+        let text = scrape(&server).await;
+        if metrics.iter().all(|m| exported(&text).contains(m))
+            || started.elapsed() > std::time::Duration::from_secs(10)
+        {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let exported = exported(&text);
     for m in &metrics {
         assert!(
             exported.contains(m.as_str()),
             "the dashboard queries {m}, which locus does not export"
         );
+    }
+    if let Ok(client) = async_nats::connect(nats).await {
+        let js = async_nats::jetstream::new(client);
+        for s in ["DASH", "DASHLOG", "DASHLOG_DEAD"] {
+            let name = match s {
+                "DASHLOG_DEAD" => format!("LOCUS_TEST_DASHLOG_{tag}_DEAD"),
+                s => format!("LOCUS_TEST_{s}_{tag}"),
+            };
+            let _ = js.delete_stream(name).await;
+        }
     }
     // The TimescaleDB panels' SQL runs against locus's schema.
     let pool = db.pool().await;
