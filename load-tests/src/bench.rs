@@ -29,6 +29,7 @@ use locus_load::{
     proc::{Locus, pg_cpu, postmaster, proc_times, rss_peak_mib},
 };
 
+mod ack_log;
 mod cluster;
 mod latest_map;
 mod live_match;
@@ -86,7 +87,9 @@ struct Args {
     /// `ingest` (the four write paths), `queries` (query latency under
     /// ingest, and ingest with live subscribers), `cluster` (two clustered
     /// instances against one, how soon a point reaches the other instance,
-    /// and the CPU cluster mode adds; it starts its own nats-server), `live` (the live feed's
+    /// and the CPU cluster mode adds; it starts its own nats-server), `log`
+    /// (`--ack-after log` against `commit`: ingest, ack latency, the drain
+    /// after a database outage; its own nats-server), `live` (the live feed's
     /// matching and encoding in process, without a database), `latest`
     /// (GetLatest's answer built in process) or `track` (a day's track page
     /// in process, in its parts).
@@ -504,7 +507,7 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
             return queries::run(&locus, url, a.connections, a.half_rate, a.live_rounds).await;
         }
         "track" => return track_page::run(url).await,
-        "cluster" => {
+        "cluster" | "log" => {
             let params = cluster::Params {
                 rows: a.rows,
                 devices: a.devices,
@@ -515,7 +518,10 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
                 probes: a.probes,
                 half_rate: a.half_rate,
             };
-            return cluster::run(&locus, url, params).await;
+            return match a.suite.as_str() {
+                "cluster" => cluster::run(&locus, url, params).await,
+                _ => ack_log::run(&locus, url, params).await,
+            };
         }
         _ => {}
     }

@@ -64,7 +64,7 @@ pub struct Params {
 
 /// A `nats-server -js` on a free port, its store in a temporary directory
 /// removed when it is dropped.
-struct OwnNats {
+pub(crate) struct OwnNats {
     child: tokio::process::Child,
     pid: u32,
     port: u16,
@@ -72,7 +72,7 @@ struct OwnNats {
 }
 
 impl OwnNats {
-    async fn start() -> anyhow::Result<OwnNats> {
+    pub(crate) async fn start() -> anyhow::Result<OwnNats> {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("locus-bench-nats-{port}"));
         std::fs::create_dir_all(&dir)?;
@@ -108,7 +108,7 @@ impl OwnNats {
         Ok(nats)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }
@@ -121,12 +121,13 @@ impl Drop for OwnNats {
 }
 
 /// `locus serve` with `writers` writers, clustered through `nats` when
-/// given.
-async fn instance(
+/// given, with `more` flags.
+pub(crate) async fn instance(
     locus: &Path,
     url: &str,
     writers: usize,
     nats: Option<&str>,
+    more: &[&str],
 ) -> anyhow::Result<Locus> {
     let mut args = vec![
         "--writers".to_string(),
@@ -137,11 +138,12 @@ async fn instance(
     if let Some(nats) = nats {
         args.extend(["--nats-url", nats, "--nats-max-bytes", STREAM_BYTES].map(str::to_string));
     }
+    args.extend(more.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Locus::start(locus, url, &args).await
 }
 
-async fn stop(mut server: Locus) {
+pub(crate) async fn stop(mut server: Locus) {
     let _ = server.child.start_kill();
     let _ = server.child.wait().await;
 }
@@ -325,7 +327,7 @@ async fn full_ingest(
     let expected = points.len() as u64;
     crate::reset(url).await?;
     let other = match case {
-        Case::Two => Some(instance(locus, url, p.writers, Some(&nats.url())).await?),
+        Case::Two => Some(instance(locus, url, p.writers, Some(&nats.url()), &[]).await?),
         _ => None,
     };
     let targets = match (case, &other) {
@@ -600,8 +602,8 @@ async fn poll_latest(
 pub async fn run(locus: &Path, url: &str, p: Params) -> anyhow::Result<()> {
     let nats = OwnNats::start().await?;
     // The first to start sets the schema up; then the other.
-    let plain = instance(locus, url, p.writers, None).await?;
-    let clustered = instance(locus, url, p.writers, Some(&nats.url())).await?;
+    let plain = instance(locus, url, p.writers, None, &[]).await?;
+    let clustered = instance(locus, url, p.writers, Some(&nats.url()), &[]).await?;
     let postmaster = postmaster(url).await?;
 
     let mut runs = Vec::new();
@@ -628,7 +630,7 @@ pub async fn run(locus: &Path, url: &str, p: Params) -> anyhow::Result<()> {
 
     // The latency: through the clustered instance, seen on a second one.
     crate::reset(url).await?;
-    let other = instance(locus, url, p.writers, Some(&nats.url())).await?;
+    let other = instance(locus, url, p.writers, Some(&nats.url()), &[]).await?;
     eprintln!("locus-bench cluster: {} probes, ingest idle ...", p.probes);
     let idle = latency(&clustered, &other, &p, 0, Vec::new()).await?;
     // Enough for the probes and the 2 s before them, and some to spare.
@@ -649,7 +651,7 @@ pub async fn run(locus: &Path, url: &str, p: Params) -> anyhow::Result<()> {
 }
 
 /// The middle value, or the mean of the two middle ones.
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
     match v.len() {
