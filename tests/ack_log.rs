@@ -438,6 +438,83 @@ async fn messages_a_killed_instance_held_go_to_another() {
     db.drop_db().await;
 }
 
+/// A message on a log subject that is no batch of locus's (a publisher
+/// with NATS credentials and a bug) goes to the dead letters as
+/// unreadable, and the points behind it are stored; HTTP JSON ingest is
+/// acknowledged after the log as gRPC is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_is_buried_and_http_ingest_goes_through_the_log() {
+    let db = TestDb::new().await;
+    let names = Names::new();
+    let c = logged(&db, &names);
+    let prefix = c.log.log_subject_prefix.clone();
+    let server = TestServer::start(c).await;
+    let pool = db.pool().await;
+    let js = js().await;
+    js.publish(format!("{prefix}.part.3"), "not rows".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Rows of locus's format, cut short.
+    let mut rows = bytes::BytesMut::new();
+    locus::pipeline::copy_encoder::encode_row(
+        &mut rows,
+        &locus::location::ValidLocation {
+            time_us: now_secs() * 1_000_000,
+            device_id: Uuid::new_v4(),
+            user_id: Uuid::new_v4(),
+            app_source: "mextrack".into(),
+            latitude: 19.43,
+            longitude: -99.13,
+            accuracy: None,
+            altitude: None,
+            speed: None,
+            heading: None,
+            metadata: None,
+        },
+    );
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Locus-Format", "pgcopy-rows/1");
+    js.publish_with_headers(format!("{prefix}.part.4"), h, rows.freeze().slice(..20))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let device = Uuid::new_v4();
+    let t = now_secs() - 60;
+    let body = serde_json::json!({
+        "batch_id": 1,
+        "locations": (0..5).map(|i| common::json_point(&device, "mextrack", t + i)).collect::<Vec<_>>(),
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/locations", server.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let ack: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(ack["accepted"], 5, "{ack}");
+    assert_eq!(wait_rows(&pool, 5, Duration::from_secs(15)).await, 5);
+    assert_eq!(wait_log_empty(&names, Duration::from_secs(10)).await, 0);
+    assert_eq!(stream_messages(&names.dead()).await, 2);
+    let dead = js.get_stream(names.dead()).await.unwrap();
+    for seq in [1, 2] {
+        let m = dead.get_raw_message(seq).await.unwrap();
+        let reason = m.headers.get("Locus-Reason").map(|v| v.to_string());
+        assert!(
+            reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("unreadable: ")),
+            "{reason:?}"
+        );
+    }
+    server.stop().await;
+    names.clean().await;
+    db.drop_db().await;
+}
+
 #[test]
 fn log_mode_needs_nats() {
     let mut c = ServeConfig::with_database("postgres://x/y");
