@@ -1,6 +1,9 @@
 //! Liveness and readiness, for gRPC (`grpc.health.v1`) and HTTP (`/healthz`,
-//! `/readyz`). Ready means: the database answers and locus is not shutting
-//! down. Shutdown turns both to not ready at once. In cluster mode `/readyz`
+//! `/readyz`). Ready means: locus can take points and is not shutting down;
+//! it can take points while the database answers, or with `--ack-after
+//! log` while NATS does (the database away then only delays the writes:
+//! `/readyz` says so, and the Query service alone turns NOT_SERVING).
+//! Shutdown turns both to not ready at once. In cluster mode `/readyz`
 //! also says how this instance's view of the others stands (connected to
 //! NATS, lag): a stale view does not make an instance unready, since it
 //! still takes and stores points.
@@ -25,6 +28,9 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Health {
     database_ok: AtomicBool,
+    /// `--ack-after log`: the connection the log is reached through.
+    log: std::sync::OnceLock<async_nats::Client>,
+    log_ok: AtomicBool,
     shutting_down: AtomicBool,
     grpc: HealthReporter,
     cluster: std::sync::OnceLock<Arc<crate::cluster::Status>>,
@@ -34,6 +40,8 @@ impl Health {
     pub fn new(grpc: HealthReporter) -> Arc<Self> {
         Arc::new(Self {
             database_ok: AtomicBool::new(false),
+            log: std::sync::OnceLock::new(),
+            log_ok: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             grpc,
             cluster: std::sync::OnceLock::new(),
@@ -45,21 +53,34 @@ impl Health {
         let _ = self.cluster.set(status);
     }
 
+    /// `--ack-after log`: ready while the log is reached through `client`.
+    pub fn follow_log(&self, client: async_nats::Client) {
+        let _ = self.log.set(client);
+    }
+
+    /// Whether locus can take points now.
     pub fn is_ready(&self) -> bool {
-        self.database_ok.load(Ordering::Acquire) && !self.shutting_down.load(Ordering::Acquire)
+        let takes = match self.log.get() {
+            Some(_) => self.log_ok.load(Ordering::Acquire),
+            None => self.database_ok.load(Ordering::Acquire),
+        };
+        takes && !self.shutting_down.load(Ordering::Acquire)
     }
 
     async fn publish(&self) {
-        let status = if self.is_ready() {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
+        let serving = |yes: bool| match yes {
+            true => ServingStatus::Serving,
+            false => ServingStatus::NotServing,
         };
-        self.grpc.set_service_status("", status).await;
+        let ingest = serving(self.is_ready());
+        let query = serving(
+            self.database_ok.load(Ordering::Acquire) && !self.shutting_down.load(Ordering::Acquire),
+        );
+        self.grpc.set_service_status("", ingest).await;
         self.grpc
-            .set_service_status("locus.v1.Ingest", status)
+            .set_service_status("locus.v1.Ingest", ingest)
             .await;
-        self.grpc.set_service_status("locus.v1.Query", status).await;
+        self.grpc.set_service_status("locus.v1.Query", query).await;
     }
 
     /// Not ready from now on.
@@ -72,22 +93,32 @@ impl Health {
     pub async fn watch(self: Arc<Self>, pool: PgPool, stop: CancellationToken) {
         let mut last = None;
         loop {
-            let ok = tokio::select! {
+            let db = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = sqlx::query("SELECT 1").execute(&pool) => r.is_ok(),
             };
-            if last != Some(ok) {
-                self.database_ok.store(ok, Ordering::Release);
+            let log = self
+                .log
+                .get()
+                .map(|c| c.connection_state() == async_nats::connection::State::Connected);
+            if last != Some((db, log)) {
+                self.database_ok.store(db, Ordering::Release);
+                self.log_ok.store(log == Some(true), Ordering::Release);
                 if stop.is_cancelled() {
                     return;
                 }
                 self.publish().await;
-                if ok {
-                    tracing::info!("database reachable: ready");
-                } else {
-                    tracing::warn!("database unreachable: not ready");
+                match (db, log) {
+                    (true, None | Some(true)) => tracing::info!("database reachable: ready"),
+                    (false, None) => tracing::warn!("database unreachable: not ready"),
+                    (false, Some(true)) => tracing::warn!(
+                        "database unreachable: ready (--ack-after log: points wait in the log)"
+                    ),
+                    (_, Some(false)) => {
+                        tracing::warn!("NATS unreachable: not ready (--ack-after log)")
+                    }
                 }
-                last = Some(ok);
+                last = Some((db, log));
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -112,6 +143,8 @@ pub fn router(health: Arc<Health>) -> Router {
                 } else {
                     let reason = if h.shutting_down.load(Ordering::Acquire) {
                         "shutting down"
+                    } else if h.log.get().is_some() {
+                        "log unreachable"
                     } else {
                         "database unreachable"
                     };
@@ -122,6 +155,12 @@ pub fn router(health: Arc<Health>) -> Router {
                 };
                 if let Some(cluster) = h.cluster.get() {
                     body["cluster"] = json!(cluster.report());
+                }
+                if h.log.get().is_some() {
+                    body["database"] = json!(match h.database_ok.load(Ordering::Acquire) {
+                        true => "reachable",
+                        false => "unreachable: points wait in the log",
+                    });
                 }
                 (code, Json(body))
             }),

@@ -165,6 +165,9 @@ pub async fn run(
     let health = Health::new(health);
     if let Some(c) = &cluster {
         health.report_cluster(Arc::clone(&c.status));
+        if config.log.enabled() {
+            health.follow_log(c.nats().0.clone());
+        }
     }
     tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));
     tokio::spawn(maintenance(

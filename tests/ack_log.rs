@@ -210,6 +210,15 @@ async fn the_database_away_costs_the_clients_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(stream_messages(&names.log()).await > 0);
+    // Ready all along: the instance takes points; /readyz says where
+    // they wait, and only the Query service is NOT_SERVING.
+    let (code, body) = common::get_json(&server, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["database"], "unreachable: points wait in the log",
+        "{body}"
+    );
+    assert_eq!(health(server.grpc).await, Some(1));
     db.restore().await;
     let want = batch as i64 * 10;
     assert_eq!(wait_rows(&pool, want, Duration::from_secs(30)).await, want);
