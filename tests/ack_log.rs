@@ -15,13 +15,12 @@
 
 mod common;
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use common::{Device, TestDb, TestServer, config, count_rows, free_port, health, now_secs, scrape};
+use common::{
+    Device, LocusProcess, TestDb, TestServer, config, count_rows, health, now_secs, scrape,
+};
 use locus::{
     config::{AckAfter, ServeConfig},
     proto::{LocationBatch, ingest_client::IngestClient},
@@ -52,17 +51,31 @@ impl Names {
     fn dead(&self) -> String {
         format!("{}_DEAD", self.log())
     }
+}
 
-    /// Deletes the test's streams.
-    async fn clean(&self) {
-        let js = js().await;
-        for s in [
+/// The test's streams are deleted when it ends, failed or not: left on
+/// the shared server, they would hold the bytes JetStream sets aside for
+/// them until it refuses new streams.
+impl Drop for Names {
+    fn drop(&mut self) {
+        let streams = [
             self.log(),
             self.dead(),
             format!("LOCUS_TEST_VIEW_{}", self.tag),
-        ] {
-            let _ = js.delete_stream(s).await;
-        }
+        ];
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async {
+                let js = js().await;
+                for s in streams {
+                    let _ = js.delete_stream(s).await;
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -86,6 +99,7 @@ fn logged(db: &TestDb, names: &Names) -> ServeConfig {
     c.log.log_ack_wait = Duration::from_secs(3);
     // JetStream sets aside a stream's most bytes on its server.
     c.log.log_max_bytes = 64 * 1024 * 1024;
+    c.cluster.nats_max_bytes = 16 * 1024 * 1024;
     c.pipeline.write_retry_deadline = Duration::from_secs(2);
     c
 }
@@ -177,7 +191,6 @@ async fn acknowledged_points_are_written_from_the_log_and_a_resend_is_kept_once(
     assert_eq!(count_rows(&pool).await, sent);
 
     server.stop().await;
-    names.clean().await;
     db.drop_db().await;
 }
 
@@ -230,7 +243,6 @@ async fn the_database_away_costs_the_clients_nothing() {
             .unwrap();
     assert_eq!(distinct, want);
     server.stop().await;
-    names.clean().await;
     db.drop_db().await;
 }
 
@@ -242,12 +254,7 @@ async fn a_refused_row_goes_to_the_dead_letters_and_the_rest_flow() {
     let names = Names::new();
     let server = TestServer::start(logged(&db, &names)).await;
     let pool = db.pool().await;
-    sqlx::query(
-        "ALTER TABLE location_events ADD CONSTRAINT slow_only CHECK (speed IS NULL OR speed < 100)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    common::refuse_speeds_of_100_and_more(&pool).await;
     let d = Device::new(now_secs() - 500);
     let mut first = d.batch(0, 0, 10);
     first.locations[4].speed = Some(150.0);
@@ -308,7 +315,6 @@ async fn a_refused_row_goes_to_the_dead_letters_and_the_rest_flow() {
         "{metrics}"
     );
     server.stop().await;
-    names.clean().await;
     db.drop_db().await;
 }
 
@@ -367,7 +373,6 @@ async fn a_full_log_answers_resource_exhausted() {
     assert_eq!(wait_log_empty(&names, Duration::from_secs(10)).await, 0);
     assert_eq!(count_rows(&pool).await, all);
     server.stop().await;
-    names.clean().await;
     db.drop_db().await;
 }
 
@@ -380,30 +385,32 @@ async fn messages_a_killed_instance_held_go_to_another() {
     let db = TestDb::new().await;
     let names = Names::new();
     let c = logged(&db, &names);
-    let (grpc_port, http_port, metrics_port) = (free_port(), free_port(), free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
-        .args(["serve", "--auth", "off", "--ack-after", "log"])
-        .args(["--nats-url", &shared_nats()])
-        .args(["--nats-stream", &c.cluster.nats_stream])
-        .args(["--nats-subject-prefix", &c.cluster.nats_subject_prefix])
-        .args(["--log-stream", &c.log.log_stream])
-        .args(["--log-subject-prefix", &c.log.log_subject_prefix])
-        .args(["--log-ack-wait", "3s", "--log-max-bytes", "67108864"])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-        .env("DATABASE_URL", &db.url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn locus");
-    let grpc: std::net::SocketAddr = ([127, 0, 0, 1], grpc_port).into();
-    let t = Instant::now();
-    while health(grpc).await != Some(1) {
-        assert!(t.elapsed() < Duration::from_secs(30), "locus became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let LocusProcess {
+        mut child, grpc, ..
+    } = LocusProcess::start(
+        &db,
+        &[
+            "--ack-after",
+            "log",
+            "--nats-url",
+            &shared_nats(),
+            "--nats-stream",
+            &c.cluster.nats_stream,
+            "--nats-subject-prefix",
+            &c.cluster.nats_subject_prefix,
+            "--log-stream",
+            &c.log.log_stream,
+            "--log-subject-prefix",
+            &c.log.log_subject_prefix,
+            "--log-ack-wait",
+            "3s",
+            "--log-max-bytes",
+            "67108864",
+            "--nats-max-bytes",
+            "16777216",
+        ],
+    )
+    .await;
     let mut client = IngestClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
@@ -443,7 +450,6 @@ async fn messages_a_killed_instance_held_go_to_another() {
     // A never wrote them (the database refused it connections while it
     // lived): B's writers took them after the ack wait.
     b.stop().await;
-    names.clean().await;
     db.drop_db().await;
 }
 
@@ -471,16 +477,7 @@ async fn an_unreadable_message_is_buried_and_http_ingest_goes_through_the_log() 
         &mut rows,
         &locus::location::ValidLocation {
             time_us: now_secs() * 1_000_000,
-            device_id: Uuid::new_v4(),
-            user_id: Uuid::new_v4(),
-            app_source: "mextrack".into(),
-            latitude: 19.43,
-            longitude: -99.13,
-            accuracy: None,
-            altitude: None,
-            speed: None,
-            heading: None,
-            metadata: None,
+            ..locus::location::ValidLocation::example()
         },
     );
     let mut h = async_nats::HeaderMap::new();
@@ -520,7 +517,6 @@ async fn an_unreadable_message_is_buried_and_http_ingest_goes_through_the_log() 
         );
     }
     server.stop().await;
-    names.clean().await;
     db.drop_db().await;
 }
 

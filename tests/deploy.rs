@@ -252,6 +252,7 @@ async fn dashboard_queries_what_locus_exports_and_metrics_pass_promtool() {
     c.log.log_stream = format!("LOCUS_TEST_DASHLOG_{tag}");
     c.log.log_subject_prefix = format!("locustest.dashlog.{tag}");
     c.log.log_max_bytes = 64 * 1024 * 1024;
+    c.cluster.nats_max_bytes = 16 * 1024 * 1024;
     let server = TestServer::start(c).await;
     let dev = Device::new(now_secs() - 100);
     let mut batch = dev.batch(1, 0, 10);

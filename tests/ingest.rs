@@ -436,12 +436,7 @@ async fn points_the_database_refuses_are_rejected_alone_and_the_stream_goes_on()
     let db = TestDb::new().await;
     let server = TestServer::start(config(&db)).await;
     let pool = db.pool().await;
-    sqlx::query(
-        "ALTER TABLE location_events ADD CONSTRAINT slow_only CHECK (speed IS NULL OR speed < 100)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    common::refuse_speeds_of_100_and_more(&pool).await;
     let d = Device::new(now_secs() - 500);
     let mut first = d.batch(0, 0, 10);
     for i in [3, 7] {

@@ -7,11 +7,10 @@ mod common;
 
 use std::{
     collections::HashSet,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
-use common::{Device, TestDb, TestServer, config, count_rows, free_port, health, now_secs};
+use common::{Device, LocusProcess, TestDb, TestServer, config, count_rows, health, now_secs};
 use locus::proto::{LocationBatch, ingest_client::IngestClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -139,34 +138,22 @@ async fn database_outage_mid_stream_loses_nothing_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_and_acknowledges_buffered_batches_before_exit() {
     let db = TestDb::new().await;
-    let (grpc_port, http_port, metrics_port) = (free_port(), free_port(), free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
-        .args([
-            "serve",
-            "--auth",
-            "off",
+    let LocusProcess {
+        mut child,
+        grpc,
+        metrics_port,
+    } = LocusProcess::start(
+        &db,
+        &[
             "--linger",
             "5s",
             "--flush-points",
             "100000",
             "--shutdown-grace",
             "10s",
-        ])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-        .env("DATABASE_URL", &db.url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn locus");
-    let grpc: std::net::SocketAddr = ([127, 0, 0, 1], grpc_port).into();
-    let t = Instant::now();
-    while health(grpc).await != Some(1) {
-        assert!(t.elapsed() < Duration::from_secs(30), "locus became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ],
+    )
+    .await;
 
     let mut streams = Vec::new();
     let mut senders = Vec::new();

@@ -65,12 +65,11 @@ impl ValidLocation {
     }
 }
 
-/// A point for unit tests, which set what they test with struct update
-/// syntax (`ValidLocation { speed: Some(2.0), ..ValidLocation::example() }`):
+/// A point for tests, which set what they test with struct update syntax
+/// (`ValidLocation { speed: Some(2.0), ..ValidLocation::example() }`):
 /// every optional field empty.
-#[cfg(test)]
 impl ValidLocation {
-    pub(crate) fn example() -> ValidLocation {
+    pub fn example() -> ValidLocation {
         ValidLocation {
             time_us: 1_700_000_000_123_456,
             device_id: Uuid::from_u128(1),

@@ -199,6 +199,44 @@ pub async fn health(grpc: SocketAddr) -> Option<i32> {
         .map(|r| r.into_inner().status)
 }
 
+/// `locus serve` as a process of its own (the real binary: for signals and
+/// `kill -9`), on free loopback ports, with `args` after `serve --auth
+/// off`; started once gRPC health says SERVING.
+pub struct LocusProcess {
+    pub child: tokio::process::Child,
+    pub grpc: SocketAddr,
+    pub metrics_port: u16,
+}
+
+impl LocusProcess {
+    pub async fn start(db: &TestDb, args: &[&str]) -> LocusProcess {
+        let (grpc_port, http_port, metrics_port) = (free_port(), free_port(), free_port());
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+            .args(["serve", "--auth", "off"])
+            .args(args)
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .env("DATABASE_URL", &db.url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn locus");
+        let grpc: SocketAddr = ([127, 0, 0, 1], grpc_port).into();
+        let t = std::time::Instant::now();
+        while health(grpc).await != Some(1) {
+            assert!(t.elapsed() < Duration::from_secs(30), "locus became ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        LocusProcess {
+            child,
+            grpc,
+            metrics_port,
+        }
+    }
+}
+
 pub fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -305,6 +343,17 @@ impl TestDb {
         .await
         .expect("allow connections");
     }
+}
+
+/// A constraint the validator does not know (`slow_only`): the database
+/// refuses points of 100 km/h and more, for good (SQLSTATE 23514).
+pub async fn refuse_speeds_of_100_and_more(pool: &PgPool) {
+    sqlx::query(
+        "ALTER TABLE location_events ADD CONSTRAINT slow_only CHECK (speed IS NULL OR speed < 100)",
+    )
+    .execute(pool)
+    .await
+    .expect("add the constraint");
 }
 
 /// Holds a lock that makes every write to `location_events` wait, until the
