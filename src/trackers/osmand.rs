@@ -212,7 +212,7 @@ fn json_number(x: f64) -> Value {
 pub fn time(v: &Value) -> Result<i64, Rejection> {
     let bad = |why: &str| reject(Reason::TimeInvalid, format!("timestamp {v} is not {why}"));
     let epoch = |x: f64| -> Result<i64, Rejection> {
-        if !x.is_finite() || x < 0.0 || x > 1e16 {
+        if !(0.0..=1e16).contains(&x) {
             return Err(bad("a time since 1970 in seconds or milliseconds"));
         }
         Ok(if x < f64::from(i32::MAX) {

@@ -105,11 +105,13 @@ pub fn parse(body: &[u8]) -> Result<Message, Rejection> {
         );
     }
     // bs: 0 unknown, 1 unplugged, 2 charging, 3 full.
-    if let Some(bs) = m.get("bs").and_then(number) {
-        if bs == 1.0 || bs == 2.0 || bs == 3.0 {
-            fix.metadata
-                .insert(keys::CHARGING.into(), Value::Bool(bs != 1.0));
-        }
+    if let Some(bs) = m
+        .get("bs")
+        .and_then(number)
+        .filter(|bs| (1.0..=3.0).contains(bs))
+    {
+        fix.metadata
+            .insert(keys::CHARGING.into(), Value::Bool(bs != 1.0));
     }
     let topic = m.get("topic").and_then(Value::as_str).map(str::to_string);
     for (k, v) in m {
