@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Bounded fuzzing of the validator, the COPY encoder and the HTTP JSON
-# parser (targets in fuzz/, corpus in fuzz/corpus/, kept in the repo).
+# Bounded fuzzing of the validator, the COPY encoder, the HTTP JSON
+# parser and the tracking apps' parsers, OsmAnd and OwnTracks (targets in
+# fuzz/, corpus in fuzz/corpus/, kept in the repo).
 #   load-tests/fuzz.sh [SECONDS_PER_TARGET]   (default 60)
 # New inputs go to fuzz/target/new-corpus/<target>, so a run (CI's included)
 # leaves the checkout as it was; with FUZZ_KEEP=1 those that add coverage
@@ -12,7 +13,7 @@ set -euo pipefail
 secs="${1:-60}"
 cd "$(dirname "$0")/../fuzz"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
-for target in validate copy_encoder http_json; do
+for target in validate copy_encoder http_json osmand owntracks; do
   mkdir -p "corpus/$target"
   echo "== fuzz $target for ${secs}s"
   log="target/fuzz-$target.log"

@@ -102,6 +102,15 @@ pub enum TokenCommand {
         /// For a device token: a device it may write for (repeat for more).
         #[arg(long = "device")]
         devices: Vec<uuid::Uuid>,
+        /// For a device token: registers a tracking app (Traccar Client,
+        /// OwnTracks) by the identifier it sends, and binds the token to
+        /// its device, a UUIDv5 of `<app_source>/<tracker id>`. OwnTracks'
+        /// identifier is `<user>/<device>`.
+        #[arg(long, requires = "user")]
+        tracker_id: Option<String>,
+        /// With --tracker-id: the user whose points the tracker sends.
+        #[arg(long, requires = "tracker_id")]
+        user: Option<uuid::Uuid>,
         /// A PEM client certificate that authenticates as this token over
         /// mTLS (`serve --tls-client-ca`), in place of the secret.
         #[arg(long)]
@@ -387,8 +396,10 @@ async fn token_command(conn: &mut sqlx::PgConnection, command: TokenCommand) -> 
             name,
             role,
             app_source,
-            devices,
+            mut devices,
             client_cert,
+            tracker_id,
+            user,
         } => {
             let client_cert = match client_cert {
                 None => None,
@@ -399,6 +410,31 @@ async fn token_command(conn: &mut sqlx::PgConnection, command: TokenCommand) -> 
                     Some(cert.to_vec())
                 }
             };
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let tracker = match (tracker_id, user) {
+                (Some(tracker_id), Some(user)) => {
+                    let app = match (role, app_source.as_deref()) {
+                        (Role::Device, Some(app)) => app,
+                        _ => anyhow::bail!(
+                            "--tracker-id registers a tracker for a device token: give --role \
+                             device and --app-source"
+                        ),
+                    };
+                    let t = crate::trackers::registry::register(&mut tx, app, &tracker_id, user)
+                        .await
+                        .map_err(|e| match e {
+                            crate::trackers::registry::RegisterError::Database(
+                                sqlx::Error::Database(d),
+                            ) if d.code().as_deref() == Some("42P01") => anyhow::anyhow!(
+                                "there is no tracker table yet: run `locus setup` first"
+                            ),
+                            e => e.into(),
+                        })?;
+                    devices.push(t.device_id);
+                    Some(t)
+                }
+                _ => None,
+            };
             let new = token::NewToken {
                 name,
                 role,
@@ -406,7 +442,14 @@ async fn token_command(conn: &mut sqlx::PgConnection, command: TokenCommand) -> 
                 devices,
                 client_cert,
             };
-            let t = token::create(conn, &new).await.map_err(no_table)?;
+            let t = token::create(&mut tx, &new).await.map_err(no_table)?;
+            tx.commit().await?;
+            if let Some(tr) = tracker {
+                eprintln!(
+                    "tracker {:?} of {}: device {}, user {}",
+                    tr.tracker_id, tr.app_source, tr.device_id, tr.user_id
+                );
+            }
             eprintln!(
                 "created {} token {} ({}); it is shown once, keep it now:",
                 new.role, t.id, new.name

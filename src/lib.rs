@@ -41,3 +41,4 @@ pub mod shutdown;
 pub mod status;
 pub mod storage;
 pub mod tls;
+pub mod trackers;

@@ -195,8 +195,9 @@ pub async fn run(
         background.clone(),
     ));
     let http_app = crate::query::http::router(query.clone(), shutdown.clone())
-        .merge(crate::ingest::http::router(
+        .merge(crate::ingest::router(
             ingestor.clone(),
+            crate::trackers::Registry::new(pool.clone()),
             &config.limits,
         ))
         .merge(crate::health::router(Arc::clone(&health)))

@@ -19,7 +19,7 @@ use serde::{
     de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
 };
 use serde_json::{Value, value::RawValue};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use utoipa::ToSchema;
 
 use super::{BodyError, Ingestor, PendingAck, WhenFull};
@@ -35,6 +35,14 @@ use crate::{
 #[derive(Clone)]
 struct IngestHttp {
     ingestor: Ingestor,
+    body: BodyLimits,
+}
+
+/// How an HTTP body is read, shared by every ingest route: capped as sent
+/// (`--max-message-bytes`) and once decompressed, and decoded within a
+/// budget shared by all requests at once.
+#[derive(Clone)]
+pub struct BodyLimits {
     max_body: usize,
     max_decompressed: usize,
     /// Bytes of bodies being decompressed and parsed at once
@@ -45,21 +53,58 @@ struct IngestHttp {
 /// How long a body waits for its share of `--max-decoding-bytes`.
 const DECODING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+impl BodyLimits {
+    pub fn new(limits: &LimitArgs) -> Self {
+        Self {
+            max_body: limits.max_message_bytes,
+            max_decompressed: limits.max_decompressed_bytes,
+            decoding: Arc::new(Semaphore::new(limits.max_decoding_bytes)),
+        }
+    }
+
+    /// The body as sent, refused past `--max-message-bytes`.
+    pub async fn read(&self, body: Body) -> Result<Bytes, BodyError> {
+        axum::body::to_bytes(body, self.max_body)
+            .await
+            .map_err(|_| BodyError::TooLargeAsSent(self.max_body))
+    }
+
+    /// The body decompressed, with its share of the decoding budget: hold
+    /// the share until what is read from the body is built.
+    pub async fn decode(
+        &self,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<(Bytes, SemaphorePermit<'_>), BodyError> {
+        // The most its decompressed body may take, or its size as sent.
+        let share = if is_gzip(headers) {
+            self.max_decompressed
+        } else {
+            body.len()
+        };
+        let share = u32::try_from(share.max(1)).unwrap_or(u32::MAX);
+        let permit = tokio::time::timeout(DECODING_WAIT, self.decoding.acquire_many(share))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                metrics::counter!(REQUESTS_REFUSED, "reason" => "decoding_busy").increment(1);
+                BodyError::DecodingBusy
+            })?;
+        Ok((decode_body(headers, body, self.max_decompressed)?, permit))
+    }
+}
+
 impl axum::extract::FromRef<IngestHttp> for Auth {
     fn from_ref(app: &IngestHttp) -> Auth {
         app.ingestor.auth.clone()
     }
 }
 
-pub fn router(ingestor: Ingestor, limits: &LimitArgs) -> Router {
+pub fn router(ingestor: Ingestor, body: BodyLimits) -> Router {
     Router::new()
         .route("/v1/locations", post(post_locations))
-        .with_state(IngestHttp {
-            ingestor,
-            max_body: limits.max_message_bytes,
-            max_decompressed: limits.max_decompressed_bytes,
-            decoding: Arc::new(Semaphore::new(limits.max_decoding_bytes)),
-        })
+        .with_state(IngestHttp { ingestor, body })
 }
 
 /// A batch as JSON. Each location is read on its own, so that a bad one is
@@ -276,23 +321,11 @@ async fn read_and_queue(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<PendingAck, Response> {
-    // Its share of the decoding budget, held until its points are built:
-    // the most its decompressed body may take, or its size as sent.
-    let share = if is_gzip(headers) {
-        app.max_decompressed
-    } else {
-        body.len()
-    };
-    let share = u32::try_from(share.max(1)).unwrap_or(u32::MAX);
-    let _decoding = tokio::time::timeout(DECODING_WAIT, app.decoding.acquire_many(share))
+    let (body, _decoding) = app
+        .body
+        .decode(headers, body)
         .await
-        .ok()
-        .and_then(Result::ok)
-        .ok_or_else(|| {
-            metrics::counter!(REQUESTS_REFUSED, "reason" => "decoding_busy").increment(1);
-            BodyError::DecodingBusy.into_response()
-        })?;
-    let body = decode_body(headers, body, app.max_decompressed).map_err(|e| e.into_response())?;
+        .map_err(IntoResponse::into_response)?;
     let raw = match parse_raw(&body, app.ingestor.max_batch_points()) {
         Ok(raw) => raw,
         Err(ParseError::TooManyPoints(_)) => return Err(app.ingestor.over_limit().into_response()),
@@ -332,9 +365,9 @@ async fn post_locations(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let body = match axum::body::to_bytes(body, app.max_body).await {
+    let body = match app.body.read(body).await {
         Ok(b) => b,
-        Err(_) => return BodyError::TooLargeAsSent(app.max_body).into_response(),
+        Err(e) => return e.into_response(),
     };
     // Refused under overload before the body is decompressed and parsed.
     if let Err(e) = app.ingestor.admit_unparsed(&caller) {

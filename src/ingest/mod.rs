@@ -1,11 +1,23 @@
 //! Receiving points: validation, the hand-off to the pipeline and the
-//! acknowledgement, shared by every transport; the gRPC service and HTTP
-//! JSON. Their errors become statuses and answers in [`crate::status`].
+//! acknowledgement, shared by every transport; the gRPC service, HTTP
+//! JSON, and the tracking apps' own HTTP forms ([`trackers`]). Their
+//! errors become statuses and answers in [`crate::status`].
 
 pub mod grpc;
 pub mod http;
 pub mod jsonb;
+pub mod trackers;
 pub mod validate;
+
+/// Every HTTP ingest route, sharing one body budget.
+pub fn router(
+    ingestor: Ingestor,
+    registry: crate::trackers::Registry,
+    limits: &crate::config::LimitArgs,
+) -> axum::Router {
+    let body = http::BodyLimits::new(limits);
+    http::router(ingestor.clone(), body.clone()).merge(trackers::router(ingestor, registry, body))
+}
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 

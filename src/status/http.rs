@@ -15,7 +15,9 @@ use crate::{
     auth::AuthError,
     ingest::{BodyError, IngestError},
     ingest_log::append::LogError,
+    proto,
     query::QueryError,
+    trackers::TrackerError,
 };
 
 // The HTTP error body every route answers with. (No doc comment: it would
@@ -34,7 +36,9 @@ pub struct ErrorDetail {
     /// `bad_json`, `bad_gzip`, `body_too_large`, `unsupported_encoding`,
     /// `batch_too_large`, `buffer_full`, `decoding_busy`, `shutting_down`,
     /// `database_unavailable`, and with `--ack-after log` `log_full`,
-    /// `log_unavailable`.
+    /// `log_unavailable`; from the tracking apps' routes (`/osmand`,
+    /// `/owntracks`) also `unknown_tracker`, `tracker_ambiguous`,
+    /// `tracker_missing`, `tracker_lookup_unavailable`, `point_rejected`.
     pub code: String,
     pub message: String,
 }
@@ -149,6 +153,47 @@ impl IntoResponse for BodyError {
     }
 }
 
+/// 404 for a tracker never registered, 400 where the request names none
+/// (or one several app_sources have), 503 when they cannot be looked up.
+impl IntoResponse for TrackerError {
+    fn into_response(self) -> Response {
+        let (status, code, retry) = match &self {
+            TrackerError::Unknown(_) => (StatusCode::NOT_FOUND, "unknown_tracker", false),
+            TrackerError::Ambiguous(_) => (StatusCode::BAD_REQUEST, "tracker_ambiguous", false),
+            TrackerError::Missing => (StatusCode::BAD_REQUEST, "tracker_missing", false),
+            TrackerError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "tracker_lookup_unavailable",
+                true,
+            ),
+        };
+        json_error(status, code, self.to_string(), retry)
+    }
+}
+
+/// A tracking app's request with points that were not stored: 400, the
+/// app's notion of a failure (it keeps them and sends them again), with
+/// each point's reason. Its other points are stored.
+pub fn rejected_points(ack: &proto::BatchAck) -> Response {
+    let reasons: Vec<String> = ack
+        .rejected
+        .iter()
+        .map(|r| format!("point {}: {} ({})", r.index, r.message, r.reason))
+        .collect();
+    json_error(
+        StatusCode::BAD_REQUEST,
+        "point_rejected",
+        format!(
+            "{} stored, {} already stored, {} refused: {}",
+            ack.accepted,
+            ack.duplicates,
+            ack.rejected.len(),
+            reasons.join("; ")
+        ),
+        false,
+    )
+}
+
 /// Database details stay in the log.
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
@@ -192,6 +237,7 @@ mod tests {
         ingest::{BodyError, IngestError},
         pipeline::WriteError,
         query::QueryError,
+        trackers::TrackerError,
     };
 
     /// The `code` of an error's answer.
@@ -206,11 +252,12 @@ mod tests {
     /// Names every kind of each error: a kind added fails to compile here,
     /// as a reminder to add it to [`answered`].
     #[expect(dead_code, reason = "a check of the compiler's, never run")]
-    fn every_kind(a: &AuthError, i: &IngestError, b: &BodyError, q: &QueryError) {
+    fn every_kind(a: &AuthError, i: &IngestError, b: &BodyError, q: &QueryError, t: &TrackerError) {
         use AuthError as A;
         use BodyError as B;
         use IngestError as I;
         use QueryError as Q;
+        use TrackerError as T;
         match a {
             A::Unauthenticated(_) | A::PermissionDenied(_) | A::RateLimited { .. } => {}
             A::Unavailable | A::Busy => {}
@@ -227,6 +274,9 @@ mod tests {
         match q {
             Q::InvalidArgument(_) | Q::NotFound(_) | Q::TooManySubscribers(_) => {}
             Q::TooManySubscribersForToken(_) | Q::Database(_) | Q::Auth(_) => {}
+        }
+        match t {
+            T::Unknown(_) | T::Ambiguous(_) | T::Missing | T::Unavailable => {}
         }
     }
 
@@ -285,6 +335,15 @@ mod tests {
         ] {
             codes.insert(code(e).await);
         }
+        for e in [
+            TrackerError::Unknown(String::new()),
+            TrackerError::Ambiguous(String::new()),
+            TrackerError::Missing,
+            TrackerError::Unavailable,
+        ] {
+            codes.insert(code(e).await);
+        }
+        codes.insert(code(super::rejected_points(&Default::default())).await);
         codes
     }
 

@@ -20,6 +20,7 @@ pub struct Facts {
     pub pending: Option<char>,
     pub job_runs: Option<char>,
     pub tokens: Option<char>,
+    pub trackers: Option<char>,
     pub notes: Vec<String>,
 }
 
@@ -34,6 +35,7 @@ struct Row {
     pending: Option<String>,
     job_runs: Option<String>,
     tokens: Option<String>,
+    trackers: Option<String>,
 }
 
 pub async fn read(conn: &mut PgConnection) -> Result<Facts, SetupError> {
@@ -47,7 +49,8 @@ pub async fn read(conn: &mut PgConnection) -> Result<Facts, SetupError> {
             (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('location_hourly')) AS hourly,
             (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_rollup_pending')) AS pending,
             (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_job_runs')) AS job_runs,
-            (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_tokens')) AS tokens",
+            (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_tokens')) AS tokens,
+            (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('locus_trackers')) AS trackers",
     )
     .fetch_one(&mut *conn)
     .await
@@ -87,6 +90,7 @@ pub async fn read(conn: &mut PgConnection) -> Result<Facts, SetupError> {
         pending: kind(r.pending),
         job_runs: kind(r.job_runs),
         tokens: kind(r.tokens),
+        trackers: kind(r.trackers),
         notes,
     })
 }

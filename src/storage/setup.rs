@@ -32,6 +32,7 @@ pub const EVENTS_SQL: &str = include_str!("../../migrations/location_events.sql"
 pub const HOURLY_TABLE_SQL: &str = include_str!("../../migrations/location_hourly.table.sql");
 pub const JOBS_SQL: &str = include_str!("../../migrations/locus_jobs.sql");
 pub const TOKENS_SQL: &str = include_str!("../../migrations/locus_tokens.sql");
+pub const TRACKERS_SQL: &str = include_str!("../../migrations/locus_trackers.sql");
 
 /// Options of `locus setup`.
 #[derive(Debug, Clone)]
@@ -300,7 +301,8 @@ fn missing_indexes<'a>(
         .map(|(name, def)| step(format!("create index {name}"), format!("CREATE {def}")))
 }
 
-/// locus's own tables: the rollup's pending hours, the job runs, tokens.
+/// locus's own tables: the rollup's pending hours, the job runs, tokens,
+/// trackers.
 fn bookkeeping_steps(facts: &Facts) -> Result<Vec<Step>, SetupError> {
     let mut steps = Vec::new();
     if facts.pending.is_none() || facts.job_runs.is_none() {
@@ -315,6 +317,9 @@ fn bookkeeping_steps(facts: &Facts) -> Result<Vec<Step>, SetupError> {
     }
     if facts.tokens.is_none() {
         steps.push(step("create the token table", TOKENS_SQL));
+    }
+    if facts.trackers.is_none() {
+        steps.push(step("create the tracker table", TRACKERS_SQL));
     }
     Ok(steps)
 }
