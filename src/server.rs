@@ -259,7 +259,15 @@ pub async fn run(
         );
     }
     if let Some(c) = &cluster {
-        let _ = c.nats().0.flush().await;
+        // What the client still buffers goes out; a client that never
+        // connected (or lost NATS) would wait here forever, so not long.
+        let flushed = c.nats().0.flush();
+        if tokio::time::timeout(config.shutdown_grace.min(Duration::from_secs(5)), flushed)
+            .await
+            .is_err()
+        {
+            tracing::warn!("NATS did not answer the last flush; what the client still held is not sent");
+        }
     }
     if let Some(running) = cluster_tasks {
         running.stop().await;
