@@ -35,6 +35,7 @@ mod latest_map;
 mod live_match;
 mod queries;
 mod track_page;
+mod trackers;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -91,8 +92,9 @@ struct Args {
     /// (`--ack-after log` against `commit`: ingest, ack latency, the drain
     /// after a database outage; its own nats-server), `live` (the live feed's
     /// matching and encoding in process, without a database), `latest`
-    /// (GetLatest's answer built in process) or `track` (a day's track page
-    /// in process, in its parts).
+    /// (GetLatest's answer built in process), `track` (a day's track page
+    /// in process, in its parts) or `trackers` (the tracking apps' paths,
+    /// one point a request from `--streams` clients, against gRPC's).
     #[arg(long, default_value = "ingest")]
     suite: String,
     /// Queries and cluster suites: the ingest rate kept up while queries
@@ -110,6 +112,9 @@ struct Args {
     /// the other shows them, with ingest idle and again at half the maximum.
     #[arg(long, default_value_t = 300, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     probes: usize,
+    /// Trackers suite: points of each path's run.
+    #[arg(long, default_value_t = 20_000)]
+    tracker_points: usize,
 }
 
 struct Row {
@@ -507,6 +512,17 @@ async fn run(a: &Args, url: &str) -> anyhow::Result<()> {
             return queries::run(&locus, url, a.connections, a.half_rate, a.live_rounds).await;
         }
         "track" => return track_page::run(url).await,
+        "trackers" => {
+            let params = trackers::Params {
+                points: a.tracker_points,
+                devices: a.devices,
+                clients: a.streams,
+                batch: a.batch,
+                writers: a.connections,
+                rounds: a.rounds,
+            };
+            return trackers::run(&locus, url, params).await;
+        }
         "cluster" | "log" => {
             let params = cluster::Params {
                 rows: a.rows,

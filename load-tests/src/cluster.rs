@@ -202,7 +202,7 @@ impl Run {
     }
 }
 
-fn cpu(pid: u32) -> f64 {
+pub(crate) fn cpu(pid: u32) -> f64 {
     proc_times(pid).map_or(0.0, |t| t.0)
 }
 
@@ -731,12 +731,16 @@ fn print(
     let cpu = |n: &Run, d: &Run| n.locus_per_m() / d.locus_per_m();
     let (two, two_by) = by_round(&rate, Case::Two, Case::Clustered);
     let (two_plain, two_plain_by) = by_round(&rate, Case::Two, Case::Plain);
+    let (alone, alone_by) = by_round(&rate, Case::Clustered, Case::Plain);
     let (cost, cost_by) = by_round(&cpu, Case::Clustered, Case::Plain);
     let (cost_two, cost_two_by) = by_round(&cpu, Case::Two, Case::Plain);
     println!();
     println!("two_instances_vs_one={two:.3} (median of rounds {two_by}; both with --nats-url)");
     println!(
         "two_instances_vs_one_plain={two_plain:.3} (median of rounds {two_plain_by}; the one without --nats-url)"
+    );
+    println!(
+        "cluster_ingest_ratio={alone:.3} (one instance with --nats-url over one without; median of rounds {alone_by})"
     );
     println!(
         "cluster_cpu_per_point_ratio={cost:.3} (locus CPU s per million points, one instance with --nats-url over one without; median of rounds {cost_by}; target under 1.2)"

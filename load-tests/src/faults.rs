@@ -2082,9 +2082,18 @@ async fn kill_one(
     let (before, after) = if quick { (6, 10) } else { (15, 25) };
     let mut a = Locus::start(bin, &db.url, &strs(&clustered(nats, &[]))).await?;
     let mut b = Locus::start(bin, &db.url, &strs(&clustered(nats, &[]))).await?;
+    let started = Instant::now();
     let flags = fleet_flags(300, 10.0, before + after);
     let fleet = Fleet::start_on(&[&a, &b], db, &strs(&flags))?;
-    tokio::time::sleep(Duration::from_secs(before)).await;
+    // A second fleet writes through A alone and stops 3 s before the kill:
+    // B knows its devices only from A's published batches, so B's view of
+    // them checks the follower (the first fleet's resends through B would
+    // put its devices right in B's view without any).
+    let only_a = other_devices(&fleet_flags(100, 10.0, before - 3));
+    let through_a = Fleet::start_on(&[&a], db, &strs(&only_a))?;
+    let (verified_a, _) = through_a.finish(Duration::from_secs(before + 30)).await?;
+    let left = before.saturating_sub(started.elapsed().as_secs());
+    tokio::time::sleep(Duration::from_secs(left)).await;
     let accepted_a = counter(&a, ACCEPTED).await;
     a.kill9().await?;
     let killed = Instant::now();
@@ -2109,7 +2118,10 @@ async fn kill_one(
         ),
         Err(e) => format!("B: {e}"),
     });
-    out.check(verified, "an acknowledged point is missing or stored twice");
+    out.check(
+        verified && verified_a,
+        "an acknowledged point is missing or stored twice",
+    );
     out.check(
         accepted_a > 0.0 && accepted_b_end > accepted_b,
         "the fleet did not write through both instances, and through B after the kill",
