@@ -266,7 +266,9 @@ pub async fn run(
             .await
             .is_err()
         {
-            tracing::warn!("NATS did not answer the last flush; what the client still held is not sent");
+            tracing::warn!(
+                "NATS did not answer the last flush; what the client still held is not sent"
+            );
         }
     }
     if let Some(running) = cluster_tasks {
