@@ -54,7 +54,8 @@ default_from_flags!(
     QueryArgs,
     AuthArgs,
     ClusterArgs,
-    LogArgs
+    LogArgs,
+    ConsoleArgs
 );
 
 /// Where the tracking database is. Required: there is no default and no fallback.
@@ -366,6 +367,60 @@ pub struct TlsArgs {
     pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
+/// The console, the pages served at `/` on the HTTP listener.
+#[derive(Debug, Clone, Args)]
+pub struct ConsoleArgs {
+    /// Map tiles under the console's live map and tracks, as a URL with
+    /// {z}, {x} and {y} (e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png);
+    /// its origin is allowed in the pages' Content-Security-Policy. Off by
+    /// default: the map is drawn without tiles, and the browser asks
+    /// nothing of any other server.
+    #[arg(long, env = "LOCUS_MAP_TILES")]
+    pub map_tiles: Option<String>,
+}
+
+impl ConsoleArgs {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.tile_origin().map(|_| ())
+    }
+
+    /// The origin (`scheme://host[:port]`) of `--map-tiles`, if set and valid.
+    pub fn tile_origin(&self) -> Result<Option<String>, ConfigError> {
+        let Some(url) = self.map_tiles.as_deref() else {
+            return Ok(None);
+        };
+        let bad = |why: &str| {
+            inconsistent(format!(
+                "--map-tiles {url:?} {why} (e.g. https://tile.openstreetmap.org/{{z}}/{{x}}/{{y}}.png)"
+            ))
+        };
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| bad("must start with https:// or http://"))?;
+        let host = rest.split('/').next().unwrap_or_default();
+        let host_ok = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+        if !host_ok {
+            return Err(bad("must name a host (letters, digits, '.', '-', a port)"));
+        }
+        if url
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | ';' | ','))
+        {
+            return Err(bad("must not hold spaces, quotes, ';' or ','"));
+        }
+        for part in ["{z}", "{x}", "{y}"] {
+            if !rest[host.len()..].contains(part) {
+                return Err(bad(&format!("must hold {part} in its path or query")));
+            }
+        }
+        Ok(Some(url[..url.len() - rest.len() + host.len()].to_string()))
+    }
+}
+
 /// A JetStream stream name: ASCII letters, digits, '_' and '-'.
 fn stream_name(flag: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
@@ -610,6 +665,8 @@ pub struct ServeConfig {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub console: ConsoleArgs,
 }
 
 impl ServeConfig {
@@ -640,6 +697,7 @@ impl ServeConfig {
         self.tls.validate()?;
         self.cluster.validate()?;
         self.log.validate(&self.cluster)?;
+        self.console.validate()?;
         self.storage.validate()
     }
 }
@@ -980,6 +1038,38 @@ mod tests {
         c.tls.tls_key = Some("/nonexistent/key.pem".into());
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("--tls-cert"), "{err}");
+    }
+
+    #[test]
+    fn map_tiles_are_checked_and_give_their_origin() {
+        let mut c = ServeConfig::with_database("postgres://x/y");
+        assert_eq!(c.console.tile_origin().unwrap(), None);
+        c.console.map_tiles = Some("https://tile.openstreetmap.org/{z}/{x}/{y}.png".into());
+        c.validate().unwrap();
+        assert_eq!(
+            c.console.tile_origin().unwrap().as_deref(),
+            Some("https://tile.openstreetmap.org")
+        );
+        c.console.map_tiles = Some("http://127.0.0.1:8081/t?z={z}&x={x}&y={y}".into());
+        assert_eq!(
+            c.console.tile_origin().unwrap().as_deref(),
+            Some("http://127.0.0.1:8081")
+        );
+        for (bad, says) in [
+            ("tile.openstreetmap.org/{z}/{x}/{y}.png", "https://"),
+            ("ftp://tiles/{z}/{x}/{y}.png", "https://"),
+            ("https:///{z}/{x}/{y}.png", "host"),
+            ("https://{s}.tiles/{z}/{x}/{y}.png", "host"),
+            ("https://tiles/{z}/{x}.png", "{y}"),
+            ("https://tiles/{z}/{x}/{y}.png; script-src *", "';'"),
+        ] {
+            c.console.map_tiles = Some(bad.into());
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("--map-tiles") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

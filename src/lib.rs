@@ -15,7 +15,8 @@
 //! whatever the transport. Every error becomes a gRPC status or an HTTP
 //! answer in [`status`]. The HTTP listeners are served by [`http_server`],
 //! with certificates loaded by [`tls`]; the HTTP API is described by
-//! [`openapi`]. Several instances share the latest map and the live feed
+//! [`openapi`]; the console, pages in the browser that read that API, is
+//! [`console`]. Several instances share the latest map and the live feed
 //! through NATS JetStream in [`cluster`] (with `--nats-url`).
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connections;
+pub mod console;
 pub mod health;
 pub mod http_server;
 pub mod ingest;

@@ -201,7 +201,11 @@ pub async fn run(
             &config.limits,
         ))
         .merge(crate::health::router(Arc::clone(&health)))
-        .merge(crate::openapi::router());
+        .merge(crate::openapi::router())
+        .merge(crate::console::router(
+            config.console.map_tiles.as_deref(),
+            config.console.tile_origin()?.as_deref(),
+        ));
     let http_task = tokio::spawn(crate::http_server::serve_http(
         listeners.http,
         http_app,
