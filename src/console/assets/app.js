@@ -118,7 +118,7 @@ class Fleet {
       },
     });
     this.timer = setInterval(() => this.tick(), TICK_MS);
-    $('silent-minutes').addEventListener('change', () => this.tick());
+    $('silent-minutes').addEventListener('change', () => this.countSilent());
   }
 
   stop() {
@@ -142,6 +142,7 @@ class Fleet {
     }
     this.map.render();
     this.count();
+    this.countSilent();
     $('fleet-map').dataset.loaded = 'true';
   }
 
@@ -205,10 +206,14 @@ class Fleet {
     $('device-count').dataset.count = n;
   }
 
-  tick() {
+  countSilent() {
     let silent = 0;
     for (const d of this.devices.values()) if (this.markSilent(d)) silent += 1;
     $('silent-count').textContent = silent;
+  }
+
+  tick() {
+    this.countSilent();
     const total = this.ticks.reduce((a, b) => a + b, 0);
     $('rate').textContent = (total / this.ticks.length).toFixed(1);
     this.ticks.push(0);

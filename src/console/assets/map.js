@@ -152,7 +152,7 @@ export class MapView {
     for (let lat = Math.ceil(Math.max(-85, se.lat) / step) * step; lat <= Math.min(85, nw.lat); lat += step) {
       const y = this.toScreen(0, lat).y;
       el('line', { x1: 0, y1: y, x2: w, y2: y }, this.gridLayer);
-      el('text', { x: 2, y: y - 2 }, this.gridLayer).textContent = lat.toFixed(digits) + '°';
+      el('text', { x: w - 4, y: y - 2, 'text-anchor': 'end' }, this.gridLayer).textContent = lat.toFixed(digits) + '°';
     }
   }
 

@@ -110,13 +110,29 @@ export class StatsPage {
       el('title', {}, bar).textContent =
         `${r.hour}: ${r.point_count} points, ${r.devices} devices, avg ${fmt(r.avg_speed)} km/h, max ${fmt(r.max_speed)} km/h`;
     }
-    const line = (cls, key) => {
-      const pts = hours.filter((r) => r[key] !== null && r[key] !== undefined)
-        .map((r) => `${(x(Date.parse(r.hour)) + slot / 2).toFixed(1)},${ys(r[key]).toFixed(1)}`);
-      el('polyline', { class: cls, points: pts.join(' ') }, svg);
+    // A dot per hour, joined only to the next hour when it has points too.
+    const speeds = (cls, key) => {
+      const g = el('g', { class: cls }, svg);
+      let run = [];
+      let last = null;
+      const flush = () => {
+        if (run.length > 1) el('polyline', { points: run.join(' ') }, g);
+        run = [];
+      };
+      for (const r of hours) {
+        if (r[key] === null || r[key] === undefined) continue;
+        const t = Date.parse(r.hour);
+        if (last !== null && t - last > HOUR_MS) flush();
+        const cx = x(t) + slot / 2;
+        const cy = ys(r[key]);
+        run.push(`${cx.toFixed(1)},${cy.toFixed(1)}`);
+        el('circle', { class: 'dot', cx, cy, r: 3, 'data-hour': r.hour }, g);
+        last = t;
+      }
+      flush();
     };
-    line('avg', 'avg_speed');
-    line('max', 'max_speed');
+    speeds('avg', 'avg_speed');
+    speeds('max', 'max_speed');
   }
 
   table(hours) {
