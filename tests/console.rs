@@ -258,8 +258,14 @@ fn still(app: &str, k: usize, minutes_ago: i64) -> Location {
 
 impl Fleet {
     async fn start() -> Fleet {
+        Self::start_with(None).await
+    }
+
+    /// With `map_tiles` as --map-tiles.
+    async fn start_with(map_tiles: Option<String>) -> Fleet {
         let db = TestDb::new().await;
         let mut c = auth_config(&db);
+        c.console.map_tiles = map_tiles;
         c.query.track_page = TRACK_PAGE;
         // The fleet comes in pages too.
         c.query.latest_page = 5;
@@ -656,6 +662,70 @@ async fn the_chart_shows_the_hours_that_exist() {
         .await;
     assert_eq!(lines, json!([hours.len(), hours.len()]), "a speed per hour");
     browser.shot("stats").await;
+    browser.close().await;
+    fleet.stop().await;
+}
+
+/// A tile server on its own origin: each tile an SVG that names itself.
+/// Returns its URL template and the count of tiles asked.
+async fn tile_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{Arc, atomic::AtomicUsize};
+
+    use axum::{extract::Path as UrlPath, routing::get};
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&asked);
+    let app = axum::Router::new().route(
+        "/{z}/{x}/{file}",
+        get(move |UrlPath((z, x, file)): UrlPath<(u32, u32, String)>| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let y = file.trim_end_matches(".svg").to_string();
+            async move {
+                (
+                    [("content-type", "image/svg+xml")],
+                    format!(
+                        r##"<svg xmlns="http://www.w3.org/2000/svg" width="256" height="256"><rect width="256" height="256" fill="#eef3e6" stroke="#c4cfb4"/><text x="8" y="20" font-size="12" fill="#8a9a78">tile {z}/{x}/{y}</text></svg>"##
+                    ),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/{{z}}/{{x}}/{{y}}.svg"), asked)
+}
+
+/// With --map-tiles, the map's tiles come from that server (its origin
+/// let in by the pages' policy) and cover the map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_tiles_come_from_the_tile_server() {
+    let _one = ONE_BROWSER.lock().await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let (tiles, asked) = tile_server().await;
+    let fleet = Fleet::start_with(Some(tiles.clone())).await;
+    browser
+        .open_map(fleet.server.http, &fleet.reader_a, A)
+        .await;
+    let shown = browser
+        .js("return [...document.querySelectorAll('#fleet-map .tiles image')].map(i => i.getAttribute('href'));")
+        .await;
+    let shown: Vec<String> = serde_json::from_value(shown).unwrap();
+    assert!(!shown.is_empty(), "tiles drawn");
+    let origin = tiles.split("/{z}").next().unwrap();
+    assert!(shown.iter().all(|h| h.starts_with(origin)), "{shown:?}");
+    let started = Instant::now();
+    while asked.load(std::sync::atomic::Ordering::Relaxed) < shown.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the browser fetched {} of {} tiles",
+            asked.load(std::sync::atomic::Ordering::Relaxed),
+            shown.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    browser.shot("map-tiles").await;
     browser.close().await;
     fleet.stop().await;
 }

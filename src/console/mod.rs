@@ -80,8 +80,8 @@ struct Console {
 /// its origin (both checked by the configuration).
 pub fn router(map_tiles: Option<&str>, tile_origin: Option<&str>) -> Router {
     let img = match tile_origin {
-        Some(o) => format!("'self' data: {o}"),
-        None => "'self' data:".to_string(),
+        Some(o) => format!("'self' {o}"),
+        None => "'self'".to_string(),
     };
     let csp = format!(
         "default-src 'self'; img-src {img}; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -202,7 +202,7 @@ mod tests {
             .unwrap_or_default();
         assert!(csp.starts_with("default-src 'self';"), "{csp}");
         assert!(
-            csp.contains("img-src 'self' data: https://tile.example.org;"),
+            csp.contains("img-src 'self' https://tile.example.org;"),
             "{csp}"
         );
         assert_eq!(root.headers()[header::CACHE_CONTROL], "no-cache");
@@ -231,6 +231,6 @@ mod tests {
         let csp = plain.headers()[header::CONTENT_SECURITY_POLICY]
             .to_str()
             .unwrap_or_default();
-        assert!(csp.contains("img-src 'self' data:;"), "{csp}");
+        assert!(csp.contains("img-src 'self';"), "{csp}");
     }
 }

@@ -170,7 +170,7 @@ export class MapView {
     const label = metres >= 1000 ? metres / 1000 + ' km' : metres + ' m';
     el('text', { x: 40, y: y - 7, 'data-metres': metres }, this.scaleLayer).textContent = label;
     if (this.tiles) {
-      const credit = el('text', { x: this.size().w - 6, y: h - 6, 'text-anchor': 'end', class: 'credit' }, this.scaleLayer);
+      const credit = el('text', { x: this.size().w - 6, y: 14, 'text-anchor': 'end', class: 'credit' }, this.scaleLayer);
       credit.textContent = 'tiles: ' + new URL(this.tiles.replace(/[{}]/g, '')).host;
     }
   }
