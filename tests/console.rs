@@ -729,3 +729,45 @@ async fn map_tiles_come_from_the_tile_server() {
     browser.close().await;
     fleet.stop().await;
 }
+
+/// A token revoked while the map is open: the live feed ends, the page
+/// reconnects, is refused, and goes back to sign-in saying why, with the
+/// token forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_ends_the_session_with_a_message() {
+    let _one = ONE_BROWSER.lock().await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let fleet = Fleet::start().await;
+    browser
+        .open_map(fleet.server.http, &fleet.reader_a, A)
+        .await;
+    let id = locus::auth::token::Token::parse(&fleet.reader_a)
+        .unwrap()
+        .id;
+    let mut conn = sqlx::Connection::connect(&fleet.db.url).await.unwrap();
+    locus::auth::token::revoke(&mut conn, id).await.unwrap();
+    browser
+        .until(
+            "document.body.dataset.signedIn === 'false' \
+             && !document.getElementById('signin-error').hidden",
+            "back at sign-in with a message",
+        )
+        .await;
+    let msg = browser
+        .js("return document.getElementById('signin-error').textContent;")
+        .await;
+    assert!(
+        msg.as_str().unwrap().starts_with("This token was refused"),
+        "{msg}"
+    );
+    assert_eq!(
+        browser
+            .js("return sessionStorage.getItem('locus.console.session');")
+            .await,
+        Value::Null
+    );
+    browser.close().await;
+    fleet.stop().await;
+}
