@@ -101,7 +101,8 @@ export class TrackPage {
     }
     this.points = points;
     this.stops = findStops(points, Number($('stop-radius').value) || 50, Number($('stop-minutes').value) || 5);
-    status.textContent = `${points.length} points in ${pages} pages, ${this.stops.length} stops.`;
+    const n = (k, one) => `${k} ${one}${k === 1 ? '' : 's'}`;
+    status.textContent = `${n(points.length, 'point')} in ${n(pages, 'page')}, ${n(this.stops.length, 'stop')}.`;
     status.dataset.points = points.length;
     status.dataset.pages = pages;
     this.top = Math.max(10, ...points.map((p) => p.speed || 0));
