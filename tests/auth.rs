@@ -520,13 +520,7 @@ async fn a_burst_over_the_rate_limit_is_refused_with_a_retry_hint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_cli_creates_lists_and_revokes_and_keeps_only_hashes() {
     let db = TestDb::new().await;
-    let locus = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .output()
-            .unwrap()
-    };
+    let locus = |args: &[&str]| db.locus(args);
     let device = Uuid::new_v4().to_string();
     let create = [
         "token",

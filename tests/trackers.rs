@@ -487,13 +487,7 @@ async fn tracker_bodies_are_capped_as_json_bodies_are() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_cli_registers_trackers() {
     let db = TestDb::new().await;
-    let locus = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .output()
-            .unwrap()
-    };
+    let locus = |args: &[&str]| db.locus(args);
     assert!(locus(&["setup"]).status.success());
     let (user, other) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
     let create = |user: &str| {

@@ -86,6 +86,16 @@ impl TestDb {
             .expect("connect to the test database")
     }
 
+    /// The `locus` binary run with `args` against this database
+    /// (`DATABASE_URL`), to its end.
+    pub fn locus(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .output()
+            .unwrap()
+    }
+
     pub async fn drop_db(self) {
         if let Ok(mut conn) = PgConnection::connect(&self.admin).await {
             let _ = sqlx::Executor::execute(
