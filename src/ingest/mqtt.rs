@@ -72,7 +72,7 @@ const UNKNOWN_LOGGED: usize = 10_000;
 /// At shutdown, the time the DISCONNECT is given to reach the broker.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Requests to the event loop (acks, subscriptions) beyond the inflight
-/// bound: acks never wait for room.
+/// bound.
 const REQUEST_SLACK: usize = 64;
 /// The labels of what MQTT ingest records.
 const CALL: Call = Call::mqtt("OwnTracks");
@@ -244,7 +244,7 @@ enum Received {
     /// one did not acknowledge).
     Connected(u64),
     /// A message, on connection so many.
-    Publish(u64, Publish),
+    Publish(u64, Box<Publish>),
 }
 
 /// What became of a message.
@@ -289,7 +289,9 @@ pub fn start(
     let options = settings.options()?;
     let inflight = usize::from(settings.inflight);
     let (client, eventloop) = AsyncClient::new(options, inflight + REQUEST_SLACK);
-    let (tx, rx) = mpsc::channel(inflight);
+    // Unbounded: the broker's receive maximum bounds it, and the event
+    // loop must never wait on the processor (it also sends the acks).
+    let (tx, rx) = mpsc::unbounded_channel();
     let finished = CancellationToken::new();
     tracing::info!(
         broker = ?settings.broker,
@@ -342,7 +344,7 @@ async fn poll(
     mut eventloop: EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    tx: mpsc::Sender<Received>,
+    tx: mpsc::UnboundedSender<Received>,
     finished: CancellationToken,
 ) {
     let mut connection = 0u64;
@@ -376,7 +378,7 @@ async fn poll(
                 if let Err(e) = client.try_subscribe_many(filters) {
                     tracing::error!(error = %e, "MQTT: cannot subscribe");
                 }
-                if tx.send(Received::Connected(connection)).await.is_err() {
+                if tx.send(Received::Connected(connection)).is_err() {
                     return;
                 }
             }
@@ -399,9 +401,7 @@ async fn poll(
                 if p.dup {
                     metrics::counter!(MQTT_REDELIVERED).increment(1);
                 }
-                // Waits only while the processor holds `--mqtt-inflight`
-                // messages, which the broker's receive maximum prevents.
-                if tx.send(Received::Publish(connection, p)).await.is_err() {
+                if tx.send(Received::Publish(connection, Box::new(p))).is_err() {
                     return;
                 }
             }
@@ -437,7 +437,7 @@ async fn poll(
 /// more and lets those in flight finish, for at most `grace`.
 async fn process(
     context: Arc<Context>,
-    mut rx: mpsc::Receiver<Received>,
+    mut rx: mpsc::UnboundedReceiver<Received>,
     client: &AsyncClient,
     inflight: usize,
     grace: Duration,
@@ -445,6 +445,7 @@ async fn process(
     let mut pending = FuturesOrdered::new();
     let mut connection = 0u64;
     let mut logged = HashSet::new();
+    let mut overfull = false;
     let stop = context.stop.clone();
     let deadline = stop.clone().cancelled_owned();
     let deadline = async move {
@@ -456,7 +457,8 @@ async fn process(
         tokio::select! {
             biased;
             Some((of, publish, outcome)) = pending.next() => {
-                settle(of == connection, client, &publish, outcome, &mut logged);
+                let publish: Box<Publish> = publish;
+                settle(of == connection, client, &publish, outcome, &mut logged).await;
             }
             _ = &mut deadline => {
                 if !pending.is_empty() {
@@ -471,6 +473,18 @@ async fn process(
                 match received {
                     Some(Received::Connected(n)) => connection = n,
                     Some(Received::Publish(n, p)) => {
+                        if rx.len() >= inflight && !overfull {
+                            // Seen with Mosquitto 2.0.11 on a resumed
+                            // session: its queue, bounded by its
+                            // max_queued_messages, comes at once.
+                            overfull = true;
+                            tracing::info!(
+                                inflight,
+                                queued = rx.len(),
+                                "MQTT: the broker sent more than the receive maximum \
+                                 (--mqtt-inflight); the rest waits in memory for its turn"
+                            );
+                        }
                         let context = Arc::clone(&context);
                         pending.push_back(async move {
                             let outcome = handle(&context, &p).await;
@@ -488,7 +502,7 @@ async fn process(
 /// Counts an outcome, and acknowledges the message unless it is held or
 /// came on an earlier connection (the broker delivers that one again; its
 /// packet id belongs to the last connection).
-fn settle(
+async fn settle(
     current: bool,
     client: &AsyncClient,
     publish: &Publish,
@@ -518,7 +532,7 @@ fn settle(
     if !current {
         return;
     }
-    if let Err(e) = client.try_ack(publish) {
+    if let Err(e) = client.ack(publish).await {
         tracing::warn!(error = %e, "MQTT: acknowledgement not sent; the broker delivers the message again");
     }
 }
