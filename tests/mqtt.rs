@@ -638,3 +638,51 @@ async fn bad_mqtt_settings_are_refused_before_any_port_is_bound() {
     }
     drop(held);
 }
+
+/// Two instances in one shared subscription (`--mqtt-share-group`), each
+/// with its own session: every message is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_a_share_group_store_every_message_once() {
+    let (url, b) = broker().await;
+    let db = TestDb::new().await;
+    let (prefix, group) = (unique("ot"), unique("group"));
+    let mut servers = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = unique("locus");
+        let mut c = mqtt_config(&db, &url, &prefix, &id);
+        c.mqtt.mqtt_share_group = Some(group.clone());
+        servers.push(TestServer::start(c).await);
+        ids.push(id);
+    }
+    let pool = db.pool().await;
+    register(&db, "jane/phone", Uuid::new_v4()).await;
+    let publisher = Publisher::new(&b);
+    let topic = format!("{prefix}/jane/phone");
+    let t0 = now_secs() - 3_000;
+    wait_for(
+        Duration::from_secs(20),
+        "the first location stored",
+        || async {
+            publisher.publish(&topic, location(t0, 0).to_string()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            count_rows(&pool).await > 0
+        },
+    )
+    .await;
+    let sent = publisher.acked.load(Ordering::Relaxed);
+    for i in 1..=60 {
+        publisher
+            .publish(&topic, location(t0 + i, i as usize).to_string())
+            .await;
+    }
+    publisher.accepted(sent + 60).await;
+    wait_rows(&pool, 61, Duration::from_secs(30)).await;
+    for s in servers {
+        s.stop().await;
+    }
+    for id in ids {
+        assert_eq!(left_in_session(&b, &id).await, 0);
+    }
+    db.drop_db().await;
+}
