@@ -11,12 +11,16 @@
 //! never lost, and one delivered twice is stored once (the dedup by
 //! app_source, device and time).
 //!
-//! MQTT 5: the session's receive maximum (`--mqtt-inflight`) bounds what
-//! the broker sends before locus acknowledges, and acknowledgements go in
-//! the order messages arrived. Two tasks: the connection's event loop
-//! (reading, reconnecting with backoff, subscribing on each connection),
-//! and the processor, which stores messages concurrently and acknowledges
-//! them in order.
+//! MQTT 5: the session's receive maximum (`--mqtt-inflight`) asks the
+//! broker to send no more before locus acknowledges, and locus works on at
+//! most that many at once; acknowledgements go in the order messages
+//! arrived. Two tasks: the connection's event loop (reading, reconnecting
+//! with backoff, subscribing on each connection, writing the acks), and
+//! the processor, which stores messages concurrently and acknowledges them
+//! in order. The event loop never waits for the processor: it also carries
+//! the acks, so waiting would deadlock them. What a broker sends past the
+//! receive maximum (Mosquitto 2.0.11 sends a resumed session's queue at
+//! once) waits in memory, bounded by the broker's own queue.
 
 use std::{
     collections::HashSet,
