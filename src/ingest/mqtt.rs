@@ -329,13 +329,15 @@ pub fn start(
         process(context, rx, &client, inflight, grace).await;
         // What was acknowledged is in the request queue, before this.
         let _ = client.try_disconnect();
-        if tokio::time::timeout(DISCONNECT_WAIT, finished.cancelled())
+        let mut poller = poller;
+        if tokio::time::timeout(DISCONNECT_WAIT, &mut poller)
             .await
             .is_err()
         {
+            // No broker to say goodbye to.
             finished.cancel();
+            let _ = poller.await;
         }
-        let _ = poller.await;
         metrics::gauge!(MQTT_CONNECTED).set(0.0);
         tracing::info!("MQTT: stopped");
     }))
