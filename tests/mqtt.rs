@@ -466,6 +466,12 @@ struct OwnBroker {
 
 impl OwnBroker {
     fn start() -> OwnBroker {
+        Self::start_with("allow_anonymous true\n")
+    }
+
+    /// With `auth` as its configuration's authentication lines, and a
+    /// password file `passwd` in its folder for them to name.
+    fn start_with(auth: &str) -> OwnBroker {
         let dir = std::env::temp_dir().join(unique("locus-mosquitto"));
         std::fs::create_dir_all(&dir).unwrap();
         // Mosquitto started as root writes as its own user.
@@ -475,7 +481,7 @@ impl OwnBroker {
         std::fs::write(
             dir.join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\n{auth}persistence true\n\
                  persistence_location {}/\n",
                 dir.display()
             ),
@@ -684,5 +690,90 @@ async fn instances_of_a_share_group_store_every_message_once() {
     for id in ids {
         assert_eq!(left_in_session(&b, &id).await, 0);
     }
+    db.drop_db().await;
+}
+
+/// The broker's credentials in the URL: refused with a wrong password
+/// (nothing stored, the refusal counted), taken with the right one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_credentials_come_from_the_url() {
+    broker().await; // Mosquitto is installed
+    let dir = std::env::temp_dir().join(unique("locus-mosquitto-passwd"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let passwd = dir.join("passwd");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .arg("-c")
+        .arg("-b")
+        .arg(&passwd)
+        .args(["locus", "s3cret:pw"])
+        .status()
+        .expect("mosquitto_passwd (mosquitto) is installed");
+    assert!(made.success());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&passwd, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let own = OwnBroker::start_with(&format!(
+        "allow_anonymous false\npassword_file {}\n",
+        passwd.display()
+    ));
+    let db = TestDb::new().await;
+    let prefix = unique("ot");
+    let wrong = format!("mqtt://locus:nope@127.0.0.1:{}", own.port);
+    let server = TestServer::start(mqtt_config(&db, &wrong, &prefix, &unique("locus"))).await;
+    let errors = metric(&scrape(&server).await, "locus_mqtt_connection_errors_total");
+    wait_for(Duration::from_secs(10), "the refusal counted", || async {
+        metric(&scrape(&server).await, "locus_mqtt_connection_errors_total") > errors
+    })
+    .await;
+    let pool = db.pool().await;
+    register(&db, "jane/phone", Uuid::new_v4()).await;
+    let mut o = rumqttc::MqttOptions::new(unique("pub"), "127.0.0.1", own.port);
+    o.set_credentials("locus", "s3cret:pw");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);
+    let polling = tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let topic = format!("{prefix}/jane/phone");
+    let t0 = now_secs() - 600;
+    for i in 0..5 {
+        client
+            .publish(
+                &topic,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                location(t0 - 10 - i, 0).to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(count_rows(&pool).await, 0, "refused: nothing received");
+    server.stop().await;
+
+    // The password percent-encoded, as a URL wants its ':'.
+    let right = format!("mqtt://locus:s3cret%3Apw@127.0.0.1:{}", own.port);
+    let server = TestServer::start(mqtt_config(&db, &right, &prefix, &unique("locus"))).await;
+    wait_for(Duration::from_secs(20), "a location stored", || async {
+        client
+            .publish(
+                &topic,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                location(t0, 0).to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        count_rows(&pool).await > 0
+    })
+    .await;
+    polling.abort();
+    server.stop().await;
+    drop(own);
+    let _ = std::fs::remove_dir_all(&dir);
     db.drop_db().await;
 }
