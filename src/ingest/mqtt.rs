@@ -674,6 +674,26 @@ mod tests {
         }
     }
 
+    /// mqtts:// makes a rustls client (ring) with webpki's roots at least;
+    /// no broker with a certificate those roots vouch for is reachable
+    /// here, so the handshake itself is not tested.
+    #[test]
+    fn mqtts_builds_a_tls_client_with_roots() {
+        let config = tls_config().expect("a TLS client config");
+        assert!(config.crypto_provider().cipher_suites.len() > 1);
+        let mut args = MqttArgs {
+            mqtt_url: Some("mqtts://u:p@broker.example.com".into()),
+            ..MqttArgs::default()
+        };
+        args.mqtt_client_id = Some("locus-test".into());
+        let s = Settings::from_args(&args, &LimitArgs::default())
+            .unwrap()
+            .unwrap();
+        let o = s.options().expect("options with TLS");
+        assert_eq!(o.broker_address(), ("broker.example.com".to_string(), 8883));
+        assert!(matches!(o.transport(), rumqttc::Transport::Tls(_)));
+    }
+
     #[test]
     fn flags_become_settings_with_the_share_group_and_a_default_client_id() {
         let limits = LimitArgs::default();
