@@ -55,7 +55,8 @@ default_from_flags!(
     AuthArgs,
     ClusterArgs,
     LogArgs,
-    ConsoleArgs
+    ConsoleArgs,
+    MqttArgs
 );
 
 /// Where the tracking database is. Required: there is no default and no fallback.
@@ -615,6 +616,92 @@ impl ClusterArgs {
     }
 }
 
+/// OwnTracks over MQTT: locus subscribes to the apps' topics on a broker
+/// and stores each location as if it had been POSTed to `/owntracks`.
+/// Off without --mqtt-url.
+#[derive(Debug, Clone, Args)]
+pub struct MqttArgs {
+    /// Broker to subscribe to: mqtt://host[:1883] or mqtts://host[:8883]
+    /// (TLS, the system's roots and webpki's). The broker's credentials go
+    /// in the URL: mqtts://user:password@host. Turns MQTT ingest on.
+    #[arg(long = "mqtt-url", env = "LOCUS_MQTT_URL", hide_env_values = true)]
+    pub mqtt_url: Option<String>,
+    /// Client id of locus's persistent session on the broker; keep it
+    /// fixed across restarts, so that the broker keeps what arrives while
+    /// locus is away. Default: locus-<hostname>.
+    #[arg(long, env = "LOCUS_MQTT_CLIENT_ID")]
+    pub mqtt_client_id: Option<String>,
+    /// Topic filters to subscribe to (comma-separated); each message's last
+    /// two levels name the tracker, `<user>/<device>`.
+    #[arg(
+        long,
+        env = "LOCUS_MQTT_TOPICS",
+        value_delimiter = ',',
+        default_value = "owntracks/+/+"
+    )]
+    pub mqtt_topics: Vec<String>,
+    /// The app_source whose registered trackers the topics name.
+    #[arg(long, env = "LOCUS_MQTT_APP_SOURCE", default_value = "owntracks")]
+    pub mqtt_app_source: String,
+    /// Most messages received and not yet acknowledged (MQTT 5's receive
+    /// maximum: the broker sends no more until some are).
+    #[arg(long, env = "LOCUS_MQTT_INFLIGHT", default_value_t = 100)]
+    pub mqtt_inflight: u16,
+    /// Subscribe as a member of this shared subscription
+    /// (`$share/<group>/<filter>`): the instances of one group split the
+    /// messages between them.
+    #[arg(long, env = "LOCUS_MQTT_SHARE_GROUP")]
+    pub mqtt_share_group: Option<String>,
+}
+
+impl MqttArgs {
+    /// Whether MQTT ingest is on.
+    pub fn enabled(&self) -> bool {
+        self.mqtt_url.is_some()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.mqtt_url else {
+            return Ok(());
+        };
+        crate::ingest::mqtt::Broker::parse(url)
+            .map_err(|e| inconsistent(format!("--mqtt-url: {e}")))?;
+        if self.mqtt_client_id.as_deref().is_some_and(str::is_empty) {
+            return Err(inconsistent("--mqtt-client-id must not be empty"));
+        }
+        if self.mqtt_topics.is_empty() {
+            return Err(inconsistent("--mqtt-topics names no topic filter"));
+        }
+        for t in &self.mqtt_topics {
+            let bad = t.is_empty()
+                || t.starts_with('$')
+                || t.split('/').any(|level| {
+                    (level.contains('+') && level != "+") || (level.contains('#') && level != "#")
+                })
+                || t.find('#').is_some_and(|i| i != t.len() - 1);
+            if bad {
+                return Err(inconsistent(format!(
+                    "--mqtt-topics: {t:?} is not an MQTT topic filter (levels split by '/', \
+                     '+' a whole level, '#' the whole last one; no '$share/' prefix: see \
+                     --mqtt-share-group)"
+                )));
+            }
+        }
+        if self.mqtt_app_source.is_empty() {
+            return Err(inconsistent("--mqtt-app-source must not be empty"));
+        }
+        at_least("--mqtt-inflight", 1, self.mqtt_inflight.into())?;
+        if let Some(g) = &self.mqtt_share_group
+            && (g.is_empty() || g.contains(['/', '+', '#']))
+        {
+            return Err(inconsistent(format!(
+                "--mqtt-share-group {g:?}: a group name is one topic level, without '/', '+' or '#'"
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -667,6 +754,8 @@ pub struct ServeConfig {
     pub log: LogArgs,
     #[command(flatten)]
     pub console: ConsoleArgs,
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
 }
 
 impl ServeConfig {
@@ -698,6 +787,7 @@ impl ServeConfig {
         self.cluster.validate()?;
         self.log.validate(&self.cluster)?;
         self.console.validate()?;
+        self.mqtt.validate()?;
         self.storage.validate()
     }
 }

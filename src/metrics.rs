@@ -110,6 +110,25 @@ pub const LOG_DEAD_LETTERS: &str = "locus_log_dead_letters";
 /// (another writer died or gave them back).
 pub const LOG_REDELIVERED: &str = "locus_log_redelivered_messages_total";
 
+/// MQTT ingest (--mqtt-url): 1 while the broker has accepted locus's session.
+pub const MQTT_CONNECTED: &str = "locus_mqtt_connected";
+/// PUBLISH messages received from the broker (a redelivery counts again).
+pub const MQTT_RECEIVED: &str = "locus_mqtt_messages_received_total";
+/// Of them, marked as redelivered by the broker (DUP).
+pub const MQTT_REDELIVERED: &str = "locus_mqtt_messages_redelivered_total";
+/// Messages whose point was committed (new or a duplicate), then acknowledged.
+pub const MQTT_STORED: &str = "locus_mqtt_messages_stored_total";
+/// Messages that were no location (`status`, `lwt`, ...): acknowledged, not stored.
+pub const MQTT_IGNORED: &str = "locus_mqtt_messages_ignored_total";
+/// Messages acknowledged without storing a point, by `reason`:
+/// `unknown_tracker`, `bad_topic`, or the point's rejection reason.
+pub const MQTT_DROPPED: &str = "locus_mqtt_messages_dropped_total";
+/// Attempts to store a message that failed for a while (database away,
+/// tracker lookup unavailable) and were tried again; the message was held.
+pub const MQTT_RETRIED: &str = "locus_mqtt_retries_total";
+/// Connections to the broker lost or refused.
+pub const MQTT_CONNECTION_ERRORS: &str = "locus_mqtt_connection_errors_total";
+
 /// What the `rpc` and `transport` labels of a call's histogram say: the
 /// proto's name of the rpc, whichever transport carried it (an HTTP route
 /// is labelled with the rpc it answers as), so that one query reads both.
@@ -131,6 +150,13 @@ impl Call {
         Self {
             rpc,
             transport: "http",
+        }
+    }
+
+    pub const fn mqtt(rpc: &'static str) -> Self {
+        Self {
+            rpc,
+            transport: "mqtt",
         }
     }
 
@@ -295,6 +321,35 @@ fn describe() {
         LOG_REDELIVERED,
         "Log messages this instance took after an earlier delivery."
     );
+    describe_gauge!(
+        MQTT_CONNECTED,
+        "1 while the MQTT broker has accepted locus's session (--mqtt-url)."
+    );
+    describe_counter!(MQTT_RECEIVED, "MQTT messages received from the broker.");
+    describe_counter!(
+        MQTT_REDELIVERED,
+        "MQTT messages the broker marked as redelivered."
+    );
+    describe_counter!(
+        MQTT_STORED,
+        "MQTT messages whose point was committed, then acknowledged."
+    );
+    describe_counter!(
+        MQTT_IGNORED,
+        "MQTT messages that were no location, acknowledged and not stored."
+    );
+    describe_counter!(
+        MQTT_DROPPED,
+        "MQTT messages acknowledged without storing a point, by reason."
+    );
+    describe_counter!(
+        MQTT_RETRIED,
+        "Attempts to store an MQTT message that failed and were tried again."
+    );
+    describe_counter!(
+        MQTT_CONNECTION_ERRORS,
+        "MQTT connections to the broker lost or refused."
+    );
     describe_gauge!(OPEN_CONNECTIONS, "Open connections, by listener.");
     describe_counter!(
         CONNECTIONS_CLOSED,
@@ -315,6 +370,17 @@ fn register_zeroes() {
     ] {
         metrics::counter!(name).increment(0);
     }
+    for name in [
+        MQTT_RECEIVED,
+        MQTT_REDELIVERED,
+        MQTT_STORED,
+        MQTT_IGNORED,
+        MQTT_RETRIED,
+        MQTT_CONNECTION_ERRORS,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::counter!(MQTT_DROPPED, "reason" => "unknown_tracker").increment(0);
     for reason in Reason::ALL {
         metrics::counter!(POINTS_REJECTED, "reason" => reason.code()).increment(0);
     }

@@ -83,6 +83,8 @@ pub enum ServeError {
     FileLimit(#[from] crate::connections::FileLimitError),
     #[error("cluster mode: {0}")]
     Nats(#[from] async_nats::ConnectError),
+    #[error("MQTT ingest: {0}")]
+    Mqtt(#[from] crate::ingest::mqtt::MqttError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -91,6 +93,7 @@ pub enum ServeError {
 /// bound, so that a bad setting exits at once with one clear error.
 pub fn check(config: &ServeConfig) -> Result<Option<Tls>, ConfigError> {
     config.validate()?;
+    crate::ingest::mqtt::Settings::from_args(&config.mqtt, &config.limits)?;
     crate::tls::load(&config.tls).map_err(|e| ConfigError::Inconsistent(format!("TLS: {e}")))
 }
 
@@ -102,6 +105,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let tls = check(&config)?;
+    let mqtt = crate::ingest::mqtt::Settings::from_args(&config.mqtt, &config.limits)?;
     let file_limit = crate::connections::fit_file_limit(&config)?;
     tracing::debug!(file_limit, "open-file limit");
     let prometheus = metrics::install();
@@ -194,10 +198,22 @@ pub async fn run(
         timeouts,
         background.clone(),
     ));
+    let registry = crate::trackers::Registry::new(pool.clone());
+    // Holds an ingestor, so the pipeline drains only after it stopped.
+    let mqtt_task = match mqtt {
+        Some(settings) => Some(crate::ingest::mqtt::start(
+            settings,
+            ingestor.clone(),
+            registry.clone(),
+            shutdown.clone(),
+            config.shutdown_grace,
+        )?),
+        None => None,
+    };
     let http_app = crate::query::http::router(query.clone(), shutdown.clone())
         .merge(crate::ingest::router(
             ingestor.clone(),
-            crate::trackers::Registry::new(pool.clone()),
+            registry,
             &config.limits,
         ))
         .merge(crate::health::router(Arc::clone(&health)))
@@ -251,7 +267,7 @@ pub async fn run(
     );
     tracing::info!(%grpc_addr, tls = tls.is_some(), auth = ?config.auth.mode, "locus serving");
 
-    let result = drain(grpc, pipeline_task, &health, &config, &shutdown).await;
+    let result = drain(grpc, pipeline_task, mqtt_task, &health, &config, &shutdown).await;
     // The pipeline drained: the log messages it committed are acknowledged.
     log_writers.close();
     if tokio::time::timeout(config.shutdown_grace, log_writers.wait())
@@ -451,6 +467,7 @@ fn serve_grpc(
 async fn drain(
     mut grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     pipeline_task: tokio::task::JoinHandle<()>,
+    mqtt_task: Option<tokio::task::JoinHandle<()>>,
     health: &Health,
     config: &ServeConfig,
     shutdown: &CancellationToken,
@@ -466,6 +483,11 @@ async fn drain(
             Some(r) => r,
             None => grpc.await,
         };
+        // MQTT: what is in flight committed and acknowledged, the
+        // session disconnected.
+        if let Some(mqtt) = mqtt_task {
+            mqtt.await.ok();
+        }
         // The server and its streams are gone, so the last pipeline handle is
         // dropped: the batcher flushes what is left and the task ends.
         pipeline_task.await.ok();

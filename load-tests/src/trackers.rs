@@ -5,6 +5,13 @@
 //! connection, sending one point and waiting for its answer before the
 //! next (a closed loop), until `--tracker-points` points were answered.
 //! gRPC batches of `--batch` points are the ceiling beside them.
+//!
+//! OwnTracks over MQTT is the one path whose answers do not come from
+//! locus: the broker acknowledges a publish as soon as it has it. Its
+//! rate is the rows locus stored a second, from publishers at QoS 1 to
+//! the broker at `LOCUS_BENCH_MQTT_URL` (default mqtt://127.0.0.1:1883)
+//! that keep at most `MQTT_WINDOW` messages ahead of what is stored
+//! (Mosquitto drops what passes its queue of 1,000 for a session).
 
 use std::{
     path::Path,
@@ -47,15 +54,20 @@ enum Way {
     OsmAnd,
     OwnTracks,
     GrpcBatch,
+    Mqtt,
 }
 
-const PATHS: [Way; 5] = [
+const PATHS: [Way; 6] = [
     Way::Grpc,
     Way::Json,
     Way::OsmAnd,
     Way::OwnTracks,
+    Way::Mqtt,
     Way::GrpcBatch,
 ];
+
+/// Messages published and not yet stored, at most.
+const MQTT_WINDOW: usize = 600;
 
 impl Way {
     fn name(self) -> &'static str {
@@ -65,6 +77,7 @@ impl Way {
             Way::OsmAnd => "GET /osmand (Traccar Client), one point",
             Way::OwnTracks => "POST /owntracks, one point",
             Way::GrpcBatch => "gRPC WriteLocations, a batch",
+            Way::Mqtt => "OwnTracks over MQTT (QoS 1), rows stored",
         }
     }
 
@@ -75,6 +88,7 @@ impl Way {
             Way::OsmAnd => "osmand",
             Way::OwnTracks => "owntracks",
             Way::GrpcBatch => "grpc_batch",
+            Way::Mqtt => "mqtt",
         }
     }
 
@@ -82,7 +96,7 @@ impl Way {
     fn app(self) -> &'static str {
         match self {
             Way::OsmAnd => "fleet",
-            Way::OwnTracks => "owntracks",
+            Way::OwnTracks | Way::Mqtt => "owntracks",
             _ => "mextrack",
         }
     }
@@ -108,7 +122,25 @@ impl Run {
 }
 
 pub async fn run(locus: &Path, url: &str, p: Params) -> anyhow::Result<()> {
-    let server = instance(locus, url, p.writers, None, &[]).await?;
+    let broker_url = std::env::var("LOCUS_BENCH_MQTT_URL")
+        .unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_string());
+    let mqtt = Mqtt::new(&broker_url)?;
+    let topics = format!("{}/+/+", mqtt.prefix);
+    let server = instance(
+        locus,
+        url,
+        p.writers,
+        None,
+        &[
+            "--mqtt-url",
+            &broker_url,
+            "--mqtt-client-id",
+            &mqtt.client_id,
+            "--mqtt-topics",
+            &topics,
+        ],
+    )
+    .await?;
     register(url, p.devices).await?;
     let mut runs = Vec::new();
     for round in 1..=p.rounds {
@@ -125,7 +157,10 @@ pub async fn run(locus: &Path, url: &str, p: Params) -> anyhow::Result<()> {
             eprintln!("locus-bench trackers: {} ({n} points) ...", path.name());
             let cpu = crate::cluster::cpu(server.pid);
             let t = Instant::now();
-            send(&server, path, points, &p).await?;
+            match path {
+                Way::Mqtt => mqtt.send(url, &points, p.devices).await?,
+                _ => send(&server, path, points, &p).await?,
+            }
             let seconds = t.elapsed().as_secs_f64();
             let cpu = crate::cluster::cpu(server.pid) - cpu;
             let stored = count(url).await?;
@@ -276,7 +311,9 @@ impl Client {
                         .header("X-Limit-U", owntracks_user(i))
                         .header("X-Limit-D", "phone")
                         .json(&owntracks_body(l)),
-                    Way::Grpc | Way::GrpcBatch => unreachable!("a gRPC path on HTTP"),
+                    Way::Grpc | Way::GrpcBatch | Way::Mqtt => {
+                        unreachable!("not an HTTP path")
+                    }
                 };
                 let answer = request.send().await?;
                 let status = answer.status();
@@ -347,7 +384,9 @@ fn print(p: &Params, runs: &[Run]) {
         "{} points a run from {} devices (registered trackers for the apps' paths), {} clients at once, \
          each on a connection of its own sending one point and waiting for its answer (a batch of {} \
          for the last path); one instance, {} writers, --auth off; {} rounds, the order turning; the \
-         table truncated before each run. Every answer was a success and every point stored.",
+         table truncated before each run. Every answer was a success and every point stored. \
+         OwnTracks over MQTT: published at QoS 1 to the broker (which answers, not locus), at most \
+         {MQTT_WINDOW} ahead of the rows stored; its rate is rows stored a second.",
         runs.first().map_or(0, |r| r.points),
         p.devices,
         p.clients,
@@ -369,7 +408,13 @@ fn print(p: &Params, runs: &[Run]) {
     }
     println!();
     let of = |round, path| runs.iter().find(|r| r.round == round && r.path == path);
-    for path in [Way::Json, Way::OsmAnd, Way::OwnTracks, Way::GrpcBatch] {
+    for path in [
+        Way::Json,
+        Way::OsmAnd,
+        Way::OwnTracks,
+        Way::Mqtt,
+        Way::GrpcBatch,
+    ] {
         let ratios: Vec<f64> = (1..=p.rounds)
             .filter_map(|round| Some(of(round, path)?.rate() / of(round, Way::Grpc)?.rate()))
             .collect();
@@ -380,5 +425,83 @@ fn print(p: &Params, runs: &[Run]) {
             median(ratios.into_iter()),
             listed.join(",")
         );
+    }
+}
+
+/// OwnTracks over MQTT: locus's session (a client id and topics of this
+/// run's own) and a publisher.
+struct Mqtt {
+    host: String,
+    port: u16,
+    client_id: String,
+    prefix: String,
+}
+
+impl Mqtt {
+    fn new(url: &str) -> anyhow::Result<Mqtt> {
+        let b = locus::ingest::mqtt::Broker::parse(url)
+            .map_err(|e| anyhow::anyhow!("LOCUS_BENCH_MQTT_URL: {e}"))?;
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        Ok(Mqtt {
+            host: b.host,
+            port: b.port,
+            client_id: format!("locus-bench-{}", &run[..10]),
+            prefix: format!("bench-{}", &run[..10]),
+        })
+    }
+
+    /// Publishes every point at QoS 1 as `<prefix>/<user>/phone`, at most
+    /// `MQTT_WINDOW` ahead of the rows stored, and returns once all are.
+    async fn send(&self, url: &str, points: &[Location], devices: u64) -> anyhow::Result<()> {
+        let mut o = rumqttc::MqttOptions::new(
+            format!("{}-pub", self.client_id),
+            self.host.clone(),
+            self.port,
+        );
+        o.set_keep_alive(std::time::Duration::from_secs(10))
+            .set_inflight(200);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 1_000);
+        let polling = tokio::spawn(async move {
+            loop {
+                if let Err(e) = eventloop.poll().await {
+                    eprintln!("locus-bench trackers: MQTT publisher: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        });
+        let mut db = PgConnection::connect(url).await?;
+        let started = Instant::now();
+        let (mut published, mut stored) = (0usize, 0usize);
+        while stored < points.len() {
+            anyhow::ensure!(
+                started.elapsed() < std::time::Duration::from_secs(600),
+                "MQTT: {stored} of {} points stored after 10 minutes",
+                points.len()
+            );
+            while published < points.len() && published < stored + MQTT_WINDOW {
+                let l = &points[published];
+                let topic = format!(
+                    "{}/{}/phone",
+                    self.prefix,
+                    owntracks_user(device_of(published, devices))
+                );
+                client
+                    .publish(
+                        topic,
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        owntracks_body(l).to_string(),
+                    )
+                    .await?;
+                published += 1;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            stored = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM location_events")
+                .fetch_one(&mut db)
+                .await? as usize;
+        }
+        let _ = client.disconnect().await;
+        polling.abort();
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
 pub mod grpc;
 pub mod http;
 pub mod jsonb;
+pub mod mqtt;
 pub mod trackers;
 pub mod validate;
 
