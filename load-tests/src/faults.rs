@@ -2304,7 +2304,10 @@ fn log_fleet(instances: &[&Locus], mut flags: Vec<String>) -> Vec<String> {
 
 /// JetStream on `url`.
 async fn jetstream(url: &str) -> anyhow::Result<async_nats::jetstream::Context> {
-    Ok(async_nats::jetstream::new(async_nats::connect(url).await?))
+    let servers = locus_load::nats::server_addrs(url)?;
+    Ok(async_nats::jetstream::new(
+        async_nats::connect(servers).await?,
+    ))
 }
 
 /// One look at an instance of `--ack-after log` and its database.
@@ -2686,12 +2689,11 @@ async fn log_kill_on(
         .await?;
     let redelivered = counter(&b, LOG_REDELIVERED).await - redelivered_before;
     let duplicates_b = counter(&b, "locus_points_duplicate_total").await;
-    let taken_again = consumer.info().await?.num_redelivered;
     out.figure(format!(
-        "writes blocked 3 s, then A killed (kill -9) {warm} s in: A's writers held {held_a:.0} points not committed (B's {held_b:.0}), {taken} messages taken and not acknowledged by both"
+        "writes blocked (LOCK TABLE) {warm} s in, and 3 s later A killed (kill -9): A's writers held {held_a:.0} points not committed (B's {held_b:.0}), {taken} messages taken and not acknowledged by both"
     ));
     out.figure(format!(
-        "B's writers took {redelivered:.0} messages again (redelivered; JetStream counts {taken_again} messages delivered more than once), and found {duplicates_b:.0} points already stored; {} points acknowledged, {} client errors (A's streams reconnecting to B); the log drained {} after the fleet ended",
+        "B's writers took {redelivered:.0} messages again (redelivered), and found {duplicates_b:.0} points already stored; {} points acknowledged, {} client errors (A's streams reconnecting to B); the log drained {} after the fleet ended",
         n(&s, "acked"),
         n(&s, "errors"),
         s["drained_s"]

@@ -180,7 +180,7 @@ impl NatsCluster {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        let client = async_nats::connect(cluster.url()).await?;
+        let client = async_nats::connect(server_addrs(&cluster.url())?).await?;
         let js = async_nats::jetstream::new(client);
         while js.query_account().await.is_err() {
             if t.elapsed() > Duration::from_secs(30) {
@@ -230,4 +230,15 @@ impl NatsCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `urls`, comma-separated as `--nats-url` takes them, as the NATS client
+/// takes several servers.
+pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(|u| {
+            u.parse()
+                .with_context(|| format!("the NATS server address {u:?}"))
+        })
+        .collect()
 }
