@@ -182,16 +182,27 @@ impl NatsCluster {
         }
         let client = async_nats::connect(server_addrs(&cluster.url())?).await?;
         let js = async_nats::jetstream::new(client);
-        while js.query_account().await.is_err() {
-            if t.elapsed() > Duration::from_secs(30) {
-                bail!(
-                    "the NATS cluster's JetStream did not answer within 30 s (logs in {})",
+        // Ready once it places a stream of three copies (then removed).
+        let probe = async_nats::jetstream::stream::Config {
+            name: "LOCUS_FAULTS_READY".into(),
+            subjects: vec!["locus-faults.ready".into()],
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            num_replicas: n,
+            ..Default::default()
+        };
+        loop {
+            match js.get_or_create_stream(probe.clone()).await {
+                Ok(_) => {
+                    js.delete_stream(&probe.name).await?;
+                    return Ok(cluster);
+                }
+                Err(e) if t.elapsed() > Duration::from_secs(30) => bail!(
+                    "the NATS cluster placed no stream of {n} copies within 30 s: {e} (logs in {})",
                     cluster.dir.display()
-                );
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok(cluster)
     }
 
     /// Every server's address, comma-separated (as `--nats-url` takes them).
