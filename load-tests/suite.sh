@@ -14,6 +14,6 @@ if [ "${1:-}" = "--quick" ]; then
   ./target/release/locus-faults --quick
   load-tests/fuzz.sh 15
 else
-  ./target/release/locus-faults --cases crash,outage,slow,overload,hostile,amplify,connections,nats,kill-instance,soak
+  ./target/release/locus-faults --cases crash,outage,slow,overload,hostile,amplify,connections,nats,kill-instance,log-outage,log-nats-kill,log-kill-instance,log-dead-letter,soak
   load-tests/fuzz.sh 300
 fi

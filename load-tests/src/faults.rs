@@ -48,6 +48,10 @@ enum Case {
     Connections,
     Nats,
     KillInstance,
+    LogOutage,
+    LogNatsKill,
+    LogKillInstance,
+    LogDeadLetter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -81,7 +85,7 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile", "amplify", "connections", "nats", "kill-instance"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["crash", "outage", "slow", "overload", "hostile", "amplify", "connections", "nats", "kill-instance", "log-outage", "log-nats-kill", "log-kill-instance", "log-dead-letter"])]
     cases: Vec<Case>,
     /// Short versions of every case (for CI).
     #[arg(long)]
@@ -2197,6 +2201,10 @@ async fn run(
             Case::Connections => connections(bin, &db, a.quick).await,
             Case::Nats => nats(bin, &db, a.quick).await,
             Case::KillInstance => kill_instance(bin, &db, a.quick).await,
+            Case::LogOutage => log_outage(bin, &db, a.quick).await,
+            Case::LogNatsKill => log_nats_kill(bin, &db, a.quick).await,
+            Case::LogKillInstance => log_kill_instance(bin, &db, a.quick).await,
+            Case::LogDeadLetter => log_dead_letter(bin, &db, a.quick).await,
         };
         db.drop().await;
         let outcome = match result {
@@ -2234,4 +2242,658 @@ async fn run(
     }
     println!("{}", serde_json::Value::Array(report));
     Ok(failed)
+}
+
+// --- `--ack-after log` (issue 21) ---
+
+/// The log's bound in these cases (JetStream sets it aside on its servers).
+const LOG_MAX_BYTES: &str = "268435456";
+/// The shared view's stream's bound beside it.
+const VIEW_MAX_BYTES: &str = "67108864";
+/// `--log-ack-wait` of these cases: a killed instance's messages go to
+/// another writer this long after it last said it is still on them.
+const LOG_ACK_WAIT: &str = "5s";
+/// How long a fleet's verify waits for the log to drain.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(300);
+const LOG_BACKLOG: &str = "locus_log_backlog_messages";
+const LOG_REDELIVERED: &str = "locus_log_redelivered_messages_total";
+/// The log's and its dead letters' streams, as locus names them by default.
+const LOG_STREAM: &str = "LOCUS_LOG";
+const DEAD_STREAM: &str = "LOCUS_LOG_DEAD";
+
+/// `locus serve` flags of an instance of `--ack-after log` on the NATS
+/// server(s) at `nats_url`: [`BOUNDS`] and `extra`.
+fn logged(nats_url: &str, extra: &[&str]) -> Vec<String> {
+    let mut flags: Vec<String> = BOUNDS.iter().map(|s| s.to_string()).collect();
+    flags.extend(
+        [
+            "--nats-url",
+            nats_url,
+            "--ack-after",
+            "log",
+            "--log-max-bytes",
+            LOG_MAX_BYTES,
+            "--nats-max-bytes",
+            VIEW_MAX_BYTES,
+            "--log-ack-wait",
+            LOG_ACK_WAIT,
+        ]
+        .map(String::from),
+    );
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
+}
+
+/// `flags` of a fleet whose acks mean "in the log": its verify waits until
+/// the log of `instances` has drained.
+fn log_fleet(instances: &[&Locus], mut flags: Vec<String>) -> Vec<String> {
+    let metrics: Vec<String> = instances
+        .iter()
+        .map(|l| format!("http://127.0.0.1:{}", l.metrics))
+        .collect();
+    flags.extend([
+        "--acks".into(),
+        "log".into(),
+        "--metrics-target".into(),
+        metrics.join(","),
+        "--drain-deadline".into(),
+        format!("{}s", DRAIN_DEADLINE.as_secs()),
+    ]);
+    flags
+}
+
+/// JetStream on `url`.
+async fn jetstream(url: &str) -> anyhow::Result<async_nats::jetstream::Context> {
+    let servers = locus_load::nats::server_addrs(url)?;
+    Ok(async_nats::jetstream::new(
+        async_nats::connect(servers).await?,
+    ))
+}
+
+/// One look at an instance of `--ack-after log` and its database.
+#[derive(Debug, Clone, Copy)]
+struct LogSample {
+    at: Instant,
+    /// `/readyz` answered 200.
+    ready: bool,
+    /// `locus_log_backlog_messages`.
+    backlog: Option<f64>,
+    /// Rows in the table, where the database answered.
+    rows: Option<i64>,
+}
+
+/// Samples `locus` and the table every 250 ms until `stop`.
+fn sample_log(
+    ports: Ports,
+    url: String,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<Vec<LogSample>> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap_or_default();
+        let mut conn: Option<PgConnection> = None;
+        let mut samples = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = &mut stop => return samples,
+                _ = tick.tick() => {}
+            }
+            let at = Instant::now();
+            let ready = client
+                .get(format!("http://127.0.0.1:{}/readyz", ports.http))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == reqwest::StatusCode::OK);
+            let text = match client
+                .get(format!("http://127.0.0.1:{}/metrics", ports.metrics))
+                .send()
+                .await
+            {
+                Ok(r) => r.text().await.ok(),
+                Err(_) => None,
+            };
+            let backlog = text.as_deref().and_then(|t| gauge(t, LOG_BACKLOG));
+            if conn.is_none() {
+                conn = tokio::time::timeout(Duration::from_secs(1), PgConnection::connect(&url))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            }
+            let mut rows = None;
+            if let Some(c) = conn.as_mut() {
+                let count = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM location_events")
+                    .fetch_one(c);
+                match tokio::time::timeout(Duration::from_secs(1), count).await {
+                    Ok(Ok(n)) => rows = Some(n),
+                    _ => conn = None,
+                }
+            }
+            samples.push(LogSample {
+                at,
+                ready,
+                backlog,
+                rows,
+            });
+        }
+    })
+}
+
+/// Rows stored a second between two samples with a count.
+fn stored_rate(a: &LogSample, b: &LogSample) -> Option<f64> {
+    let dt = (b.at - a.at).as_secs_f64();
+    Some((b.rows? - a.rows?) as f64 / dt).filter(|_| dt > 0.0)
+}
+
+/// The points a fleet had acknowledged in each second of its run from
+/// `from` to `to` (seconds since it started).
+fn answered(s: &Value, from: u64, to: u64) -> Vec<u64> {
+    let per_sec: Vec<u64> = s["answered_per_sec"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    (from..to)
+        .map(|k| per_sec.get(k as usize).copied().unwrap_or(0))
+        .collect()
+}
+
+/// PostgreSQL away for 2 min (15 s quick) under a fleet of 300 streams at
+/// 10 points/s against one instance of `--ack-after log`: the fleet is
+/// acknowledged throughout without an error, `/readyz` stays 200, the log
+/// holds the points (its backlog grows) and drains once the database is
+/// back; every acknowledged point is then stored once. The drain's rate is
+/// reported against the stored rate before the outage.
+async fn log_outage(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let nats = Nats::start().await?;
+    let result = log_outage_on(bin, db, quick, &nats, &mut out).await;
+    if result.is_err() || !out.held {
+        println!("   (nats-server's log: {})", nats.log().display());
+    }
+    nats.destroy().await;
+    result.map(|()| out)
+}
+
+async fn log_outage_on(
+    bin: &Path,
+    db: &Db,
+    quick: bool,
+    nats: &Nats,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let (warm, away, after) = if quick { (8, 15, 10) } else { (20, 120, 30) };
+    let (devices, rate) = (300, 10.0);
+    let mut locus = Locus::start(bin, &db.url, &strs(&logged(&nats.url(), &[]))).await?;
+    let (stop_sampling, sampling) = tokio::sync::oneshot::channel();
+    let sampler = sample_log(Ports::of(&locus), db.url.clone(), sampling);
+    let started = Instant::now();
+    let flags = log_fleet(&[&locus], fleet_flags(devices, rate, warm + away + after));
+    let fleet = Fleet::start(&locus, db, &strs(&flags))?;
+    tokio::time::sleep(Duration::from_secs(warm)).await;
+    db.cut_off().await?;
+    let cut = Instant::now();
+    tokio::time::sleep(Duration::from_secs(away)).await;
+    db.restore().await?;
+    let back = Instant::now();
+    let (verified, s) = fleet
+        .finish(Duration::from_secs(after + DRAIN_DEADLINE.as_secs() + 120))
+        .await?;
+    let _ = stop_sampling.send(());
+    let samples = sampler.await?;
+
+    // Before the outage: the first 3 s left out (streams connecting).
+    let before: Vec<&LogSample> = samples
+        .iter()
+        .filter(|x| x.at >= started + Duration::from_secs(3) && x.at < cut)
+        .collect();
+    let counted: Vec<&&LogSample> = before.iter().filter(|x| x.rows.is_some()).collect();
+    let normal_rate = match (counted.first(), counted.last()) {
+        (Some(a), Some(b)) => stored_rate(a, b),
+        _ => None,
+    };
+    let normal_backlog = before.iter().filter_map(|x| x.backlog).fold(0.0, f64::max);
+    let during: Vec<&LogSample> = samples
+        .iter()
+        .filter(|x| x.at >= cut + Duration::from_secs(1) && x.at < back)
+        .collect();
+    let not_ready = during.iter().filter(|x| !x.ready).count();
+    let backlog_max = during.iter().filter_map(|x| x.backlog).fold(0.0, f64::max);
+    // The drain: from the database's return until the backlog is back to
+    // what it was under load before (the gauge is read every 2 s).
+    let after_back: Vec<&LogSample> = samples.iter().filter(|x| x.at >= back).collect();
+    let first_count = after_back.iter().find(|x| x.rows.is_some());
+    let caught_up = after_back
+        .iter()
+        .find(|x| x.backlog.is_some_and(|b| b <= normal_backlog) && x.rows.is_some());
+    let drain = match (first_count, caught_up) {
+        (Some(a), Some(b)) if b.at > a.at => {
+            stored_rate(a, b).map(|r| (r, (b.at - back).as_secs_f64()))
+        }
+        _ => None,
+    };
+    // The fastest second of the drain.
+    let counts: Vec<&&LogSample> = after_back
+        .iter()
+        .filter(|x| x.rows.is_some() && caught_up.is_none_or(|c| x.at <= c.at))
+        .collect();
+    let peak = counts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let b = counts[i..]
+                .iter()
+                .find(|b| b.at >= a.at + Duration::from_secs(1))?;
+            stored_rate(a, b)
+        })
+        .fold(0.0, f64::max);
+    // The fleet's acks in each whole second of the outage.
+    let since = |t: Instant| (t - started).as_secs();
+    let acks_during = answered(&s, since(cut) + 1, since(back));
+    let offered = devices as f64 * rate;
+    let least_acks = acks_during.iter().copied().min().unwrap_or(0);
+
+    out.figure(format!(
+        "database away {away} s under {offered:.0} points/s offered to one instance of --ack-after log: {} points acknowledged, {} client errors, ack p99 {:.0} ms, max {:.0} ms; the fewest acknowledged in a second of the outage {least_acks} ({} seconds)",
+        n(&s, "acked"),
+        n(&s, "errors"),
+        n(&s, "ack_p99_ms"),
+        n(&s, "ack_max_ms"),
+        acks_during.len()
+    ));
+    out.figure(format!(
+        "/readyz 200 in {}/{} samples of the outage; the log's backlog at most {normal_backlog:.0} messages before it, {backlog_max:.0} during it",
+        during.len() - not_ready,
+        during.len()
+    ));
+    let ratio = |r: f64| normal_rate.map_or(f64::NAN, |n| r / n);
+    out.figure(format!(
+        "stored before the outage {:.0} points/s; the drain: back to that backlog {} after the database returned, {} points/s over it ({:.1}x), the fastest second {peak:.0} points/s ({:.1}x); the log drained {} after the fleet ended",
+        normal_rate.unwrap_or(f64::NAN),
+        drain.map_or("not under load".into(), |(_, t)| format!("{t:.1} s")),
+        drain.map_or("-".into(), |(r, _)| format!("{r:.0}")),
+        drain.map_or(f64::NAN, |(r, _)| ratio(r)),
+        ratio(peak),
+        s["drained_s"]
+            .as_f64()
+            .map_or("never".into(), |d| format!("{d:.1} s")),
+    ));
+    out.check(
+        verified,
+        "an acknowledged point is missing or stored twice (or the log did not drain)",
+    );
+    out.check(n(&s, "errors") == 0.0, "a client saw an error");
+    out.check(
+        !during.is_empty() && not_ready == 0,
+        "/readyz was not 200 while the database was away",
+    );
+    out.check(
+        !acks_during.is_empty() && least_acks as f64 >= offered * 0.5,
+        "a second of the outage had fewer acks than half the rate offered: ingest waited for the database",
+    );
+    out.check(
+        backlog_max > normal_backlog,
+        "the log's backlog did not grow while the database was away: were the points written somewhere else?",
+    );
+    out.check(s["drained_s"].is_number(), "the log did not drain");
+    out.check(locus.alive(), "locus died");
+    locus.kill9().await?;
+    Ok(())
+}
+
+/// A NATS cluster of three, the log three copies (R3); one instance of
+/// `--ack-after log` under 300 streams at 10 points/s; the log's stream
+/// leader killed with `kill -9` 15 s in (6 s quick), the other two going
+/// on. Nothing acknowledged is lost; the stall of the acks is reported.
+async fn log_nats_kill(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let mut cluster = locus_load::nats::NatsCluster::start(3).await?;
+    let result = log_nats_kill_on(bin, db, quick, &mut cluster, &mut out).await;
+    if result.is_err() || !out.held {
+        println!("   (nats-servers' logs: {})", cluster.logs().display());
+    }
+    cluster.destroy().await;
+    result.map(|()| out)
+}
+
+async fn log_nats_kill_on(
+    bin: &Path,
+    db: &Db,
+    quick: bool,
+    cluster: &mut locus_load::nats::NatsCluster,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let (warm, after) = if quick { (6, 14) } else { (15, 45) };
+    let (devices, rate) = (300, 10.0);
+    let mut locus = Locus::start(bin, &db.url, &strs(&logged(&cluster.url(), &[]))).await?;
+    let started = Instant::now();
+    let flags = log_fleet(&[&locus], fleet_flags(devices, rate, warm + after));
+    let fleet = Fleet::start(&locus, db, &strs(&flags))?;
+    let js = jetstream(&cluster.url()).await?;
+    tokio::time::sleep(Duration::from_secs(warm)).await;
+    let info = js.get_stream(LOG_STREAM).await?.info().await?.clone();
+    let replicas = info.config.num_replicas;
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .context("the log's stream has no leader")?;
+    cluster.kill9(&leader).await?;
+    let killed = Instant::now();
+    let (verified, s) = fleet
+        .finish(Duration::from_secs(after + DRAIN_DEADLINE.as_secs() + 120))
+        .await?;
+    let ended = Instant::now();
+    let new_leader = match js.get_stream(LOG_STREAM).await {
+        Ok(mut st) => st
+            .info()
+            .await
+            .ok()
+            .and_then(|i| i.cluster.as_ref()?.leader.clone()),
+        Err(_) => None,
+    };
+    let offered = devices as f64 * rate;
+    let k = (killed - started).as_secs();
+    let acks_after = answered(&s, k, (ended - started).as_secs().min(warm + after));
+    // The stall: the longest run of seconds after the kill with fewer acks
+    // than half the rate offered.
+    let (mut stall, mut run) = (0, 0);
+    for a in &acks_after {
+        run = if (*a as f64) < offered * 0.5 {
+            run + 1
+        } else {
+            0
+        };
+        stall = stall.max(run);
+    }
+    out.figure(format!(
+        "the log {replicas} copies; its leader {leader} killed (kill -9) {warm} s into {offered:.0} points/s offered, the leader then {}; {} points acknowledged, {} client errors, ack p99 {:.0} ms, max {:.0} ms; acks stalled (under half the rate) for {stall} s at most; acks a second after the kill: {:?}",
+        new_leader.as_deref().unwrap_or("-"),
+        n(&s, "acked"),
+        n(&s, "errors"),
+        n(&s, "ack_p99_ms"),
+        n(&s, "ack_max_ms"),
+        acks_after
+    ));
+    out.check(
+        replicas == 3,
+        format!("the log keeps {replicas} copies, not 3"),
+    );
+    out.check(
+        verified,
+        "an acknowledged point is missing or stored twice (or the log did not drain)",
+    );
+    out.check(
+        acks_after
+            .iter()
+            .rev()
+            .take(3)
+            .all(|a| *a as f64 >= offered * 0.5),
+        "the acks did not come back to half the rate by the end",
+    );
+    out.check(locus.alive(), "locus died");
+    locus.kill9().await?;
+    Ok(())
+}
+
+/// Two instances of `--ack-after log` on one nats-server, 300 streams at
+/// 10 points/s through both; writes blocked (`LOCK TABLE location_events`)
+/// for 3 s so that A's writers hold messages they cannot commit, then A
+/// killed with `kill -9` and the lock let go. What A held is redelivered to
+/// B's writers after `--log-ack-wait` and stored, once.
+async fn log_kill_instance(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let nats = Nats::start().await?;
+    let result = log_kill_on(bin, db, quick, &nats, &mut out).await;
+    if result.is_err() || !out.held {
+        println!("   (nats-server's log: {})", nats.log().display());
+    }
+    nats.destroy().await;
+    result.map(|()| out)
+}
+
+async fn log_kill_on(
+    bin: &Path,
+    db: &Db,
+    quick: bool,
+    nats: &Nats,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let (warm, after) = if quick { (6, 14) } else { (15, 30) };
+    let mut a = Locus::start(bin, &db.url, &strs(&logged(&nats.url(), &[]))).await?;
+    let mut b = Locus::start(bin, &db.url, &strs(&logged(&nats.url(), &[]))).await?;
+    let flags = log_fleet(&[&a, &b], fleet_flags(300, 10.0, warm + after));
+    let fleet = Fleet::start_on(&[&a, &b], db, &strs(&flags))?;
+    let js = jetstream(&nats.url()).await?;
+    tokio::time::sleep(Duration::from_secs(warm)).await;
+    let mut conn = PgConnection::connect(&db.url).await?;
+    let mut tx = conn.begin().await?;
+    sqlx::query("LOCK TABLE location_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // What A's writers hold: rows handed to its pipeline, not committed.
+    let held_a = counter(&a, BUFFER_POINTS).await;
+    let held_b = counter(&b, BUFFER_POINTS).await;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("locus-writers", LOG_STREAM)
+        .await?;
+    let taken = consumer.info().await?.num_ack_pending;
+    let redelivered_before = counter(&b, LOG_REDELIVERED).await;
+    a.kill9().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tx.rollback().await?;
+    let (verified, s) = fleet
+        .finish(Duration::from_secs(after + DRAIN_DEADLINE.as_secs() + 120))
+        .await?;
+    let redelivered = counter(&b, LOG_REDELIVERED).await - redelivered_before;
+    let duplicates_b = counter(&b, "locus_points_duplicate_total").await;
+    out.figure(format!(
+        "writes blocked (LOCK TABLE) {warm} s in, and 3 s later A killed (kill -9): A's writers held {held_a:.0} points not committed (B's {held_b:.0}), {taken} messages taken and not acknowledged by both"
+    ));
+    out.figure(format!(
+        "B's writers took {redelivered:.0} messages again (redelivered), and found {duplicates_b:.0} points already stored; {} points acknowledged, {} client errors (A's streams reconnecting to B); the log drained {} after the fleet ended",
+        n(&s, "acked"),
+        n(&s, "errors"),
+        s["drained_s"]
+            .as_f64()
+            .map_or("never".into(), |d| format!("{d:.1} s")),
+    ));
+    out.check(
+        held_a > 0.0,
+        "A's writers held nothing when it was killed: the case did not test what it should",
+    );
+    out.check(
+        redelivered > 0.0,
+        "B's writers took nothing again: A's messages were not redelivered",
+    );
+    out.check(
+        verified,
+        "an acknowledged point is missing or stored twice (or the log did not drain)",
+    );
+    out.check(b.alive(), "B died");
+    b.kill9().await?;
+    Ok(())
+}
+
+/// The speed the dead-letter case has PostgreSQL refuse.
+const REFUSED_SPEED: f64 = 123.0;
+/// One point in this many of each device gets it.
+const REFUSED_EVERY: &str = "100";
+
+/// One instance of `--ack-after log`; the table refuses a speed of 123
+/// (a check constraint) and the fleet sends one point in 100 of each
+/// device with it: those points are acknowledged (the log took them), land
+/// in the dead letters with the database's reason, one a point, counted in
+/// `locus_log_dead_lettered_points_total` and shown by `locus doctor`
+/// (which exits 1); every other point is stored, among them the points
+/// after the refused ones in the same device (partition).
+async fn log_dead_letter(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let nats = Nats::start().await?;
+    let result = log_dead_letter_on(bin, db, quick, &nats, &mut out).await;
+    if result.is_err() || !out.held {
+        println!("   (nats-server's log: {})", nats.log().display());
+    }
+    nats.destroy().await;
+    result.map(|()| out)
+}
+
+async fn log_dead_letter_on(
+    bin: &Path,
+    db: &Db,
+    quick: bool,
+    nats: &Nats,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let secs = if quick { 15 } else { 60 };
+    let mut locus = Locus::start(bin, &db.url, &strs(&logged(&nats.url(), &[]))).await?;
+    let mut conn = PgConnection::connect(&db.url).await?;
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE location_events ADD CONSTRAINT locus_faults_refused_speed
+         CHECK (speed IS NULL OR speed <> {REFUSED_SPEED:.1})"
+    ))
+    .execute(&mut conn)
+    .await?;
+    let mut flags = log_fleet(&[&locus], fleet_flags(300, 10.0, secs));
+    flags.extend([
+        "--refused-speed".into(),
+        REFUSED_SPEED.to_string(),
+        "--refused-every".into(),
+        REFUSED_EVERY.into(),
+    ]);
+    let fleet = Fleet::start(&locus, db, &strs(&flags))?;
+    let (verified, s) = fleet
+        .finish(Duration::from_secs(secs + DRAIN_DEADLINE.as_secs() + 120))
+        .await?;
+    let refused_absent = n(&s, "refused_absent");
+
+    // The dead letters, each read back.
+    let js = jetstream(&nats.url()).await?;
+    let mut dead = js.get_stream(DEAD_STREAM).await?;
+    let state = dead.info().await?.state.clone();
+    let (mut points, mut with_reason, mut of_speed) = (0u64, 0u64, 0u64);
+    let mut buried: Vec<(uuid::Uuid, i64)> = Vec::new();
+    if state.messages > 0 {
+        for seq in state.first_sequence..=state.last_sequence {
+            let m = dead.get_raw_message(seq).await?;
+            let reason = m
+                .headers
+                .get(locus::ingest_log::REASON)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            // 23514: check_violation.
+            if reason.contains("23514") {
+                with_reason += 1;
+            }
+            let rows = locus::pipeline::copy_encoder::split_rows(&m.payload).unwrap_or_default();
+            for r in rows {
+                points += 1;
+                if let Some(row) = locus::pipeline::copy_encoder::decode_row(
+                    &m.payload[r.start as usize..r.end as usize],
+                ) {
+                    if row.speed.is_some_and(|v| f64::from(v) == REFUSED_SPEED) {
+                        of_speed += 1;
+                    }
+                    buried.push((row.device_id, row.time_us));
+                }
+            }
+        }
+    }
+    // The partition kept flowing: each buried point's device has a point
+    // stored after it, unless it came in the run's last 2 s (a device's
+    // last point may be a refused one).
+    let newest: i64 = sqlx::query_scalar(
+        "SELECT coalesce((extract(epoch FROM max(time)) * 1000000)::bigint, 0) FROM location_events",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let buried: Vec<(uuid::Uuid, i64)> = buried
+        .into_iter()
+        .filter(|(_, t)| *t < newest - 2_000_000)
+        .collect();
+    let mut flowed = 0;
+    for (device, time_us) in &buried {
+        let later: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM location_events
+             WHERE device_id = $1 AND time > to_timestamp($2::float8 / 1e6))",
+        )
+        .bind(device)
+        .bind(*time_us as f64)
+        .fetch_one(&mut conn)
+        .await?;
+        flowed += usize::from(later);
+    }
+    let counted = counter(
+        &locus,
+        "locus_log_dead_lettered_points_total{reason=\"refused\"}",
+    )
+    .await;
+    let doctor = tokio::process::Command::new(bin)
+        .args([
+            "doctor",
+            "--json",
+            "--database-url",
+            &db.url,
+            "--nats-url",
+            &nats.url(),
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .await?;
+    let report: Value = serde_json::from_slice(&doctor.stdout).unwrap_or_default();
+    let log = &report["log"];
+    let doctor_dead = log["backlog"]["dead_letters"].as_u64().unwrap_or(0);
+    let shown_reason = log["dead_letters"][0]["reason"].as_str().unwrap_or("");
+    let attention = log["attention"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|x| x.as_str().is_some_and(|x| x.contains("dead letters")))
+    });
+
+    out.figure(format!(
+        "speed {REFUSED_SPEED} refused by a check constraint, one point in {REFUSED_EVERY} of each device with it: {} points acknowledged ({} client errors), {refused_absent:.0} of them of that speed and absent from the table",
+        n(&s, "acked"),
+        n(&s, "errors")
+    ));
+    out.figure(format!(
+        "{} dead letters holding {points} points ({of_speed} of speed {REFUSED_SPEED}, {with_reason} with SQLSTATE 23514 in Locus-Reason); locus_log_dead_lettered_points_total{{reason=\"refused\"}} {counted:.0}; the device of {flowed} of the {} not in the run's last 2 s has a point stored after it; locus doctor exit {:?}, {doctor_dead} dead letters, the newest: {shown_reason}",
+        state.messages,
+        buried.len(),
+        doctor.status.code()
+    ));
+    out.check(
+        verified,
+        "a point is missing, or stored though refused, or stored twice (or the log did not drain)",
+    );
+    out.check(
+        refused_absent > 0.0,
+        "no point of the refused speed was acknowledged: the case tested nothing",
+    );
+    out.check(
+        points as f64 == refused_absent && of_speed == points,
+        format!("the dead letters hold {points} points ({of_speed} of the refused speed), not the {refused_absent:.0} refused"),
+    );
+    out.check(
+        with_reason == state.messages,
+        "a dead letter does not carry the database's reason (SQLSTATE 23514)",
+    );
+    out.check(
+        counted == refused_absent,
+        format!("locus_log_dead_lettered_points_total is {counted:.0}, not the {refused_absent:.0} refused"),
+    );
+    out.check(
+        !buried.is_empty() && flowed == buried.len(),
+        "a device's points after a refused one were not stored: the partition stalled",
+    );
+    out.check(
+        doctor.status.code() == Some(1)
+            && doctor_dead == state.messages
+            && shown_reason.contains("23514")
+            && attention,
+        "locus doctor does not show the dead letters (exit 1, their count, the reason, attention)",
+    );
+    out.check(locus.alive(), "locus died");
+    locus.kill9().await?;
+    Ok(())
 }

@@ -26,6 +26,15 @@ enum Mode {
     Http,
 }
 
+/// What an ack of locus means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Acks {
+    /// The points are stored (`--ack-after commit`).
+    Commit,
+    /// The points are in the log, stored later (`--ack-after log`).
+    Log,
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "locus-load", about = "A simulated GPS fleet against locus")]
 struct Args {
@@ -106,6 +115,27 @@ struct Args {
     verify: bool,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// What locus's acks mean. With `log`, --verify first waits until the
+    /// log has drained into the table (--metrics-target says its backlog),
+    /// and expects points of --refused-speed absent.
+    #[arg(long, value_enum, default_value = "commit")]
+    acks: Acks,
+    /// With --acks log: locus's metrics addresses (comma-separated, e.g.
+    /// http://127.0.0.1:9090); the first that answers gives the log's
+    /// backlog (`locus_log_backlog_messages`).
+    #[arg(long, value_delimiter = ',')]
+    metrics_target: Vec<String>,
+    /// With --acks log: how long --verify waits for the log to drain.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    drain_deadline: Duration,
+    /// Every --refused-every-th point of each device gets this speed (km/h),
+    /// one the database is set to refuse (a check constraint): with --acks
+    /// log those points are acknowledged, and --verify expects them absent
+    /// (in the dead letters) and every other point stored.
+    #[arg(long, requires = "refused_every")]
+    refused_speed: Option<f64>,
+    #[arg(long, requires = "refused_speed")]
+    refused_every: Option<u64>,
 }
 
 #[tokio::main]
@@ -131,6 +161,14 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         a.mode == Mode::Stream || a.target.len() == 1,
         "several --target are for --mode stream"
+    );
+    anyhow::ensure!(
+        !a.verify || a.acks == Acks::Commit || !a.metrics_target.is_empty(),
+        "--verify with --acks log needs --metrics-target (to see the log drain)"
+    );
+    anyhow::ensure!(
+        a.refused_every.is_none_or(|n| n > 0),
+        "--refused-every must be positive"
     );
     let interval_s = a
         .fix_interval
@@ -166,10 +204,12 @@ async fn main() -> anyhow::Result<()> {
         duplicate_share: a.duplicate_share,
         invalid_share: a.invalid_share,
         late_share: a.late_share,
+        refused: a.refused_speed.zip(a.refused_every),
     };
     let budget = Arc::new(Budget::new(a.total_points, a.duration));
     let stats = Arc::new(Stats {
         stored: a.verify.then(Default::default),
+        refused_speed: a.refused_speed.filter(|_| a.acks == Acks::Log),
         ..Default::default()
     });
 
@@ -325,7 +365,7 @@ async fn main() -> anyhow::Result<()> {
     while tasks.join_next().await.is_some() {}
     progress.abort();
     let elapsed = started.elapsed();
-    let summary = report::Summary::new(&stats, elapsed, a.duration);
+    let mut summary = report::Summary::new(&stats, elapsed, a.duration);
     summary.print_human();
     let broken = stats.broken_acks.load(std::sync::atomic::Ordering::Relaxed);
     if broken > 0 {
@@ -334,12 +374,26 @@ async fn main() -> anyhow::Result<()> {
     let mut failed = broken > 0;
     if a.verify {
         let url = a.database_url.as_deref().unwrap_or_default();
+        if a.acks == Acks::Log {
+            let drained =
+                verify::wait_drained(url, &device_ids, &a.metrics_target, a.drain_deadline).await?;
+            if let Some(d) = drained {
+                println!(
+                    "verify: the log drained {:.1} s after the run",
+                    d.as_secs_f64()
+                );
+            }
+            failed |= drained.is_none();
+            summary.drained(drained);
+        }
         let mut acked = stats
             .stored
             .as_ref()
             .and_then(|s| s.lock().ok().map(|mut s| std::mem::take(&mut *s)))
             .unwrap_or_default();
-        failed |= !verify::verify(url, &device_ids, &mut acked).await?;
+        let verdict = verify::verify(url, &device_ids, &mut acked, a.acks == Acks::Log).await?;
+        failed |= !verdict.held;
+        summary.refused_absent = verdict.refused_absent;
     }
     println!("{}", summary.json());
     if failed {
@@ -403,6 +457,12 @@ mod report {
         /// --verify), so that a run on the machine under test can say how
         /// much of it the clients took.
         cpu: Option<f64>,
+        /// With --acks log and --verify: seconds from the end of the run
+        /// until the log had drained into the table (`None`: it did not).
+        drained_s: Option<f64>,
+        /// With --verify: acknowledged points of --refused-speed that are
+        /// absent from the table, as they should be.
+        pub refused_absent: usize,
     }
 
     impl Summary {
@@ -448,7 +508,13 @@ mod report {
                 max: l.last().map_or(0.0, |us| *us as f64 / 1000.0),
                 elapsed,
                 cpu: locus_load::proc::proc_times(std::process::id()).map(|t| t.0),
+                drained_s: None,
+                refused_absent: 0,
             }
+        }
+
+        pub fn drained(&mut self, after: Option<Duration>) {
+            self.drained_s = after.map(|d| d.as_secs_f64());
         }
 
         pub fn print_human(&self) {
@@ -503,6 +569,8 @@ mod report {
                 "closest_retry_wait_ms": self.closest_retry.map(|(w, _)| (w.as_secs_f64() * 1e4).round() / 10.0),
                 "closest_retry_hint_ms": self.closest_retry.map(|(_, h)| (h.as_secs_f64() * 1e4).round() / 10.0),
                 "abandoned": self.abandoned,
+                "drained_s": self.drained_s,
+                "refused_absent": self.refused_absent,
             })
             .to_string()
         }

@@ -74,6 +74,9 @@ pub struct Stats {
     /// Points answered (accepted, duplicate or rejected) in each second of
     /// the run, from [`Stats::start_clock`].
     pub timeline: Mutex<Timeline>,
+    /// With `--acks log` and `--refused-speed`: acknowledged points of
+    /// this speed are expected in the dead letters, not in the table.
+    pub refused_speed: Option<f64>,
 }
 
 /// Points answered a second, from the start of the run.
@@ -90,6 +93,10 @@ pub struct Shape {
     pub duplicate_share: f64,
     pub invalid_share: f64,
     pub late_share: f64,
+    /// Every so many points made (each device's, not counting duplicates
+    /// and invalid ones) get this speed, which the database is set to
+    /// refuse (`--refused-speed`, `--refused-every`).
+    pub refused: Option<(f64, u64)>,
 }
 
 /// When to stop making new points.
@@ -207,9 +214,13 @@ impl Feeder {
                 p = self.recent[k].clone();
             } else if d.rng().chance(self.shape.invalid_share) {
                 p.latitude = 123.0;
-            } else if self.shape.duplicate_share > 0.0 {
+            } else {
                 self.made += 1;
-                if self.made.is_multiple_of(KEEP_EVERY) {
+                if let Some((speed, every)) = self.shape.refused
+                    && self.made.is_multiple_of(every)
+                {
+                    p.speed = Some(speed);
+                } else if self.shape.duplicate_share > 0.0 && self.made.is_multiple_of(KEEP_EVERY) {
                     self.recent.push_back(p.clone());
                     if self.recent.len() > 64 {
                         self.recent.pop_front();
@@ -305,6 +316,8 @@ impl Stats {
                 let (device, at) = key(l);
                 if bad.contains(&(i as u32)) {
                     s.reject(device, at);
+                } else if self.refused_speed.is_some() && l.speed == self.refused_speed {
+                    s.refuse(device, at);
                 } else {
                     s.add(device, at, verify::of_sent(l));
                 }
