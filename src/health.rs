@@ -22,14 +22,20 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-/// How often the database is checked.
+/// How often the database (and, with `--ack-after log`, the log) is checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long the log's stream may take to answer a check.
+const LOG_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Health {
     database_ok: AtomicBool,
-    /// `--ack-after log`: the connection the log is reached through.
-    log: std::sync::OnceLock<async_nats::Client>,
+    /// `--ack-after log`: the JetStream context and the name of the log's
+    /// stream, which must answer for the instance to be ready.
+    log: std::sync::OnceLock<(async_nats::jetstream::Context, String)>,
+    /// Why the log does not answer, as the last check saw it.
+    log_error: std::sync::Mutex<Option<String>>,
     log_ok: AtomicBool,
     shutting_down: AtomicBool,
     grpc: HealthReporter,
@@ -41,6 +47,7 @@ impl Health {
         Arc::new(Self {
             database_ok: AtomicBool::new(false),
             log: std::sync::OnceLock::new(),
+            log_error: std::sync::Mutex::new(None),
             log_ok: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             grpc,
@@ -53,9 +60,25 @@ impl Health {
         let _ = self.cluster.set(status);
     }
 
-    /// `--ack-after log`: ready while the log is reached through `client`.
-    pub fn follow_log(&self, client: async_nats::Client) {
-        let _ = self.log.set(client);
+    /// `--ack-after log`: ready while the log's stream `stream` answers
+    /// through `js` (a connection to NATS is not enough: a JetStream that
+    /// refused the stream, or turned itself off on a full disk, takes no
+    /// appends).
+    pub fn follow_log(&self, js: async_nats::jetstream::Context, stream: String) {
+        let _ = self.log.set((js, stream));
+    }
+
+    /// Whether the log's stream answers, and why not.
+    async fn check_log(&self) -> Option<Result<(), String>> {
+        let (js, stream) = self.log.get()?;
+        let answer = tokio::time::timeout(LOG_CHECK_TIMEOUT, js.get_stream(stream)).await;
+        Some(match answer {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("log stream {stream}: {e}")),
+            Err(_) => Err(format!(
+                "log stream {stream}: no answer within {LOG_CHECK_TIMEOUT:?}"
+            )),
+        })
     }
 
     /// Whether locus can take points now.
@@ -97,10 +120,10 @@ impl Health {
                 _ = stop.cancelled() => return,
                 r = sqlx::query("SELECT 1").execute(&pool) => r.is_ok(),
             };
-            let log = self
-                .log
-                .get()
-                .map(|c| c.connection_state() == async_nats::connection::State::Connected);
+            let checked = self.check_log().await;
+            let log = checked.as_ref().map(Result::is_ok);
+            let why = checked.and_then(Result::err);
+            *self.log_error.lock().unwrap_or_else(|p| p.into_inner()) = why.clone();
             if last != Some((db, log)) {
                 self.database_ok.store(db, Ordering::Release);
                 self.log_ok.store(log == Some(true), Ordering::Release);
@@ -114,9 +137,10 @@ impl Health {
                     (false, Some(true)) => tracing::warn!(
                         "database unreachable: ready (--ack-after log: points wait in the log)"
                     ),
-                    (_, Some(false)) => {
-                        tracing::warn!("NATS unreachable: not ready (--ack-after log)")
-                    }
+                    (_, Some(false)) => tracing::warn!(
+                        error = why.as_deref().unwrap_or_default(),
+                        "log unreachable: not ready (--ack-after log)"
+                    ),
                 }
                 last = Some((db, log));
             }
@@ -155,6 +179,14 @@ pub fn router(health: Arc<Health>) -> Router {
                 };
                 if let Some(cluster) = h.cluster.get() {
                     body["cluster"] = json!(cluster.report());
+                }
+                let log_error = h
+                    .log_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if let Some(why) = log_error {
+                    body["log"] = json!(why);
                 }
                 if h.log.get().is_some() {
                     body["database"] = json!(match h.database_ok.load(Ordering::Acquire) {

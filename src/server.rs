@@ -170,7 +170,7 @@ pub async fn run(
     if let Some(c) = &cluster {
         health.report_cluster(Arc::clone(&c.status));
         if config.log.enabled() {
-            health.follow_log(c.nats().0.clone());
+            health.follow_log(c.nats().1.clone(), config.log.log_stream.clone());
         }
     }
     tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));

@@ -520,6 +520,41 @@ async fn an_unreadable_message_is_buried_and_http_ingest_goes_through_the_log() 
     db.drop_db().await;
 }
 
+/// A NATS that answers while its JetStream refuses the log's stream (it
+/// asks for more bytes than the server may store, as when NATS's disk is
+/// small or full): no append can succeed, and the instance says so rather
+/// than "ready": `/readyz` 503 naming the stream and JetStream's reason,
+/// gRPC health NOT_SERVING, a write `UNAVAILABLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_stream_jetstream_refuses_is_not_ready() {
+    let db = TestDb::new().await;
+    let names = Names::new();
+    let mut c = logged(&db, &names);
+    // A pebibyte: more than the shared server's JetStream may store.
+    c.log.log_max_bytes = 1 << 50;
+    let server = TestServer::start_unready(c).await;
+    let t = Instant::now();
+    let (code, body) = loop {
+        let (code, body) = common::get_json(&server, "/readyz").await;
+        if body.get("log").is_some() || t.elapsed() > Duration::from_secs(20) {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["reason"], "log unreachable", "{body}");
+    let why = body["log"].as_str().unwrap_or_default();
+    assert!(why.contains(&names.log()), "{body}");
+    assert!(why.contains("stream not found"), "{body}");
+    assert_eq!(common::health(server.grpc).await, Some(2), "NOT_SERVING");
+    let d = Device::new(now_secs() - 600);
+    let mut client = server.client().await;
+    let refused = client.write_locations(d.batch(1, 0, 10)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    server.stop().await;
+    db.drop_db().await;
+}
+
 #[test]
 fn log_mode_needs_nats() {
     let mut c = ServeConfig::with_database("postgres://x/y");

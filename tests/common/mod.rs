@@ -125,6 +125,18 @@ impl TestServer {
 
     /// A server with TLS on, which clients reach with `tls`.
     pub async fn start_with_tls(config: ServeConfig, tls: Option<ClientTlsConfig>) -> TestServer {
+        let server = Self::spawn(config, tls).await;
+        server.wait_ready().await;
+        server
+    }
+
+    /// A server started, without waiting for it to be ready (its ports are
+    /// bound: a request waits until it serves).
+    pub async fn start_unready(config: ServeConfig) -> TestServer {
+        Self::spawn(config, None).await
+    }
+
+    async fn spawn(config: ServeConfig, tls: Option<ClientTlsConfig>) -> TestServer {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         let listeners = Listeners::bind(any, any, any).await.expect("bind port 0");
         let grpc = listeners.grpc.local_addr().expect("local addr");
@@ -132,16 +144,14 @@ impl TestServer {
         let metrics = listeners.metrics.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(config, listeners, shutdown.clone()));
-        let server = TestServer {
+        TestServer {
             grpc,
             http,
             metrics,
             shutdown,
             task,
             tls,
-        };
-        server.wait_ready().await;
-        server
+        }
     }
 
     /// Waits until the gRPC health service says SERVING (after setup, and
