@@ -1872,6 +1872,22 @@ async fn caught_up(locus: &Locus, within: Duration) -> Option<Duration> {
     None
 }
 
+/// Runs a case against a nats-server of its own (a free port, its store in
+/// a temporary directory), stopped and removed once the case ended; where
+/// the case failed, it names the server's log.
+async fn with_own_nats(
+    case: impl AsyncFnOnce(&mut Nats, &mut Outcome) -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let mut nats = Nats::start().await?;
+    let result = case(&mut nats, &mut out).await;
+    if result.is_err() || !out.held {
+        println!("   (nats-server's log: {})", nats.log().display());
+    }
+    nats.destroy().await;
+    result.map(|()| out)
+}
+
 /// Two instances on one database clustered through a nats-server of the
 /// case's own, a fleet writing through both (half the devices to each);
 /// nats-server killed for 20 s (6 s quick) and started again on its port
@@ -1885,14 +1901,7 @@ async fn caught_up(locus: &Locus, within: Duration) -> Option<Duration> {
 /// is stored once, and each instance's latest position of every device is
 /// the database's newest point of it at the end.
 async fn nats(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
-    let mut out = Outcome::new();
-    let mut nats = Nats::start().await?;
-    let result = nats_away(bin, db, quick, &mut nats, &mut out).await;
-    if result.is_err() || !out.held {
-        println!("   (nats-server's log: {})", nats.log().display());
-    }
-    nats.destroy().await;
-    result.map(|()| out)
+    with_own_nats(async |nats, out| nats_away(bin, db, quick, nats, out).await).await
 }
 
 async fn nats_away(
@@ -2066,14 +2075,7 @@ async fn nats_away(
 /// device sends again. Every acknowledged point is stored once, and B's
 /// latest position of every device is the database's newest point of it.
 async fn kill_instance(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
-    let mut out = Outcome::new();
-    let nats = Nats::start().await?;
-    let result = kill_one(bin, db, quick, &nats, &mut out).await;
-    if result.is_err() || !out.held {
-        println!("   (nats-server's log: {})", nats.log().display());
-    }
-    nats.destroy().await;
-    result.map(|()| out)
+    with_own_nats(async |nats, out| kill_one(bin, db, quick, nats, out).await).await
 }
 
 async fn kill_one(
@@ -2406,14 +2408,7 @@ fn answered(s: &Value, from: u64, to: u64) -> Vec<u64> {
 /// back; every acknowledged point is then stored once. The drain's rate is
 /// reported against the stored rate before the outage.
 async fn log_outage(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
-    let mut out = Outcome::new();
-    let nats = Nats::start().await?;
-    let result = log_outage_on(bin, db, quick, &nats, &mut out).await;
-    if result.is_err() || !out.held {
-        println!("   (nats-server's log: {})", nats.log().display());
-    }
-    nats.destroy().await;
-    result.map(|()| out)
+    with_own_nats(async |nats, out| log_outage_on(bin, db, quick, nats, out).await).await
 }
 
 async fn log_outage_on(
@@ -2643,14 +2638,7 @@ async fn log_nats_kill_on(
 /// killed with `kill -9` and the lock let go. What A held is redelivered to
 /// B's writers after `--log-ack-wait` and stored, once.
 async fn log_kill_instance(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
-    let mut out = Outcome::new();
-    let nats = Nats::start().await?;
-    let result = log_kill_on(bin, db, quick, &nats, &mut out).await;
-    if result.is_err() || !out.held {
-        println!("   (nats-server's log: {})", nats.log().display());
-    }
-    nats.destroy().await;
-    result.map(|()| out)
+    with_own_nats(async |nats, out| log_kill_on(bin, db, quick, nats, out).await).await
 }
 
 async fn log_kill_on(
@@ -2730,14 +2718,7 @@ const REFUSED_EVERY: &str = "100";
 /// (which exits 1); every other point is stored, among them the points
 /// after the refused ones in the same device (partition).
 async fn log_dead_letter(bin: &Path, db: &Db, quick: bool) -> anyhow::Result<Outcome> {
-    let mut out = Outcome::new();
-    let nats = Nats::start().await?;
-    let result = log_dead_letter_on(bin, db, quick, &nats, &mut out).await;
-    if result.is_err() || !out.held {
-        println!("   (nats-server's log: {})", nats.log().display());
-    }
-    nats.destroy().await;
-    result.map(|()| out)
+    with_own_nats(async |nats, out| log_dead_letter_on(bin, db, quick, nats, out).await).await
 }
 
 async fn log_dead_letter_on(
