@@ -22,48 +22,29 @@ struct Asset {
     body: &'static [u8],
 }
 
+/// One entry of [`ASSETS`]: the file `assets/<name>`, built in.
+macro_rules! asset {
+    ($name:literal, $content_type:expr) => {
+        Asset {
+            name: $name,
+            content_type: $content_type,
+            body: include_bytes!(concat!("assets/", $name)),
+        }
+    };
+}
+
+const JS: &str = "text/javascript; charset=utf-8";
+
 /// Every file the console serves; `index.html` is also `/`.
 const ASSETS: &[Asset] = &[
-    Asset {
-        name: "index.html",
-        content_type: "text/html; charset=utf-8",
-        body: include_bytes!("assets/index.html"),
-    },
-    Asset {
-        name: "console.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("assets/console.css"),
-    },
-    Asset {
-        name: "app.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("assets/app.js"),
-    },
-    Asset {
-        name: "api.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("assets/api.js"),
-    },
-    Asset {
-        name: "map.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("assets/map.js"),
-    },
-    Asset {
-        name: "live.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("assets/live.js"),
-    },
-    Asset {
-        name: "track.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("assets/track.js"),
-    },
-    Asset {
-        name: "stats.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("assets/stats.js"),
-    },
+    asset!("index.html", "text/html; charset=utf-8"),
+    asset!("console.css", "text/css; charset=utf-8"),
+    asset!("app.js", JS),
+    asset!("api.js", JS),
+    asset!("map.js", JS),
+    asset!("live.js", JS),
+    asset!("track.js", JS),
+    asset!("stats.js", JS),
 ];
 
 /// What every answer of the console carries, and what the pages learn.
