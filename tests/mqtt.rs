@@ -129,6 +129,22 @@ impl Drop for Publisher {
     }
 }
 
+/// Publishes the location of `t0` until the table holds a row: locus's
+/// subscription is then in place (a message published before it would be
+/// the broker's to drop).
+async fn first_stored(publisher: &Publisher, topic: &str, t0: i64, pool: &PgPool) {
+    wait_for(
+        Duration::from_secs(20),
+        "the first location stored",
+        || async {
+            publisher.publish(topic, location(t0, 0).to_string()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            count_rows(pool).await > 0
+        },
+    )
+    .await;
+}
+
 async fn wait_for<F, Fut>(limit: Duration, what: &str, mut done: F)
 where
     F: FnMut() -> Fut,
@@ -229,16 +245,7 @@ async fn owntracks_messages_are_stored_and_acknowledged_after_commit() {
     // Subscribed once the session is up: wait until a message gets through.
     let t0 = now_secs() - 600;
     let topic = format!("{prefix}/jane/phone");
-    wait_for(
-        Duration::from_secs(20),
-        "the first location stored",
-        || async {
-            publisher.publish(&topic, location(t0, 0).to_string()).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            count_rows(&pool).await > 0
-        },
-    )
-    .await;
+    first_stored(&publisher, &topic, t0, &pool).await;
     let got = rows(&pool, device).await;
     assert_eq!(got.len(), 1, "sent again until stored: kept once");
     let r = &got[0];
@@ -341,16 +348,7 @@ async fn kill_9_loses_nothing_the_broker_accepted_and_stores_it_once() {
     let topic = format!("{prefix}/jane/phone");
     // Stored once the subscription is in place.
     let t0 = now_secs() - 3_000;
-    wait_for(
-        Duration::from_secs(20),
-        "the first location stored",
-        || async {
-            publisher.publish(&topic, location(t0, 0).to_string()).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            count_rows(&pool).await > 0
-        },
-    )
-    .await;
+    first_stored(&publisher, &topic, t0, &pool).await;
     // Mosquitto keeps 1,000 messages queued for an absent session by
     // default (max_queued_messages): fewer than that.
     const N: i64 = 800;
@@ -423,16 +421,7 @@ async fn messages_are_held_while_the_database_is_away_then_stored() {
     let publisher = Publisher::new(&b);
     let topic = format!("{prefix}/jane/phone");
     let t0 = now_secs() - 3_000;
-    wait_for(
-        Duration::from_secs(20),
-        "the first location stored",
-        || async {
-            publisher.publish(&topic, location(t0, 0).to_string()).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            count_rows(&pool).await > 0
-        },
-    )
-    .await;
+    first_stored(&publisher, &topic, t0, &pool).await;
     let before = metric(&scrape(&server).await, "locus_mqtt_retries_total");
     drop(pool);
     assert!(db.cut_off().await > 0, "locus had connections to kill");
@@ -552,16 +541,7 @@ async fn locus_reconnects_when_the_broker_comes_back() {
     let topic = format!("{prefix}/jane/phone");
     let t0 = now_secs() - 3_000;
     let publisher = Publisher::new(&own.broker());
-    wait_for(
-        Duration::from_secs(20),
-        "the first location stored",
-        || async {
-            publisher.publish(&topic, location(t0, 0).to_string()).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            count_rows(&pool).await > 0
-        },
-    )
-    .await;
+    first_stored(&publisher, &topic, t0, &pool).await;
     drop(publisher);
     let errors = metric(&scrape(&server).await, "locus_mqtt_connection_errors_total");
     own.stop();
@@ -666,16 +646,7 @@ async fn instances_of_a_share_group_store_every_message_once() {
     let publisher = Publisher::new(&b);
     let topic = format!("{prefix}/jane/phone");
     let t0 = now_secs() - 3_000;
-    wait_for(
-        Duration::from_secs(20),
-        "the first location stored",
-        || async {
-            publisher.publish(&topic, location(t0, 0).to_string()).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            count_rows(&pool).await > 0
-        },
-    )
-    .await;
+    first_stored(&publisher, &topic, t0, &pool).await;
     let sent = publisher.acked.load(Ordering::Relaxed);
     for i in 1..=60 {
         publisher
