@@ -724,7 +724,10 @@ async fn on_three_nats_servers_the_stream_keeps_three_copies_and_outlives_one() 
     cfg.cluster.nats_urls = vec![urls[1].clone(), urls[2].clone()];
     let b = TestServer::start(cfg).await;
     let mut stream = js.get_stream(format!("LOCUS_TEST_{tag}")).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().config.num_replicas, 3);
+    let config = stream.info().await.unwrap().config.clone();
+    assert_eq!(config.num_replicas, 3);
+    // Rows are read by direct get, which any of the three may answer.
+    assert!(config.allow_direct);
 
     let d = Device::new(now_secs() - 600);
     let mut ingest = a.client().await;
@@ -738,6 +741,42 @@ async fn on_three_nats_servers_the_stream_keeps_three_copies_and_outlives_one() 
     a.stop().await;
     b.stop().await;
     drop(servers);
+    db.drop_db().await;
+}
+
+/// A stream made before followers read rows by direct get (an older
+/// locus made it without `allow_direct`) is brought to allow them, and
+/// what one instance commits then reaches the other through it; its
+/// messages were kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_without_direct_gets_is_brought_to_allow_them() {
+    let db = TestDb::new().await;
+    let (nats, tag) = (shared_nats(), tag());
+    let cfg = clustered(&db, &nats, &tag);
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let mut old = locus::cluster::stream::config(&cfg.cluster, 1);
+    old.allow_direct = false;
+    js.create_stream(old).await.unwrap();
+    js.publish(format!("locustest.{tag}.control.note"), "kept".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let a = TestServer::start(cfg.clone()).await;
+    let b = TestServer::start(cfg).await;
+    let mut stream = js.get_stream(format!("LOCUS_TEST_{tag}")).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert!(info.config.allow_direct, "{:?}", info.config);
+    assert!(info.state.messages >= 1, "{:?}", info.state);
+    let d = Device::new(now_secs() - 600);
+    let mut ingest = a.client().await;
+    ingest.write_locations(d.batch(1, 0, 10)).await.unwrap();
+    wait_latest(&b, &d, 9, Duration::from_secs(10)).await;
+
+    a.stop().await;
+    b.stop().await;
+    delete_stream(&nats, &tag).await;
     db.drop_db().await;
 }
 

@@ -16,7 +16,9 @@ use std::{
 use async_nats::jetstream::{
     self,
     consumer::{DeliverPolicy, pull::OrderedConfig},
+    stream::DirectGetErrorKind,
 };
+use bytes::Bytes;
 use futures::StreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +41,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long batches may wait in the stream with none delivered before the
 /// consumer is made anew.
 const STALL: Duration = Duration::from_secs(3);
+/// How long a message the consumer delivered may be "not found" by a
+/// direct get (a server of the stream that has not stored it yet) before
+/// it is taken as gone.
+const DIRECT_GET_PATIENCE: Duration = Duration::from_secs(2);
 /// Longest wait between two tries while NATS is away.
 const MOST_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -127,6 +133,32 @@ impl Status {
     /// Refilled: the view holds the stream up to `seq`.
     fn refilled_to(&self, seq: u64) {
         self.applied.fetch_max(seq, Ordering::AcqRel);
+    }
+}
+
+/// The rows of the message at `seq` (the consumer delivers headers
+/// alone), by a direct get, which any of the stream's servers answers;
+/// `None` when the stream no longer holds it. A server that has not yet
+/// stored the message answers "not found" too: it is asked again, for
+/// up to [`DIRECT_GET_PATIENCE`].
+async fn rows_of(
+    stream: &jetstream::stream::Stream,
+    seq: u64,
+) -> Result<Option<Bytes>, async_nats::Error> {
+    let started = Instant::now();
+    let mut wait = Duration::from_millis(5);
+    loop {
+        match stream.direct_get(seq).await {
+            Ok(m) => return Ok(Some(m.payload)),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                if started.elapsed() >= DIRECT_GET_PATIENCE {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(200));
     }
 }
 
@@ -230,6 +262,10 @@ impl Follower {
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: position + 1,
                 },
+                // Headers alone: an instance's own batches are most of what
+                // it would read back, and it needs none of their rows;
+                // another's rows it then gets by sequence.
+                headers_only: true,
                 ..Default::default()
             })
             .await?;
@@ -266,14 +302,18 @@ impl Follower {
                 }
                 m = messages.next() => {
                     let Some(m) = m else { return Err("the stream's consumer ended".into()) };
-                    self.apply(m?).await?;
+                    self.apply(&stream, m?).await?;
                     progressed = Instant::now();
                 }
             }
         }
     }
 
-    async fn apply(&mut self, m: jetstream::Message) -> Result<(), async_nats::Error> {
+    async fn apply(
+        &mut self,
+        stream: &jetstream::stream::Stream,
+        m: jetstream::Message,
+    ) -> Result<(), async_nats::Error> {
         let seq = m.info()?.stream_sequence;
         let applied = self.position.unwrap_or(0);
         if seq > applied + 1 {
@@ -288,7 +328,7 @@ impl Follower {
         // Its own batches it applied as it committed them: they are
         // skipped by their header, before their rows are read.
         if wire::sender(m.message.headers.as_ref()) != Some(self.instance.as_str()) {
-            self.apply_other(&m, seq).await;
+            self.apply_other(stream, &m, seq).await?;
         }
         self.position = Some(seq);
         self.status.applied_up_to(seq);
@@ -297,12 +337,33 @@ impl Follower {
 
     /// A message of another instance's: its batch to the view, its resync
     /// to a refill.
-    async fn apply_other(&mut self, m: &jetstream::Message, seq: u64) {
+    async fn apply_other(
+        &mut self,
+        stream: &jetstream::stream::Stream,
+        m: &jetstream::Message,
+        seq: u64,
+    ) -> Result<(), async_nats::Error> {
+        let headers = m.message.headers.as_ref();
+        let payload = if wire::holds_rows(headers) {
+            match rows_of(stream, seq).await? {
+                Some(payload) => payload,
+                None => {
+                    tracing::warn!(
+                        seq,
+                        "cluster: the stream no longer holds a batch this instance was reading; refilling the latest positions from the database"
+                    );
+                    self.refill(Refill::Gap, seq).await;
+                    return Ok(());
+                }
+            }
+        } else {
+            Bytes::new()
+        };
         let incoming = wire::read(
             &m.message.subject,
             &self.args.nats_subject_prefix,
-            m.message.headers.as_ref(),
-            m.message.payload.clone(),
+            headers,
+            payload,
         );
         match incoming {
             Incoming::Batch { rows, ranges, .. } => {
@@ -318,6 +379,7 @@ impl Follower {
                 metrics::counter!(CLUSTER_BAD_MESSAGES).increment(1);
             }
         }
+        Ok(())
     }
 
     /// Fills the latest map from the database (it only moves forward, so

@@ -32,6 +32,9 @@ pub fn config(args: &ClusterArgs, replicas: usize) -> stream::Config {
         max_bytes: i64::try_from(args.nats_max_bytes).unwrap_or(i64::MAX),
         num_replicas: replicas,
         duplicate_window: Duration::from_secs(120),
+        // Followers read headers, then another instance's rows by
+        // sequence, from any of the stream's servers.
+        allow_direct: true,
         ..Default::default()
     }
 }
@@ -75,7 +78,8 @@ pub async fn ensure_as(
                 || have.max_bytes != want.max_bytes
                 || have.num_replicas != want.num_replicas
                 || have.duplicate_window != want.duplicate_window
-                || have.discard != want.discard;
+                || have.discard != want.discard
+                || have.allow_direct != want.allow_direct;
             if differs {
                 tracing::info!(stream = %name, ?want.max_age, want.max_bytes, want.num_replicas, "cluster: the stream's limits updated to the flags'");
                 js.update_stream(&want).await?;

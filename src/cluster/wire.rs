@@ -74,24 +74,32 @@ pub fn batches(
 
 /// Rows grouped by a key of each (its subject is `subject(key)`), in their
 /// order within a group, into messages of at most `max_payload` bytes.
+/// Each message's buffer is sized before its rows are copied in: growing
+/// it row by row cost more than the copy itself. `rows` is gone through
+/// twice (collecting it instead cost as much again).
 pub fn grouped<'a, K: PartialEq + Copy>(
-    rows: impl Iterator<Item = (&'a [u8], K)>,
+    rows: impl Iterator<Item = (&'a [u8], K)> + Clone,
     subject: impl Fn(K) -> String,
     max_payload: usize,
 ) -> Vec<Outgoing> {
     let limit = max_payload.saturating_sub(HEADROOM).max(1);
-    // Rows hold one key or a few: a short list beats a map.
-    let mut open: Vec<(K, BytesMut, u32)> = Vec::new();
+    // Rows hold one key or a few: short lists beat maps. Of each key: its
+    // bytes not yet copied, and its open message (buffer, points).
+    let mut left: Vec<(K, usize)> = Vec::new();
+    for (row, key) in rows.clone() {
+        match left.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += row.len(),
+            None => left.push((key, row.len())),
+        }
+    }
+    let mut open: Vec<(BytesMut, u32)> = left.iter().map(|_| (BytesMut::new(), 0)).collect();
     let mut done = Vec::new();
     for (row, key) in rows {
-        let i = match open.iter().position(|(k, _, _)| *k == key) {
-            Some(i) => i,
-            None => {
-                open.push((key, BytesMut::new(), 0));
-                open.len() - 1
-            }
-        };
-        let (_, buf, n) = &mut open[i];
+        let i = left
+            .iter()
+            .position(|(k, _)| *k == key)
+            .expect("every key counted above");
+        let (buf, n) = &mut open[i];
         if *n > 0 && buf.len() + row.len() > limit {
             done.push(Outgoing {
                 subject: subject(key),
@@ -99,14 +107,20 @@ pub fn grouped<'a, K: PartialEq + Copy>(
                 points: std::mem::take(n),
             });
         }
+        if *n == 0 {
+            buf.reserve(left[i].1.min(limit).max(row.len()));
+        }
         buf.extend_from_slice(row);
+        left[i].1 -= row.len();
         *n += 1;
     }
-    done.extend(open.into_iter().map(|(key, buf, n)| Outgoing {
-        subject: subject(key),
-        payload: buf.freeze(),
-        points: n,
-    }));
+    done.extend(left.into_iter().zip(open).filter(|(_, (_, n))| *n > 0).map(
+        |((key, _), (buf, n))| Outgoing {
+            subject: subject(key),
+            payload: buf.freeze(),
+            points: n,
+        },
+    ));
     done
 }
 
@@ -142,6 +156,11 @@ pub fn sender(headers: Option<&HeaderMap>) -> Option<&str> {
     headers.and_then(|h| h.get(INSTANCE)).map(|v| v.as_str())
 }
 
+/// Whether a message holds rows, by its headers alone.
+pub fn holds_rows(headers: Option<&HeaderMap>) -> bool {
+    headers.and_then(|h| h.get(FORMAT)).map(|v| v.as_str()) == Some(ROWS_FORMAT)
+}
+
 /// Reads a message of the stream.
 pub fn read(subject: &str, prefix: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Incoming {
     let Some(instance) = sender(headers).map(str::to_string) else {
@@ -150,7 +169,7 @@ pub fn read(subject: &str, prefix: &str, headers: Option<&HeaderMap>, payload: B
     if subject == resync_subject(prefix) {
         return Incoming::Resync { instance };
     }
-    if headers.and_then(|h| h.get(FORMAT)).map(|v| v.as_str()) != Some(ROWS_FORMAT) {
+    if !holds_rows(headers) {
         return Incoming::Unreadable("not of the format pgcopy-rows/1");
     }
     match copy_encoder::split_rows(&payload) {

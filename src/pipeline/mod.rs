@@ -70,7 +70,7 @@ pub struct Submission {
 
 impl Submission {
     /// Each row: its byte range in `rows`, and its key.
-    pub fn rows(&self) -> impl Iterator<Item = (std::ops::Range<usize>, &PointKey)> {
+    pub fn rows(&self) -> impl Iterator<Item = (std::ops::Range<usize>, &PointKey)> + Clone {
         let starts = std::iter::once(0).chain(self.row_ends.iter().map(|e| *e as usize));
         starts
             .zip(self.row_ends.iter().map(|e| *e as usize))
