@@ -622,7 +622,7 @@ impl ClusterArgs {
 #[derive(Debug, Clone, Args)]
 pub struct MqttArgs {
     /// Broker to subscribe to: mqtt://host[:1883] or mqtts://host[:8883]
-    /// (TLS, the system's roots and webpki's). The broker's credentials go
+    /// (TLS, the system's roots and webpki's, and --mqtt-ca). The broker's credentials go
     /// in the URL: mqtts://user:password@host. Turns MQTT ingest on.
     #[arg(long = "mqtt-url", env = "LOCUS_MQTT_URL", hide_env_values = true)]
     pub mqtt_url: Option<String>,
@@ -652,6 +652,17 @@ pub struct MqttArgs {
     /// messages between them.
     #[arg(long, env = "LOCUS_MQTT_SHARE_GROUP")]
     pub mqtt_share_group: Option<String>,
+    /// mqtts://: PEM file of CA certificates to trust for the broker, beside
+    /// the system's roots and webpki's (a broker with a private CA).
+    #[arg(long, env = "LOCUS_MQTT_CA")]
+    pub mqtt_ca: Option<std::path::PathBuf>,
+    /// mqtts://: PEM certificate (chain) locus presents to a broker that
+    /// asks for client certificates; with --mqtt-client-key.
+    #[arg(long, env = "LOCUS_MQTT_CLIENT_CERT", requires = "mqtt_client_key")]
+    pub mqtt_client_cert: Option<std::path::PathBuf>,
+    /// mqtts://: PEM private key of --mqtt-client-cert.
+    #[arg(long, env = "LOCUS_MQTT_CLIENT_KEY", requires = "mqtt_client_cert")]
+    pub mqtt_client_key: Option<std::path::PathBuf>,
 }
 
 impl MqttArgs {
@@ -664,8 +675,13 @@ impl MqttArgs {
         let Some(url) = &self.mqtt_url else {
             return Ok(());
         };
-        crate::ingest::mqtt::Broker::parse(url)
+        let broker = crate::ingest::mqtt::Broker::parse(url)
             .map_err(|e| inconsistent(format!("--mqtt-url: {e}")))?;
+        if !broker.tls && (self.mqtt_ca.is_some() || self.mqtt_client_cert.is_some()) {
+            return Err(inconsistent(
+                "--mqtt-ca and --mqtt-client-cert are for TLS: use an mqtts:// --mqtt-url",
+            ));
+        }
         if self.mqtt_client_id.as_deref().is_some_and(str::is_empty) {
             return Err(inconsistent("--mqtt-client-id must not be empty"));
         }

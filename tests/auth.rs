@@ -10,6 +10,7 @@ use std::{process::Stdio, time::Duration};
 
 use common::{
     Device, TestDb, TestServer, at, count_rows, free_port, json_point, locus_health, now_secs,
+    pki::pki,
     tenants::{auth_config, create_token, create_token_for, with_token, write},
 };
 use locus::{
@@ -630,54 +631,6 @@ async fn auth_off_is_announced_in_the_log() {
     assert_eq!(found, Ok(true));
     child.kill().await.unwrap();
     db.drop_db().await;
-}
-
-/// Certificates made for one test: a CA, a server certificate for
-/// localhost, and two client certificates, one signed by the CA and one not.
-struct Pki {
-    dir: std::path::PathBuf,
-    ca_pem: String,
-    client: (String, String, Vec<u8>),
-    stranger: (String, String),
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let ca = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["localhost".into()])
-        .unwrap()
-        .signed_by(&server_key, &ca)
-        .unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let client = CertificateParams::new(vec!["van-7.devices.example".into()])
-        .unwrap()
-        .signed_by(&client_key, &ca)
-        .unwrap();
-    let stranger_key = KeyPair::generate().unwrap();
-    let stranger = CertificateParams::new(vec!["stranger.example".into()])
-        .unwrap()
-        .self_signed(&stranger_key)
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("locus-pki-{}", Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
-    Pki {
-        dir,
-        ca_pem: ca_cert.pem(),
-        client: (
-            client.pem(),
-            client_key.serialize_pem(),
-            client.der().to_vec(),
-        ),
-        stranger: (stranger.pem(), stranger_key.serialize_pem()),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -458,9 +458,9 @@ impl OwnBroker {
         Self::start_with("allow_anonymous true\n")
     }
 
-    /// With `auth` as its configuration's authentication lines, and a
-    /// password file `passwd` in its folder for them to name.
-    fn start_with(auth: &str) -> OwnBroker {
+    /// With `more` as its configuration's lines after the first
+    /// listener's (authentication, more listeners).
+    fn start_with(more: &str) -> OwnBroker {
         let dir = std::env::temp_dir().join(unique("locus-mosquitto"));
         std::fs::create_dir_all(&dir).unwrap();
         // Mosquitto started as root writes as its own user.
@@ -470,7 +470,7 @@ impl OwnBroker {
         std::fs::write(
             dir.join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\n{auth}persistence true\n\
+                "listener {port} 127.0.0.1\n{more}persistence true\n\
                  persistence_location {}/\n",
                 dir.display()
             ),
@@ -603,6 +603,33 @@ async fn bad_mqtt_settings_are_refused_before_any_port_is_bound() {
             ],
             "--mqtt-topics",
         ),
+        (
+            vec![
+                "--mqtt-url",
+                "mqtt://jane:secret@127.0.0.1",
+                "--mqtt-ca",
+                "/etc/hostname",
+            ],
+            "--mqtt-ca and --mqtt-client-cert are for TLS",
+        ),
+        (
+            vec![
+                "--mqtt-url",
+                "mqtts://jane:secret@127.0.0.1",
+                "--mqtt-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "--mqtt-ca /nonexistent/ca.pem",
+        ),
+        (
+            vec![
+                "--mqtt-url",
+                "mqtts://jane:secret@127.0.0.1",
+                "--mqtt-ca",
+                "/etc/hostname",
+            ],
+            "--mqtt-ca /etc/hostname: no certificate in it",
+        ),
     ] {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
             .args(["serve", "--auth", "off", "--grpc-addr", &grpc])
@@ -661,6 +688,72 @@ async fn instances_of_a_share_group_store_every_message_once() {
     for id in ids {
         assert_eq!(left_in_session(&b, &id).await, 0);
     }
+    db.drop_db().await;
+}
+
+/// mqtts:// to a broker with a private CA that asks for client
+/// certificates: refused while locus does not trust the CA, and while it
+/// presents no certificate; with `--mqtt-ca`, `--mqtt-client-cert` and
+/// `--mqtt-client-key`, locations are stored. (The apps publish on a plain
+/// listener of the same broker.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_a_private_ca_and_a_client_certificate() {
+    broker().await; // Mosquitto is installed
+    let pki = common::pki::pki();
+    let tls_port = common::free_port();
+    let own = OwnBroker::start_with(&format!(
+        "allow_anonymous true\nlistener {tls_port} 127.0.0.1\nallow_anonymous true\n\
+         cafile {dir}/ca.pem\ncertfile {dir}/server.pem\nkeyfile {dir}/server.key\n\
+         require_certificate true\n",
+        dir = pki.dir.display()
+    ));
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the TLS listener");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    let prefix = unique("ot");
+    let topic = format!("{prefix}/jane/phone");
+    let url = format!("mqtts://127.0.0.1:{tls_port}");
+    let publisher = Publisher::new(&own.broker());
+    let t0 = now_secs() - 600;
+
+    // Refused: the broker's CA unknown; then its certificate trusted but
+    // none presented.
+    let mut cfg = mqtt_config(&db, &url, &prefix, &unique("locus"));
+    for ca in [None, Some(pki.dir.join("ca.pem"))] {
+        let first = ca.is_none();
+        cfg.mqtt.mqtt_ca = ca;
+        let server = TestServer::start(cfg.clone()).await;
+        if first {
+            // The first start made the schema.
+            register(&db, "jane/phone", Uuid::new_v4()).await;
+        }
+        wait_for(Duration::from_secs(10), "a refusal counted", || async {
+            metric(&scrape(&server).await, "locus_mqtt_connection_errors_total") > 0.0
+        })
+        .await;
+        publisher
+            .publish(&topic, location(t0 - 1, 0).to_string())
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let text = scrape(&server).await;
+        assert_eq!(metric(&text, "locus_mqtt_connected"), 0.0, "{:?}", cfg.mqtt);
+        server.stop().await;
+        assert_eq!(count_rows(&pool).await, 0, "{:?}", cfg.mqtt);
+    }
+
+    cfg.mqtt.mqtt_client_cert = Some(pki.dir.join("client.pem"));
+    cfg.mqtt.mqtt_client_key = Some(pki.dir.join("client.key"));
+    let server = TestServer::start(cfg).await;
+    first_stored(&publisher, &topic, t0, &pool).await;
+    assert_eq!(metric(&scrape(&server).await, "locus_mqtt_connected"), 1.0);
+    server.stop().await;
+    drop(publisher);
+    drop(own);
+    let _ = std::fs::remove_dir_all(&pki.dir);
     db.drop_db().await;
 }
 

@@ -157,6 +157,8 @@ pub struct Settings {
     /// Larger packets the broker does not send (MQTT 5 maximum packet
     /// size): `--max-message-bytes`.
     pub max_packet_bytes: u32,
+    /// mqtts://: the TLS client, its roots and certificate read at start.
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl Settings {
@@ -168,6 +170,13 @@ impl Settings {
         args.validate()?;
         let broker = Broker::parse(url)
             .map_err(|e| ConfigError::Inconsistent(format!("--mqtt-url: {e}")))?;
+        let tls = if broker.tls {
+            Some(Arc::new(
+                tls_config(args).map_err(|e| ConfigError::Inconsistent(e.to_string()))?,
+            ))
+        } else {
+            None
+        };
         let filters = args
             .mqtt_topics
             .iter()
@@ -186,6 +195,7 @@ impl Settings {
             app_source: args.mqtt_app_source.clone(),
             inflight: args.mqtt_inflight,
             max_packet_bytes: u32::try_from(limits.max_message_bytes).unwrap_or(u32::MAX),
+            tls,
         }))
     }
 
@@ -200,9 +210,9 @@ impl Settings {
         if let Some((user, password)) = &self.broker.credentials {
             o.set_credentials(user, password);
         }
-        if self.broker.tls {
+        if let Some(tls) = &self.tls {
             o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config()?)),
+                rumqttc::TlsConfiguration::Rustls(Arc::clone(tls)),
             ));
         }
         Ok(o)
@@ -224,21 +234,63 @@ fn default_client_id() -> String {
 pub enum MqttError {
     #[error("TLS for --mqtt-url: {0}")]
     Tls(#[from] tokio_rustls::rustls::Error),
+    #[error("{flag} {path}: {why}")]
+    Pem {
+        flag: &'static str,
+        path: String,
+        why: String,
+    },
 }
 
-/// TLS with the system's roots and webpki's, through ring.
-fn tls_config() -> Result<tokio_rustls::rustls::ClientConfig, MqttError> {
-    use tokio_rustls::rustls;
+/// TLS with the system's roots, webpki's and `--mqtt-ca`'s, through ring;
+/// with `--mqtt-client-cert` and `--mqtt-client-key`, a client certificate.
+fn tls_config(args: &MqttArgs) -> Result<tokio_rustls::rustls::ClientConfig, MqttError> {
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let pem = |flag: &'static str, path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |e: rustls::pki_types::pem::Error| MqttError::Pem {
+            flag,
+            path,
+            why: e.to_string(),
+        }
+    };
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let native = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(native.certs);
     tracing::debug!(system_roots = added, "MQTT TLS roots");
+    if let Some(path) = &args.mqtt_ca {
+        let cas = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(pem("--mqtt-ca", path))?;
+        if cas.is_empty() {
+            return Err(MqttError::Pem {
+                flag: "--mqtt-ca",
+                path: path.display().to_string(),
+                why: "no certificate in it".into(),
+            });
+        }
+        for ca in cas {
+            roots.add(ca)?;
+        }
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots);
+    Ok(match (&args.mqtt_client_cert, &args.mqtt_client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(pem("--mqtt-client-cert", cert))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(pem("--mqtt-client-key", key))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    })
 }
 
 /// What the event loop hands to the processor, in the order it happened.
@@ -679,7 +731,7 @@ mod tests {
     /// here, so the handshake itself is not tested.
     #[test]
     fn mqtts_builds_a_tls_client_with_roots() {
-        let config = tls_config().expect("a TLS client config");
+        let config = tls_config(&MqttArgs::default()).expect("a TLS client config");
         assert!(config.crypto_provider().cipher_suites.len() > 1);
         let mut args = MqttArgs {
             mqtt_url: Some("mqtts://u:p@broker.example.com".into()),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
 /// The load tests' gRPC calls with messages as bytes, compiled here too:
 /// the tests cannot depend on the load tests' crate, which depends on locus.
 #[path = "../../load-tests/src/raw_calls.rs"]
