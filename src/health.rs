@@ -33,7 +33,11 @@ pub struct Health {
     database_ok: AtomicBool,
     /// `--ack-after log`: the JetStream context and the name of the log's
     /// stream, which must answer for the instance to be ready.
-    log: std::sync::OnceLock<(async_nats::jetstream::Context, String)>,
+    log: std::sync::OnceLock<(
+        async_nats::jetstream::Context,
+        String,
+        Arc<crate::ingest_log::NotMade>,
+    )>,
     /// Why the log does not answer, as the last check saw it.
     log_error: std::sync::Mutex<Option<String>>,
     log_ok: AtomicBool,
@@ -64,17 +68,27 @@ impl Health {
     /// through `js` (a connection to NATS is not enough: a JetStream that
     /// refused the stream, or turned itself off on a full disk, takes no
     /// appends).
-    pub fn follow_log(&self, js: async_nats::jetstream::Context, stream: String) {
-        let _ = self.log.set((js, stream));
+    /// `not_made` says why the stream is missing, where it could not be
+    /// made.
+    pub fn follow_log(
+        &self,
+        js: async_nats::jetstream::Context,
+        stream: String,
+        not_made: Arc<crate::ingest_log::NotMade>,
+    ) {
+        let _ = self.log.set((js, stream, not_made));
     }
 
     /// Whether the log's stream answers, and why not.
     async fn check_log(&self) -> Option<Result<(), String>> {
-        let (js, stream) = self.log.get()?;
+        let (js, stream, not_made) = self.log.get()?;
         let answer = tokio::time::timeout(LOG_CHECK_TIMEOUT, js.get_stream(stream)).await;
         Some(match answer {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("log stream {stream}: {e}")),
+            Ok(Err(e)) => Err(match not_made.get() {
+                Some(why) => format!("log stream {stream}: {e}; not made: {why}"),
+                None => format!("log stream {stream}: {e}"),
+            }),
             Err(_) => Err(format!(
                 "log stream {stream}: no answer within {LOG_CHECK_TIMEOUT:?}"
             )),

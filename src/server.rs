@@ -140,9 +140,11 @@ pub async fn run(
         Pipeline::start(writer, &config.pipeline, budget.clone(), shutdown.clone());
     let validator = Validator::new(&config.validation, config.storage.raw_retention);
     let log_writers = TaskTracker::new();
+    let log_not_made = Arc::new(ingest_log::NotMade::default());
     let ingestor = match (&cluster, config.log.enabled()) {
         (Some(c), true) => {
-            let (target, writers) = start_log(c, &config, pipeline, &log_writers, &shutdown).await;
+            let (target, writers) =
+                start_log(c, &config, pipeline, &log_writers, &shutdown, &log_not_made).await;
             // The edge's budget is its own: writers held up by the database
             // never fill it, so clients go on being acknowledged.
             let edge = Budget::new(config.limits.buffer_points, config.limits.buffer_bytes);
@@ -170,7 +172,11 @@ pub async fn run(
     if let Some(c) = &cluster {
         health.report_cluster(Arc::clone(&c.status));
         if config.log.enabled() {
-            health.follow_log(c.nats().1.clone(), config.log.log_stream.clone());
+            health.follow_log(
+                c.nats().1.clone(),
+                config.log.log_stream.clone(),
+                Arc::clone(&log_not_made),
+            );
         }
     }
     tokio::spawn(Arc::clone(&health).watch(pool.clone(), shutdown.clone()));
@@ -310,6 +316,7 @@ async fn start_log(
     pipeline: Pipeline,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
+    not_made: &Arc<ingest_log::NotMade>,
 ) -> (Target, impl std::future::Future<Output = ()> + use<>) {
     let (client, js) = cluster.nats();
     let made = tokio::time::timeout(
@@ -322,7 +329,8 @@ async fn start_log(
             tracing::info!(stream = %config.log.log_stream, "log: acknowledging after the log (--ack-after log)")
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "log: the log is not ready; batches are refused (UNAVAILABLE) until it is")
+            tracing::warn!(error = %e, "log: the log is not ready; batches are refused (UNAVAILABLE) until it is");
+            not_made.set(Some(e.to_string()));
         }
         Err(_) => tracing::warn!(
             "log: NATS did not answer within 5 s; batches are refused (UNAVAILABLE) until it does"
@@ -353,6 +361,7 @@ async fn start_log(
         args: config.log.clone(),
         pipeline,
         mean,
+        not_made: Arc::clone(not_made),
     };
     (target, writers.run(shutdown.clone(), tracker.clone()))
 }

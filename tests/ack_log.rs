@@ -524,7 +524,8 @@ async fn an_unreadable_message_is_buried_and_http_ingest_goes_through_the_log() 
 /// asks for more bytes than the server may store, as when NATS's disk is
 /// small or full): no append can succeed, and the instance says so rather
 /// than "ready": `/readyz` 503 naming the stream and JetStream's reason,
-/// gRPC health NOT_SERVING, a write `UNAVAILABLE`.
+/// gRPC health NOT_SERVING, a write `UNAVAILABLE`; the reason names the
+/// bytes asked for and the flag that asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_stream_jetstream_refuses_is_not_ready() {
     let db = TestDb::new().await;
@@ -546,6 +547,12 @@ async fn a_log_stream_jetstream_refuses_is_not_ready() {
     let why = body["log"].as_str().unwrap_or_default();
     assert!(why.contains(&names.log()), "{body}");
     assert!(why.contains("stream not found"), "{body}");
+    // Why it is missing, with the flag to change.
+    assert!(
+        why.contains(&format!("NATS cannot store {} bytes", 1u64 << 50)),
+        "{body}"
+    );
+    assert!(why.contains("lower --log-max-bytes"), "{body}");
     assert_eq!(common::health(server.grpc).await, Some(2), "NOT_SERVING");
     let d = Device::new(now_secs() - 600);
     let mut client = server.client().await;

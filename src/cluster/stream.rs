@@ -45,17 +45,19 @@ pub async fn ensure(
     client: &async_nats::Client,
     args: &ClusterArgs,
 ) -> Result<stream::Stream, async_nats::Error> {
-    ensure_as(js, client, args, |n| config(args, n)).await
+    ensure_as(js, client, args, "--nats-max-bytes", |n| config(args, n)).await
 }
 
 /// A stream made as `want(replicas)` where missing (the replicas as
 /// [`replicas`] chooses), or brought to its subjects, limits and copies
 /// where they differ. Its retention cannot change: a stream of that name
-/// kept otherwise is an error that says so.
+/// kept otherwise is an error that says so. `bytes_flag` is the flag that
+/// sets the stream's `max_bytes`, named when NATS cannot store that much.
 pub async fn ensure_as(
     js: &jetstream::Context,
     client: &async_nats::Client,
     args: &ClusterArgs,
+    bytes_flag: &str,
     want: impl Fn(usize) -> stream::Config,
 ) -> Result<stream::Stream, async_nats::Error> {
     let name = want(1).name;
@@ -82,7 +84,9 @@ pub async fn ensure_as(
                 || have.allow_direct != want.allow_direct;
             if differs {
                 tracing::info!(stream = %name, ?want.max_age, want.max_bytes, want.num_replicas, "cluster: the stream's limits updated to the flags'");
-                js.update_stream(&want).await?;
+                js.update_stream(&want)
+                    .await
+                    .map_err(|e| explained(e, &want, bytes_flag))?;
                 return Ok(js.get_stream(&name).await?);
             }
             Ok(existing)
@@ -98,16 +102,42 @@ pub async fn ensure_as(
             for (i, n) in tries.iter().enumerate() {
                 let want = want(*n);
                 tracing::info!(stream = %want.name, replicas = n, "cluster: creating the stream");
-                match js.get_or_create_stream(want).await {
+                match js.get_or_create_stream(&want).await {
                     Ok(s) => return Ok(s),
                     Err(e) if i + 1 < tries.len() => {
                         tracing::warn!(error = %e, replicas = n, "cluster: the NATS cluster cannot keep that many copies; trying fewer");
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(explained(e, &want, bytes_flag)),
                 }
             }
             Err("no number of copies to try".into())
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// JetStream's refusal to reserve a stream's `max_bytes` (its store, or
+/// the account's, is smaller), said with the flag that sets them; other
+/// errors as they are.
+fn explained(
+    e: jetstream::context::CreateStreamError,
+    want: &stream::Config,
+    bytes_flag: &str,
+) -> async_nats::Error {
+    let code = match e.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(j) => Some(j.error_code()),
+        _ => None,
+    };
+    let storage = [
+        jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+        jetstream::ErrorCode::INSUFFICIENT_RESOURCES,
+    ];
+    if code.is_some_and(|c| storage.contains(&c)) {
+        return format!(
+            "NATS cannot store {} bytes for the stream {} ({e}): lower {bytes_flag}, or give nats-server's JetStream more (jetstream {{ max_file_store }}, or the account's limit)",
+            want.max_bytes, want.name
+        )
+        .into();
+    }
+    e.into()
 }

@@ -122,11 +122,39 @@ pub async fn ensure(
     cluster: &ClusterArgs,
     args: &LogArgs,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, async_nats::Error> {
-    let log = ensure_as(js, client, cluster, |n| log_config(args, n)).await?;
-    ensure_as(js, client, cluster, |n| dead_config(args, n)).await?;
+    let log = ensure_as(js, client, cluster, "--log-max-bytes", |n| {
+        log_config(args, n)
+    })
+    .await?;
+    ensure_as(js, client, cluster, "--log-max-bytes", |n| {
+        dead_config(args, n)
+    })
+    .await?;
     Ok(log
         .get_or_create_consumer(WRITERS, writers_config(args))
         .await?)
+}
+
+/// Why the log's streams could not be made, as the last try said (`None`
+/// once they were): shared by whoever tries (start, the writers) with
+/// `/readyz`, which otherwise sees only that the stream is missing.
+#[derive(Debug, Default)]
+pub struct NotMade(std::sync::Mutex<Option<String>>);
+
+impl NotMade {
+    pub fn set(&self, why: Option<String>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// How long an instance waits at start for the log before it serves

@@ -37,6 +37,7 @@ pub struct Writers {
     pub args: LogArgs,
     pub pipeline: Pipeline,
     pub mean: Arc<Mean>,
+    pub not_made: Arc<super::NotMade>,
 }
 
 /// A message's rows, read back as the pipeline takes them.
@@ -89,6 +90,8 @@ impl Writers {
                 c = super::ensure(&self.js, &self.client, &self.cluster, &self.args) => c,
                 _ = stop.cancelled() => return,
             };
+            self.not_made
+                .set(ensured.as_ref().err().map(ToString::to_string));
             let result = match ensured {
                 Ok(consumer) => {
                     if failing {
