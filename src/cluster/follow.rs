@@ -148,7 +148,12 @@ async fn rows_of(
     let started = Instant::now();
     let mut wait = Duration::from_millis(5);
     loop {
-        match stream.direct_get(seq).await {
+        // Bounded: while this waits, the status is not looked after (a
+        // request made as NATS goes away would wait for its reconnection).
+        let got = tokio::time::timeout(TICK, stream.direct_get(seq))
+            .await
+            .map_err(|_| format!("no answer to a direct get within {TICK:?}"))?;
+        match got {
             Ok(m) => return Ok(Some(m.payload)),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
                 if started.elapsed() >= DIRECT_GET_PATIENCE {
@@ -159,6 +164,22 @@ async fn rows_of(
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Every [`TICK`] until `stop`: the client's connection lost is the view
+/// stale (following sets it connected again), and the metrics exported.
+async fn watch(status: Arc<Status>, client: async_nats::Client, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if client.connection_state() != async_nats::connection::State::Connected {
+            status.set_connected(false);
+        }
+        status.export();
     }
 }
 
@@ -208,6 +229,15 @@ impl Follower {
         if let Some(p) = self.position {
             self.status.restart_at(p);
         }
+        // The metrics are kept up while following waits on NATS (a
+        // request made as it went away waits for its return).
+        let watching = stop.child_token();
+        let _watching = watching.clone().drop_guard();
+        tokio::spawn(watch(
+            Arc::clone(&self.status),
+            self.client.clone(),
+            watching,
+        ));
         let mut wait = Duration::from_millis(100);
         loop {
             match self.follow(&stop).await {
